@@ -1,0 +1,31 @@
+"""The exception types raised at dsvl2's public boundary.
+
+Every error a user can cause (a bad conversation, an unreadable image, a config that
+cannot describe a model, a checkpoint with missing tensors) is one of these, with a
+message that names the bad value and says what is allowed. They subclass ValueError /
+FileNotFoundError so that callers who only know the standard types still catch them.
+"""
+
+
+class DSVL2Error(Exception):
+    """Base class of every error dsvl2 raises on purpose."""
+
+
+class ConfigError(DSVL2Error, ValueError):
+    """A config.json / processor_config.json value is missing, of the wrong type or impossible."""
+
+
+class CheckpointError(DSVL2Error, ValueError):
+    """A checkpoint folder or weight file is missing, incomplete or does not match the config."""
+
+
+class ConversationError(DSVL2Error, ValueError):
+    """A conversation (roles, contents, image tags, images) cannot be turned into a prompt."""
+
+
+class ImageError(DSVL2Error, ValueError):
+    """An image cannot be read or decoded."""
+
+
+class GenerationError(DSVL2Error, ValueError):
+    """Generation options are invalid or a request does not fit the model (e.g. the context window)."""

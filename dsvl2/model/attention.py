@@ -1,0 +1,133 @@
+"""Attention of the DeepSeek-V2 decoder: MHA (``use_mla: false``) and MLA.
+
+Legend: B rows, T new tokens, S keys (cached + new), H heads, Hk kv heads, hd head size,
+dn qk_nope_head_dim, dr qk_rope_head_dim, dv v_head_dim, r kv_lora_rank.
+
+* MHA (tiny) is transformers' Llama attention: q/k/v/o without bias, GQA-capable,
+  half-split RoPE, scale hd^-0.5.
+* MLA: q = q_proj(x) or q_b_proj(RMSNorm(q_a_proj(x))); kv_a_proj_with_mqa(x) = [latent
+  (r) | k_pe (dr)]; the latent is RMS-normalised (kv_a_layernorm); RoPE (interleaved) on
+  q_pe and on the single shared k_pe; kv_b_proj maps the latent to per-head [k_nope | v].
+  Scale (dn + dr)^-0.5, times mscale^2 under YaRN with mscale_all_dim.
+  Two equivalent computations, both kept and tested against each other:
+  - ``expanded``: decompress k_nope / v for all S keys, then ordinary attention. Used for
+    prefill (many queries: the decompression is amortised).
+  - ``absorbed``: fold W_uk into the query and W_uv into the output, attend directly over
+    the cached [latent | k_pe] (one shared kv "head" of width r + dr). Used for decode:
+    it reads only the compressed cache, which is the point of MLA.
+Masks are additive with the dtype's min (finite), softmax in float32 (SDPA on CPU keeps
+float32 throughout), so fully masked padding rows stay finite instead of NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LanguageConfig
+from .cache import StepContext
+from .ops import Linear, RMSNorm, linear
+from .rope import apply_rope
+
+
+class MHA(nn.Module):
+    def __init__(self, cfg: LanguageConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.h, self.hk, self.hd = cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
+        self.scale = cfg.softmax_scale
+        bias = cfg.attention_bias
+        self.q_proj = Linear(cfg.hidden_size, self.h * self.hd, bias=bias)
+        self.k_proj = Linear(cfg.hidden_size, self.hk * self.hd, bias=bias)
+        self.v_proj = Linear(cfg.hidden_size, self.hk * self.hd, bias=bias)
+        self.o_proj = Linear(self.h * self.hd, cfg.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.h, self.hd).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_proj(x).view(b, t, self.hk, self.hd).transpose(1, 2)  # [B, Hk, T, hd]
+        v = self.v_proj(x).view(b, t, self.hk, self.hd)  # [B, T, Hk, hd]
+        q = apply_rope(q, ctx.cos, ctx.sin, interleaved=False)
+        k = apply_rope(k, ctx.cos, ctx.sin, interleaved=False).transpose(1, 2)  # [B, T, Hk, hd]
+        if ctx.cache is not None:
+            k, v = ctx.write_and_read(self.layer, (k, v))  # [B, S, Hk, hd]
+        k, v = k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype)  # [B, Hk, S, hd]
+        if self.hk != self.h:
+            k = k.repeat_interleave(self.h // self.hk, dim=1)
+            v = v.repeat_interleave(self.h // self.hk, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, scale=self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.h * self.hd))
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: LanguageConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.h = cfg.num_attention_heads
+        self.dn, self.dr, self.dv, self.r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        self.scale = cfg.softmax_scale
+        d = cfg.hidden_size
+        qd = self.h * (self.dn + self.dr)
+        if cfg.q_lora_rank is None:
+            self.q_proj = Linear(d, qd, bias=False)
+        else:
+            self.q_a_proj = Linear(d, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = Linear(cfg.q_lora_rank, qd, bias=False)
+        self.kv_a_proj_with_mqa = Linear(d, self.r + self.dr, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.r, cfg.rms_norm_eps)
+        self.kv_b_proj = Linear(self.r, self.h * (self.dn + self.dv), bias=False)
+        self.o_proj = Linear(self.h * self.dv, d, bias=cfg.attention_bias)
+        # Prefill (T > threshold) decompresses; decode attends over the compressed cache.
+        self.absorb_max_tokens = 1
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "q_proj"):
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, absorbed: bool | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self._query(x).view(b, t, self.h, self.dn + self.dr).transpose(1, 2)  # [B, H, T, dn+dr]
+        q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
+        kv = self.kv_a_proj_with_mqa(x)  # [B, T, r+dr]
+        latent, k_pe = kv.split([self.r, self.dr], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        q_pe = apply_rope(q_pe, ctx.cos, ctx.sin, interleaved=True)
+        k_pe = apply_rope(k_pe[:, None], ctx.cos, ctx.sin, interleaved=True)[:, 0]  # [B, T, dr]
+        ckv = torch.cat([latent, k_pe], dim=-1)  # [B, T, r+dr]: what the cache holds
+        if ctx.cache is not None:
+            (ckv,) = ctx.write_and_read(self.layer, (ckv,))  # [B, S, r+dr]
+            ckv = ckv.to(x.dtype)
+        if absorbed is None:
+            absorbed = t <= self.absorb_max_tokens
+        out = self._absorbed(q_nope, q_pe, ckv, ctx.mask) if absorbed else self._expanded(q_nope, q_pe, ckv, ctx.mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.h * self.dv))  # out [B, H, T, dv]
+
+    def _kv_b(self) -> torch.Tensor:
+        return self.kv_b_proj.weight.view(self.h, self.dn + self.dv, self.r)  # [H, dn+dv, r]
+
+    def _expanded(self, q_nope, q_pe, ckv, mask) -> torch.Tensor:
+        b, s, _ = ckv.shape
+        latent, k_pe = ckv.split([self.r, self.dr], dim=-1)
+        kv = self.kv_b_proj(latent).view(b, s, self.h, self.dn + self.dv).transpose(1, 2)  # [B, H, S, dn+dv]
+        k_nope, v = kv.split([self.dn, self.dv], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, None].expand(b, self.h, s, self.dr)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+
+    def _absorbed(self, q_nope, q_pe, ckv, mask) -> torch.Tensor:
+        b, h, t, _ = q_nope.shape
+        w = self._kv_b()
+        w_uk, w_uv = w[:, : self.dn], w[:, self.dn:]  # [H, dn, r], [H, dv, r]
+        q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk.to(q_nope.dtype))  # [B, H, T, r]
+        q = torch.cat([q_lat, q_pe], dim=-1).reshape(b, 1, h * t, self.r + self.dr)
+        k = ckv[:, None]  # [B, 1, S, r+dr]: one shared kv head
+        v = ckv[:, None, :, : self.r]  # [B, 1, S, r]
+        m = mask
+        if m is not None:
+            m = m.expand(b, 1, t, m.shape[-1])[:, :, None].expand(b, 1, h, t, m.shape[-1]).reshape(b, 1, h * t, -1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=self.scale)  # [B, 1, H*T, r]
+        o = o.view(b, h, t, self.r)
+        return torch.einsum("bhtr,hvr->bhtv", o, w_uv.to(o.dtype))  # [B, H, T, dv]

@@ -1,0 +1,139 @@
+"""Mixture-of-experts layer: router (gate) and grouped expert dispatch.
+
+Legend: N tokens, D width, E routed experts, K experts per token, F expert width, G groups.
+
+Routing (REFERENCE.md 3, golden README "MoE"): gate logits in float32; softmax or
+sigmoid scores; then
+* ``greedy``: top-K of the scores;
+* ``group_limited_greedy``: group score = max of the group, keep ``topk_group`` groups,
+  masked experts set to 0.0, top-K;
+* ``noaux_tc``: choice on sigmoid + ``e_score_correction_bias``; group score = sum of the
+  group's top-2 biased scores; masked experts set to 0.0 (not -inf: this matters when
+  biased scores are negative); top-K on the biased scores; weights are the UNBIASED
+  scores of the chosen experts.
+Then if K > 1 and ``norm_topk_prob``: w / (sum + 1e-20); always times
+``routed_scaling_factor``. Shared experts (one MLP of width F * n_shared) are added
+unweighted.
+
+Dispatch: routed expert weights are stacked ``[E, F, D]`` / ``[E, D, F]`` (the weights
+module stacks the per-expert checkpoint tensors). Token-expert pairs are sorted by
+expert and each expert that received tokens runs once on its batch of tokens; experts
+without tokens cost nothing. ``reference_dispatch`` is the obviously-right per-token
+version kept as the test reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LanguageConfig
+from .ops import GatedMLP, linear
+
+
+@dataclass
+class Routing:
+    """Router decision for N tokens: expert ids [N, K] (unsorted) and weights [N, K]."""
+
+    idx: torch.Tensor
+    weight: torch.Tensor
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if cfg.topk_method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        cfg = self.cfg
+        n = x.shape[0]
+        logits = F.linear(x.float(), self.weight.float())  # [N, E] always float32
+        scores = logits.softmax(-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
+        k = cfg.num_experts_per_tok
+        if cfg.topk_method == "greedy":
+            weight, idx = torch.topk(scores, k, dim=-1, sorted=False)
+        else:
+            choice = scores
+            if cfg.topk_method == "noaux_tc":
+                choice = scores + self.e_score_correction_bias.float()[None]
+            grouped = choice.view(n, cfg.n_group, -1)  # [N, G, E/G]
+            if cfg.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+            else:
+                group_scores = grouped.max(dim=-1).values  # [N, G]
+            keep = torch.topk(group_scores, cfg.topk_group, dim=-1, sorted=False).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            expert_mask = group_mask[:, :, None].expand_as(grouped).reshape(n, -1)
+            masked = choice.masked_fill(~expert_mask, 0.0)
+            idx = torch.topk(masked, k, dim=-1, sorted=False).indices
+            weight = scores.gather(1, idx)
+        if k > 1 and cfg.norm_topk_prob:
+            weight = weight / (weight.sum(-1, keepdim=True) + 1e-20)
+        return Routing(idx, weight * cfg.routed_scaling_factor)
+
+
+class Experts(nn.Module):
+    """E routed SiLU-gated experts with stacked weights."""
+
+    def __init__(self, n: int, hidden: int, width: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(n, width, hidden))  # [E, F, D]
+        self.up_proj = nn.Parameter(torch.empty(n, width, hidden))    # [E, F, D]
+        self.down_proj = nn.Parameter(torch.empty(n, hidden, width))  # [E, D, F]
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(linear(x, self.gate_proj[e])) * linear(x, self.up_proj[e])
+        return linear(h, self.down_proj[e])
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Grouped dispatch: x [N, D] -> [N, D]."""
+        n, k = routing.idx.shape
+        flat = routing.idx.reshape(-1)  # [N*K]
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
+        token = order // k  # token of each sorted pair
+        w = routing.weight.reshape(-1)[order].to(x.dtype)
+        out = torch.zeros_like(x)
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            sel = token[start:start + c]
+            y = self.expert(e, x[sel]) * w[start:start + c, None]
+            out.index_add_(0, sel, y)
+            start += c
+        return out
+
+    def reference_dispatch(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Per-token, per-choice loop: slow and obviously right (test reference only)."""
+        out = torch.zeros_like(x)
+        for t in range(x.shape[0]):
+            for j in range(routing.idx.shape[1]):
+                e = int(routing.idx[t, j])
+                out[t] += self.expert(e, x[t:t + 1])[0] * routing.weight[t, j].to(x.dtype)
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = None
+        if cfg.n_shared_experts:
+            self.shared_experts = GatedMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [N, D]
+        routing = self.gate(flat)
+        out = self.experts(flat, routing)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(shape), routing

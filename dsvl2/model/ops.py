@@ -1,0 +1,75 @@
+"""Small numeric building blocks shared by the vision tower and the language model.
+
+Mixed precision policy (see DESIGN.md, "Performance by design"): weights may be stored in
+bfloat16 to halve their bytes, while activations stay float32 on the CPU. On AVX2 CPUs a
+bf16 matrix-MATRIX product is ~7x slower than fp32, but a bf16 matrix-VECTOR product runs
+at memory bandwidth. So ``linear`` upcasts the weight to the activation dtype for many
+rows (prefill, vision) and feeds the bf16 weight directly for a few rows (decode).
+With float32 weights (the oracle's setting) nothing is cast at all.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Up to this many rows, a product with bf16 weights is done in bf16 (memory-bound regime).
+SMALL_M = 16
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` in x's dtype, whatever dtype the weight is stored in."""
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows <= SMALL_M and x.device.type == "cpu":
+        # Decode: bf16 GEMV reads half the bytes; accumulate and return in x's dtype.
+        out = F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
+        return out.to(x.dtype)
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose weights may be stored in a narrower dtype than the activations."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, scaled by the weight after casting back (reference order)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = self.weight
+        return w.to(dtype) * h.to(dtype) if w.dtype != dtype else w * h.to(dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm whose parameters may be stored in a narrower dtype than the activations."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.to(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+
+
+class GatedMLP(nn.Module):
+    """SiLU-gated MLP ``down(silu(gate(x)) * up(x))`` (dense layers and shared experts)."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

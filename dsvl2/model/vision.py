@@ -1,0 +1,118 @@
+"""SigLIP vision tower and the 2x2 downsample MLP projector.
+
+Legend: N tiles, P patches per tile (27 * 27 = 729), W tower width, D language width.
+
+Notable choices (all from the reference, see REFERENCE.md section 3):
+* the 14x14 stride-14 conv sees 27 * 14 = 378 of the 384 pixels; the border is dropped;
+* learned absolute position embedding, no class token, no pre-norm;
+* pre-LN blocks with qkv bias, GELU (tanh) MLP, LayerNorm eps 1e-6, and the final
+  LayerNorm IS applied; the attention-pool head exists in checkpoints but is unused, so
+  its weights are accepted and dropped by the weights module;
+* projector: zero-pad 27x27 to 28x28 (bottom / right), 2x2 blocks with features ordered
+  channel-major (``F.unfold`` order: c * 4 + dy * 2 + dx), then Linear -> GELU (erf) ->
+  Linear (deeper projectors add Linear + GELU pairs in between).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ProjectorConfig, VisionConfig
+from .ops import LayerNorm, Linear, linear
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.proj.weight, self.proj.bias
+        x = F.conv2d(x, w.to(x.dtype), b.to(x.dtype), stride=self.proj.stride)  # [N, W, 27, 27]
+        return x.flatten(2).transpose(1, 2)  # [N, P, W]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.qkv = Linear(cfg.width, 3 * cfg.width, bias=True)
+        self.proj = Linear(cfg.width, cfg.width, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, p, w = x.shape
+        qkv = self.qkv(x).view(n, p, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [N, H, P, hd]
+        out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(hd), no mask
+        return self.proj(out.transpose(1, 2).reshape(n, p, w))
+
+
+class Mlp(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = Linear(cfg.width, cfg.mlp_hidden, bias=True)
+        self.fc2 = Linear(cfg.mlp_hidden, cfg.width, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.norm1 = LayerNorm(cfg.width, eps=1e-6)
+        self.attn = Attention(cfg)
+        self.norm2 = LayerNorm(cfg.width, eps=1e-6)
+        self.mlp = Mlp(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """SigLIP ViT: pixels [N, 3, S, S] -> features [N, P, W] (after the final LayerNorm)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, cfg.width))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.norm = LayerNorm(cfg.width, eps=1e-6)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(pixels) + self.pos_embed.to(pixels.dtype)  # [N, P, W]
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+class Projector(nn.Module):
+    """features [N, P, W] -> image tokens [N, (ceil(27/2))^2 = 196, D]."""
+
+    def __init__(self, cfg: ProjectorConfig):
+        super().__init__()
+        self.ratio = cfg.downsample_ratio
+        dims = [cfg.input_dim * cfg.downsample_ratio ** 2] + [cfg.hidden] * (cfg.depth - 1) + [cfg.n_embed]
+        layers: list[nn.Module] = []
+        for i in range(cfg.depth):
+            if i:
+                layers.append(nn.GELU())
+            layers.append(Linear(dims[i], dims[i + 1], bias=True))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, p, w = x.shape
+        side = int(round(p ** 0.5))
+        r = self.ratio
+        pad = (-side) % r
+        x = x.view(n, side, side, w)
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad, 0, pad))  # zero rows / columns at the bottom / right
+        g = (side + pad) // r
+        # [N, gy, dy, gx, dx, W] -> [N, gy, gx, W, dy, dx]: channel-major blocks (unfold order)
+        x = x.view(n, g, r, g, r, w).permute(0, 1, 3, 5, 2, 4).reshape(n, g * g, w * r * r)
+        return self.layers(x)

@@ -1,0 +1,432 @@
+"""Verify an installation against a golden oracle tree produced by the official reference.
+
+    python -m dsvl2.oracle GOLDEN_DIR --images DIR [--images DIR ...] [--variant V ...] [--case C ...]
+
+Everything is discovered, nothing is hard-coded: variants and their processor sets from
+``GOLDEN_DIR/manifest.json`` (or, without one, every folder holding a ``config.json``),
+cases from ``processor/<set>/<case>/case.json`` that also have
+``<variant>/outputs/<case>.safetensors``. Each variant's checkpoint, tokenizer and
+``processor_config.json`` are loaded from its own folder; images are looked up by name in
+the ``--images`` folders.
+
+Per variant x case it prints one line per check and ends with ``N passed, M failed``;
+the exit status is 0 only if nothing failed. Tolerances are the ones the golden README
+recommends (float32):
+
+* processor: ids, masks, crops exactly equal; pixels bit-exact;
+* vision / projector outputs: atol = rtol = 1e-4; per-tile sums within 1e-5 of the
+  tile's absolute sum;
+* ``inputs_embeds``: atol 1e-5;
+* routing: chosen experts equal wherever the reference's decision margin >= 1e-5
+  (closer decisions are "either answer"); weights atol 1e-5 where the experts agree;
+* prefill logits / hidden states: atol = rtol = 1e-4 at every valid position, except
+  positions whose near-tie routing decision went the other way here (those, and the
+  rest of their row at 1e-3, are reported but not failed: a flipped near-tie moves that
+  token's logits by up to ~0.5 and later ones by ~1e-4);
+* generation: greedy ids equal; decode-step scores atol 1e-4; chunked prefill (chunk
+  128) and every batch row run alone give the same ids as the reference's ``gen_ids``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from .errors import DSVL2Error
+from .model.vl import DeepseekVL2
+from .processing import BatchInputs, Processor
+from .weights import load_model
+
+FRAGILE = 1e-5
+TOL = {
+    "embeds": 1e-5,
+    "vision": 1e-4,
+    "logits": 1e-4,
+    "logits_after_flip": 1e-3,
+    "route_w": 1e-5,
+    "sum_rel": 1e-5,
+    "scores": 1e-4,
+}
+
+
+@dataclass
+class Check:
+    variant: str
+    case: str
+    name: str
+    ok: bool
+    detail: str = ""
+
+    def line(self) -> str:
+        return f"{'PASS' if self.ok else 'FAIL'}  {self.variant:<8} {self.case:<24} {self.name:<28} {self.detail}"
+
+
+@dataclass
+class Variant:
+    name: str
+    folder: Path
+    processor_set: str
+    cases: list[str]
+
+
+@dataclass
+class CaseData:
+    """Everything the checks of one variant x case need."""
+
+    variant: str
+    case: str
+    spec: dict  # case.json
+    golden_proc: dict[str, torch.Tensor]
+    golden_pixels: torch.Tensor  # [B, n, 3, S, S] float32 (exact reconstruction)
+    golden_tile_real: torch.Tensor
+    ref: dict[str, torch.Tensor]  # <variant>/outputs/<case>.safetensors
+    ref_json: dict
+    model: DeepseekVL2
+    processor: Processor
+    batch: BatchInputs | None = None  # ours
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # what the model checks use
+    cache: dict = field(default_factory=dict)
+
+
+# ---- discovery --------------------------------------------------------------------------
+def discover(golden: Path) -> list[Variant]:
+    golden = Path(golden)
+    manifest_path = golden / "manifest.json"
+    variants: dict[str, str] = {}
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        for name, info in manifest.get("variants", {}).items():
+            variants[name] = (info or {}).get("processor_id", "official")
+    else:
+        for d in sorted(golden.iterdir()):
+            if (d / "config.json").is_file():
+                variants[d.name] = "official"
+    sets = sorted(p.name for p in (golden / "processor").iterdir() if p.is_dir()) if (golden / "processor").is_dir() else []
+    out = []
+    for name, pset in variants.items():
+        if pset not in sets and len(sets) == 1:
+            pset = sets[0]
+        cases_dir = golden / "processor" / pset
+        cases = sorted(c.name for c in cases_dir.iterdir()
+                       if (c / "case.json").is_file() and (golden / name / "outputs" / f"{c.name}.safetensors").is_file()) \
+            if cases_dir.is_dir() else []
+        out.append(Variant(name, golden / name, pset, cases))
+    return out
+
+
+def find_image(name: str, dirs: list[Path]) -> Path:
+    for d in dirs:
+        p = Path(d) / name
+        if p.is_file():
+            return p
+    raise FileNotFoundError(f"image {name!r} not found in --images {', '.join(map(str, dirs))}")
+
+
+def load_case(golden: Path, v: Variant, case: str, model: DeepseekVL2, processor: Processor) -> CaseData:
+    cdir = golden / "processor" / v.processor_set / case
+    spec = json.loads((cdir / "case.json").read_text())
+    proc = load_file(str(cdir / "processor.safetensors"))
+    npz = np.load(cdir / "pixels_u8.npz")
+    u8 = torch.from_numpy(npz["pixels_u8"])
+    real = torch.from_numpy(npz["tile_is_real"]).bool()
+    # The README's exact inverse: ((u8 as float32) / 255 - mean) / std, padding tiles 0.0.
+    mean = torch.tensor(processor.config.image_mean, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(processor.config.image_std, dtype=torch.float32)[:, None, None]
+    px = ((u8.float() / 255) - mean) / std
+    px[~real] = 0.0
+    out_dir = v.folder / "outputs"
+    ref = load_file(str(out_dir / f"{case}.safetensors"))
+    ref_json = json.loads((out_dir / f"{case}.json").read_text()) if (out_dir / f"{case}.json").is_file() else {}
+    return CaseData(v.name, case, spec, proc, px, real, ref, ref_json, model, processor)
+
+
+# ---- helpers ----------------------------------------------------------------------------
+def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    return float((a.double() - b.double()).abs().max())
+
+
+def _close(name: str, a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float = 0.0) -> tuple[bool, str]:
+    if a.shape != b.shape:
+        return False, f"shape {list(a.shape)} != reference {list(b.shape)}"
+    if not torch.isfinite(a).all():
+        return False, "non-finite values"
+    diff = (a.double() - b.double()).abs()
+    bound = atol + rtol * b.double().abs()
+    ok = bool((diff <= bound).all())
+    return ok, f"max|d|={float(diff.max()) if diff.numel() else 0.0:.2e} (atol {atol:g}{f', rtol {rtol:g}' if rtol else ''})"
+
+
+def _exact(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, str]:
+    if a.shape != b.shape:
+        return False, f"shape {list(a.shape)} != reference {list(b.shape)}"
+    bad = int((a != b).sum())
+    return bad == 0, "exact" if bad == 0 else f"{bad} of {a.numel()} differ"
+
+
+# ---- checks: processor ------------------------------------------------------------------
+def run_processor(c: CaseData, image_dirs: list[Path]) -> list[tuple[str, bool, str]]:
+    convs = []
+    for conv in c.spec["conversations"]:
+        msgs = []
+        for m in conv:
+            m = dict(m)
+            if m.get("images"):
+                m["images"] = [str(find_image(n, image_dirs)) for n in m["images"]]
+            msgs.append(m)
+        convs.append(msgs)
+    batch = c.processor(convs)
+    c.batch = batch
+    g = c.golden_proc
+    res = []
+    for key in ("input_ids", "attention_mask", "images_seq_mask", "images_spatial_crop"):
+        ok, d = _exact(getattr(batch, key), g[key].to(getattr(batch, key).dtype))
+        res.append((f"processor.{key}", ok, d))
+    shape_ok = list(batch.pixel_values.shape) == g["images_shape"].tolist()
+    if shape_ok:
+        eq = torch.equal(batch.pixel_values, c.golden_pixels) and torch.equal(batch.tile_is_real, c.golden_tile_real)
+        bad = int((batch.pixel_values != c.golden_pixels).sum())
+        res.append(("processor.pixels", eq, "bit-exact" if eq else f"{bad} values differ"))
+    else:
+        res.append(("processor.pixels", False, f"shape {list(batch.pixel_values.shape)} != {g['images_shape'].tolist()}"))
+    proc_ok = all(r[1] for r in res)
+    # Model checks run on our processor's output when it is right, else on the oracle's
+    # tensors, so that a processor bug does not hide the state of the model.
+    if proc_ok:
+        c.inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                        images_seq_mask=batch.images_seq_mask, images_spatial_crop=batch.images_spatial_crop,
+                        pixel_values=batch.pixel_values)
+    else:
+        c.inputs = dict(input_ids=g["input_ids"], attention_mask=g["attention_mask"].bool(),
+                        images_seq_mask=g["images_seq_mask"].bool(), images_spatial_crop=g["images_spatial_crop"],
+                        pixel_values=c.golden_pixels)
+    return res
+
+
+# ---- checks: vision, projector, embeddings ---------------------------------------------
+def check_vision(c: CaseData) -> list[tuple[str, bool, str]]:
+    i = c.inputs
+    with torch.no_grad():
+        feats = c.model.encode_images(i["pixel_values"], i["images_spatial_crop"], keep_tower_outputs=True)
+    c.cache["features"] = feats
+    ref = c.ref
+    res = []
+    if feats.vision is None:
+        n_ref = ref["vision_out_tile_sum"].numel() if "vision_out_tile_sum" in ref else 0
+        res.append(("vision.tiles", n_ref == 0, "no image: tower skipped" if n_ref == 0 else f"reference has {n_ref} tiles"))
+        return res
+    vis, proj = feats.vision, feats.projected
+    if "vision_out_tile0" in ref:
+        ok, d = _close("", vis[0], ref["vision_out_tile0"], TOL["vision"], TOL["vision"])
+    else:
+        r0 = ref["vision_out_tile0_first32"]
+        ok, d = _close("", vis[0, : r0.shape[0]], r0, TOL["vision"], TOL["vision"])
+    res.append(("vision.tile0", ok, d))
+    res.append(("vision.tile0_token_norm", *_close("", vis[0].norm(dim=-1), ref["vision_out_tile0_token_norm"],
+                                                    TOL["vision"], TOL["vision"])))
+    res.append(("vision.tile_sums", *_sums(vis, ref["vision_out_tile_sum"], ref["vision_out_tile_abssum"])))
+    res.append(("projector.tile0", *_close("", proj[0], ref["projector_out_tile0"], TOL["vision"], TOL["vision"])))
+    res.append(("projector.tile_sums", *_sums(proj, ref["projector_out_tile_sum"], ref["projector_out_tile_abssum"])))
+    return res
+
+
+def _sums(x: torch.Tensor, ref_sum: torch.Tensor, ref_abs: torch.Tensor) -> tuple[bool, str]:
+    if x.shape[0] != ref_sum.numel():
+        return False, f"{x.shape[0]} tiles, reference {ref_sum.numel()}"
+    flat = x.reshape(x.shape[0], -1).double()
+    d_sum = (flat.sum(-1) - ref_sum.double()).abs()
+    d_abs = (flat.abs().sum(-1) - ref_abs.double()).abs()
+    bound = TOL["sum_rel"] * ref_abs.double() + 1e-4
+    ok = bool((d_sum <= bound).all() and (d_abs <= bound).all())
+    return ok, f"{x.shape[0]} tiles, max|d sum|={float(d_sum.max()):.2e}, max|d abssum|={float(d_abs.max()):.2e}"
+
+
+def check_embeds(c: CaseData) -> list[tuple[str, bool, str]]:
+    i = c.inputs
+    with torch.no_grad():
+        emb = c.model.prepare_inputs_embeds(i["input_ids"], i["images_seq_mask"], features=c.cache.get("features"))
+    c.cache["embeds"] = emb
+    am = i["attention_mask"]
+    ok, d = _close("", emb[am], c.ref["inputs_embeds"][am], TOL["embeds"])
+    return [("embeds.inputs_embeds", ok, d)]
+
+
+# ---- checks: prefill (routing, logits, hidden states) ----------------------------------
+def check_prefill(c: CaseData) -> list[tuple[str, bool, str]]:
+    i = c.inputs
+    am = i["attention_mask"]
+    with torch.no_grad():
+        out = c.model(i["input_ids"], am, i["images_seq_mask"], inputs_embeds=c.cache["embeds"],
+                      output_hidden_states=True, output_routing=True)
+    ref = c.ref
+    res = []
+    pos_ref = ref.get("position_ids")
+    if pos_ref is not None:
+        mine, _ = c.model.language.padded_context(am)
+        res.append(("prefill.position_ids", *_exact(mine[am], pos_ref[am])))
+    # Routing: decisions with margin >= FRAGILE must agree; flips at near-ties are noted.
+    flipped = torch.zeros_like(am)
+    route_lines = []
+    for layer, r in sorted(out.routing.items()):
+        key = f"route_idx_L{layer}"
+        if key not in ref:
+            route_lines.append((f"routing.L{layer}", False, "no reference for this MoE layer"))
+            continue
+        mine_idx = r.idx.sort(-1).values.to(torch.int64)
+        ref_idx = ref[key].to(torch.int64)
+        same = (mine_idx == ref_idx).all(-1) | ~am
+        margin = ref[f"route_margin_L{layer}"]
+        hard = ~same & (margin >= FRAGILE)
+        soft = ~same & (margin < FRAGILE)
+        flipped |= soft
+        # weights, matched by expert id, where the experts agree
+        order = r.idx.argsort(-1)
+        w_sorted = r.weight.gather(-1, order)
+        wsel = same & am
+        w_ok, w_d = _close("", w_sorted[wsel], ref[f"route_w_L{layer}"][wsel], TOL["route_w"])
+        n_valid = int(am.sum())
+        detail = f"{n_valid - int(hard.sum()) - int(soft.sum())}/{n_valid} tokens equal"
+        if int(soft.sum()):
+            detail += f", {int(soft.sum())} near-tie flip(s) (margin < {FRAGILE:g}) accepted"
+        if int(hard.sum()):
+            detail += f", {int(hard.sum())} DIFFER with margin >= {FRAGILE:g}"
+        route_lines.append((f"routing.L{layer}", int(hard.sum()) == 0 and w_ok, f"{detail}; weights {w_d}"))
+    res += route_lines
+    c.cache["flipped"] = flipped
+    # positions whose comparison is relaxed: a flipped token itself is skipped; the rest of
+    # its row is compared at TOL['logits_after_flip'].
+    row_flip = flipped.any(-1)
+    tol_row = torch.where(row_flip, TOL["logits_after_flip"], TOL["logits"])  # [B]
+    logits = out.logits  # [B, T, V]
+
+    def rowwise(name: str, mine: torch.Tensor, theirs: torch.Tensor, valid: torch.Tensor,
+                skip: torch.Tensor) -> tuple[str, bool, str, float]:
+        # mine / theirs [B, T, ...]; valid / skip [B, T]
+        worst, ok = 0.0, True
+        for b in range(mine.shape[0]):
+            use = valid[b] & ~skip[b]
+            if not use.any():
+                continue
+            d = (mine[b][use].double() - theirs[b][use].double()).abs()
+            t = float(tol_row[b])
+            ok &= bool((d <= t + t * theirs[b][use].double().abs()).all())
+            worst = max(worst, float(d.max()))
+        note = f" ({int((skip & valid).sum())} flipped position(s) skipped)" if (skip & valid).any() else ""
+        return name, ok, f"max|d|={worst:.2e} (atol=rtol={TOL['logits']:g}){note}", worst
+
+    sel = ref["sel_pos"]  # [B, n_sel], -1 = unused
+    sel_valid = sel >= 0
+    pick = lambda x: torch.stack([x[b, sel[b].clamp(min=0)] for b in range(sel.shape[0])])
+    skip_sel = pick(flipped)
+    res.append(rowwise("logits.selected", pick(logits), ref["logits_sel"], sel_valid, skip_sel)[:3])
+    res.append(rowwise("logits.last", logits[:, -1:], ref["logits_last"][:, None],
+                       torch.ones_like(flipped[:, -1:]), flipped[:, -1:])[:3])
+    res.append(rowwise("logits.logsumexp", logits.logsumexp(-1), ref["logits_logsumexp"], am, flipped)[:3])
+    res.append(rowwise("logits.norm", logits.norm(dim=-1), ref["logits_norm"], am, flipped)[:3])
+    amax = logits.argmax(-1)
+    bad_argmax = (amax != ref["logits_argmax"]) & am & ~flipped
+    res.append(("logits.argmax", int(bad_argmax.sum()) == 0,
+                f"{int(am.sum()) - int(bad_argmax.sum())}/{int(am.sum())} equal"))
+    # hidden states: L + 1 entries (embeds, inputs of layers 1.., final-norm output)
+    hs = torch.stack(out.hidden_states)  # [L+1, B, T, D]
+    hn = hs.norm(dim=-1)
+    ref_hn = ref["hidden_norm"]
+    if hn.shape != ref_hn.shape:
+        res.append(("hidden.norm", False, f"shape {list(hn.shape)} != {list(ref_hn.shape)}"))
+    else:
+        rows = [rowwise("", hn[k], ref_hn[k], am, flipped) for k in range(hn.shape[0])]
+        res.append(("hidden.norm", all(r[1] for r in rows),
+                    f"{hn.shape[0]} entries, max|d|={max(r[3] for r in rows):.2e}"))
+        hsel = torch.stack([pick(hs[k]) for k in range(hs.shape[0])])  # [L+1, B, n, D]
+        rows = [rowwise("", hsel[k], ref["hidden_sel"][k], sel_valid, skip_sel) for k in range(hs.shape[0])]
+        res.append(("hidden.selected", all(r[1] for r in rows), f"max|d|={max(r[3] for r in rows):.2e}"))
+    c.cache["prefill"] = out
+    return res
+
+
+# Later layers (the generation engine) append their checks here: fn(CaseData) -> results.
+EXTRA_CHECKS: list[Callable[[CaseData], list[tuple[str, bool, str]]]] = []
+
+
+def evaluate_case(c: CaseData, image_dirs: list[Path]) -> list[Check]:
+    out: list[Check] = []
+    steps = [lambda c: run_processor(c, image_dirs), check_vision, check_embeds, check_prefill, *EXTRA_CHECKS]
+    for step in steps:
+        try:
+            results = step(c)
+        except (DSVL2Error, FileNotFoundError, ValueError, RuntimeError) as e:
+            name = getattr(step, "__name__", "processor")
+            out.append(Check(c.variant, c.case, name.replace("check_", "") + ".error", False, f"{type(e).__name__}: {e}"))
+            break
+        out += [Check(c.variant, c.case, n, ok, d) for n, ok, d in results]
+    return out
+
+
+def run(golden: Path, image_dirs: list[Path], variants: Iterable[str] = (), cases: Iterable[str] = (),
+        emit: Callable[[str], None] = print) -> list[Check]:
+    golden = Path(golden)
+    want_v, want_c = set(variants), set(cases)
+    found = discover(golden)
+    if want_v - {v.name for v in found}:
+        raise DSVL2Error(f"unknown variant(s) {sorted(want_v - {v.name for v in found})}; "
+                         f"available: {', '.join(v.name for v in found)}")
+    results: list[Check] = []
+    for v in found:
+        if want_v and v.name not in want_v:
+            continue
+        t0 = time.perf_counter()
+        model = load_model(v.folder, torch.float32)
+        processor = Processor.from_pretrained(v.folder)
+        for case in v.cases:
+            if want_c and case not in want_c:
+                continue
+            c = load_case(golden, v, case, model, processor)
+            for chk in evaluate_case(c, image_dirs):
+                results.append(chk)
+                emit(chk.line())
+        emit(f"# {v.name}: {time.perf_counter() - t0:.1f} s")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dsvl2.oracle", description=__doc__.split("\n\n")[0])
+    ap.add_argument("golden", type=Path, help="golden oracle folder (with manifest.json, processor/, <variant>/)")
+    ap.add_argument("--images", type=Path, action="append", required=True, help="folder with the input images (repeatable)")
+    ap.add_argument("--variant", action="append", default=[], help="only this variant (repeatable)")
+    ap.add_argument("--case", action="append", default=[], help="only this case (repeatable)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.golden.is_dir():
+        print(f"error: {args.golden}: golden folder not found", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    try:
+        results = run(args.golden, args.images, args.variant, args.case)
+    except DSVL2Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    passed = sum(r.ok for r in results)
+    failed = len(results) - passed
+    print(f"# total {time.perf_counter() - t0:.1f} s")
+    if not results:
+        print("error: no check ran (no variant x case matched)", file=sys.stderr)
+        return 1
+    print(f"{passed} passed, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -44,6 +44,8 @@ from safetensors.torch import load_file
 
 from .errors import DSVL2Error
 from .model.vl import DeepseekVL2
+from .engine.engine import Engine
+from .engine.sampling import SamplingParams
 from .processing import BatchInputs, Processor
 from .weights import load_model
 
@@ -186,6 +188,7 @@ def run_processor(c: CaseData, image_dirs: list[Path]) -> list[tuple[str, bool, 
                 m["images"] = [str(find_image(n, image_dirs)) for n in m["images"]]
             msgs.append(m)
         convs.append(msgs)
+    c.cache["conversations"] = convs
     batch = c.processor(convs)
     c.batch = batch
     g = c.golden_proc
@@ -355,8 +358,83 @@ def check_prefill(c: CaseData) -> list[tuple[str, bool, str]]:
     return res
 
 
-# Later layers (the generation engine) append their checks here: fn(CaseData) -> results.
-EXTRA_CHECKS: list[Callable[[CaseData], list[tuple[str, bool, str]]]] = []
+# ---- checks: generation ---------------------------------------------------------------
+def _generate(c: CaseData, batch_inputs: BatchInputs, n_new: int, chunk: int | None):
+    # The reference does not enforce max_position_embeddings (a golden case may exceed it).
+    engine = Engine(c.model, c.processor.tokenizer, max_batch_size=max(len(batch_inputs), 1), context_window=1 << 30)
+    return engine.generate(batch_inputs, SamplingParams(max_new_tokens=n_new), chunk_size=chunk, output_scores=True)
+
+
+def _ids_equal(outs, ref_ids: torch.Tensor, eos: int) -> tuple[bool, str]:
+    bad = []
+    for b, o in enumerate(outs):
+        want = ref_ids[b].tolist()
+        got = (o.ids + [eos] * len(want))[: len(want)]  # the reference fills finished rows with eos
+        if got != want:
+            first = next(i for i, (x, y) in enumerate(zip(got, want)) if x != y)
+            bad.append(f"row {b} differs from step {first}")
+    return not bad, "; ".join(bad) if bad else f"{len(outs)} row(s) x {ref_ids.shape[1]} tokens equal"
+
+
+def check_generation(c: CaseData) -> list[tuple[str, bool, str]]:
+    ref = c.ref
+    if "gen_ids" not in ref:
+        return []
+    ref_ids = ref["gen_ids"]
+    n_new = ref_ids.shape[1]
+    eos = c.processor.tokenizer.eos_id
+    batch = c.batch
+    res = []
+    outs = _generate(c, batch, n_new, None)
+    res.append(("gen.greedy_ids", *_ids_equal(outs, ref_ids, eos)))
+    # decode-step scores: [steps, B, V] raw logits of each step (step 0 = the prompt pass)
+    worst, ok, notes = 0.0, True, []
+    for b, o in enumerate(outs):
+        sc = o.scores  # [steps, V]
+        steps = min(sc.shape[0], ref["gen_scores_logsumexp"].shape[0])
+        first4 = ref["gen_scores_first4"][: min(4, steps), b]
+        for name, mine, theirs in (
+            ("first4", sc[: first4.shape[0]], first4),
+            ("logsumexp", sc[:steps].logsumexp(-1), ref["gen_scores_logsumexp"][:steps, b]),
+            ("norm", sc[:steps].norm(dim=-1), ref["gen_scores_norm"][:steps, b]),
+            ("top32", sc[:steps].topk(ref["gen_scores_top32_val"].shape[-1], dim=-1).values,
+             ref["gen_scores_top32_val"][:steps, b]),
+        ):
+            d = (mine.double() - theirs.double()).abs()
+            good = bool((d <= TOL["scores"] + TOL["scores"] * theirs.double().abs()).all())
+            ok &= good
+            worst = max(worst, float(d.max()))
+            if not good:
+                notes.append(f"row {b} {name}")
+        # top-32 ids must agree wherever the reference's values are not near-ties
+        vals, idx = ref["gen_scores_top32_val"][:steps, b], ref["gen_scores_top32_idx"][:steps, b].long()
+        mine_idx = sc[:steps].topk(idx.shape[-1], dim=-1).indices
+        gap = torch.full_like(vals, float("inf"))
+        gap[:, 1:] = vals[:, :-1] - vals[:, 1:]
+        gap[:, :-1] = torch.minimum(gap[:, :-1], vals[:, :-1] - vals[:, 1:])
+        clear = gap > 2 * TOL["scores"]
+        if bool(((mine_idx != idx) & clear).any()):
+            ok = False
+            notes.append(f"row {b} top32 ids")
+    res.append(("gen.scores", ok, f"max|d|={worst:.2e} (atol=rtol={TOL['scores']:g})"
+                + (f"; bad: {', '.join(notes)}" if notes else "")))
+    # chunked prefill: chunks of 128 tokens, then greedy = the reference's standard gen_ids
+    chunked = _generate(c, batch, n_new, 128)
+    res.append(("gen.chunked_prefill_128", *_ids_equal(chunked, ref_ids, eos)))
+    # every row of a batch equals the same conversation run alone
+    if len(batch) > 1:
+        alone = []
+        for b in range(len(batch)):
+            single = c.processor([c.cache["conversations"][b]])
+            alone += _generate(c, single, n_new, None)
+        same = [a.ids == o.ids for a, o in zip(alone, outs)]
+        res.append(("gen.batch_rows_vs_alone", all(same),
+                    f"{sum(same)}/{len(same)} rows equal their conversation run alone"))
+    return res
+
+
+# Later layers append further checks here: fn(CaseData) -> results.
+EXTRA_CHECKS: list[Callable[[CaseData], list[tuple[str, bool, str]]]] = [check_generation]
 
 
 def evaluate_case(c: CaseData, image_dirs: list[Path]) -> list[Check]:

@@ -1,0 +1,1 @@
+"""The generation engine: sampling, the step generator of token ids, streaming detokenisation."""

@@ -66,15 +66,31 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Callable[[], torch.Tensor], tuple[int, ...]]]:
-    """(key, loader, shape) for every tensor of the files; loaders read lazily from mmap."""
+    """(key, loader, shape) for every tensor of the files, one file open at a time.
+
+    A loader is only valid during its iteration step: each file's memory map is closed
+    before the next file is opened, so at most one shard's pages are mapped at a time.
+    """
     for f in files:
         try:
             handle = safe_open(str(f), framework="pt")
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from None
-        for key in handle.keys():
-            shape = tuple(handle.get_slice(key).get_shape())
-            yield key, (lambda h=handle, key=key: h.get_tensor(key)), shape
+        with handle as h:
+            for key in h.keys():
+                shape = tuple(h.get_slice(key).get_shape())
+                yield key, (lambda h=h, key=key: h.get_tensor(key)), shape
+
+
+def count_tensors(files: list[Path]) -> int:
+    n = 0
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                n += len(h.keys())
+        except Exception as e:
+            raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from None
+    return n
 
 
 def build_empty(cfg: ModelConfig) -> DeepseekVL2:
@@ -96,8 +112,10 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
     unexpected: list[str] = []
     files = weight_files(folder)
     dev = torch.device(device)
-    entries = list(iter_tensors(files))
-    for n_done, (key, load, shape) in enumerate(entries, 1):
+    total = count_tensors(files) if progress is not None else 0
+    for n_done, (key, load, shape) in enumerate(iter_tensors(files), 1):
+        if progress is not None:
+            progress(n_done, total)
         mapped = sanitize_key(key)
         if mapped is None:
             continue
@@ -118,8 +136,6 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
                 filled[name] = torch.empty(p.shape, dtype=target, device=dev)
             filled[name][expert].copy_(load())
             expert_seen.setdefault(name, set()).add(expert)
-        if progress is not None:
-            progress(n_done, len(entries))
     if unexpected:
         raise CheckpointError(f"{folder}: unexpected tensor(s) not used by this config: "
                               + ", ".join(sorted(unexpected)[:10]) + (" ..." if len(unexpected) > 10 else ""))

@@ -1,0 +1,209 @@
+"""The Python API: load a model, chat with it (one conversation or many), stream.
+
+    import dsvl2
+    model = dsvl2.load("deepseek-ai/deepseek-vl2-tiny")          # or a local folder
+    print(model.chat("Describe this image.", images=["photo.jpg"]).text)
+
+``chat`` takes a prompt string (with ``images``), one conversation (reference format with
+``<|User|>`` / ``<|Assistant|>`` roles, or OpenAI-style messages with ``image_url`` /
+``image`` parts), or a list of conversations (answered as one batch). Images may be
+paths, PIL images, bytes or ``data:`` URLs. Sampling options are those of
+``SamplingParams``; the default is greedy decoding. An ``Answer`` carries the text, the
+finish reason, token counts and the grounding boxes in pixels of the original image.
+
+dtype ``"auto"`` keeps weights in bfloat16 (half the memory of float32; the real
+checkpoints are bf16) and, on CPUs, computes in float32: big matrix products upcast a
+layer's weights on the fly (bf16 GEMMs are ~7x slower than fp32 on AVX2 machines),
+decoding reads the bf16 weights directly. ``"float32"`` reproduces the reference's
+float32 numbers (the oracle's setting).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from PIL import Image
+
+from .engine.engine import Engine, GenerationOutput
+from .engine.sampling import SamplingParams
+from .errors import DSVL2Error, GenerationError
+from .grounding import GroundingResult, draw_grounding, grounding_to_json, parse_grounding
+from .hub import resolve_model
+from .model.vl import DeepseekVL2
+from .processing import BatchInputs, Processor
+from .weights import load_model
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DSVL2Error(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DSVL2Error("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DSVL2Error("device 'mps' requested but MPS is not available; use --device cpu")
+    return dev
+
+
+def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16
+    if dtype not in _DTYPES:
+        raise DSVL2Error(f"unknown dtype {dtype!r}; use auto, float32 or bfloat16")
+    return _DTYPES[dtype]
+
+
+@dataclass
+class Answer:
+    """One model answer."""
+
+    text: str
+    finish_reason: str  # "stop" (eos, stop id or stop string) | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int]
+    grounding: GroundingResult
+    boxes: list[dict] = field(default_factory=list)  # label, box_norm (0..999), box_px, image_index
+    images: list[Image.Image] = field(default_factory=list, repr=False)  # the conversation's images
+
+    def draw(self, image_index: int = -1) -> Image.Image:
+        """The conversation's image (default: the last one) with the boxes drawn on it."""
+        if not self.images:
+            raise DSVL2Error("this conversation has no image to draw the boxes on")
+        return draw_grounding(self.images, self.grounding, image_index=image_index)
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "finish_reason": self.finish_reason,
+                "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                          "total_tokens": self.prompt_tokens + self.completion_tokens},
+                "boxes": self.boxes, "grounding_problems": self.grounding.problems}
+
+
+@dataclass
+class Delta:
+    """A streamed piece of conversation ``index``'s answer; the last one carries ``answer``."""
+
+    index: int
+    text: str
+    answer: Answer | None = None
+
+
+def _make_answer(out: GenerationOutput, images: list[Image.Image]) -> Answer:
+    g = parse_grounding(out.text)
+    boxes = []
+    if images and g.refs:
+        w, h = images[-1].size  # the reference draws the boxes on the last image
+        for b in grounding_to_json(g, w, h)["boxes"]:
+            boxes.append({**b, "image_index": len(images) - 1})
+    elif g.refs:
+        boxes = [{"label": lab, "box_norm": list(box), "box_px": None, "image_index": None} for lab, box in g.boxes]
+    return Answer(out.text, out.finish_reason, out.prompt_tokens, out.completion_tokens, out.ids, g, boxes, images)
+
+
+class VLModel:
+    """A loaded DeepSeek-VL2 model with its processor and generation engine."""
+
+    def __init__(self, model: DeepseekVL2, processor: Processor, folder: Path | None = None,
+                 max_batch_size: int = 16):
+        self.model = model
+        self.processor = processor
+        self.folder = folder
+        self.engine = Engine(model, processor.tokenizer, max_batch_size=max_batch_size)
+
+    @property
+    def config(self):
+        return self.model.cfg
+
+    # ---- inputs -------------------------------------------------------------------------
+    @staticmethod
+    def _conversations(messages: Any, images: Sequence | None, system: str | None) -> tuple[list, bool]:
+        """-> (list of conversations, was a batch given)."""
+        if isinstance(messages, str):
+            text = messages
+            imgs = list(images or [])
+            n_tags = text.count("<image>")
+            if imgs and n_tags == 0:  # convenience: one tag per image, on their own lines
+                text = "<image>\n" * len(imgs) + text
+            conv = [{"role": "<|User|>", "content": text, "images": imgs}]
+            if system:
+                conv.insert(0, {"role": "system", "content": system})
+            return [conv], False
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise GenerationError("messages must be a prompt string, a conversation (list of message dicts) "
+                                  "or a list of conversations")
+        if all(isinstance(m, (list, tuple)) for m in messages):
+            if images is not None:
+                raise GenerationError("with a batch of conversations, attach images inside each conversation")
+            return [list(c) for c in messages], True
+        conv = list(messages)
+        if system:
+            conv.insert(0, {"role": "system", "content": system})
+        if images:
+            return [(conv, list(images))], False
+        return [conv], False
+
+    def process(self, messages: Any, images: Sequence | None = None, system: str | None = None) -> tuple[BatchInputs, bool]:
+        convs, batched = self._conversations(messages, images, system)
+        plain, extra = [], []
+        for c in convs:
+            if isinstance(c, tuple):
+                plain.append(c[0])
+                extra.append(c[1])
+            else:
+                plain.append(c)
+                extra.append(None)
+        return self.processor(plain, images=extra if any(e is not None for e in extra) else None), batched
+
+    # ---- chat ---------------------------------------------------------------------------
+    def chat(self, messages: Any, images: Sequence | None = None, *, system: str | None = None,
+             chunk_size: int | None = None, **sampling) -> Answer | list[Answer]:
+        """Answer one conversation (-> Answer) or a list of conversations (-> list[Answer])."""
+        answers: dict[int, Answer] = {}
+        batched = False
+        for d in self._stream(messages, images, system, chunk_size, sampling):
+            if isinstance(d, bool):
+                batched = d
+            elif d.answer is not None:
+                answers[d.index] = d.answer
+        result = [answers[i] for i in sorted(answers)]
+        return result if batched else result[0]
+
+    def stream(self, messages: Any, images: Sequence | None = None, *, system: str | None = None,
+               chunk_size: int | None = None, **sampling) -> Iterator[Delta]:
+        """Like ``chat`` but yields ``Delta`` pieces as tokens arrive (the last per row has ``answer``)."""
+        for d in self._stream(messages, images, system, chunk_size, sampling):
+            if not isinstance(d, bool):
+                yield d
+
+    def _stream(self, messages, images, system, chunk_size, sampling: dict):
+        params = sampling.pop("params", None) or SamplingParams(**sampling)
+        batch, batched = self.process(messages, images, system)
+        yield batched
+        for ev in self.engine.stream(batch, params, chunk_size=chunk_size):
+            answer = _make_answer(ev.output, batch.images[ev.index]) if ev.output is not None else None
+            yield Delta(ev.index, ev.delta, answer)
+
+
+def load(model: str | Path = "demo", *, dtype: str | torch.dtype = "auto", device: str = "auto",
+         max_batch_size: int = 16, progress: Callable[[int, int], None] | None = None) -> VLModel:
+    """Load a checkpoint folder or Hugging Face id (``demo`` = the shipped random model)."""
+    folder = resolve_model(model)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    net = load_model(folder, dt, dev, progress=progress)
+    return VLModel(net, Processor.from_pretrained(folder), folder, max_batch_size=max_batch_size)

@@ -1,0 +1,57 @@
+"""Model names -> local checkpoint folders.
+
+A name is, in this order: an existing folder; ``demo`` (the small random checkpoint
+shipped inside the package); a Hugging Face model id such as
+``deepseek-ai/deepseek-vl2-tiny``, looked up first in the local Hugging Face cache and
+then downloaded with ``huggingface_hub`` when the hub is reachable. When it is not, the
+error says so and how to use a local folder instead.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .errors import CheckpointError
+
+DEMO = Path(__file__).resolve().parent / "assets" / "demo"
+KNOWN = ("deepseek-ai/deepseek-vl2-tiny", "deepseek-ai/deepseek-vl2-small", "deepseek-ai/deepseek-vl2")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
+
+
+def resolve_model(name: str | Path, offline: bool | None = None) -> Path:
+    """Return the local folder of a checkpoint, downloading it by id if needed."""
+    text = str(name)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path}: not a model folder (no config.json in it)")
+        return path
+    if text == "demo":
+        return DEMO
+    if path.exists():
+        raise CheckpointError(f"{path}: is a file; pass the model's folder (the one with config.json)")
+    if not _REPO_ID.match(text) or text.startswith((".", "/", "~")):
+        raise CheckpointError(f"model folder not found: {text} (pass a checkpoint folder with config.json, "
+                              f"or a Hugging Face id such as {KNOWN[0]})")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.utils import HfHubHTTPError  # noqa: F401  (import check only)
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise CheckpointError(f"{text}: huggingface_hub is not installed; download the model and pass its folder") from None
+    try:
+        return Path(snapshot_download(text, allow_patterns=_PATTERNS, local_files_only=True))
+    except Exception:
+        pass  # not in the local cache: try the hub
+    if offline:
+        raise CheckpointError(f"{text} is not in the local Hugging Face cache and offline mode is on; "
+                              "download it elsewhere and pass its folder with -m PATH")
+    try:
+        return Path(snapshot_download(text, allow_patterns=_PATTERNS))
+    except Exception as e:  # network errors come in many types (requests, httpx, OSError, hub errors)
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot download {text} from the Hugging Face hub ({reason}). If this machine is offline, "
+            f"download the model elsewhere (e.g. `huggingface-cli download {text} --local-dir DIR`), "
+            "copy the folder here and pass it with -m DIR") from None

@@ -1,0 +1,253 @@
+"""What a checkpoint is: sizes, parameter counts, attention / routing kind, cache cost.
+
+``describe(config, folder)`` returns plain numbers in a dict (for scripts, the CLI and
+benchmark reports); ``format_info`` renders them as one screen of aligned text.
+
+Counting conventions:
+* parameters are counted on the ``meta`` device (no memory), from the same model the
+  loader builds: ``params_used``. The official checkpoints also carry the SigLIP
+  attention-pool head that the model never runs; ``params_total`` includes it and is
+  the number that matches the published sizes (tiny 3.37B, small 16.1B, base 27.5B);
+* ``params_active`` is what the language model touches for one token, as the brief of
+  this module defines it: the whole embedding table + attention + norms + dense MLPs +
+  for MoE layers the router, the shared experts and top-k of the routed experts +
+  ``lm_head``. DeepSeek's published "activated parameters" leave the embedding table out
+  (a lookup reads one row) and add the vision tower: ``params_active_no_embedding`` and
+  ``params_active_vision`` give those parts;
+* KV cache per token: MLA caches (kv_lora_rank + qk_rope_head_dim) values per layer, MHA
+  2 * kv_heads * head_dim.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from .config import ModelConfig
+from .errors import CheckpointError
+
+__all__ = ["describe", "format_info"]
+
+_ST_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
+             "I64": "int64", "I32": "int32", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_VARIANTS = ("tiny", "small", "base")
+
+
+def _numel(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _signature(cfg: ModelConfig) -> tuple:
+    lang = cfg.language
+    return lang.hidden_size, lang.num_hidden_layers, lang.n_routed_experts, lang.use_mla
+
+
+def guess_variant(cfg: ModelConfig) -> str:
+    """'tiny' / 'small' / 'base' when hidden size, depth, expert count and attention kind match, else 'custom'."""
+    from .checkpoint import preset_config  # the real configs live with the presets
+
+    sig = _signature(cfg)
+    for name in _VARIANTS:
+        if _signature(ModelConfig.from_hf(preset_config(name))) == sig:
+            return name
+    return "custom"
+
+
+def _read_header(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n < 1 << 30:
+                raise ValueError(f"header length {n}")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def _weights_on_disk(folder: Path) -> dict:
+    from .weights import weight_files
+
+    files = weight_files(folder)
+    by_dtype: dict[str, int] = {}  # dtype -> bytes
+    tensors: dict[str, int] = {}
+    params = 0
+    for f in files:
+        for entry in _read_header(f).values():
+            name = _ST_NAMES.get(entry["dtype"], entry["dtype"])
+            begin, end = entry["data_offsets"]
+            by_dtype[name] = by_dtype.get(name, 0) + end - begin
+            tensors[name] = tensors.get(name, 0) + 1
+            n = 1
+            for d in entry["shape"]:
+                n *= d
+            params += n
+    return {
+        "folder": str(folder),
+        "files": len(files),
+        "bytes_on_disk": sum(f.stat().st_size for f in files),
+        "dtype": max(by_dtype, key=by_dtype.get) if by_dtype else None,
+        "tensors_by_dtype": tensors,
+        "tensors": sum(tensors.values()),
+        "params_in_files": params,
+    }
+
+
+def describe(config: ModelConfig | Mapping[str, Any], folder: str | Path | None = None) -> dict:
+    """Facts about a model config (and, with ``folder``, its weight files) as a dict of plain values."""
+    from .checkpoint import official_tensor_specs
+    from .weights import build_empty
+
+    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_hf(config)
+    lang, vis = cfg.language, cfg.vision
+    model = build_empty(cfg)
+    specs = official_tensor_specs(cfg, model=model)
+
+    lm = model.language
+    embedding = lm.model.embed_tokens.weight.numel()
+    lm_head = lm.lm_head.weight.numel()
+    active = embedding + lm_head + _numel(lm.model.norm)
+    moe_layers = 0
+    for layer in lm.model.layers:
+        active += _numel(layer.self_attn) + _numel(layer.input_layernorm) + _numel(layer.post_attention_layernorm)
+        if layer.is_moe:
+            moe_layers += 1
+            mlp = layer.mlp
+            active += _numel(mlp.gate)
+            if mlp.shared_experts is not None:
+                active += _numel(mlp.shared_experts)
+            active += _numel(mlp.experts) * lang.num_experts_per_tok // lang.n_routed_experts
+        else:
+            active += _numel(layer.mlp)
+    vision_params, projector_params = _numel(model.vision), _numel(model.projector)
+    used = _numel(model)
+    total = sum(s.numel for s in specs)
+
+    if lang.use_mla:
+        attention = "MLA" + (f" (q_lora_rank {lang.q_lora_rank})" if lang.q_lora_rank else " (no q compression)")
+        head_dims = {"kv_lora_rank": lang.kv_lora_rank, "q_lora_rank": lang.q_lora_rank,
+                     "qk_nope_head_dim": lang.qk_nope_head_dim, "qk_rope_head_dim": lang.qk_rope_head_dim,
+                     "v_head_dim": lang.v_head_dim}
+    else:
+        attention = "MHA" if lang.kv_heads == lang.num_attention_heads else "GQA"
+        head_dims = {"head_dim": lang.head_dim}
+
+    experts = None
+    if lang.n_routed_experts is not None:
+        experts = {"routed": lang.n_routed_experts, "shared": lang.n_shared_experts or 0,
+                   "top_k": lang.num_experts_per_tok, "routing": lang.topk_method,
+                   "scoring": lang.scoring_func, "n_group": lang.n_group, "topk_group": lang.topk_group,
+                   "norm_topk_prob": lang.norm_topk_prob, "routed_scaling_factor": lang.routed_scaling_factor,
+                   "expert_width": lang.moe_intermediate_size}
+
+    rs = lang.rope_scaling
+    rope = "plain" if rs is None else f"{rs['type']} (factor {rs['factor']:g})"
+
+    per_layer = lang.kv_cache_values_per_token_per_layer
+    kv_values = per_layer * lang.num_hidden_layers
+    tile_tokens = cfg.tokens_per_tile_side * cfg.tokens_per_tile_side
+
+    out = {
+        "variant": guess_variant(cfg),
+        "params_total": total,
+        "params_used": used,
+        "params_attn_pool": total - used,
+        "params_language": _numel(lm),
+        "params_embedding": embedding,
+        "params_lm_head": lm_head,
+        "params_vision": vision_params,
+        "params_projector": projector_params,
+        "params_active": active,
+        "params_active_no_embedding": active - embedding,
+        "params_active_vision": vision_params + projector_params,
+        "attention": attention,
+        "heads": lang.num_attention_heads,
+        "kv_heads": lang.kv_heads,
+        "head_dims": head_dims,
+        "layers": lang.num_hidden_layers,
+        "dense_layers": lang.num_hidden_layers - moe_layers,
+        "moe_layers": moe_layers,
+        "experts": experts,
+        "rope": rope,
+        "rope_theta": lang.rope_theta,
+        "hidden_size": lang.hidden_size,
+        "vocab_size": lang.vocab_size,
+        "max_position_embeddings": lang.max_position_embeddings,
+        "vision": {"layers": vis.layers, "width": vis.width, "heads": vis.heads, "image_size": vis.image_size,
+                   "patch_size": vis.patch_size, "tokens_per_tile": tile_tokens},
+        "kv_cache_values_per_token": kv_values,
+        "kv_cache_bytes_per_token": {"bf16": kv_values * 2, "fp32": kv_values * 4},
+        "checkpoint_bytes_bf16": sum(s.nbytes for s in specs),
+        "weights": _weights_on_disk(Path(folder)) if folder is not None else None,
+    }
+    return out
+
+
+# ---- text ------------------------------------------------------------------------------
+
+def _n(x: int | float) -> str:
+    """3370501440 -> '3.37B', 15238352 -> '15.2M', 61440 -> '61.4K'."""
+    for div, suffix, fmt in ((1e9, "B", "{:.2f}"), (1e6, "M", "{:.1f}"), (1e3, "K", "{:.1f}")):
+        if abs(x) >= div:
+            return fmt.format(x / div) + suffix
+    return f"{x:g}"
+
+
+def _bytes(x: int) -> str:
+    for div, unit in ((1024 ** 3, "GiB"), (1024 ** 2, "MiB"), (1024, "KiB")):
+        if x >= div:
+            return f"{x / div:.2f} {unit}"
+    return f"{x} B"
+
+
+def format_info(d: Mapping[str, Any]) -> str:
+    """One screen of aligned ``key: value`` lines for a ``describe`` result."""
+    ex = d.get("experts")
+    hd = d["head_dims"]
+    if "head_dim" in hd:
+        att = f"{d['attention']}, {d['heads']} heads x {hd['head_dim']}, {d['kv_heads']} kv heads"
+    else:
+        att = (f"{d['attention']}, {d['heads']} heads, kv_lora {hd['kv_lora_rank']}, "
+               f"qk {hd['qk_nope_head_dim']}+{hd['qk_rope_head_dim']} (nope+rope), v {hd['v_head_dim']}")
+    kv = d["kv_cache_bytes_per_token"]
+    v = d["vision"]
+    rows = [
+        ("variant", d["variant"]),
+        ("parameters", f"{_n(d['params_total'])} in the checkpoint ({_n(d['params_used'])} used + "
+                       f"{_n(d['params_attn_pool'])} unused attn_pool head)"),
+        ("  language", f"{_n(d['params_language'])} (embedding {_n(d['params_embedding'])}, "
+                       f"lm_head {_n(d['params_lm_head'])})"),
+        ("  vision", f"{_n(d['params_vision'])} tower + {_n(d['params_projector'])} projector"),
+        ("active / token", f"{_n(d['params_active'])} language ({_n(d['params_active_no_embedding'])} "
+                           f"without the embedding table) + {_n(d['params_active_vision'])} vision per tile"),
+        ("attention", att),
+        ("layers", f"{d['layers']} ({d['dense_layers']} dense + {d['moe_layers']} MoE), hidden {d['hidden_size']}"),
+    ]
+    if ex:
+        groups = f", groups {ex['topk_group']}/{ex['n_group']}" if ex["routing"] != "greedy" else ""
+        rows.append(("experts", f"{ex['routed']} routed (width {ex['expert_width']}) + {ex['shared']} shared, "
+                                f"top-{ex['top_k']}, {ex['routing']}, {ex['scoring']}{groups}, "
+                                f"norm_topk {str(ex['norm_topk_prob']).lower()}, "
+                                f"scale {ex['routed_scaling_factor']:g}"))
+    rows += [
+        ("rope", f"{d['rope']}, theta {d['rope_theta']:g}"),
+        ("context / vocab", f"{d['max_position_embeddings']} positions, vocab {d['vocab_size']}"),
+        ("kv cache / token", f"{kv['bf16']} B bf16, {kv['fp32']} B fp32 "
+                             f"({d['kv_cache_values_per_token']} values; 4096 tokens bf16: {_bytes(kv['bf16'] * 4096)})"),
+        ("vision tower", f"SigLIP {v['layers']} layers, width {v['width']}, {v['heads']} heads, "
+                         f"{v['image_size']} px / patch {v['patch_size']}, {v['tokens_per_tile']} tokens per tile"),
+    ]
+    w = d.get("weights")
+    if w:
+        dts = ", ".join(f"{n} {k}" for k, n in sorted(w["tensors_by_dtype"].items()))
+        rows += [
+            ("weights", f"{w['dtype']}, {_bytes(w['bytes_on_disk'])} on disk in {w['files']} file(s)"),
+            ("  tensors", f"{w['tensors']} ({dts}), {_n(w['params_in_files'])} parameters"),
+            ("  folder", w["folder"]),
+        ]
+    else:
+        rows.append(("weights", f"{_bytes(d['checkpoint_bytes_bf16'])} as an official bf16 checkpoint"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}} : {val}" for k, val in rows)

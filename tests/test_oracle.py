@@ -1,0 +1,110 @@
+"""The end-to-end truth: the oracle check over every golden variant x case.
+
+Also shows that the oracle discovers what it checks (a renamed copy of the golden tree
+with other variant / case / image names passes) and that it can fail (a perturbed
+reference tensor is reported and makes the exit status non-zero).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dsvl2 import oracle
+
+SHARED = Path(os.environ.get("DSVL2_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+GOLDEN = SHARED / "golden"
+IMAGES = SHARED / "images"
+VARIANTS = [v.name for v in oracle.discover(GOLDEN)]
+FAMILIES = ("processor.", "vision.", "projector.", "embeds.", "routing.", "logits.", "hidden.", "gen.")
+
+
+def test_discovers_every_variant_and_case():
+    found = oracle.discover(GOLDEN)
+    manifest = json.loads((GOLDEN / "manifest.json").read_text())
+    assert sorted(v.name for v in found) == sorted(manifest["variants"])
+    for v in found:
+        on_disk = sorted(p.stem for p in (GOLDEN / v.name / "outputs").glob("*.safetensors"))
+        assert v.cases == on_disk and len(v.cases) >= 1
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_oracle_variant(variant):
+    results = oracle.run(GOLDEN, [IMAGES], variants=[variant], emit=lambda line: None)
+    failed = [r.line() for r in results if not r.ok]
+    assert not failed, "\n".join(failed)
+    cases = {r.case for r in results}
+    assert cases == set(next(v.cases for v in oracle.discover(GOLDEN) if v.name == variant))
+    for case in cases:
+        names = {r.name for r in results if r.case == case}
+        for family in FAMILIES:
+            if family in ("vision.", "projector.") and not any(n.startswith(family) for n in names):
+                assert "vision.tiles" in names  # text-only case: the tower is skipped
+                continue
+            assert any(n.startswith(family) for n in names), (case, family, sorted(names))
+
+
+def _copy_renamed(tmp: Path) -> tuple[Path, Path]:
+    """A golden tree with other variant, processor-set, case and image names."""
+    src_case = "c09_batch_two_images"
+    dst, imgs = tmp / "other_golden", tmp / "other_images"
+    imgs.mkdir()
+    spec = json.loads((GOLDEN / "processor" / "official" / src_case / "case.json").read_text())
+    for conv in spec["conversations"]:
+        for m in conv:
+            renamed = []
+            for name in m.get("images", []):
+                new = "renamed_" + name
+                shutil.copy(IMAGES / name, imgs / new)
+                renamed.append(new)
+            if renamed:
+                m["images"] = renamed
+    pdir = dst / "processor" / "myset" / "zz_two_rows"
+    pdir.mkdir(parents=True)
+    (pdir / "case.json").write_text(json.dumps(spec))
+    for f in ("processor.safetensors", "pixels_u8.npz"):
+        shutil.copy(GOLDEN / "processor" / "official" / src_case / f, pdir / f)
+    vdir = dst / "mla_variant"
+    shutil.copytree(GOLDEN / "dsv2x", vdir, ignore=shutil.ignore_patterns("outputs"))
+    (vdir / "outputs").mkdir()
+    for ext in ("safetensors", "json"):
+        shutil.copy(GOLDEN / "dsv2x" / "outputs" / f"{src_case}.{ext}", vdir / "outputs" / f"zz_two_rows.{ext}")
+    (dst / "manifest.json").write_text(json.dumps({"variants": {"mla_variant": {"processor_id": "myset"}}}))
+    return dst, imgs
+
+
+def test_unseen_tree_names(tmp_path):
+    golden, images = _copy_renamed(tmp_path)
+    lines: list[str] = []
+    results = oracle.run(golden, [images], emit=lines.append)
+    assert results and all(r.ok for r in results), "\n".join(lines)
+    assert {r.variant for r in results} == {"mla_variant"} and {r.case for r in results} == {"zz_two_rows"}
+
+
+def test_oracle_fails_on_wrong_reference(tmp_path, capsys):
+    golden, images = _copy_renamed(tmp_path)
+    out = golden / "mla_variant" / "outputs" / "zz_two_rows.safetensors"
+    ref = load_file(str(out))
+    ref["logits_last"] = ref["logits_last"] + 1e-2  # far above the 1e-4 tolerance
+    ref["gen_ids"] = torch.roll(ref["gen_ids"], 1, dims=1)
+    save_file(ref, str(out))
+    code = oracle.main([str(golden), "--images", str(images)])
+    text = capsys.readouterr().out
+    assert code == 1
+    assert "FAIL  mla_variant zz_two_rows" in text and "logits.last" in text and "gen.greedy_ids" in text
+    last = [line for line in text.splitlines() if "passed" in line][-1]
+    assert last.endswith("failed") and not last.endswith(" 0 failed")
+
+
+def test_missing_image_is_reported(tmp_path, capsys):
+    golden, images = _copy_renamed(tmp_path)
+    next(images.iterdir()).unlink()
+    code = oracle.main([str(golden), "--images", str(images)])
+    text = capsys.readouterr().out
+    assert code == 1 and "not found in --images" in text

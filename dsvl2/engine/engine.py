@@ -22,6 +22,7 @@ plain calls ``generate`` / ``stream`` on top. No HTTP, no text formatting.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
@@ -240,6 +241,15 @@ class Engine:
                 r.finish_reason = "stop"
                 r.text += delta
                 return delta
+            # The decoder holds trailing whitespace back until the next id, so a stop string
+            # ending in whitespace ("\n") would be seen one token (one forward) late: probe
+            # the held text with a copy of the matcher when this id's text ends in whitespace.
+            if self.tokenizer.decode([tok])[-1:].isspace():
+                held = self.tokenizer.decode(r.output_ids)[len(r.decoder.text):]
+                if copy.copy(r.stopper).feed(held)[1]:
+                    r.text += delta
+                    r.finish_reason = "stop"
+                    return delta + self._finish_text(r)
         r.text += delta
         if len(r.output_ids) >= p.max_new_tokens or r.length + 1 >= self.context_window:
             r.finish_reason = "length"
@@ -250,7 +260,9 @@ class Engine:
         tail = r.decoder.flush()
         if r.stopper is not None:
             tail, stopped = r.stopper.feed(tail)
-            if not stopped:
+            if stopped:
+                r.finish_reason = "stop"  # the held tail completed a stop string
+            else:
                 tail += r.stopper.flush()
         r.text += tail
         return tail

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import LanguageConfig
 from .cache import StepContext
-from .ops import Linear, RMSNorm, linear
+from .ops import Linear, RMSNorm
 from .rope import apply_rope
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ProjectorConfig, VisionConfig
-from .ops import LayerNorm, Linear, linear
+from .ops import LayerNorm, Linear
 
 
 class PatchEmbed(nn.Module):

@@ -88,7 +88,8 @@ class VisionConfig:
         _check(self.patch_size <= self.image_size,
                f"vision_config: patch_size {self.patch_size} exceeds image_size {self.image_size}")
         _check(not self.class_token, "vision_config.class_token=true is not supported (no released model uses it)")
-        _check(float(self.mlp_ratio) > 0, f"vision_config.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
+        _check(isinstance(self.mlp_ratio, (int, float)) and not isinstance(self.mlp_ratio, bool) and self.mlp_ratio > 0,
+               f"vision_config.mlp_ratio must be a number > 0, got {self.mlp_ratio!r}")
 
     @property
     def head_dim(self) -> int:
@@ -270,7 +271,8 @@ class LanguageConfig:
             return self.head_dim ** -0.5
         scale = self.q_head_dim ** -0.5
         rs = self.rope_scaling
-        if rs is not None and rs.get("type") == "yarn":
+        # The reference applies mscale_all_dim whatever the rope_scaling type.
+        if rs is not None:
             mall = rs.get("mscale_all_dim", 0) or 0
             if mall:
                 m = yarn_mscale(rs["factor"], mall)

@@ -64,7 +64,9 @@ class RotaryEmbedding(nn.Module):
             factor = float(rs["factor"])
             inv_freq = yarn_inv_freq(dim, base, factor, int(rs.get("original_max_position_embeddings", 4096)),
                                      rs.get("beta_fast", 32), rs.get("beta_slow", 1))
-            self.mscale = yarn_mscale(factor, rs.get("mscale", 1) or 1) / yarn_mscale(factor, rs.get("mscale_all_dim", 0) or 0)
+            # reference defaults mscale=1, mscale_all_dim=0; an explicit 0 means 0 (factor 1), not the default
+            m, m_all = rs.get("mscale", 1), rs.get("mscale_all_dim", 0)
+            self.mscale = yarn_mscale(factor, 1 if m is None else m) / yarn_mscale(factor, m_all or 0)
         else:
             raise ConfigError(f"rope_scaling type {kind!r} is not supported with use_mla={cfg.use_mla} "
                               "(supported: none and 'linear' for both, 'yarn' for MLA)")

@@ -82,8 +82,13 @@ def _finish(answer, args, out) -> None:
 
 
 def cmd_chat(args) -> int:
-    model = _load(args)
+    from .engine.sampling import SamplingParams
+
     sampling = _sampling(args)
+    SamplingParams(**sampling)  # bad option values fail now, not after loading (or at every turn)
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise DSVL2Error(f"--chunk-size must be a positive integer, got {args.chunk_size}")
+    model = _load(args)
     if args.prompt is not None:
         conv = [{"role": "<|User|>", "content": args.prompt, "images": list(args.image)}]
         if args.image and "<image>" not in args.prompt:
@@ -165,7 +170,8 @@ def _interactive(model, args, sampling) -> int:
             print(f"\ndsvl2: error: {e}", file=sys.stderr)
             continue
         print(json.dumps(answer.to_dict(), ensure_ascii=False) if args.json else "")
-        history += [turn, {"role": "<|Assistant|>", "content": answer.text}]
+        # an "<image>" in the answer would be an image tag without an image in every later turn
+        history += [turn, {"role": "<|Assistant|>", "content": answer.text.replace("<image>", "")}]
         pending = []
         _finish(answer, args, sys.stdout)
 
@@ -192,7 +198,8 @@ def cmd_info(args) -> int:
     from .info import describe, format_info
 
     folder = resolve_model(args.model)
-    d = describe(load_config(folder), folder)
+    has_weights = (folder / "model.safetensors.index.json").is_file() or any(folder.glob("*.safetensors"))
+    d = describe(load_config(folder), folder if has_weights else None)  # config only: no weights section
     print(json.dumps(d, indent=2, default=str) if args.json else format_info(d))
     return 0
 
@@ -254,14 +261,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ndsvl2: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `dsvl2 chat ... | head`; BrokenPipeError is an OSError, so first
+        try:
+            sys.stdout = open(os.devnull, "w")  # nothing more to flush into the closed pipe at exit
+        except OSError:
+            pass
+        return 0
     except (DSVL2Error, ValueError, FileNotFoundError, OSError) as e:
         if os.environ.get("DSVL2_DEBUG"):
             raise
         msg = str(e).strip().replace("\n", " ") or type(e).__name__
         print(f"dsvl2: error: {msg}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # e.g. `dsvl2 chat ... | head`
-        return 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ error says so and how to use a local folder instead.
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 
 from .errors import CheckpointError
@@ -51,7 +52,22 @@ def resolve_model(name: str | Path, offline: bool | None = None) -> Path:
         return Path(snapshot_download(text, allow_patterns=_PATTERNS))
     except Exception as e:  # network errors come in many types (requests, httpx, OSError, hub errors)
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        what = ("the Hugging Face hub cannot be reached" if _unreachable(e)
+                else "the Hugging Face hub refused or failed the download")
         raise CheckpointError(
-            f"cannot download {text} from the Hugging Face hub ({reason}). If this machine is offline, "
-            f"download the model elsewhere (e.g. `huggingface-cli download {text} --local-dir DIR`), "
-            "copy the folder here and pass it with -m DIR") from None
+            f"cannot download {text}: {what} ({reason}). To use a local copy instead, download the model "
+            f"on a machine with internet access (e.g. `huggingface-cli download {text} --local-dir DIR`), "
+            "copy the folder here and pass the folder instead of the id (e.g. dsvl2 chat -m DIR)") from None
+
+
+def _unreachable(e: BaseException | None) -> bool:
+    """Whether an exception (or one it was raised from) says the network / hub was not reachable."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        name = type(e).__name__
+        if (isinstance(e, (ConnectionError, TimeoutError, socket.gaierror)) or "Connect" in name
+                or "Timeout" in name or name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -17,12 +18,11 @@ from dsvl2.config import ModelConfig, load_config
 from dsvl2.errors import CheckpointError, ConfigError
 from dsvl2.weights import load_model
 
-SHARED = Path("/work/shared")
+SHARED = Path(os.environ.get("DSVL2_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 GOLDEN = SHARED / "golden"
 REAL = {"tiny": SHARED / "configs/tiny/config.reconstructed.json",
         "small": SHARED / "configs/small/config.reconstructed.json",
         "base": SHARED / "configs/base/config.json"}
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="needs /work/shared")
 
 
 def _read_all(folder: Path) -> dict[str, torch.Tensor]:
@@ -44,19 +44,16 @@ def _text_forward(model, vocab: int = 2688) -> torch.Tensor:
 
 # ---- presets ---------------------------------------------------------------------------
 
-@needs_shared
 @pytest.mark.parametrize("name", ["tiny", "small", "base"])
 def test_real_presets_are_the_shared_configs(name):
     assert preset_config(name) == json.loads(REAL[name].read_text())
 
 
-@needs_shared
 @pytest.mark.parametrize("variant", ["tiny", "small", "base", "dsv2x"])
 def test_golden_presets_are_the_golden_configs(variant):
     assert preset_config(f"golden-{variant}") == json.loads((GOLDEN / variant / "config.json").read_text())
 
 
-@needs_shared
 def test_assets_match_shared_files():
     assert (ck.ASSETS / "processor_config.json").read_bytes() == \
         (SHARED / "configs/processor_config.reconstructed.json").read_bytes()
@@ -114,7 +111,6 @@ def test_preset_errors_and_vocab_override():
 
 # ---- official layout -------------------------------------------------------------------
 
-@needs_shared
 @pytest.mark.parametrize("variant", ["tiny", "small", "base", "dsv2x"])
 def test_specs_match_golden_checkpoint_exactly(variant):
     """Same keys, shapes and dtypes as the golden files written by the reference's tooling."""

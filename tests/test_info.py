@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from dsvl2.checkpoint import DEMO_DIR, preset_config, write_random_checkpoint
 from dsvl2.config import load_config
 from dsvl2.info import describe, format_info
 
-SHARED = Path("/work/shared")
+SHARED = Path(os.environ.get("DSVL2_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 REAL = {"tiny": SHARED / "configs/tiny/config.reconstructed.json",
         "small": SHARED / "configs/small/config.reconstructed.json",
         "base": SHARED / "configs/base/config.json"}
@@ -19,7 +20,6 @@ REAL = {"tiny": SHARED / "configs/tiny/config.reconstructed.json",
 PUBLISHED_TOTAL = {"tiny": 3.37e9, "small": 16.1e9, "base": 27.5e9}
 # Published activated sizes (vision included, embedding table excluded).
 PUBLISHED_ACTIVE = {"tiny": 1.0e9, "small": 2.8e9, "base": 4.5e9}
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="needs /work/shared")
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,6 @@ def test_variant_guess_and_rope():
     assert d["kv_cache_bytes_per_token"]["bf16"] == (24 + 8) * 4 * 2
 
 
-@needs_shared
 def test_golden_checkpoint_on_disk():
     folder = SHARED / "golden/tiny"
     d = describe(load_config(folder), folder)

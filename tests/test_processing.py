@@ -32,8 +32,6 @@ IMAGES = SHARED / "images"
 TOKENIZER_DIR = GOLDEN / "tiny"
 CASE_DIRS = sorted(p.parent for p in (GOLDEN / "processor").glob("*/*/case.json"))
 
-needs_golden = pytest.mark.skipif(not (TOKENIZER_DIR / "tokenizer.json").is_file(),
-                                  reason=f"golden data not found under {GOLDEN}")
 REAL_CANDIDATES = [(384, 384), (384, 768), (768, 384), (384, 1152), (1152, 384), (384, 1536), (1536, 384),
                    (768, 768), (384, 1920), (1920, 384), (384, 2304), (2304, 384), (768, 1152), (1152, 768),
                    (384, 2688), (2688, 384), (384, 3072), (3072, 384), (768, 1536), (1536, 768), (384, 3456),
@@ -46,8 +44,6 @@ REAL_CANDIDATES = [(384, 384), (384, 768), (768, 384), (384, 1152), (1152, 384),
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
-    if not (TOKENIZER_DIR / "tokenizer.json").is_file():
-        pytest.skip(f"golden tokenizer not found under {TOKENIZER_DIR}")
     return Tokenizer.from_dir(TOKENIZER_DIR)
 
 
@@ -116,12 +112,10 @@ def _png_bytes(size=(8, 6), mode="RGB", color=(10, 200, 30)) -> bytes:
 # the oracle
 # ---------------------------------------------------------------------------------------
 
-@needs_golden
 def test_oracle_cases_found():
     assert CASE_DIRS, f"no processor cases under {GOLDEN / 'processor'}"
 
 
-@needs_golden
 @pytest.mark.parametrize("case_dir", CASE_DIRS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_oracle_case(case_dir, tokenizer):
     case, ref, npz = _load_case(case_dir)
@@ -164,7 +158,6 @@ def test_oracle_case(case_dir, tokenizer):
             assert mask[start:start + n].all()
 
 
-@needs_golden
 @pytest.mark.parametrize("case_dir", [d for d in CASE_DIRS if len(json.loads((d / "case.json").read_text())["conversations"]) > 1],
                          ids=lambda p: p.name)
 def test_batch_rows_equal_rows_alone(case_dir, tokenizer):
@@ -187,7 +180,6 @@ def test_batch_rows_equal_rows_alone(case_dir, tokenizer):
 # OpenAI-style messages == reference format
 # ---------------------------------------------------------------------------------------
 
-@needs_golden
 def test_openai_style_matches_reference_single_image(processor):
     ref = processor([{"role": "<|User|>", "content": "<image>\nDescribe this image.", "images": [str(IMAGES / "monday.jpg")]},
                      {"role": "<|Assistant|>", "content": ""}])
@@ -215,11 +207,9 @@ def test_openai_style_matches_reference_single_image(processor):
     assert torch.equal(out.input_ids, ref.input_ids)
 
 
-@needs_golden
 def test_openai_style_matches_oracle_system_multiturn(tokenizer):
     case_dir = next((d for d in CASE_DIRS if d.name.startswith("c07")), None)
-    if case_dir is None:
-        pytest.skip("c07 not in the oracle")
+    assert case_dir is not None, "c07 not in the oracle"
     case, ref, _ = _load_case(case_dir)
     proc = Processor(tokenizer, ProcessorConfig.from_hf(case["processor_config"]))
     src = case["conversations"][0]
@@ -237,11 +227,9 @@ def test_openai_style_matches_oracle_system_multiturn(tokenizer):
     assert torch.equal(out.images_seq_mask, ref["images_seq_mask"])
 
 
-@needs_golden
 def test_openai_two_images_match_oracle_row(tokenizer):
     case_dir = next((d for d in CASE_DIRS if d.name.startswith("c09")), None)
-    if case_dir is None:
-        pytest.skip("c09 not in the oracle")
+    assert case_dir is not None, "c09 not in the oracle"
     case, ref, _ = _load_case(case_dir)
     proc = Processor(tokenizer, ProcessorConfig.from_hf(case["processor_config"]))
     names = case["conversations"][1][0]["images"]
@@ -256,7 +244,6 @@ def test_openai_two_images_match_oracle_row(tokenizer):
 # text only, batches, shapes
 # ---------------------------------------------------------------------------------------
 
-@needs_golden
 def test_text_only_and_all_text_batch(processor, tokenizer):
     conv = [{"role": "user", "content": "What is the capital of France? Answer briefly."}]
     one = processor(conv)
@@ -274,7 +261,6 @@ def test_text_only_and_all_text_batch(processor, tokenizer):
     assert batch.seq_lens[1] < batch.seq_lens[0] and not batch.attention_mask[1, 0]
 
 
-@needs_golden
 def test_three_images_disable_cropping(processor, tmp_path):
     path = tmp_path / "wide.png"
     Image.new("RGB", (2000, 300), (200, 10, 10)).save(path)
@@ -290,7 +276,6 @@ def test_three_images_disable_cropping(processor, tmp_path):
     assert torch.equal(px[0], px[1])  # the single local tile duplicates the global view
 
 
-@needs_golden
 @pytest.mark.parametrize("size", [(1, 1), (10000, 10), (10, 10000), (13, 9)])
 def test_extreme_image_sizes(processor, tmp_path, size):
     path = tmp_path / "img.png"
@@ -303,7 +288,6 @@ def test_extreme_image_sizes(processor, tmp_path, size):
     assert torch.isfinite(out.pixel_values).all()
 
 
-@needs_golden
 def test_processor_config_checks(tokenizer):
     from dsvl2.errors import ConfigError
     with pytest.raises(ConfigError, match="not multiples of the tile size 384"):
@@ -501,7 +485,6 @@ def test_prompt_pieces_layout():
                                     "Hello", Special.EOS, "<|User|>: More?\n\n<|Assistant|>:"]
 
 
-@needs_golden
 def test_prompt_ids_layout(processor, tokenizer):
     out = processor([{"role": "system", "content": "Sys."}, {"role": "user", "content": "Hi"},
                      {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Again"}])
@@ -545,7 +528,6 @@ def test_conversation_errors(messages, images, pattern):
     assert isinstance(info.value, ValueError)
 
 
-@needs_golden
 def test_processor_image_errors(processor, tmp_path):
     bad = tmp_path / "readme.txt"
     bad.write_text("not an image")
@@ -575,7 +557,6 @@ def test_processor_image_errors(processor, tmp_path):
 # tokenizer and checkpoint loading
 # ---------------------------------------------------------------------------------------
 
-@needs_golden
 def test_tokenizer(tokenizer):
     assert len(tokenizer) == 2633
     assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.image_id) == (0, 1, 2, 2625)
@@ -593,7 +574,6 @@ def test_tokenizer(tokenizer):
     assert tokenizer.decode(torch.tensor([0, 1])) == "<｜begin▁of▁sentence｜><｜end▁of▁sentence｜>"
 
 
-@needs_golden
 def test_from_pretrained_and_errors(tmp_path):
     proc = Processor.from_pretrained(TOKENIZER_DIR)
     assert proc.image_size == 384 and proc.tokens_per_side == 14

@@ -85,7 +85,13 @@ def cmd_chat(args) -> int:
     from .engine.sampling import SamplingParams
 
     sampling = _sampling(args)
-    SamplingParams(**sampling)  # bad option values fail now, not after loading (or at every turn)
+    try:  # bad option values fail now, not after loading (or at every turn)
+        SamplingParams(**sampling)
+    except DSVL2Error as e:  # name the command-line flag, not the dataclass field
+        msg = str(e)
+        for field in sampling:
+            msg = msg.replace(f"SamplingParams.{field}", "--" + field.replace("_", "-"))
+        raise DSVL2Error(msg) from None
     if args.chunk_size is not None and args.chunk_size < 1:
         raise DSVL2Error(f"--chunk-size must be a positive integer, got {args.chunk_size}")
     model = _load(args)
@@ -167,7 +173,9 @@ def _interactive(model, args, sampling) -> int:
                 if d.answer is not None:
                     answer = d.answer
         except DSVL2Error as e:  # a bad turn must not end the session
-            print(f"\ndsvl2: error: {e}", file=sys.stderr)
+            dropped = f" (its {len(pending)} image(s) were dropped; /image to attach again)" if pending else ""
+            print(f"\ndsvl2: error: {e}{dropped}", file=sys.stderr)
+            pending = []
             continue
         print(json.dumps(answer.to_dict(), ensure_ascii=False) if args.json else "")
         # an "<image>" in the answer would be an image tag without an image in every later turn

@@ -444,14 +444,14 @@ def test_too_many_images_for_the_context_window(capsys):
 
 
 @pytest.mark.parametrize("option, value, word", [
-    ("--temperature", "-1", "temperature"),
-    ("--temperature", "nan", "temperature"),
-    ("--top-p", "0", "top_p"),
-    ("--top-p", "1.5", "top_p"),
-    ("--top-k", "-1", "top_k"),
-    ("--repetition-penalty", "0", "repetition_penalty"),
-    ("--max-new-tokens", "0", "max_new_tokens"),
-    ("--chunk-size", "0", "chunk"),
+    ("--temperature", "-1", "--temperature"),
+    ("--temperature", "nan", "--temperature"),
+    ("--top-p", "0", "--top-p"),
+    ("--top-p", "1.5", "--top-p"),
+    ("--top-k", "-1", "--top-k"),
+    ("--repetition-penalty", "0", "--repetition-penalty"),
+    ("--max-new-tokens", "0", "--max-new-tokens"),
+    ("--chunk-size", "0", "--chunk-size"),
 ])
 def test_bad_sampling_values(option, value, word, capsys):
     assert_error(*cli(capsys, "chat", "-m", TINY, option, value, "hi")[::2], word)
@@ -462,7 +462,7 @@ def test_bad_sampling_values_are_rejected_before_loading(capsys, monkeypatch):
         raise AssertionError("bad options must be rejected before the model is loaded")
 
     monkeypatch.setattr(api, "load", no_load)
-    assert_error(*cli(capsys, "chat", "-m", TINY, "--top-p", "0", "hi")[::2], "top_p")
+    assert_error(*cli(capsys, "chat", "-m", TINY, "--top-p", "0", "hi")[::2], "--top-p")
     assert_error(*cli(capsys, "chat", "-m", TINY, "--chunk-size", "-4", "hi")[::2], "--chunk-size")
 
 

@@ -245,8 +245,8 @@ class Engine:
             # ending in whitespace ("\n") would be seen one token (one forward) late: probe
             # the held text with a copy of the matcher when this id's text ends in whitespace.
             if self.tokenizer.decode([tok])[-1:].isspace():
-                held = self.tokenizer.decode(r.output_ids)[len(r.decoder.text):]
-                if copy.copy(r.stopper).feed(held)[1]:
+                full, done = self.tokenizer.decode(r.output_ids), r.decoder.text
+                if full.startswith(done) and copy.copy(r.stopper).feed(full[len(done):])[1]:
                     r.text += delta
                     r.finish_reason = "stop"
                     return delta + self._finish_text(r)

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import LanguageConfig
 from .cache import StepContext
-from .ops import Linear, RMSNorm
+from .ops import Linear, RMSNorm, weight_matmul
 from .rope import apply_rope
 
 
@@ -121,7 +121,7 @@ class MLA(nn.Module):
         b, h, t, _ = q_nope.shape
         w = self._kv_b()
         w_uk, w_uv = w[:, : self.dn], w[:, self.dn:]  # [H, dn, r], [H, dv, r]
-        q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk.to(q_nope.dtype))  # [B, H, T, r]
+        q_lat = weight_matmul(q_nope, w_uk)  # [B, H, T, dn] @ [H, dn, r] -> [B, H, T, r]
         q = torch.cat([q_lat, q_pe], dim=-1).reshape(b, 1, h * t, self.r + self.dr)
         k = ckv[:, None]  # [B, 1, S, r+dr]: one shared kv head
         v = ckv[:, None, :, : self.r]  # [B, 1, S, r]
@@ -130,4 +130,4 @@ class MLA(nn.Module):
             m = m.expand(b, 1, t, m.shape[-1])[:, :, None].expand(b, 1, h, t, m.shape[-1]).reshape(b, 1, h * t, -1)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=self.scale)  # [B, 1, H*T, r]
         o = o.view(b, h, t, self.r)
-        return torch.einsum("bhtr,hvr->bhtv", o, w_uv.to(o.dtype))  # [B, H, T, dv]
+        return weight_matmul(o, w_uv.transpose(1, 2))  # [B, H, T, r] @ [H, r, dv] -> [B, H, T, dv]

@@ -41,7 +41,6 @@ class KVCache:
         self.device = torch.device(device)
         self.capacity = 0
         self.layers: list[tuple[torch.Tensor, ...]] = [() for _ in range(cfg.num_hidden_layers)]
-        self.lengths = torch.zeros(rows, dtype=torch.long)  # tokens held per row (CPU bookkeeping)
         self.ensure_capacity(capacity)
 
     def _shapes(self, capacity: int) -> list[tuple[int, ...]]:
@@ -61,10 +60,6 @@ class KVCache:
                 f[:, : self.capacity].copy_(o)
             self.layers[i] = fresh
         self.capacity = new_cap
-
-    def reset_rows(self, rows: list[int]) -> None:
-        """Forget the content of these rows (their slots can be reused by new requests)."""
-        self.lengths[rows] = 0
 
     @property
     def values_per_token_per_layer(self) -> int:
@@ -91,16 +86,28 @@ class StepContext:
     write_pos: torch.Tensor | None = None
     kv_len: int = 0
 
+    def __post_init__(self):
+        # Consecutive rows (the usual case: one request, or a batch started together) are
+        # read through a slice view; only scattered rows need a gathering copy.
+        self._span = None
+        if self.cache is not None:
+            if self.rows is None:
+                self._span = (0, self.write_pos.shape[0])
+            else:
+                r = self.rows.tolist()
+                if r == list(range(r[0], r[0] + len(r))):
+                    self._span = (r[0], r[0] + len(r))
+
     def write_and_read(self, layer: int, new: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """Write each new [B, T, ...] tensor into the cache, return [B, S, ...] views of it."""
         stored = self.cache.layers[layer]
         out = []
         for buf, x in zip(stored, new):
-            if self.rows is None:
-                b = x.shape[0]
-                rows = torch.arange(b, device=buf.device)[:, None]
-                buf[rows, self.write_pos] = x.to(buf.dtype)
-                out.append(buf[:b, : self.kv_len])
+            if self._span is not None:
+                view = buf[self._span[0]:self._span[1]]
+                rows = torch.arange(view.shape[0], device=buf.device)[:, None]
+                view[rows, self.write_pos] = x.to(buf.dtype)
+                out.append(view[:, : self.kv_len])
             else:
                 buf[self.rows[:, None], self.write_pos] = x.to(buf.dtype)
                 out.append(buf[self.rows, : self.kv_len])

@@ -66,7 +66,18 @@ def _load(args):
               "(answers are gibberish); pass -m FOLDER or -m deepseek-ai/deepseek-vl2-tiny for a real model",
               file=sys.stderr)
         name = "demo"
-    return load(name, dtype=args.dtype, device=args.device, progress=Progress("loading"))
+    model = load(name, dtype=args.dtype, device=args.device, progress=Progress("loading"))
+    if sys.stderr.isatty():
+        bars: dict[str, Progress] = {}
+
+        def stage(name: str, done: int, total: int) -> None:
+            # Only work that takes a while gets a bar (real models: seconds per image tile).
+            if name not in bars or bars[name].last == 100:
+                bars[name] = Progress(f"{'encoding image tiles' if name == 'vision' else 'reading the prompt':<20}")
+            bars[name](done, total)
+
+        model.engine.progress = stage
+    return model
 
 
 def _finish(answer, args, out) -> None:

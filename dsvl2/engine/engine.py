@@ -26,7 +26,7 @@ import copy
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -105,6 +105,9 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []
         self.eos_ids = {i for i in (tokenizer.eos_id, self.cfg.eos_token_id) if i is not None}
+        # Optional hook for long work: progress(stage, done, total) with stage "vision"
+        # (tiles encoded) or "prefill" (prompt tokens processed).
+        self.progress: Callable[[str, int, int], None] | None = None
         self._ids = itertools.count()
         # Prompt + output tokens allowed per request: the model's max_position_embeddings
         # unless the caller knows better (the reference itself does not enforce it).
@@ -126,8 +129,10 @@ class Engine:
                 raise GenerationError(f"conversation {b} has {length} prompt tokens (images included); "
                                       f"the model's context window is {self.context_window} tokens")
         b_ = batch.to(self.device)
-        embeds = self.model.prepare_inputs_embeds(b_.input_ids, b_.images_seq_mask, b_.pixel_values,
-                                                  b_.images_spatial_crop)  # [B, T, D]
+        hook = self.progress
+        embeds = self.model.prepare_inputs_embeds(
+            b_.input_ids, b_.images_seq_mask, b_.pixel_values, b_.images_spatial_crop,
+            progress=None if hook is None else (lambda d, t: hook("vision", d, t)))  # [B, T, D]
         reqs = []
         for b in range(n):
             valid = b_.attention_mask[b]
@@ -161,6 +166,8 @@ class Engine:
         lens = [r.embeds.shape[0] for r in reqs]
         chunk = min((r.chunk_size or max(lens)) for r in reqs)
         lm = self.model.language
+        if self.progress is not None:
+            self.progress("prefill", 0, sum(lens))
         for start in range(0, max(lens), chunk):
             part = [(r, min(chunk, n - start)) for r, n in zip(reqs, lens) if n > start]
             t = max(k for _, k in part)
@@ -180,6 +187,8 @@ class Engine:
                     r.next_logits = logits[j]
             for r, k in part:
                 r.length = start + k
+            if self.progress is not None:
+                self.progress("prefill", sum(min(n, start + chunk) for n in lens), sum(lens))
         for r in reqs:
             r.embeds = r.embeds[:0]  # the prompt embeddings are not needed any more
 

@@ -14,6 +14,7 @@ slots (the ``<image>`` token embeddings there are ignored).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -51,8 +52,12 @@ class DeepseekVL2(nn.Module):
 
     # ---- images -----------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor, images_spatial_crop: torch.Tensor,
-                      keep_tower_outputs: bool = False, tile_batch: int = 16) -> ImageFeatures:
-        """pixel_values [B, Nmax, 3, S, S], images_spatial_crop [B, I, 2] -> image tokens per row."""
+                      keep_tower_outputs: bool = False, tile_batch: int = 4,
+                      progress: Callable[[int, int], None] | None = None) -> ImageFeatures:
+        """pixel_values [B, Nmax, 3, S, S], images_spatial_crop [B, I, 2] -> image tokens per row.
+
+        ``progress(tiles_done, tiles_total)`` is called after every batch of tiles.
+        """
         dtype = self.compute_dtype
         crops = images_spatial_crop.tolist()
         tiles, layout = [], []  # layout[b] = list of (tw, th)
@@ -77,6 +82,8 @@ class DeepseekVL2(nn.Module):
             proj.append(self.projector(v))
             if keep_tower_outputs:
                 vis.append(v)
+            if progress is not None:
+                progress(min(i + tile_batch, flat.shape[0]), flat.shape[0])
         projected = torch.cat(proj)  # [N, h*w, D]
         side = int(round(projected.shape[1] ** 0.5))
         newline = self.image_newline.to(dtype)
@@ -98,12 +105,13 @@ class DeepseekVL2(nn.Module):
     def prepare_inputs_embeds(self, input_ids: torch.Tensor, images_seq_mask: torch.Tensor,
                               pixel_values: torch.Tensor | None = None,
                               images_spatial_crop: torch.Tensor | None = None,
-                              features: ImageFeatures | None = None) -> torch.Tensor:
+                              features: ImageFeatures | None = None,
+                              progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Text embeddings with image tokens scattered in: [B, T, D]."""
         dtype = self.compute_dtype
         embeds = self.language.embed(input_ids, dtype)  # [B, T, D]
         if features is None and pixel_values is not None and images_seq_mask.any():
-            features = self.encode_images(pixel_values, images_spatial_crop)
+            features = self.encode_images(pixel_values, images_spatial_crop, progress=progress)
         if features is None:
             return embeds
         for b, feats in enumerate(features.per_row):

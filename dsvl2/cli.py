@@ -81,6 +81,9 @@ def _load(args):
 
 
 def _finish(answer, args, out) -> None:
+    if not answer.text.strip() and answer.completion_tokens:
+        print(f"dsvl2: note: the model produced {answer.completion_tokens} token(s) with no visible text "
+              "(ids beyond the tokenizer, or only whitespace; random checkpoints do this)", file=sys.stderr)
     if args.draw:
         if answer.images:
             answer.draw().save(args.draw)

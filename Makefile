@@ -1,29 +1,26 @@
 # Two commands on a fresh machine:
-#   make demo   install into .venv, then answer a question about an image (offline, built-in demo model)
-#   make test   install into .venv, then run the test suite (the oracle check included)
+#   make demo   install, then answer a question about an image (offline, built-in demo model)
+#   make test   install, then run the test suite (the oracle check included)
+# Both install the package into the active Python environment (activate a virtualenv
+# first if you want one), so `dsvl2 ...` and `python -m dsvl2.oracle ...` work afterwards.
 PY ?= python3
-VENV ?= .venv
-BIN := $(VENV)/bin
 # torch is an ordinary dependency (pyproject: torch>=2.1). Where pip's find-links offer a
 # local CPU build (these machines ship torch 2.13.0+cpu in /opt/wheels), install that file:
 # an unpinned torch would pull a multi-GB CUDA build instead. Override with TORCH=... .
 FIND_LINKS := $(firstword $(PIP_FIND_LINKS) $(shell $(PY) -m pip config get global.find-links 2>/dev/null))
 TORCH ?= $(lastword $(sort $(wildcard $(FIND_LINKS)/torch-*+cpu-cp3*.whl)))
+export PIP_ROOT_USER_ACTION := ignore
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test clean
+.PHONY: install demo test
 
-install: $(VENV)/.installed
-
-$(VENV)/.installed: pyproject.toml
-	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q $(TORCH) -e ".[test]"
-	touch $@
+install:
+	$(PY) -m pip install -q $(TORCH) -e ".[test]"
+	@# pyenv puts new console scripts on PATH only after a rehash
+	@if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
 
 demo: install
-	$(BIN)/dsvl2 chat -i examples/monday.jpg --max-new-tokens 48 "Describe this image."
+	$(PY) -m dsvl2 chat -i examples/monday.jpg --max-new-tokens 48 "Describe this image."
 
 test: install
-	$(BIN)/python -m pytest -q
-
-clean:
-	rm -rf $(VENV) *.egg-info
+	$(PY) -m pytest -q

@@ -401,13 +401,12 @@ def _read_json(path: Path) -> dict:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
 
 
-def load_config(path_or_dir: str | Path) -> ModelConfig:
-    """Read ``config.json`` (a file, or a checkpoint folder holding one)."""
+def _load(path_or_dir: str | Path, filename: str, cls):
     p = Path(path_or_dir)
     if p.is_dir():
-        p = p / "config.json"
+        p = p / filename
     try:
-        return ModelConfig.from_hf(_read_json(p))
+        return cls.from_hf(_read_json(p))
     except ConfigError as e:
         if str(e).startswith(str(p)):
             raise
@@ -416,14 +415,11 @@ def load_config(path_or_dir: str | Path) -> ModelConfig:
         raise ConfigError(f"{p}: {e}") from None
 
 
+def load_config(path_or_dir: str | Path) -> ModelConfig:
+    """Read ``config.json`` (a file, or a checkpoint folder holding one)."""
+    return _load(path_or_dir, "config.json", ModelConfig)
+
+
 def load_processor_config(path_or_dir: str | Path) -> ProcessorConfig:
     """Read ``processor_config.json`` (a file, or a checkpoint folder holding one)."""
-    p = Path(path_or_dir)
-    if p.is_dir():
-        p = p / "processor_config.json"
-    try:
-        return ProcessorConfig.from_hf(_read_json(p))
-    except ConfigError as e:
-        if str(e).startswith(str(p)):
-            raise
-        raise ConfigError(f"{p}: {e}") from None
+    return _load(path_or_dir, "processor_config.json", ProcessorConfig)

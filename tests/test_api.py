@@ -40,12 +40,7 @@ PHOTO = IMAGES / "monday.jpg"  # 878x620 -> 3x2 local tiles
 PROMPT = "Describe this image."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.lru_cache(maxsize=None)

@@ -46,12 +46,7 @@ EOS = 1
 CAT = "<|ref|>the cat<|/ref|><|det|>[[100, 200, 500, 800]]<|/det|>"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.lru_cache(maxsize=None)

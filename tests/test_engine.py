@@ -38,7 +38,6 @@ GOLDEN = SHARED / "golden"
 IMAGES = SHARED / "images"
 CASES = GOLDEN / "processor" / "official"
 
-pytestmark = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden checkpoints not found in {GOLDEN}")
 
 EOS = 1
 # "hello world. The end" in the golden tokenizer: 'he' 'll' 'o' ' world' '.' ' The' ' end'
@@ -48,12 +47,7 @@ HELLO = [259, 278, 81, 1111, 16, 2359, 739]
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache

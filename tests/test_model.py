@@ -33,14 +33,7 @@ GOLDEN = SHARED / "golden"
 _MODELS: dict[str, DeepseekVL2] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add synchronisation, which becomes
-    seconds per test when the cores are shared with other jobs. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def golden_model(variant: str) -> DeepseekVL2:

@@ -21,13 +21,7 @@ VARIANTS = ["tiny", "small", "base", "dsv2x"]
 EXPERT_KEY = "language.model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (seconds on shared cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _file_tensors(variant: str) -> dict[str, torch.Tensor]:

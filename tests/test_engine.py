@@ -172,8 +172,9 @@ def test_mla_cache_holds_latent_plus_rope_key(variant):
     for layer in cache.layers:
         assert len(layer) == 1, "MLA keeps ONE tensor per layer (latent | k_pe), no k / v"
         (t,) = layer
-        assert t.shape == (3, cache.capacity, width) and t.dtype == torch.float32
-    assert cache.nbytes() == cfg.num_hidden_layers * 3 * cache.capacity * width * 4
+        # rows grow with the slots in use (2 conversations), not to max_batch_size (3)
+        assert t.shape == (2, cache.capacity, width) and t.dtype == torch.float32
+    assert cache.nbytes() == cfg.num_hidden_layers * 2 * cache.capacity * width * 4
     assert cache.capacity >= max(o.prompt_tokens + o.completion_tokens for o in outs)
 
     # Layer 0's cache row holds, per prompt token, the RMS-normalised latent of kv_a_proj
@@ -196,9 +197,9 @@ def test_mha_cache_holds_k_and_v():
     eng.generate(batch("tiny", [TEXT]), greedy(5))
     cfg, cache = eng.cfg, eng.cache
     assert cache.values_per_token_per_layer == 2 * cfg.kv_heads * cfg.head_dim
-    for k, v in cache.layers:
-        assert k.shape == v.shape == (2, cache.capacity, cfg.kv_heads, cfg.head_dim)
-    assert cache.nbytes() == cfg.num_hidden_layers * 2 * cache.capacity * 2 * cfg.kv_heads * cfg.head_dim * 4
+    for k, v in cache.layers:  # one conversation: one row, whatever max_batch_size
+        assert k.shape == v.shape == (1, cache.capacity, cfg.kv_heads, cfg.head_dim)
+    assert cache.nbytes() == cfg.num_hidden_layers * 1 * cache.capacity * 2 * cfg.kv_heads * cfg.head_dim * 4
 
 
 def test_cache_dtype_is_honoured():
@@ -227,6 +228,26 @@ def test_cache_grows_in_blocks_without_losing_content(monkeypatch):
         assert t.shape[1] == 24
         assert torch.equal(t[:, :8], old)
         assert not t[:, 8:].any()
+
+
+def test_cache_grows_rows_without_losing_content():
+    cfg = load("small")[0].cfg.language
+    cache = KVCache(cfg, rows=1, capacity=5)
+    for i, (t,) in enumerate(cache.layers):
+        t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(i)))
+    before = [t.clone() for (t,) in cache.layers]
+    cache.ensure_rows(1)
+    assert cache.rows == 1
+    cache.ensure_rows(3)
+    assert cache.rows == 3
+    for (t,), old in zip(cache.layers, before):
+        assert t.shape[0] == 3 and torch.equal(t[:1], old) and not t[1:].any()
+
+
+def test_one_conversation_allocates_one_cache_row():
+    eng = engine("small", max_batch_size=16)
+    eng.generate(batch("small", [TEXT]), greedy(3))
+    assert eng.cache.rows == 1
 
 
 @pytest.mark.parametrize("variant", ["tiny", "small"])

@@ -103,11 +103,13 @@ def test_experts_without_tokens_are_never_called(monkeypatch):
 
 def test_float32_dispatch_matches_reference_closely():
     ex = _random_experts().float()
-    x = torch.randn(30, 12)
+    x = torch.randn(30, 12, generator=torch.Generator().manual_seed(2))
     routing = _random_routing(30, 4, allowed=list(range(7)))
     routing = Routing(routing.idx, routing.weight.float())
     with torch.no_grad():
-        assert torch.allclose(ex(x, routing), ex.reference_dispatch(x, routing), atol=1e-6, rtol=0)
+        # float32 rounding differs between a 1-row and a k-row product; a wrong expert,
+        # weight or token would differ by ~0.1
+        assert torch.allclose(ex(x, routing), ex.reference_dispatch(x, routing), atol=1e-5, rtol=0)
 
 
 # ---- Gate routing -----------------------------------------------------------------------------

@@ -155,7 +155,7 @@ class Engine:
 
     def _ensure_cache(self) -> KVCache:
         if self.cache is None:
-            self.cache = KVCache(self.cfg, self.max_batch_size, dtype=self.cache_dtype, device=self.device)
+            self.cache = KVCache(self.cfg, 1, dtype=self.cache_dtype, device=self.device)
         return self.cache
 
     # ---- prefill ------------------------------------------------------------------------
@@ -200,6 +200,7 @@ class Engine:
             self._start(req)
             new.append(req)
         if new:
+            self._ensure_cache().ensure_rows(max(r.slot for r in new) + 1)
             self._prefill(new)
             self.active += new
 

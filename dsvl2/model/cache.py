@@ -51,15 +51,27 @@ class KVCache:
 
     def ensure_capacity(self, needed: int) -> None:
         """Grow (in blocks) so that every row can hold ``needed`` tokens."""
-        if needed <= self.capacity:
-            return
-        new_cap = -(-needed // BLOCK) * BLOCK
+        if needed > self.capacity:
+            self._resize(self.rows, -(-needed // BLOCK) * BLOCK)
+
+    def ensure_rows(self, needed: int) -> None:
+        """Grow to ``needed`` rows (slots), keeping the content of the existing ones.
+
+        Rows are added as requests arrive, so one conversation never pays for the memory
+        of a full batch (a real tiny fp32 row of 4096 tokens is 0.5 GB).
+        """
+        if needed > self.rows:
+            self._resize(needed, self.capacity)
+
+    def _resize(self, rows: int, capacity: int) -> None:
+        old_rows, old_cap = self.rows, self.capacity
+        self.rows = rows
         for i, old in enumerate(self.layers):
-            fresh = tuple(torch.zeros(s, dtype=self.dtype, device=self.device) for s in self._shapes(new_cap))
+            fresh = tuple(torch.zeros(s, dtype=self.dtype, device=self.device) for s in self._shapes(capacity))
             for f, o in zip(fresh, old):
-                f[:, : self.capacity].copy_(o)
+                f[:old_rows, :old_cap].copy_(o)
             self.layers[i] = fresh
-        self.capacity = new_cap
+        self.capacity = capacity
 
     @property
     def values_per_token_per_layer(self) -> int:

@@ -77,6 +77,8 @@ class DeepseekVL2(nn.Module):
             return ImageFeatures(None, None, [empty for _ in crops])
         flat = torch.cat(tiles).to(dtype)  # [N, 3, S, S]
         vis, proj = [], []
+        if progress is not None:
+            progress(0, flat.shape[0])
         for i in range(0, flat.shape[0], tile_batch):  # bounded memory for many tiles
             v = self.vision(flat[i:i + tile_batch])
             proj.append(self.projector(v))

@@ -27,23 +27,30 @@ answers) and exists so that everything can be tried offline."""
 
 
 class Progress:
-    """A one-line progress bar on stderr (only when stderr is a terminal)."""
+    """A one-line progress bar on stderr, only on a terminal and only for work that lasts:
+    nothing is drawn before ``delay`` seconds (small models finish silently)."""
 
-    def __init__(self, label: str, enabled: bool | None = None):
+    def __init__(self, label: str, enabled: bool | None = None, delay: float = 0.5):
         self.label = label
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.t0 = time.perf_counter()
+        self.delay = delay
         self.last = -1
+        self.shown = False
 
     def __call__(self, done: int, total: int) -> None:
-        if not self.enabled or total <= 0:
+        if total <= 0:
             return
         pct = int(100 * done / total)
         if pct == self.last and done != total:
             return
         self.last = pct
+        elapsed = time.perf_counter() - self.t0
+        if not self.enabled or (not self.shown and elapsed < self.delay):
+            return
+        self.shown = True
         bar = "#" * (pct // 4) + "." * (25 - pct // 4)
-        sys.stderr.write(f"\r{self.label} [{bar}] {pct:3d}% {time.perf_counter() - self.t0:5.1f}s")
+        sys.stderr.write(f"\r{self.label} [{bar}] {pct:3d}% {elapsed:5.1f}s")
         if done >= total:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -177,12 +184,11 @@ def _interactive(model, args, sampling) -> int:
             text = "<image>\n" * len(pending) + text
         turn = {"role": "<|User|>", "content": text, "images": pending}
         try:
-            answer = None
-            if tty:
-                sys.stdout.write("model> ")
+            answer, prefix = None, "model> " if tty and not args.json else ""
             for d in model.stream(history + [turn], chunk_size=args.chunk_size, **sampling):
                 if not args.json:
-                    sys.stdout.write(d.text)
+                    sys.stdout.write(prefix + d.text)  # the prefix after any progress bar
+                    prefix = ""
                     sys.stdout.flush()
                 if d.answer is not None:
                     answer = d.answer

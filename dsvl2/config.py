@@ -58,8 +58,24 @@ def _positive_int(obj, *names: str, allow_zero: bool = False) -> None:
                    f"integer, got {v!r}")
 
 
+class _HFConfig:
+    """``from_hf(dict)``: known fields with the reference's defaults, unknown keys kept in
+    ``extra``, then ``validate()``. Subclasses normalise values in ``_prepare``."""
+
+    @classmethod
+    def _prepare(cls, known: dict) -> dict:
+        return known
+
+    @classmethod
+    def from_hf(cls, d: Mapping[str, Any]):
+        known, extra = _split_known(cls, d)
+        cfg = cls(**cls._prepare(known), extra=extra)
+        cfg.validate()
+        return cfg
+
+
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(_HFConfig):
     """SigLIP ViT (timm-style). Defaults of the reference's ``VisionEncoderConfig``."""
 
     model_name: str = "siglip_large_patch16_384"
@@ -73,13 +89,6 @@ class VisionConfig:
     ignore_head: bool = True
     class_token: bool = False
     extra: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
-
-    @classmethod
-    def from_hf(cls, d: Mapping[str, Any]) -> "VisionConfig":
-        known, extra = _split_known(cls, d)
-        cfg = cls(**known, extra=extra)
-        cfg.validate()
-        return cfg
 
     def validate(self) -> None:
         _positive_int(self, "image_size", "patch_size", "width", "layers", "heads")
@@ -111,7 +120,7 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ProjectorConfig:
+class ProjectorConfig(_HFConfig):
     """Downsample MLP projector. Defaults of the reference's ``MlpProjectorConfig``."""
 
     projector_type: str = "downsample_mlp_gelu"
@@ -121,13 +130,6 @@ class ProjectorConfig:
     mlp_ratio: int = 1
     downsample_ratio: int = 2
     extra: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
-
-    @classmethod
-    def from_hf(cls, d: Mapping[str, Any]) -> "ProjectorConfig":
-        known, extra = _split_known(cls, d)
-        cfg = cls(**known, extra=extra)
-        cfg.validate()
-        return cfg
 
     def validate(self) -> None:
         _check(self.projector_type == "downsample_mlp_gelu",
@@ -145,7 +147,7 @@ _TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 
 @dataclasses.dataclass(frozen=True)
-class LanguageConfig:
+class LanguageConfig(_HFConfig):
     """DeepSeek-V2 decoder. Defaults of the reference's ``DeepseekV2Config``."""
 
     vocab_size: int = 102400
@@ -185,14 +187,11 @@ class LanguageConfig:
     extra: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def from_hf(cls, d: Mapping[str, Any]) -> "LanguageConfig":
-        known, extra = _split_known(cls, d)
+    def _prepare(cls, known: dict) -> dict:
         # The reference's default topk_method is the misspelt 'gready'; it means greedy.
         if known.get("topk_method") == "gready":
             known["topk_method"] = "greedy"
-        cfg = cls(**known, extra=extra)
-        cfg.validate()
-        return cfg
+        return known
 
     def validate(self) -> None:
         _positive_int(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -349,7 +348,7 @@ def _resolutions(value, name: str) -> tuple[tuple[int, int], ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class ProcessorConfig:
+class ProcessorConfig(_HFConfig):
     """``processor_config.json``: tiling and normalisation settings of the processor."""
 
     candidate_resolutions: tuple[tuple[int, int], ...] = ((384, 384),)
@@ -364,8 +363,7 @@ class ProcessorConfig:
     extra: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def from_hf(cls, d: Mapping[str, Any]) -> "ProcessorConfig":
-        known, extra = _split_known(cls, d)
+    def _prepare(cls, known: dict) -> dict:
         if "candidate_resolutions" in known:
             known["candidate_resolutions"] = _resolutions(known["candidate_resolutions"], "candidate_resolutions")
         for key in ("image_mean", "image_std"):
@@ -374,9 +372,7 @@ class ProcessorConfig:
                 _check(isinstance(v, (list, tuple)) and len(v) == 3,
                        f"processor_config.{key} must be a list of 3 numbers, got {v!r}")
                 known[key] = tuple(float(x) for x in v)
-        cfg = cls(**known, extra=extra)
-        cfg.validate()
-        return cfg
+        return known
 
     def validate(self) -> None:
         _positive_int(self, "patch_size", "downsample_ratio")

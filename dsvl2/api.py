@@ -115,6 +115,15 @@ def _make_answer(out: GenerationOutput, images: list[Image.Image]) -> Answer:
     return Answer(out.text, out.finish_reason, out.prompt_tokens, out.completion_tokens, out.ids, g, boxes, images)
 
 
+def user_turn(text: str, images: Sequence | None = None) -> dict:
+    """A reference-format user message; without ``<image>`` tags in ``text``, one tag per
+    image is put first, each on its own line (the reference's canonical layout)."""
+    imgs = list(images or [])
+    if imgs and "<image>" not in text:
+        text = "<image>\n" * len(imgs) + text
+    return {"role": "<|User|>", "content": text, "images": imgs}
+
+
 class VLModel:
     """A loaded DeepSeek-VL2 model with its processor and generation engine."""
 
@@ -134,12 +143,7 @@ class VLModel:
     def _conversations(messages: Any, images: Sequence | None, system: str | None) -> tuple[list, bool]:
         """-> (list of conversations, was a batch given)."""
         if isinstance(messages, str):
-            text = messages
-            imgs = list(images or [])
-            n_tags = text.count("<image>")
-            if imgs and n_tags == 0:  # convenience: one tag per image, on their own lines
-                text = "<image>\n" * len(imgs) + text
-            conv = [{"role": "<|User|>", "content": text, "images": imgs}]
+            conv = [user_turn(messages, images)]
             if system:
                 conv.insert(0, {"role": "system", "content": system})
             return [conv], False

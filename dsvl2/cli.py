@@ -102,6 +102,21 @@ def _finish(answer, args, out) -> None:
         print(f"dsvl2: note: grounding markup: {p}", file=sys.stderr)
 
 
+def _stream_answer(model, messages, args, sampling: dict, prefix: str = "", **kwargs):
+    """Stream the answer to stdout (unless --json) and return the final ``Answer``.
+
+    ``prefix`` is written with the first piece of text, i.e. after any progress bar."""
+    answer = None
+    for d in model.stream(messages, chunk_size=args.chunk_size, **kwargs, **sampling):
+        if not args.json:
+            sys.stdout.write(prefix + d.text)
+            prefix = ""
+            sys.stdout.flush()
+        if d.answer is not None:
+            answer = d.answer
+    return answer
+
+
 def cmd_chat(args) -> int:
     from .engine.sampling import SamplingParams
 
@@ -117,18 +132,7 @@ def cmd_chat(args) -> int:
         raise DSVL2Error(f"--chunk-size must be a positive integer, got {args.chunk_size}")
     model = _load(args)
     if args.prompt is not None:
-        conv = [{"role": "<|User|>", "content": args.prompt, "images": list(args.image)}]
-        if args.image and "<image>" not in args.prompt:
-            conv[0]["content"] = "<image>\n" * len(args.image) + args.prompt
-        if args.system:
-            conv.insert(0, {"role": "system", "content": args.system})
-        answer = None
-        for d in model.stream(conv, chunk_size=args.chunk_size, **sampling):
-            if not args.json:
-                sys.stdout.write(d.text)
-                sys.stdout.flush()
-            if d.answer is not None:
-                answer = d.answer
+        answer = _stream_answer(model, args.prompt, args, sampling, images=args.image, system=args.system)
         if args.json:
             print(json.dumps(answer.to_dict(), ensure_ascii=False))
         else:
@@ -139,6 +143,8 @@ def cmd_chat(args) -> int:
 
 
 def _interactive(model, args, sampling) -> int:
+    from .api import user_turn
+
     tty = sys.stdin.isatty()
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     pending: list[str] = list(args.image)
@@ -179,19 +185,9 @@ def _interactive(model, args, sampling) -> int:
         if line.startswith("/"):
             print(f"dsvl2: error: unknown command {line.split()[0]} (use /image PATH, /reset, /quit)", file=sys.stderr)
             continue
-        text = line
-        if pending and "<image>" not in text:
-            text = "<image>\n" * len(pending) + text
-        turn = {"role": "<|User|>", "content": text, "images": pending}
+        turn = user_turn(line, pending)
         try:
-            answer, prefix = None, "model> " if tty and not args.json else ""
-            for d in model.stream(history + [turn], chunk_size=args.chunk_size, **sampling):
-                if not args.json:
-                    sys.stdout.write(prefix + d.text)  # the prefix after any progress bar
-                    prefix = ""
-                    sys.stdout.flush()
-                if d.answer is not None:
-                    answer = d.answer
+            answer = _stream_answer(model, history + [turn], args, sampling, prefix="model> " if tty else "")
         except DSVL2Error as e:  # a bad turn must not end the session
             dropped = f" (its {len(pending)} image(s) were dropped; /image to attach again)" if pending else ""
             print(f"\ndsvl2: error: {e}{dropped}", file=sys.stderr)

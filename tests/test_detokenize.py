@@ -110,6 +110,21 @@ def test_random_ids_from_multibyte_pieces(tok, decode):
             assert not any("\ufffd" in d for d in deltas)
 
 
+def test_pending_is_the_held_back_text(tok, decode):
+    ids = tok.encode("line one \n\n héllo 🙂 中文  end\n").ids
+    dec = StreamDecoder(decode)
+    held_whitespace = held_partial = False
+    for i, t in enumerate(ids, 1):
+        dec.push(t)
+        pending = dec.pending()
+        assert dec.text + pending == decode(ids[:i])  # emitted + held = everything decoded
+        held_whitespace |= pending[-1:].isspace()
+        held_partial |= pending.endswith("\ufffd")
+    assert held_whitespace and held_partial  # both kinds of holding were exercised
+    dec.flush()
+    assert dec.pending() == "" and dec.text == decode(ids)
+
+
 def test_window_stays_small(tok, decode):
     calls = []
 

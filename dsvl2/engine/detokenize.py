@@ -133,6 +133,19 @@ class StreamDecoder:
             return self._emit(delta)
         return ""
 
+    def pending(self) -> str:
+        """The text decoded but held back (trailing whitespace, partial characters), not emitted.
+
+        O(window), like ``push``; "" once the decoder rewrote emitted text (see ``_pin``).
+        """
+        if self._broken:
+            return ""
+        window = self._decode(self.ids[self._prefix:])
+        new = window[len(self._prefix_text):]
+        if window.startswith(self._prefix_text) and new.startswith(self._partial):
+            return new[len(self._partial):]
+        return ""
+
     def _pin(self) -> None:
         """Switch to decoding the whole output at each step (see the module docstring)."""
         self._pinned = True

@@ -253,13 +253,12 @@ class Engine:
                 return delta
             # The decoder holds trailing whitespace back until the next id, so a stop string
             # ending in whitespace ("\n") would be seen one token (one forward) late: probe
-            # the held text with a copy of the matcher when this id's text ends in whitespace.
-            if self.tokenizer.decode([tok])[-1:].isspace():
-                full, done = self.tokenizer.decode(r.output_ids), r.decoder.text
-                if full.startswith(done) and copy.copy(r.stopper).feed(full[len(done):])[1]:
-                    r.text += delta
-                    r.finish_reason = "stop"
-                    return delta + self._finish_text(r)
+            # the held text with a copy of the matcher when it ends in whitespace.
+            held = r.decoder.pending()
+            if held[-1:].isspace() and copy.copy(r.stopper).feed(held)[1]:
+                r.text += delta
+                r.finish_reason = "stop"
+                return delta + self._finish_text(r)
         r.text += delta
         if len(r.output_ids) >= p.max_new_tokens or r.length + 1 >= self.context_window:
             r.finish_reason = "length"

@@ -177,30 +177,28 @@ class VLModel:
     def chat(self, messages: Any, images: Sequence | None = None, *, system: str | None = None,
              chunk_size: int | None = None, **sampling) -> Answer | list[Answer]:
         """Answer one conversation (-> Answer) or a list of conversations (-> list[Answer])."""
-        answers: dict[int, Answer] = {}
-        batched = False
-        for d in self._stream(messages, images, system, chunk_size, sampling):
-            if isinstance(d, bool):
-                batched = d
-            elif d.answer is not None:
-                answers[d.index] = d.answer
+        params = _params(sampling)
+        batch, batched = self.process(messages, images, system)
+        answers = {d.index: d.answer for d in self._deltas(batch, params, chunk_size) if d.answer is not None}
         result = [answers[i] for i in sorted(answers)]
         return result if batched else result[0]
 
     def stream(self, messages: Any, images: Sequence | None = None, *, system: str | None = None,
                chunk_size: int | None = None, **sampling) -> Iterator[Delta]:
         """Like ``chat`` but yields ``Delta`` pieces as tokens arrive (the last per row has ``answer``)."""
-        for d in self._stream(messages, images, system, chunk_size, sampling):
-            if not isinstance(d, bool):
-                yield d
+        params = _params(sampling)
+        batch, _ = self.process(messages, images, system)
+        yield from self._deltas(batch, params, chunk_size)
 
-    def _stream(self, messages, images, system, chunk_size, sampling: dict):
-        params = sampling.pop("params", None) or SamplingParams(**sampling)
-        batch, batched = self.process(messages, images, system)
-        yield batched
+    def _deltas(self, batch: BatchInputs, params: SamplingParams, chunk_size: int | None) -> Iterator[Delta]:
         for ev in self.engine.stream(batch, params, chunk_size=chunk_size):
             answer = _make_answer(ev.output, batch.images[ev.index]) if ev.output is not None else None
             yield Delta(ev.index, ev.delta, answer)
+
+
+def _params(sampling: dict) -> SamplingParams:
+    """``params=SamplingParams(...)`` or its fields as keywords."""
+    return sampling.pop("params", None) or SamplingParams(**sampling)
 
 
 def load(model: str | Path = "demo", *, dtype: str | torch.dtype = "auto", device: str = "auto",

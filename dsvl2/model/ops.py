@@ -52,12 +52,20 @@ def upcast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // max(x.shape[-1], 1)
+
+
+def _in_weight_dtype(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
+    """Few rows against narrower (bf16) weights on the CPU: compute in the weights' dtype."""
+    return weight.dtype != x.dtype and rows <= SMALL_M and x.device.type == "cpu"
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` in x's dtype, whatever dtype the weight is stored in."""
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
-    rows = x.numel() // max(x.shape[-1], 1)
-    if rows <= SMALL_M and x.device.type == "cpu":
+    if _in_weight_dtype(x, weight, _rows(x)):
         # Decode: bf16 GEMV reads half the bytes; accumulate and return in x's dtype.
         out = F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
         return out.to(x.dtype)
@@ -74,7 +82,7 @@ def weight_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight`` (batched, weight [..., K, N]) in x's dtype; same dtype policy as ``linear``."""
     if weight.dtype == x.dtype:
         return torch.matmul(x, weight)
-    if x.shape[-2] <= SMALL_M and x.device.type == "cpu":
+    if _in_weight_dtype(x, weight, x.shape[-2]):
         return torch.matmul(x.to(weight.dtype), weight).to(x.dtype)
     return torch.matmul(x, upcast(weight, x.dtype))
 
@@ -98,8 +106,7 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        w = self.weight
-        return w.to(dtype) * h.to(dtype) if w.dtype != dtype else w * h.to(dtype)
+        return self.weight.to(dtype) * h.to(dtype)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -117,8 +124,7 @@ def gated_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch
     Decode with bf16 weights (few rows): the whole MLP runs in bf16 with one cast in and
     one out, like the bf16 reference, instead of a cast around each of the three GEMVs.
     """
-    rows = x.numel() // max(x.shape[-1], 1)
-    if gate.dtype != x.dtype and rows <= SMALL_M and x.device.type == "cpu":
+    if _in_weight_dtype(x, gate, _rows(x)):
         xb = x.to(gate.dtype)
         return F.linear(F.silu(F.linear(xb, gate)) * F.linear(xb, up), down).to(x.dtype)
     return linear(F.silu(linear(x, gate)) * linear(x, up), down)

@@ -18,7 +18,6 @@ import base64
 import functools
 import io
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -29,10 +28,8 @@ import dsvl2.api as api
 from dsvl2.api import Answer, Delta, VLModel, load
 from dsvl2.errors import DSVL2Error
 from dsvl2.processing import Processor
+from _paths import GOLDEN, IMAGES
 
-SHARED = Path(os.environ.get("DSVL2_SHARED") or Path(__file__).resolve().parents[2] / "shared")
-GOLDEN = SHARED / "golden"
-IMAGES = SHARED / "images"
 CASES = GOLDEN / "processor" / "official"
 
 SMALL_IMAGE = IMAGES / "multi_image_2.jpeg"  # 450x308 -> 2x1 local tiles: a short prompt

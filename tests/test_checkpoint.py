@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -17,12 +16,11 @@ from dsvl2.checkpoint import (DEMO_DIR, PRESETS, official_tensor_specs, preset_c
 from dsvl2.config import ModelConfig, load_config
 from dsvl2.errors import CheckpointError, ConfigError
 from dsvl2.weights import load_model
+from _paths import CONFIGS, GOLDEN
 
-SHARED = Path(os.environ.get("DSVL2_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-GOLDEN = SHARED / "golden"
-REAL = {"tiny": SHARED / "configs/tiny/config.reconstructed.json",
-        "small": SHARED / "configs/small/config.reconstructed.json",
-        "base": SHARED / "configs/base/config.json"}
+REAL = {"tiny": CONFIGS / "tiny/config.reconstructed.json",
+        "small": CONFIGS / "small/config.reconstructed.json",
+        "base": CONFIGS / "base/config.json"}
 
 
 def _read_all(folder: Path) -> dict[str, torch.Tensor]:
@@ -56,7 +54,7 @@ def test_golden_presets_are_the_golden_configs(variant):
 
 def test_assets_match_shared_files():
     assert (ck.ASSETS / "processor_config.json").read_bytes() == \
-        (SHARED / "configs/processor_config.reconstructed.json").read_bytes()
+        (CONFIGS / "processor_config.reconstructed.json").read_bytes()
     for f in ck.TOKENIZER_FILES:
         assert (ck.ASSETS / "tokenizer" / f).read_bytes() == (GOLDEN / "tokenizer" / f).read_bytes()
 

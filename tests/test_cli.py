@@ -34,10 +34,8 @@ from dsvl2.checkpoint import PRESETS, preset_config
 from dsvl2.cli import main
 from dsvl2.info import _n, describe
 from dsvl2.processing import Processor, Tokenizer
+from _paths import GOLDEN, IMAGES
 
-SHARED = Path(os.environ.get("DSVL2_SHARED") or Path(__file__).resolve().parents[2] / "shared")
-GOLDEN = SHARED / "golden"
-IMAGES = SHARED / "images"
 TINY = GOLDEN / "tiny"
 
 PHOTO = IMAGES / "monday.jpg"  # 878x620

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -19,10 +18,8 @@ from dsvl2.config import (
     load_processor_config,
 )
 from dsvl2.errors import ConfigError
+from _paths import CONFIGS, GOLDEN
 
-SHARED = Path(os.environ.get("DSVL2_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-GOLDEN = SHARED / "golden"
-CONFIGS = SHARED / "configs"
 
 
 def _golden_dict(variant: str = "tiny") -> dict:

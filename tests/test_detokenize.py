@@ -1,15 +1,15 @@
 """StreamDecoder and StopStringMatcher, on the tiny checkpoint's real byte-level BPE tokenizer."""
 
 import random
-from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer
 
 from dsvl2.engine.detokenize import StopStringMatcher, StreamDecoder
 from dsvl2.errors import GenerationError
+from _paths import GOLDEN
 
-TOKENIZER = Path("/work/shared/golden/tiny/tokenizer.json")
+TOKENIZER = GOLDEN / "tiny" / "tokenizer.json"
 TEXT = "héllo wörld 🙂 中文"
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -32,10 +31,8 @@ from dsvl2.model.cache import KVCache
 from dsvl2.model.rope import apply_rope
 from dsvl2.processing import Processor
 from dsvl2.weights import load_model
+from _paths import GOLDEN, IMAGES
 
-SHARED = Path(os.environ.get("DSVL2_SHARED") or Path(__file__).resolve().parents[2] / "shared")
-GOLDEN = SHARED / "golden"
-IMAGES = SHARED / "images"
 CASES = GOLDEN / "processor" / "official"
 
 

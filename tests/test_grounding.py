@@ -20,9 +20,10 @@ from dsvl2.grounding import (
     strip_grounding_markup,
     to_pixels,
 )
+from _paths import GOLDEN, IMAGES
 
-GOLDEN_CASE = Path("/work/shared/golden/processor/official/c07_multiturn_system/case.json")
-GIRAFFES = Path("/work/shared/images/visual_grounding_1.jpeg")
+GOLDEN_CASE = GOLDEN / "processor/official/c07_multiturn_system/case.json"
+GIRAFFES = IMAGES / "visual_grounding_1.jpeg"
 EXAMPLE = "<|ref|>The first stage<|/ref|><|det|>[[12, 40, 330, 960]]<|/det|> prepares the data."
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -11,11 +10,11 @@ import pytest
 from dsvl2.checkpoint import DEMO_DIR, preset_config, write_random_checkpoint
 from dsvl2.config import load_config
 from dsvl2.info import describe, format_info
+from _paths import CONFIGS, GOLDEN
 
-SHARED = Path(os.environ.get("DSVL2_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-REAL = {"tiny": SHARED / "configs/tiny/config.reconstructed.json",
-        "small": SHARED / "configs/small/config.reconstructed.json",
-        "base": SHARED / "configs/base/config.json"}
+REAL = {"tiny": CONFIGS / "tiny/config.reconstructed.json",
+        "small": CONFIGS / "small/config.reconstructed.json",
+        "base": CONFIGS / "base/config.json"}
 # Published total sizes (model cards / paper): what the official checkpoints hold.
 PUBLISHED_TOTAL = {"tiny": 3.37e9, "small": 16.1e9, "base": 27.5e9}
 # Published activated sizes (vision included, embedding table excluded).
@@ -100,10 +99,10 @@ def test_variant_guess_and_rope():
 
 
 def test_golden_checkpoint_on_disk():
-    folder = SHARED / "golden/tiny"
+    folder = GOLDEN / "tiny"
     d = describe(load_config(folder), folder)
     w = d["weights"]
-    manifest = json.loads((SHARED / "golden/manifest.json").read_text())["variants"]["tiny"]
+    manifest = json.loads((GOLDEN / "manifest.json").read_text())["variants"]["tiny"]
     assert w["params_in_files"] == d["params_total"] == manifest["n_params"]
     assert w["bytes_on_disk"] == manifest["checkpoint_bytes"]
     assert w["dtype"] == "bfloat16" and w["tensors"] == manifest["n_tensors"] and w["files"] == 1

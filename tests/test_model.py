@@ -4,7 +4,6 @@ projector block order, image-token assembly, left padding and the KV cache."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -27,9 +26,8 @@ from dsvl2.model.rope import RotaryEmbedding, apply_rope, yarn_inv_freq
 from dsvl2.model.vision import Projector
 from dsvl2.model.vl import DeepseekVL2
 from dsvl2.weights import load_model
+from _paths import GOLDEN
 
-SHARED = Path(os.environ.get("DSVL2_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-GOLDEN = SHARED / "golden"
 _MODELS: dict[str, DeepseekVL2] = {}
 
 

@@ -8,7 +8,6 @@ reference tensor is reported and makes the exit status non-zero).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -17,10 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dsvl2 import oracle
+from _paths import GOLDEN, IMAGES
 
-SHARED = Path(os.environ.get("DSVL2_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-GOLDEN = SHARED / "golden"
-IMAGES = SHARED / "images"
 VARIANTS = [v.name for v in oracle.discover(GOLDEN)]
 FAMILIES = ("processor.", "vision.", "projector.", "embeds.", "routing.", "logits.", "hidden.", "gen.")
 

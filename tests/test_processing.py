@@ -1,7 +1,7 @@
 """Tests of dsvl2.processing: the oracle cases bit for bit, then the pure functions and errors.
 
-The oracle lives in ``<shared>/golden/processor/<set>/<case>/`` (shared = $DSVL2_SHARED or
-the ``shared`` folder beside the repository); every case found there is checked.
+The oracle lives in ``tests/data/golden/processor/<set>/<case>/``; every case found there
+is checked.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import base64
 import hashlib
 import io
 import json
-import os
 import re
 import warnings
 from pathlib import Path
@@ -26,10 +25,8 @@ from dsvl2.processing import (BatchInputs, Processor, Tokenizer, load_image, nor
                               num_image_tokens, select_best_resolution)
 from dsvl2.processing.conversation import Special, prompt_pieces
 from dsvl2.processing.image import image_to_tiles, normalize_tiles, pad_color, tokens_per_tile_side
+from _paths import GOLDEN, IMAGES
 
-SHARED = Path(os.environ.get("DSVL2_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-GOLDEN = SHARED / "golden"
-IMAGES = SHARED / "images"
 TOKENIZER_DIR = GOLDEN / "tiny"
 CASE_DIRS = sorted(p.parent for p in (GOLDEN / "processor").glob("*/*/case.json"))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -14,9 +13,8 @@ from safetensors.torch import save_file
 
 from dsvl2.errors import CheckpointError
 from dsvl2.weights import load_model, sanitize_key
+from _paths import GOLDEN
 
-SHARED = Path(os.environ.get("DSVL2_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-GOLDEN = SHARED / "golden"
 VARIANTS = ["tiny", "small", "base", "dsv2x"]
 EXPERT_KEY = "language.model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
 

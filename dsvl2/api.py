@@ -29,7 +29,7 @@ from PIL import Image
 
 from .engine.engine import Engine, GenerationOutput
 from .engine.sampling import SamplingParams
-from .errors import DSVL2Error, GenerationError
+from .errors import ConversationError, DSVL2Error, GenerationError
 from .grounding import GroundingResult, draw_grounding, grounding_to_json, parse_grounding
 from .hub import resolve_model
 from .model.vl import DeepseekVL2
@@ -148,11 +148,11 @@ class VLModel:
                 conv.insert(0, {"role": "system", "content": system})
             return [conv], False
         if not isinstance(messages, (list, tuple)) or not messages:
-            raise GenerationError("messages must be a prompt string, a conversation (list of message dicts) "
-                                  "or a list of conversations")
+            raise ConversationError("messages must be a prompt string, a conversation (list of message dicts) "
+                                    f"or a list of conversations, got {type(messages).__name__} {messages!r:.60}")
         if all(isinstance(m, (list, tuple)) for m in messages):
             if images is not None:
-                raise GenerationError("with a batch of conversations, attach images inside each conversation")
+                raise ConversationError("with a batch of conversations, attach images inside each conversation")
             return [list(c) for c in messages], True
         conv = list(messages)
         if system:

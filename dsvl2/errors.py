@@ -27,5 +27,13 @@ class ImageError(DSVL2Error, ValueError):
     """An image cannot be read or decoded."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image, or a conversation's images together, hold more pixels than allowed.
+
+    Raised from the declared size, before decoding where the format allows it (a
+    decompression bomb costs nothing); a server answers it with 413, other ImageErrors
+    with 400."""
+
+
 class GenerationError(DSVL2Error, ValueError):
     """Generation options are invalid or a request does not fit the model (e.g. the context window)."""

@@ -185,6 +185,11 @@ class StopStringMatcher:
     and the stop string itself never is. After that every call returns ``("", True)``.
     ``flush()`` returns the held tail when the stream ends without a stop.
 
+    Matching is a Knuth-Morris-Pratt automaton per distinct stop string, so a feed costs
+    O(len(delta) x stops) whatever the stop strings look like; comparing every suffix of
+    the held text with every prefix of every stop cost O(len(stop)^2) per feed, 0.3 s per
+    token with 100 stop strings of 4000 characters.
+
     >>> m = StopStringMatcher(["</s>"])
     >>> m.feed("hello </"), m.feed("s> bye")
     (('hello ', False), ('', True))
@@ -198,21 +203,39 @@ class StopStringMatcher:
         self.stops = stops
         self.stopped = False
         self._held = ""
+        self._distinct = list(dict.fromkeys(stops))
+        self._fail = [_failure(s) for s in self._distinct]
+        self._state = [0] * len(self._distinct)  # per stop: length of its prefix the stream ends with
+
+    def __copy__(self) -> "StopStringMatcher":
+        # The engine probes held text with a copy: the automaton state must not be shared.
+        new = object.__new__(StopStringMatcher)
+        new.__dict__.update(self.__dict__)
+        new._state = list(self._state)
+        return new
 
     def feed(self, delta: str) -> tuple[str, bool]:
         if self.stopped:
             return "", True
         text = self._held + delta
-        first = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        base = len(self._held)
+        first = -1  # start (in text) of the earliest stop string completed by this delta
+        for j, s in enumerate(self._distinct):
+            m, fail, n = self._state[j], self._fail[j], len(s)
+            for pos, c in enumerate(delta):
+                while m and s[m] != c:
+                    m = fail[m - 1]
+                if s[m] == c:
+                    m += 1
+                    if m == n:  # a later occurrence of the same string would start later
+                        start = base + pos + 1 - n  # >= 0: a state never exceeds the held text
+                        first = start if first < 0 else min(first, start)
+                        break
+            self._state[j] = m
         if first >= 0:
             self.stopped, self._held = True, ""
             return text[:first], True
-        keep = 0  # longest tail of text that is a proper prefix of some stop string
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(text)), keep, -1):
-                if text.endswith(s[:n]):
-                    keep = n
-                    break
+        keep = max(self._state, default=0)  # longest tail of text that is a proper prefix of a stop
         self._held = text[len(text) - keep:] if keep else ""
         return text[:len(text) - keep], False
 
@@ -220,3 +243,16 @@ class StopStringMatcher:
         """The held tail (no stop string was completed)."""
         held, self._held = ("" if self.stopped else self._held), ""
         return held
+
+
+def _failure(s: str) -> list[int]:
+    """KMP failure function: ``f[i]`` = length of the longest proper border of ``s[:i + 1]``."""
+    f = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = f[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        f[i] = k
+    return f

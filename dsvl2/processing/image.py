@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import ImageError
+from ..errors import ImageError, ImageTooLargeError
 
 __all__ = [
     "ImageSource",
@@ -94,9 +94,9 @@ def _open_rgb(fp, name: str) -> Image.Image:
             with Image.open(fp) as img:
                 img.load()  # force decoding here: truncated / corrupt data fails now
                 return img.convert("RGB")
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"image {name} is too large to decode safely ({e}); "
-                         f"the limit is {2 * Image.MAX_IMAGE_PIXELS} pixels") from None
+    except Image.DecompressionBombError as e:  # from the declared size, before decoding
+        raise ImageTooLargeError(f"image {name} is too large to decode safely ({e}); "
+                                 f"the limit is {2 * Image.MAX_IMAGE_PIXELS} pixels") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name} is not an image Pillow can read; use {_FORMATS_HINT}") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data

@@ -7,6 +7,14 @@ Per conversation (``Processor._process_one``):
   ids per tag. Images are tiled with cropping only if the conversation holds <= 2 images
   in total; otherwise every image uses (S, S): one local tile duplicating the global view.
 
+Limits, checked before any pixel is tiled: at most ``max_images`` (16) images per
+conversation, counted before any is decoded: with more than 2 images each costs 421
+tokens, so 10 already overflow the 4096-token window of the released models, and
+without the cap 1000 one-pixel images (a 70 kB request) would become 4 GB of float
+tiles before the context check could refuse them. And at most ``max_pixels`` decoded
+pixels per conversation (Pillow's own per-image limit, ~179 MP, ~0.5 GB as RGB), checked
+after each image is decoded, so at most one image beyond it is ever held.
+
 Batching (``Processor.collate``), same layout as the reference's ``batchify``:
   left padding with the pad id; tiles padded with all-zero float tiles to the batch
   maximum; ``images_spatial_crop`` padded with [0, 0] rows to the largest image count
@@ -29,7 +37,7 @@ import torch
 from PIL import Image
 
 from ..config import ProcessorConfig, load_processor_config
-from ..errors import CheckpointError, ConfigError, ConversationError, ImageError
+from ..errors import CheckpointError, ConfigError, ConversationError, ImageError, ImageTooLargeError
 from .conversation import IMAGE_TAG, Special, normalize_conversation, prompt_pieces
 from .image import (image_to_tiles, load_image, normalize_tiles, num_image_tokens, pad_color,
                     select_best_resolution, tokens_per_tile_side)
@@ -40,6 +48,9 @@ __all__ = ["Processor", "BatchInputs"]
 # Cropping (a local grid larger than one tile) only when a conversation has at most this
 # many images; beyond it every image gets one local tile (the reference's rule).
 MAX_IMAGES_WITH_CROPPING = 2
+# Request limits (see the module docstring); instance attributes of Processor.
+MAX_IMAGES = 16
+MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # Pillow's hard limit for one image, ~179 MP
 
 
 @dataclasses.dataclass
@@ -106,6 +117,7 @@ class Processor:
         self.image_size = config.image_size  # S: the first candidate's width, as in the reference
         self.tokens_per_side = tokens_per_tile_side(self.image_size, config.patch_size, config.downsample_ratio)
         self.pad_color = pad_color(config.image_mean)
+        self.max_images, self.max_pixels = MAX_IMAGES, MAX_PIXELS
         if config.image_token != IMAGE_TAG:
             raise CheckpointError(f"processor_config.image_token {config.image_token!r} is not supported "
                                   f"(only {IMAGE_TAG!r})")
@@ -138,7 +150,7 @@ class Processor:
     def _process_one(self, messages: Sequence[Mapping[str, Any]], images: Sequence | None) -> _Sample:
         turns = normalize_conversation(messages, images)
         sources = [src for t in turns for src in t.images]
-        loaded = [load_image(src) for src in sources]
+        loaded = self._load_images(sources)
         cropping = len(loaded) <= MAX_IMAGES_WITH_CROPPING
         S = self.image_size
 
@@ -178,6 +190,24 @@ class Processor:
         all_tiles = np.concatenate(tiles) if tiles else np.zeros((0, *S3), dtype=np.uint8)
         return _Sample(ids=ids, seq_mask=seq_mask, tiles=all_tiles, crops=crops, num_tokens=n_tokens,
                        best=best_list, sizes=[img.size for img in loaded], images=loaded, prompt="".join(prompt))
+
+    def _load_images(self, sources: Sequence) -> list[Image.Image]:
+        """Decode the images of one conversation within ``max_images`` / ``max_pixels``."""
+        if len(sources) > self.max_images:
+            per_image = num_image_tokens(1, 1, self.tokens_per_side)
+            raise ConversationError(
+                f"the conversation has {len(sources)} images; at most {self.max_images} are allowed "
+                f"(beyond {MAX_IMAGES_WITH_CROPPING} images each costs {per_image} prompt tokens)")
+        loaded, pixels = [], 0
+        for k, src in enumerate(sources):
+            img = load_image(src)
+            pixels += img.width * img.height
+            if pixels > self.max_pixels:
+                raise ImageTooLargeError(
+                    f"the conversation's images hold {pixels} pixels by image {k + 1} of {len(sources)} "
+                    f"({img.width}x{img.height}); at most {self.max_pixels} pixels are allowed in one conversation")
+            loaded.append(img)
+        return loaded
 
     # ---- batch ------------------------------------------------------------------------
     def collate(self, samples: Sequence[_Sample]) -> BatchInputs:

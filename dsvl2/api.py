@@ -20,13 +20,14 @@ float32 numbers (the oracle's setting).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
 
+from .engine.driver import Driver, Handle, QueueSink, raise_for_error
 from .engine.engine import Engine, GenerationOutput
 from .engine.sampling import SamplingParams
 from .errors import ConversationError, DSVL2Error, GenerationError
@@ -103,7 +104,8 @@ class Delta:
     answer: Answer | None = None
 
 
-def _make_answer(out: GenerationOutput, images: list[Image.Image]) -> Answer:
+def make_answer(out: GenerationOutput, images: list[Image.Image]) -> Answer:
+    """An engine result as an ``Answer``: grounding parsed, boxes in pixels of the last image."""
     g = parse_grounding(out.text)
     boxes = []
     if images and g.refs:
@@ -124,15 +126,29 @@ def user_turn(text: str, images: Sequence | None = None) -> dict:
     return {"role": "<|User|>", "content": text, "images": imgs}
 
 
+# Per-step token budget of the scheduler (see engine/scheduler.py): a running stream waits
+# at most about one decode step plus this many prompt tokens (or one image tile) of a
+# newcomer's admission between two tokens.
+STEP_TOKENS = 512
+
+
 class VLModel:
     """A loaded DeepSeek-VL2 model with its processor and generation engine."""
 
     def __init__(self, model: DeepseekVL2, processor: Processor, folder: Path | None = None,
-                 max_batch_size: int = 16):
+                 max_batch_size: int = 16, step_tokens: int = STEP_TOKENS):
         self.model = model
         self.processor = processor
         self.folder = folder
-        self.engine = Engine(model, processor.tokenizer, max_batch_size=max_batch_size)
+        # One driver loop owns the engine: chat / stream / submit are safe from any thread
+        # and from interleaved iterators; the per-step token budget keeps running streams
+        # flowing while a big image request is admitted.
+        self.driver = Driver(Engine(model, processor.tokenizer, max_batch_size=max_batch_size,
+                                    step_tokens=step_tokens))
+
+    @property
+    def engine(self) -> Engine:
+        return self.driver.engine
 
     @property
     def config(self):
@@ -142,6 +158,8 @@ class VLModel:
     @staticmethod
     def _conversations(messages: Any, images: Sequence | None, system: str | None) -> tuple[list, bool]:
         """-> (list of conversations, was a batch given)."""
+        if isinstance(images, (str, Path, bytes, bytearray, Image.Image)):
+            images = [images]  # one image, not one per character / byte
         if isinstance(messages, str):
             conv = [user_turn(messages, images)]
             if system:
@@ -190,22 +208,72 @@ class VLModel:
         batch, _ = self.process(messages, images, system)
         yield from self._deltas(batch, params, chunk_size)
 
+    def submit(self, messages: Any, images: Sequence | None = None, *, system: str | None = None,
+               chunk_size: int | None = None, sink=None, **sampling) -> list[Handle]:
+        """Queue a conversation (or a batch) and return at once: one ``Handle`` per
+        conversation (``.events()``, ``.result()``, ``.cancel()``; ``.images`` holds its
+        loaded images for ``make_answer``). Input errors are raised here, in the caller."""
+        params = _params(sampling)
+        batch, _ = self.process(messages, images, system)
+        handles = self.driver.submit(batch, params, chunk_size=chunk_size, sink=sink)
+        for h in handles:
+            h.images = batch.images[h.index]
+        return handles
+
     def _deltas(self, batch: BatchInputs, params: SamplingParams, chunk_size: int | None) -> Iterator[Delta]:
-        for ev in self.engine.stream(batch, params, chunk_size=chunk_size):
-            answer = _make_answer(ev.output, batch.images[ev.index]) if ev.output is not None else None
-            yield Delta(ev.index, ev.delta, answer)
+        sink = QueueSink()
+        handles = self.driver.submit(batch, params, chunk_size=chunk_size, sink=sink)
+        left = len(handles)
+        try:
+            while left:
+                ev = sink.get()
+                answer = None
+                if ev.output is not None:
+                    left -= 1
+                    answer = make_answer(raise_for_error(ev.output), batch.images[ev.index])
+                yield Delta(ev.index, ev.delta, answer)
+        finally:
+            self.driver.cancel([h for h in handles if not h.finished])
 
 
 def _params(sampling: dict) -> SamplingParams:
-    """``params=SamplingParams(...)`` or its fields as keywords."""
-    return sampling.pop("params", None) or SamplingParams(**sampling)
+    """``params=SamplingParams(...)`` or its fields as keywords; ``max_tokens`` is the
+    OpenAI name of ``max_new_tokens``. Unknown names are a one-line error listing the
+    allowed ones (not a TypeError about SamplingParams)."""
+    options = tuple(f.name for f in fields(SamplingParams))
+    sampling = dict(sampling)
+    params = sampling.pop("params", None)
+    if "max_tokens" in sampling:
+        alias = sampling.pop("max_tokens")
+        if "max_new_tokens" in sampling and sampling["max_new_tokens"] != alias:
+            raise GenerationError(f"max_tokens={alias!r} and max_new_tokens={sampling['max_new_tokens']!r} "
+                                  "disagree; give one of them (max_tokens is an alias of max_new_tokens)")
+        sampling["max_new_tokens"] = alias
+    unknown = [k for k in sampling if k not in options]
+    if unknown:
+        raise GenerationError(f"unknown option{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}; "
+                              f"allowed: {', '.join(options)}, max_tokens (alias of max_new_tokens), "
+                              "params (a SamplingParams), images, system, chunk_size")
+    if params is None:
+        return SamplingParams(**sampling)
+    if not isinstance(params, SamplingParams):
+        raise GenerationError(f"params must be a SamplingParams, got {type(params).__name__}")
+    if sampling:
+        raise GenerationError(f"give params=SamplingParams(...) or sampling options ({', '.join(sampling)}), "
+                              "not both")
+    return params
 
 
 def load(model: str | Path = "demo", *, dtype: str | torch.dtype = "auto", device: str = "auto",
-         max_batch_size: int = 16, progress: Callable[[int, int], None] | None = None) -> VLModel:
-    """Load a checkpoint folder or Hugging Face id (``demo`` = the shipped random model)."""
+         max_batch_size: int = 16, step_tokens: int = STEP_TOKENS,
+         progress: Callable[[int, int], None] | None = None) -> VLModel:
+    """Load a checkpoint folder or Hugging Face id (``demo`` = the shipped random model).
+
+    ``max_batch_size``: conversations decoded together (KV-cache rows); ``step_tokens``:
+    the scheduler's per-step token budget (see ``STEP_TOKENS``)."""
     folder = resolve_model(model)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     net = load_model(folder, dt, dev, progress=progress)
-    return VLModel(net, Processor.from_pretrained(folder), folder, max_batch_size=max_batch_size)
+    return VLModel(net, Processor.from_pretrained(folder), folder, max_batch_size=max_batch_size,
+                   step_tokens=step_tokens)

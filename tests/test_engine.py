@@ -27,6 +27,7 @@ import dsvl2.model.cache as cache_mod
 from dsvl2.engine.engine import Engine, GenerationOutput
 from dsvl2.engine.sampling import SamplingParams
 from dsvl2.errors import GenerationError
+from dsvl2.engine.runner import ModelRunner
 from dsvl2.model.cache import KVCache
 from dsvl2.model.rope import apply_rope
 from dsvl2.processing import Processor
@@ -141,16 +142,16 @@ def scripted_run(variant: str, ids, **params) -> tuple[GenerationOutput, list[st
 
 @pytest.fixture
 def decode_sizes(monkeypatch):
-    """Rows of every decode forward (``Engine._decode``), recorded in a list."""
+    """Rows of every decode forward (``ModelRunner.decode``), recorded in a list."""
     sizes: list[int] = []
-    original = Engine._decode
+    original = ModelRunner.decode
 
     def counting(self, reqs):
         assert not any(r.finished for r in reqs), "a finished row was decoded"
         sizes.append(len(reqs))
         return original(self, reqs)
 
-    monkeypatch.setattr(Engine, "_decode", counting)
+    monkeypatch.setattr(ModelRunner, "decode", counting)
     return sizes
 
 
@@ -531,7 +532,7 @@ def test_cancel_frees_slots():
     run_to_end(eng)
     assert reqs[1].output_ids == alone("small", SHORT[1])
     assert reqs[2].output_ids == alone("small", SHORT[2])
-    assert reqs[0].finish_reason is None and len(reqs[0].output_ids) == 2
+    assert reqs[0].finish_reason == "cancelled" and len(reqs[0].output_ids) == 2
     # cancelling everything, queued requests included, leaves a clean engine
     more = eng.submit(batch("small", SHORT), greedy(20))
     eng.step()

@@ -1,68 +1,49 @@
-"""The generation engine: requests -> prefill -> batched decode steps -> tokens and text.
+"""The generation engine's token-id core: requests -> admission -> batched decode steps.
 
 Legend: B active rows, T tokens in a step, V vocab, D width.
 
-Layers (STYLE.md habit 8): the pure sampler (``sampling``), this step loop that only
-knows token ids and one ``KVCache``, the streaming detokeniser (``detokenize``), and the
-plain calls ``generate`` / ``stream`` on top. No HTTP, no text formatting.
+Layers (STYLE.md habit 8, DESIGN.md "engine"): the pure sampler (``sampling``); the
+``Scheduler`` (queue, slots, per-step token budget); the ``ModelRunner`` (vision, packed
+prefill and decode forwards over one ``KVCache``); the output layer (``output``:
+detokenise, stop strings, finish); this ``Engine``, whose ``step`` ties them together for
+ONE caller; and the ``Driver`` (``driver``), the one loop that owns an engine so that any
+number of threads / iterators can submit, read and cancel. No HTTP, no text formatting.
 
 * Each request owns one cache row (a "slot"); rows start, advance and finish
-  independently. ``step()`` first admits waiting requests into free slots (prefill),
-  then samples one token for every active request and runs ONE batched forward for the
-  rows that go on. Finished rows leave the batch at once and cost nothing more. This is
-  continuous batching: a server can ``submit`` new requests between steps.
-* Prefill: the left-padded batch from the processor is embedded (vision included) once,
-  each row's padding is stripped, and the language model runs over the packed rows,
-  whole or in chunks of ``chunk_size`` tokens (bounded memory). Positions are the true
-  positions of each row, so chunked prefill of a left-padded row equals the whole
-  prefill (the reference's ``incremental_prefilling`` gets those rows wrong).
+  independently. ``step()`` admits waiting requests into free slots, runs this step's
+  admission work (vision tiles, prefill chunks) within the token budget, samples one
+  token for every running request and runs ONE batched decode forward for the rows that
+  go on. Finished rows leave at once and cost nothing more: continuous batching.
+* ``submit`` only queues (no model work in the caller's thread): images are encoded by
+  ``step``, a few tiles at a time when a budget is set.
 * Stops: eos, ``stop_token_ids``, stop strings (cut before the string), ``max_new_tokens``
   and the context window. The stop token / string is not part of the text.
+* Batch rows vs alone: a row's decode products compute in bf16 whatever the batch (see
+  ``ops.decoding``), prefill and vision in float32, so a row's greedy output equals the
+  same conversation alone in every dtype except where two logits tie within float32
+  rounding of the attention / router sums (which depend on the padded batch shape).
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
-from collections import deque
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
 
 from ..errors import GenerationError
 from ..model.cache import KVCache
-from ..model.vl import DeepseekVL2
+from ..model.vl import DeepseekVL2, num_tiles, used_crops
 from ..processing import BatchInputs, Tokenizer
-from .detokenize import StopStringMatcher, StreamDecoder
+from .output import OutputProcessor
+from .request import Request, Timings
+from .runner import ModelRunner
 from .sampling import SamplingParams, make_generator, sample_next
+from .scheduler import Prefill, Scheduler, Vision
 
-
-@dataclass
-class Request:
-    """One conversation being generated (engine-internal state)."""
-
-    rid: int
-    prompt_ids: list[int]
-    embeds: torch.Tensor  # [L, D] prompt embeddings (text + image features), packed
-    params: SamplingParams
-    chunk_size: int | None
-    output_scores: bool = False
-    slot: int = -1
-    length: int = 0  # tokens in the cache
-    output_ids: list[int] = field(default_factory=list)
-    next_logits: torch.Tensor | None = None  # [V] float32, logits for the next token
-    generator: torch.Generator | None = None
-    seen: torch.Tensor | None = None  # [V] bool, prompt + output ids (repetition penalty)
-    decoder: StreamDecoder | None = None
-    stopper: StopStringMatcher | None = None
-    text: str = ""
-    finish_reason: str | None = None
-    scores: list[torch.Tensor] = field(default_factory=list)
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
+__all__ = ["Engine", "GenerationOutput", "Request", "StreamEvent", "Timings"]
 
 
 @dataclass
@@ -71,10 +52,12 @@ class GenerationOutput:
 
     ids: list[int]
     text: str
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
     prompt_tokens: int
     completion_tokens: int
     scores: torch.Tensor | None = None  # [steps, V] raw logits of each decoding step
+    timings: dict | None = None         # Timings.to_dict()
+    error: str | None = None
 
 
 @dataclass
@@ -89,206 +72,188 @@ class StreamEvent:
 
 
 class Engine:
-    """Runs many requests over one model with one KV cache of ``max_batch_size`` rows."""
+    """Runs many requests over one model with one KV cache of ``max_batch_size`` rows.
+
+    One caller at a time: ``step`` is not thread-safe. Share an engine between threads or
+    iterators through a ``Driver``. ``step_tokens`` is the per-step token budget of the
+    scheduler (None: admission work is never split, the whole prompt prefills at once).
+    """
 
     def __init__(self, model: DeepseekVL2, tokenizer: Tokenizer, max_batch_size: int = 16,
-                 cache_dtype: torch.dtype | None = None, context_window: int | None = None):
+                 cache_dtype: torch.dtype | None = None, context_window: int | None = None,
+                 step_tokens: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = model.cfg.language
         self.max_batch_size = max_batch_size
-        self.device = model.language.lm_head.weight.device
-        self.dtype = model.compute_dtype
-        self.cache_dtype = cache_dtype or self.dtype
-        self.cache: KVCache | None = None
-        self.free_slots: list[int] = list(range(max_batch_size))
-        self.waiting: deque[Request] = deque()
-        self.active: list[Request] = []
+        self.runner = ModelRunner(model, cache_dtype)
+        self.device = self.runner.device
+        self.dtype = self.runner.dtype
+        self.cache_dtype = self.runner.cache_dtype
+        vc = model.cfg.vision
+        self.scheduler = Scheduler(max_batch_size, step_tokens, tile_cost=(vc.image_size // vc.patch_size) ** 2)
+        self.output = OutputProcessor(tokenizer.decode)
         self.eos_ids = {i for i in (tokenizer.eos_id, self.cfg.eos_token_id) if i is not None}
         # Optional hook for long work: progress(stage, done, total) with stage "vision"
-        # (tiles encoded) or "prefill" (prompt tokens processed).
+        # (tiles encoded) or "prefill" (prompt tokens processed), per request.
         self.progress: Callable[[str, int, int], None] | None = None
         self._ids = itertools.count()
         # Prompt + output tokens allowed per request: the model's max_position_embeddings
         # unless the caller knows better (the reference itself does not enforce it).
         self.context_window = context_window or self.cfg.max_position_embeddings
 
+    # ---- state seen from outside -------------------------------------------------------
+    @property
+    def cache(self) -> KVCache | None:
+        return self.runner.cache
+
+    @cache.setter
+    def cache(self, value: KVCache | None) -> None:
+        self.runner.cache = value
+
+    @property
+    def free_slots(self) -> list[int]:
+        return self.scheduler.free_slots
+
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
+
+    @property
+    def active(self) -> list[Request]:
+        """Requests holding a cache row: being admitted or running."""
+        return self.scheduler.admitting + self.scheduler.running
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
     # ---- requests -----------------------------------------------------------------------
-    @torch.no_grad()
     def submit(self, batch: BatchInputs, params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
                chunk_size: int | None = None, output_scores: bool = False) -> list[Request]:
-        """Embed a processed batch and queue one request per row (prefill happens in ``step``)."""
+        """Queue one request per row of a processed batch (all model work happens in ``step``)."""
+        reqs = self.make_requests(batch, params, chunk_size, output_scores)
+        self.add(reqs)
+        return reqs
+
+    def make_requests(self, batch: BatchInputs, params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+                      chunk_size: int | None = None, output_scores: bool = False) -> list[Request]:
+        """Check a processed batch and make one request per row; touches no engine state
+        (safe from any thread: the ``Driver`` calls it in the caller's thread)."""
         n = len(batch)
         plist = [params] * n if isinstance(params, SamplingParams) else list(params)
         if len(plist) != n:
             raise GenerationError(f"got {len(plist)} SamplingParams for {n} conversations")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                       or chunk_size < 1):
             raise GenerationError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
         for b, length in enumerate(batch.seq_lens):
             if length >= self.context_window:
                 raise GenerationError(f"conversation {b} has {length} prompt tokens (images included); "
                                       f"the model's context window is {self.context_window} tokens")
-        b_ = batch.to(self.device)
-        hook = self.progress
-        embeds = self.model.prepare_inputs_embeds(
-            b_.input_ids, b_.images_seq_mask, b_.pixel_values, b_.images_spatial_crop,
-            progress=None if hook is None else (lambda d, t: hook("vision", d, t)))  # [B, T, D]
         reqs = []
         for b in range(n):
-            valid = b_.attention_mask[b]
-            ids = b_.input_ids[b][valid].tolist()
-            req = Request(next(self._ids), ids, embeds[b][valid], plist[b], chunk_size, output_scores)
-            reqs.append(req)
-            self.waiting.append(req)
+            valid = batch.attention_mask[b]
+            ids = batch.input_ids[b][valid]
+            crops = used_crops(batch.images_spatial_crop[b].tolist())
+            tiles = batch.pixel_values[b, :num_tiles(crops)].to(self.device) if crops else None
+            reqs.append(Request(next(self._ids), ids.tolist(), plist[b], chunk_size, output_scores,
+                                input_ids=ids.to(self.device), seq_mask=batch.images_seq_mask[b][valid].to(self.device),
+                                tiles=tiles, crops=crops))
         return reqs
+
+    def add(self, reqs: Sequence[Request]) -> None:
+        for req in reqs:
+            self.scheduler.add(req)
+
+    def cancel(self, reqs: Sequence[Request], reason: str = "cancelled") -> None:
+        """Drop requests (e.g. a client went away); their slots become free."""
+        for r in reqs:
+            if not r.finished:
+                r.finish_reason = reason
+                r.timings.finished = time.perf_counter()
+            self.scheduler.release(r)
+            r.release_inputs()
 
     def _start(self, req: Request) -> None:
         p = req.params
-        req.slot = self.free_slots.pop(0)
-        req.length = 0
+        req.timings.admitted = time.perf_counter()
         req.generator = None if p.is_greedy else make_generator(p.seed, self.device)
         if p.repetition_penalty != 1.0:
             req.seen = torch.zeros(self.cfg.vocab_size, dtype=torch.bool, device=self.device)
             req.seen[torch.tensor(req.prompt_ids, device=self.device)] = True
-        req.decoder = StreamDecoder(self.tokenizer.decode, skip_special_tokens=False)
-        req.stopper = StopStringMatcher(p.stop) if p.stop else None
+        self.output.start(req)
 
-    def _ensure_cache(self) -> KVCache:
-        if self.cache is None:
-            self.cache = KVCache(self.cfg, 1, dtype=self.cache_dtype, device=self.device)
-        return self.cache
-
-    # ---- prefill ------------------------------------------------------------------------
-    @torch.no_grad()
-    def _prefill(self, reqs: list[Request]) -> None:
-        """Run the packed prompts of ``reqs`` through the LM (in chunks), set next_logits."""
-        cache = self._ensure_cache()
-        lens = [r.embeds.shape[0] for r in reqs]
-        chunk = min((r.chunk_size or max(lens)) for r in reqs)
-        lm = self.model.language
-        if self.progress is not None:
-            self.progress("prefill", 0, sum(lens))
-        for start in range(0, max(lens), chunk):
-            part = [(r, min(chunk, n - start)) for r, n in zip(reqs, lens) if n > start]
-            t = max(k for _, k in part)
-            x = torch.zeros(len(part), t, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
-            for i, (r, k) in enumerate(part):
-                x[i, :k] = r.embeds[start:start + k]
-            rows = torch.tensor([r.slot for r, _ in part], device=self.device)
-            st = torch.full((len(part),), start, dtype=torch.long)
-            nn_ = torch.tensor([k for _, k in part])
-            _, ctx = lm.step_context(cache, st, nn_, t, rows=rows, dtype=self.dtype)
-            out = lm(x, ctx, logits="none")
-            ends = [(i, r, k) for i, (r, k) in enumerate(part) if start + k == r.embeds.shape[0]]
-            if ends:
-                h = torch.stack([out.last_hidden[i, k - 1] for i, _, k in ends])  # [b, D]
-                logits = lm.lm_head(h).float()  # [b, V]
-                for j, (_, r, _) in enumerate(ends):
-                    r.next_logits = logits[j]
-            for r, k in part:
-                r.length = start + k
-            if self.progress is not None:
-                self.progress("prefill", sum(min(n, start + chunk) for n in lens), sum(lens))
-        for r in reqs:
-            r.embeds = r.embeds[:0]  # the prompt embeddings are not needed any more
-
-    # ---- decode -------------------------------------------------------------------------
-    def _admit(self) -> None:
-        new = []
-        while self.waiting and self.free_slots:
-            req = self.waiting.popleft()
-            self._start(req)
-            new.append(req)
-        if new:
-            self._ensure_cache().ensure_rows(max(r.slot for r in new) + 1)
-            self._prefill(new)
-            self.active += new
-
+    # ---- one step ----------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> list[tuple[Request, int, str]]:
-        """Admit waiting requests, sample one token per active request, advance the others.
+        """Admission work within the budget, one token per running request, one decode forward.
 
         Returns (request, token id, text delta) for every token sampled in this step.
         """
-        self._admit()
-        if not self.active:
+        for req in self.scheduler.admit():
+            self._start(req)
+        self._admission_work()
+        reqs = list(self.scheduler.running)
+        if not reqs:
             return []
-        reqs = self.active
         logits = torch.stack([r.next_logits for r in reqs])  # [B, V]
         seen = None
         if any(r.seen is not None for r in reqs):
             seen = torch.stack([r.seen if r.seen is not None else torch.zeros_like(logits[0], dtype=torch.bool)
                                 for r in reqs])
         tokens = sample_next(logits, [r.params for r in reqs], [r.generator for r in reqs], seen).tolist()
+        now = time.perf_counter()
         events = []
         for r, tok in zip(reqs, tokens):
             if r.output_scores:
                 r.scores.append(r.next_logits)
-            events.append((r, tok, self._accept(r, tok)))
-        going = [r for r in reqs if not r.finished]
+            if r.timings.first_token is None:
+                r.timings.first_token = now
+            r.timings.token_times.append(now)
+            events.append((r, tok, self.output.process(r, tok, self._verdict(r, tok))))
         for r in reqs:
             if r.finished:
-                self.free_slots.append(r.slot)
-                self.free_slots.sort()
-        self.active = going
+                r.timings.finished = now
+                self.scheduler.release(r)
+        going = [r for r in reqs if not r.finished]
         if going:
-            self._decode(going)
+            self.runner.decode(going)
         return events
 
-    def _accept(self, r: Request, tok: int) -> str:
-        """Record a sampled token; detokenise; decide whether the request is finished."""
-        p = r.params
+    def _verdict(self, r: Request, tok: int) -> str | None:
+        """What the ids alone decide: record ``tok``; "stop" (eos / stop id), "length" or None."""
         r.output_ids.append(tok)
         if r.seen is not None:
             r.seen[tok] = True
-        if tok in self.eos_ids or tok in p.stop_token_ids:
-            r.finish_reason = "stop"
-            return self._finish_text(r)
-        delta = r.decoder.push(tok)
-        if r.stopper is not None:
-            delta, stopped = r.stopper.feed(delta)
-            if stopped:
-                r.finish_reason = "stop"
-                r.text += delta
-                return delta
-            # The decoder holds trailing whitespace back until the next id, so a stop string
-            # ending in whitespace ("\n") would be seen one token (one forward) late: probe
-            # the held text with a copy of the matcher when it ends in whitespace.
-            held = r.decoder.pending()
-            if held[-1:].isspace() and copy.copy(r.stopper).feed(held)[1]:
-                r.text += delta
-                r.finish_reason = "stop"
-                return delta + self._finish_text(r)
-        r.text += delta
-        if len(r.output_ids) >= p.max_new_tokens or r.length + 1 >= self.context_window:
-            r.finish_reason = "length"
-            return delta + self._finish_text(r)
-        return delta
+        if tok in self.eos_ids or tok in r.params.stop_token_ids:
+            return "stop"
+        if len(r.output_ids) >= r.params.max_new_tokens or r.length + 1 >= self.context_window:
+            return "length"
+        return None
 
-    def _finish_text(self, r: Request) -> str:
-        tail = r.decoder.flush()
-        if r.stopper is not None:
-            tail, stopped = r.stopper.feed(tail)
-            if stopped:
-                r.finish_reason = "stop"  # the held tail completed a stop string
-            else:
-                tail += r.stopper.flush()
-        r.text += tail
-        return tail
+    def _admission_work(self) -> None:
+        hook = self.progress
+        for work in self.scheduler.plan():
+            if isinstance(work, Vision):
+                r = work.req
+                if hook is not None and r.tiles_done == 0:
+                    hook("vision", 0, r.tiles_total)
+                self.runner.vision(r, work.k)
+                if hook is not None:
+                    hook("vision", r.tiles_done, r.tiles_total)
+            elif isinstance(work, Prefill):
+                if hook is not None:
+                    for r, _ in work.chunks:
+                        if r.prefilled == 0:
+                            hook("prefill", 0, r.prompt_len)
+                for r in self.runner.prefill(work.chunks):
+                    r.release_inputs()
+                    self.scheduler.start_running(r)
+                if hook is not None:
+                    for r, _ in work.chunks:
+                        hook("prefill", r.prefilled, r.prompt_len)
 
-    def _decode(self, reqs: list[Request]) -> None:
-        lm = self.model.language
-        ids = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)  # [B, 1]
-        x = lm.embed(ids, self.dtype)  # [B, 1, D]
-        start = torch.tensor([r.length for r in reqs])
-        rows = torch.tensor([r.slot for r in reqs], device=self.device)
-        _, ctx = lm.step_context(self._ensure_cache(), start, torch.ones_like(start), 1, rows=rows, dtype=self.dtype)
-        logits = lm(x, ctx, logits="last").logits[:, 0]  # [B, V]
-        for i, r in enumerate(reqs):
-            r.next_logits = logits[i]
-            r.length += 1
-
-    # ---- plain calls --------------------------------------------------------------------
+    # ---- plain calls (one caller) ------------------------------------------------------
     def stream(self, batch: BatchInputs, params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
                chunk_size: int | None = None, output_scores: bool = False) -> Iterator[StreamEvent]:
         """Generate for every row of ``batch``, yielding text deltas as tokens arrive."""
@@ -303,7 +268,7 @@ class Engine:
                     out = None
                     if r.finished:
                         pending.discard(r.rid)
-                        out = self._output(r)
+                        out = self.result(r)
                     if delta or r.finished:
                         yield StreamEvent(index[r.rid], delta, tok, r.finish_reason, out)
         finally:
@@ -317,17 +282,7 @@ class Engine:
                 outs[ev.index] = ev.output
         return outs  # type: ignore[return-value]
 
-    def cancel(self, reqs: Sequence[Request]) -> None:
-        """Drop requests (e.g. a client went away); their slots become free."""
-        drop = {r.rid for r in reqs}
-        for r in list(self.active):
-            if r.rid in drop:
-                self.active.remove(r)
-                self.free_slots.append(r.slot)
-        self.free_slots.sort()
-        self.waiting = deque(r for r in self.waiting if r.rid not in drop)
-
-    def _output(self, r: Request) -> GenerationOutput:
+    def result(self, r: Request) -> GenerationOutput:
         scores = torch.stack(r.scores) if r.output_scores and r.scores else None
         return GenerationOutput(list(r.output_ids), r.text, r.finish_reason or "length", len(r.prompt_ids),
-                                len(r.output_ids), scores)
+                                len(r.output_ids), scores, r.timings.to_dict(), r.error)

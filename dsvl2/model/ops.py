@@ -3,31 +3,49 @@
 Mixed precision policy (see DESIGN.md, "Performance by design"): weights may be stored in
 bfloat16 to halve their bytes, while activations stay float32 on the CPU. On AVX2 CPUs a
 bf16 matrix-MATRIX product is ~7x slower than fp32, but a bf16 matrix-VECTOR product runs
-at memory bandwidth. So ``linear`` upcasts the weight to the activation dtype for many
-rows (prefill, vision) and feeds the bf16 weight directly for a few rows (decode).
-With float32 weights (the oracle's setting) nothing is cast at all.
+at memory bandwidth. So products with bf16 weights compute in one of two ways, chosen by
+the kind of step and never by the number of rows in the product:
+
+* inside ``decoding()`` (the engine's decode steps): in the weights' dtype (bf16 GEMVs,
+  half the bytes), one cast in and one cast out;
+* everywhere else (vision, prefill): the weight is upcast to the activations' dtype in
+  blocks and one fp32 GEMM runs.
+
+Choosing by row count (the first version did: bf16 up to 4 rows) made a batch row's
+numbers depend on the rest of the batch, since an expert's row count depends on the
+routing of every row. torch's bf16 CPU kernels give each row the same bits whatever the
+number of rows (checked in a test), so with this rule a decode row's products do not
+depend on its batch. With float32 weights (the oracle's setting) nothing is cast at all.
 """
 
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Up to this many rows, a product with bf16 weights runs as bf16 GEMVs (memory-bound:
-# half the bytes). Beyond, M GEMVs re-read the weight M times; upcasting it in blocks of
-# output rows to fp32 and using one GEMM wins (measured on this AVX2 CPU end to end:
-# the ~1B "--mid" benchmark decodes batch 16 in 340 ms
-# per step with 4 here, 490 ms with 16, and batch 1 and 4 the same).
-SMALL_M = 4
 # Output rows upcast at a time: bounds the fp32 temporary (an lm_head upcast whole would
 # be 420 MB) and keeps it in cache while it is used.
 BLOCK_ROWS = 2048
 
 
 _scratch = threading.local()
+_mode = threading.local()
+
+
+@contextmanager
+def decoding():
+    """Products with narrower (bf16) weights compute in the weights' dtype in this block
+    (this thread only), whatever their row count. The engine wraps its decode steps."""
+    before = getattr(_mode, "decoding", False)
+    _mode.decoding = True
+    try:
+        yield
+    finally:
+        _mode.decoding = before
 
 
 def upcast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -52,21 +70,17 @@ def upcast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _rows(x: torch.Tensor) -> int:
-    return x.numel() // max(x.shape[-1], 1)
-
-
-def _in_weight_dtype(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
-    """Few rows against narrower (bf16) weights on the CPU: compute in the weights' dtype."""
-    return weight.dtype != x.dtype and rows <= SMALL_M and x.device.type == "cpu"
+def _in_weight_dtype(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A decode step against narrower (bf16) weights on the CPU: compute in the weights' dtype."""
+    return weight.dtype != x.dtype and x.device.type == "cpu" and getattr(_mode, "decoding", False)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` in x's dtype, whatever dtype the weight is stored in."""
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
-    if _in_weight_dtype(x, weight, _rows(x)):
-        # Decode: bf16 GEMV reads half the bytes; accumulate and return in x's dtype.
+    if _in_weight_dtype(x, weight):
+        # Decode: bf16 GEMVs read half the bytes; the result returns in x's dtype.
         out = F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
         return out.to(x.dtype)
     n = weight.shape[0]
@@ -82,7 +96,7 @@ def weight_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight`` (batched, weight [..., K, N]) in x's dtype; same dtype policy as ``linear``."""
     if weight.dtype == x.dtype:
         return torch.matmul(x, weight)
-    if _in_weight_dtype(x, weight, x.shape[-2]):
+    if _in_weight_dtype(x, weight):
         return torch.matmul(x.to(weight.dtype), weight).to(x.dtype)
     return torch.matmul(x, upcast(weight, x.dtype))
 
@@ -121,10 +135,10 @@ class LayerNorm(nn.LayerNorm):
 def gated_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """``down(silu(gate(x)) * up(x))`` for weights [F, D], [F, D], [D, F], in x's dtype.
 
-    Decode with bf16 weights (few rows): the whole MLP runs in bf16 with one cast in and
+    Decode with bf16 weights: the whole MLP runs in bf16 with one cast in and
     one out, like the bf16 reference, instead of a cast around each of the three GEMVs.
     """
-    if _in_weight_dtype(x, gate, _rows(x)):
+    if _in_weight_dtype(x, gate):
         xb = x.to(gate.dtype)
         return F.linear(F.silu(F.linear(xb, gate)) * F.linear(xb, up), down).to(x.dtype)
     return linear(F.silu(linear(x, gate)) * linear(x, up), down)

@@ -33,6 +33,21 @@ class ImageFeatures:
     per_row: list[torch.Tensor]  # B entries of [n_image_tokens_of_row, D]
 
 
+def used_crops(row: list[list[int]]) -> list[tuple[int, int]]:
+    """A row of ``images_spatial_crop`` -> the (tw, th) of its images (a zero entry ends it)."""
+    used = []
+    for tw, th in row:
+        if tw == 0 or th == 0:
+            break
+        used.append((int(tw), int(th)))
+    return used
+
+
+def num_tiles(crops: list[tuple[int, int]]) -> int:
+    """Tiles fed to the tower for these images: a global view plus tw * th locals each."""
+    return sum(1 + tw * th for tw, th in crops)
+
+
 class DeepseekVL2(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -62,13 +77,9 @@ class DeepseekVL2(nn.Module):
         crops = images_spatial_crop.tolist()
         tiles, layout = [], []  # layout[b] = list of (tw, th)
         for b, row in enumerate(crops):
-            used, n = [], 0
-            for tw, th in row:
-                if tw == 0 or th == 0:
-                    break
-                used.append((tw, th))
-                n += 1 + tw * th
+            used = used_crops(row)
             layout.append(used)
+            n = num_tiles(used)
             if n:
                 tiles.append(pixel_values[b, :n])
         d = self.cfg.language.hidden_size
@@ -87,22 +98,34 @@ class DeepseekVL2(nn.Module):
             if progress is not None:
                 progress(min(i + tile_batch, flat.shape[0]), flat.shape[0])
         projected = torch.cat(proj)  # [N, h*w, D]
-        side = int(round(projected.shape[1] ** 0.5))
-        newline = self.image_newline.to(dtype)
-        sep = self.view_seperator.to(dtype)[None]
         per_row, k = [], 0
         for used in layout:
-            parts = []
-            for tw, th in used:
-                g = projected[k].view(side, side, d)
-                g = torch.cat([g, newline.expand(side, 1, d)], dim=1).reshape(-1, d)  # [h*(w+1), D]
-                loc = projected[k + 1: k + 1 + tw * th].view(th, tw, side, side, d)
-                loc = loc.permute(0, 2, 1, 3, 4).reshape(th * side, tw * side, d)  # stitched grid
-                loc = torch.cat([loc, newline.expand(th * side, 1, d)], dim=1).reshape(-1, d)
-                parts += [g, sep, loc] if self.cfg.global_view_pos == "head" else [loc, sep, g]
-                k += 1 + tw * th
-            per_row.append(torch.cat(parts) if parts else projected.new_zeros(0, d))
+            n = num_tiles(used)
+            per_row.append(self.assemble_images(projected[k:k + n], used))
+            k += n
         return ImageFeatures(torch.cat(vis) if keep_tower_outputs else None, projected, per_row)
+
+    def tile_features(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Vision tower + projector for tiles [N, 3, S, S] -> [N, h * w, D] (compute dtype)."""
+        return self.projector(self.vision(tiles.to(self.compute_dtype)))
+
+    def assemble_images(self, projected: torch.Tensor, crops: list[tuple[int, int]]) -> torch.Tensor:
+        """One row's projected tiles [N, h * w, D] (per image: global, then locals) laid out
+        as its image tokens [n_image_tokens, D] for the images' (tw, th) in ``crops``."""
+        d = self.cfg.language.hidden_size
+        side = int(round(projected.shape[1] ** 0.5))
+        newline = self.image_newline.to(projected.dtype)
+        sep = self.view_seperator.to(projected.dtype)[None]
+        parts, k = [], 0
+        for tw, th in crops:
+            g = projected[k].view(side, side, d)
+            g = torch.cat([g, newline.expand(side, 1, d)], dim=1).reshape(-1, d)  # [h*(w+1), D]
+            loc = projected[k + 1: k + 1 + tw * th].view(th, tw, side, side, d)
+            loc = loc.permute(0, 2, 1, 3, 4).reshape(th * side, tw * side, d)  # stitched grid
+            loc = torch.cat([loc, newline.expand(th * side, 1, d)], dim=1).reshape(-1, d)
+            parts += [g, sep, loc] if self.cfg.global_view_pos == "head" else [loc, sep, g]
+            k += 1 + tw * th
+        return torch.cat(parts) if parts else projected.new_zeros(0, d)
 
     def prepare_inputs_embeds(self, input_ids: torch.Tensor, images_seq_mask: torch.Tensor,
                               pixel_values: torch.Tensor | None = None,

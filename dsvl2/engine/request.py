@@ -1,0 +1,102 @@
+"""One request's state as it moves through the engine: waiting -> admitting -> running -> done.
+
+Legend: L prompt tokens, N tiles, S tile side, D width, V vocab.
+
+* waiting: queued, no cache row yet;
+* admitting: holds a cache row (slot); its image tiles go through the vision tower a few
+  at a time, then its prompt is prefilled chunk by chunk (both under the per-step token
+  budget, so running streams keep getting tokens meanwhile);
+* running: has ``next_logits``; one token per step;
+* done: ``finish_reason`` set ("stop" | "length" | "cancelled" | "error").
+
+The output layer's state (detokeniser, stop-string matcher, text) lives here too, so one
+object follows the request; only ``output.py`` touches those fields.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .detokenize import StopStringMatcher, StreamDecoder
+from .sampling import SamplingParams
+
+
+@dataclass
+class Timings:
+    """perf_counter() stamps of one request (the benchmark and the server's metrics read them)."""
+
+    submitted: float = field(default_factory=time.perf_counter)
+    admitted: float | None = None        # got a cache row
+    vision_s: float = 0.0                # time spent in the vision tower + projector
+    prefill_s: float = 0.0               # time spent prefilling its prompt
+    first_token: float | None = None
+    token_times: list[float] = field(default_factory=list)  # one stamp per output token
+    finished: float | None = None
+
+    def to_dict(self) -> dict:
+        t0 = self.submitted
+        gaps = [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+        return {
+            "queue_s": None if self.admitted is None else self.admitted - t0,
+            "vision_s": self.vision_s,
+            "prefill_s": self.prefill_s,
+            "first_token_s": None if self.first_token is None else self.first_token - t0,
+            "total_s": None if self.finished is None else self.finished - t0,
+            "max_inter_token_s": max(gaps) if gaps else None,
+            "mean_inter_token_s": sum(gaps) / len(gaps) if gaps else None,
+        }
+
+
+@dataclass
+class Request:
+    """One conversation being generated (engine-internal state)."""
+
+    rid: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    chunk_size: int | None
+    output_scores: bool = False
+    # inputs, until the prompt is prefilled
+    input_ids: torch.Tensor | None = None   # [L] int64
+    seq_mask: torch.Tensor | None = None    # [L] bool, image-token slots
+    tiles: torch.Tensor | None = None       # [N, 3, S, S]
+    crops: list[tuple[int, int]] = field(default_factory=list)  # (tw, th) per image
+    projected: list[torch.Tensor] = field(default_factory=list)  # vision output so far
+    tiles_done: int = 0
+    embeds: torch.Tensor | None = None      # [L, D] prompt embeddings, once the images are in
+    prefilled: int = 0                      # prompt tokens already in the cache
+    # decoding
+    slot: int = -1
+    length: int = 0                         # tokens in the cache
+    output_ids: list[int] = field(default_factory=list)
+    next_logits: torch.Tensor | None = None  # [V] float32, logits for the next token
+    generator: torch.Generator | None = None
+    seen: torch.Tensor | None = None        # [V] bool, prompt + output ids (repetition penalty)
+    finish_reason: str | None = None
+    error: str | None = None
+    scores: list[torch.Tensor] = field(default_factory=list)
+    timings: Timings = field(default_factory=Timings)
+    # output layer
+    decoder: StreamDecoder | None = None
+    stopper: StopStringMatcher | None = None
+    text: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def tiles_total(self) -> int:
+        return 0 if self.tiles is None else self.tiles.shape[0]
+
+    def release_inputs(self) -> None:
+        """The prompt is in the cache: its embeddings and pixels are not needed any more."""
+        self.input_ids = self.seq_mask = self.tiles = self.embeds = None
+        self.projected = []

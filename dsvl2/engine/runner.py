@@ -1,0 +1,108 @@
+"""The model runner: the forwards of one step over the KV cache, nothing else.
+
+Legend: B rows in a forward, T tokens per row, D width, V vocab, N tiles.
+
+* ``vision(req, k)``: the next k tiles of a request through the tower and projector (in
+  batches of ``tile_batch``, bounded memory); when its last tile is done the prompt
+  embeddings are assembled (text embeddings with the image tokens scattered in).
+* ``prefill(chunks)``: one packed forward of prompt chunks, each row at its own true
+  positions in its own cache row, so any chunking of a row equals its whole prefill
+  (the reference's ``incremental_prefilling`` gets left-padded rows wrong); rows whose
+  prompt is complete get ``next_logits``.
+* ``decode(reqs)``: one token per row, one batched forward, inside ``ops.decoding()``
+  (products with bf16 weights compute in bf16 whatever the number of rows, so a row's
+  numbers do not depend on its batch).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..model import ops
+from ..model.cache import KVCache
+from ..model.vl import DeepseekVL2
+from .request import Request
+
+
+class ModelRunner:
+    def __init__(self, model: DeepseekVL2, cache_dtype: torch.dtype | None = None, tile_batch: int = 4):
+        self.model = model
+        self.cfg = model.cfg.language
+        self.device = model.language.lm_head.weight.device
+        self.dtype = model.compute_dtype
+        self.cache_dtype = cache_dtype or self.dtype
+        self.tile_batch = tile_batch
+        self.cache: KVCache | None = None
+
+    def ensure_cache(self, rows: int = 1) -> KVCache:
+        if self.cache is None:
+            self.cache = KVCache(self.cfg, 1, dtype=self.cache_dtype, device=self.device)
+        self.cache.ensure_rows(rows)
+        return self.cache
+
+    # ---- admission --------------------------------------------------------------------
+    def vision(self, req: Request, k: int) -> None:
+        t0 = time.perf_counter()
+        end = req.tiles_done + k
+        for i in range(req.tiles_done, end, self.tile_batch):
+            j = min(i + self.tile_batch, end)
+            req.projected.append(self.model.tile_features(req.tiles[i:j]))  # [n, h*w, D]
+            req.tiles_done = j
+        req.timings.vision_s += time.perf_counter() - t0
+
+    def ensure_embeds(self, req: Request) -> torch.Tensor:
+        """The prompt embeddings [L, D], built once the request's tiles are all encoded."""
+        if req.embeds is None:
+            embeds = self.model.language.embed(req.input_ids, self.dtype)  # [L, D]
+            if req.projected:
+                feats = self.model.assemble_images(torch.cat(req.projected), req.crops)
+                slots = req.seq_mask.nonzero().squeeze(-1)
+                if feats.shape[0] != slots.numel():
+                    raise ValueError(f"{slots.numel()} image slots in the prompt but "
+                                     f"{feats.shape[0]} image tokens from the images")
+                embeds[slots] = feats.to(self.dtype)
+                req.projected = []
+            req.embeds = embeds
+        return req.embeds
+
+    def prefill(self, chunks: list[tuple[Request, int]]) -> list[Request]:
+        """Run the chunks in one packed forward; returns the requests whose prompt is complete."""
+        t0 = time.perf_counter()
+        lm = self.model.language
+        cache = self.ensure_cache(max(r.slot for r, _ in chunks) + 1)
+        t = max(n for _, n in chunks)
+        x = torch.zeros(len(chunks), t, self.cfg.hidden_size, dtype=self.dtype, device=self.device)  # [B, T, D]
+        for i, (r, n) in enumerate(chunks):
+            x[i, :n] = self.ensure_embeds(r)[r.prefilled:r.prefilled + n]
+        rows = torch.tensor([r.slot for r, _ in chunks], device=self.device)
+        start = torch.tensor([r.prefilled for r, _ in chunks])
+        _, ctx = lm.step_context(cache, start, torch.tensor([n for _, n in chunks]), t, rows=rows, dtype=self.dtype)
+        out = lm(x, ctx, logits="none")
+        done = [(i, r, n) for i, (r, n) in enumerate(chunks) if r.prefilled + n == r.prompt_len]
+        if done:
+            h = torch.stack([out.last_hidden[i, n - 1] for i, _, n in done])  # [b, D]
+            logits = lm.lm_head(h).float()  # [b, V]
+            for j, (_, r, _) in enumerate(done):
+                r.next_logits = logits[j]
+        dt = (time.perf_counter() - t0) / len(chunks)
+        for r, n in chunks:
+            r.prefilled += n
+            r.length = r.prefilled
+            r.timings.prefill_s += dt
+        return [r for _, r, _ in done]
+
+    # ---- decode -----------------------------------------------------------------------
+    def decode(self, reqs: list[Request]) -> None:
+        lm = self.model.language
+        ids = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)  # [B, 1]
+        x = lm.embed(ids, self.dtype)  # [B, 1, D]
+        start = torch.tensor([r.length for r in reqs])
+        rows = torch.tensor([r.slot for r in reqs], device=self.device)
+        _, ctx = lm.step_context(self.ensure_cache(), start, torch.ones_like(start), 1, rows=rows, dtype=self.dtype)
+        with ops.decoding():
+            logits = lm(x, ctx, logits="last").logits[:, 0]  # [B, V]
+        for i, r in enumerate(reqs):
+            r.next_logits = logits[i]
+            r.length += 1

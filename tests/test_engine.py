@@ -559,3 +559,39 @@ def test_more_requests_than_slots_queue(decode_sizes):
         assert out.ids == alone("small", c)[: p.max_new_tokens]
         assert out.finish_reason == "length"
     assert eng.free_slots == [0, 1] and not eng.waiting
+
+
+# --------------------------------------------------------------------------- batch invariance
+
+EIGHT = MIXED + SHORT  # text, one image, two images, five short texts: 8 rows of mixed shapes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["tiny", "small", "base"])
+def test_default_dtype_batch_rows_equal_each_alone(variant):
+    """In the default dtype (bf16 weights), every row of a mixed 8-row batch gets the same
+    greedy ids as its conversation alone: decode products compute in bf16 whatever the
+    number of rows (experts included, whose row counts depend on the whole batch's
+    routing), and torch's bf16 kernels give a row the same bits whatever the row count."""
+    model = load_model(GOLDEN / variant, torch.bfloat16)
+    proc = load(variant)[1]
+    eng = Engine(model, proc.tokenizer)
+    together = eng.generate(proc(list(EIGHT)), greedy(20))
+    for c, out in zip(EIGHT, together):
+        assert out.ids == eng.generate(proc([c]), greedy(20))[0].ids
+
+
+def test_bf16_products_are_row_invariant():
+    """The fact the rule above stands on: a bf16 product's row does not depend on how many
+    rows are computed with it (decode), for linear and batched matmul shapes."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=g).bfloat16()
+    x = torch.randn(16, 64, generator=g).bfloat16()
+    one = torch.nn.functional.linear(x[:1], w)
+    for m in (2, 3, 4, 5, 8, 16):
+        assert torch.equal(torch.nn.functional.linear(x[:m], w)[:1], one)
+    wb = torch.randn(4, 16, 32, generator=g).bfloat16()  # [H, dn, r] as in MLA absorbed decode
+    q = torch.randn(16, 4, 1, 16, generator=g).bfloat16()
+    ref = torch.matmul(q[:1], wb)
+    for m in (2, 5, 16):
+        assert torch.equal(torch.matmul(q[:m], wb)[:1], ref)

@@ -19,6 +19,8 @@ from dsvl2 import oracle
 from _paths import GOLDEN, IMAGES
 
 VARIANTS = [v.name for v in oracle.discover(GOLDEN)]
+# The golden models are tiny: one intra-op thread is fastest (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 FAMILIES = ("processor.", "vision.", "projector.", "embeds.", "routing.", "logits.", "hidden.", "gen.")
 
 
@@ -31,6 +33,7 @@ def test_discovers_every_variant_and_case():
         assert v.cases == on_disk and len(v.cases) >= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_oracle_variant(variant):
     results = oracle.run(GOLDEN, [IMAGES], variants=[variant], emit=lambda line: None)
@@ -105,3 +108,47 @@ def test_missing_image_is_reported(tmp_path, capsys):
     code = oracle.main([str(golden), "--images", str(images)])
     text = capsys.readouterr().out
     assert code == 1 and "not found in --images" in text
+
+
+def test_argmax_accepts_float32_near_ties_only():
+    logits = torch.zeros(1, 3, 5)
+    logits[0, 0, 2] = 3.6079910  # ours: token 2 ...
+    logits[0, 0, 4] = 3.6079900  # ... the reference's token 4 is 1e-6 below it: a near-tie
+    logits[0, 1, 1] = 1.0        # position 1 agrees
+    logits[0, 2, 3] = 2.05       # position 2: the reference's token 0 is 0.05 below ours
+    logits[0, 2, 0] = 2.0
+    use = torch.ones(1, 3, dtype=torch.bool)
+    tol = torch.tensor([oracle.TOL["logits"]])
+    name, ok, detail = oracle._argmax_check(logits[:, :2], torch.tensor([[4, 1]]), use[:, :2], tol)
+    assert ok and "1/2 equal" in detail and "1 near-tie" in detail
+    name, ok, detail = oracle._argmax_check(logits, torch.tensor([[4, 1, 0]]), use, tol)
+    assert not ok and "1 DIFFER" in detail
+
+
+def test_oracle_fails_on_a_planted_argmax_error(tmp_path, capsys):
+    """The reference's top-1 at one position is replaced by a token 0.05 or more below
+    the true maximum (read from the reference's own full logits there): a real error."""
+    golden, images = _copy_renamed(tmp_path)
+    out = golden / "mla_variant" / "outputs" / "zz_two_rows.safetensors"
+    ref = load_file(str(out))
+    sel = ref["sel_pos"]
+    planted = None
+    for b in range(sel.shape[0]):
+        for j, t in enumerate(sel[b].tolist()):
+            if t < 0:
+                continue
+            top2 = ref["logits_sel"][b, j].topk(2)
+            if float(top2.values[0] - top2.values[1]) >= 0.05:
+                planted = (b, t, int(top2.indices[1]))
+                break
+        if planted:
+            break
+    assert planted is not None
+    b, t, token = planted
+    ref["logits_argmax"][b, t] = token
+    save_file(ref, str(out))
+    code = oracle.main([str(golden), "--images", str(images)])
+    text = capsys.readouterr().out
+    assert code == 1
+    line = next(x for x in text.splitlines() if "logits.argmax" in x)
+    assert line.startswith("FAIL") and "1 DIFFER" in line

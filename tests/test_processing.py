@@ -11,7 +11,9 @@ import hashlib
 import io
 import json
 import re
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -452,6 +454,107 @@ def test_load_image_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
     with pytest.raises(ImageError, match="too large"):
         load_image(bomb)  # over twice the limit (Pillow raises)
+
+
+# ---------------------------------------------------------------------------------------
+# bit depth: 8-bit images exactly as the reference, 16-bit scaled (the reference clips)
+# ---------------------------------------------------------------------------------------
+
+def _png16(samples: np.ndarray) -> bytes:
+    """A 16-bit PNG written by hand (Pillow cannot write 48/64-bit RGB(A)): ``samples`` is
+    uint16 [H, W] (gray), [H, W, 2] (gray + alpha), [H, W, 3] (RGB) or [H, W, 4] (RGBA)."""
+    h, w = samples.shape[:2]
+    channels = 1 if samples.ndim == 2 else samples.shape[2]
+    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    rows = samples.reshape(h, w * channels).astype(">u2")
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)  # filter type 0 on each row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+# 16-bit samples around every rounding boundary, and the ends of the range
+SAMPLES16 = np.array([[0, 1, 128, 129, 257, 385, 386, 1000], [32767, 32768, 40000, 65278, 65279, 65534, 65535, 0]],
+                     dtype=np.uint16)
+
+
+def _expected8(v: np.ndarray) -> np.ndarray:
+    return np.floor(v.astype(np.float64) / 257 + 0.5).astype(np.uint8)  # round(v / 257), half up
+
+
+def test_16bit_grayscale_png_is_scaled_not_clipped(tmp_path):
+    path = tmp_path / "gray16.png"
+    Image.fromarray(SAMPLES16).save(path)  # Pillow writes mode I;16 as a 16-bit grayscale PNG
+    with Image.open(path) as im:
+        assert im.mode == "I;16"
+        clipped = np.asarray(im.convert("RGB"))[..., 0]
+    assert (clipped[SAMPLES16 > 255] == 255).all()  # what the reference sees: white
+    got = np.asarray(load_image(path))  # [H, W, 3]
+    assert got.dtype == np.uint8 and (got == _expected8(SAMPLES16)[..., None]).all()
+    assert got[1, 1].tolist() == [128, 128, 128] and got[1, 6].tolist() == [255, 255, 255]
+    assert (np.asarray(load_image(path.read_bytes())) == got).all()  # the same from bytes
+
+
+def test_other_16bit_sources_are_scaled():
+    big_endian = Image.new("I;16B", (2, 1), 1000)
+    assert np.asarray(load_image(big_endian)).tolist() == [[[4, 4, 4]] * 2]
+    # Pillow opens a 16-bit PGM as mode I, stretched to 0..65535
+    pgm = b"P5\n3 1\n65535\n" + np.array([0, 32768, 65535], dtype=">u2").tobytes()
+    with Image.open(io.BytesIO(pgm)) as im:
+        assert im.mode == "I"
+    assert np.asarray(load_image(pgm))[0, :, 0].tolist() == [0, 128, 255]
+    # mode I outside 0..65535 is clipped to the range first
+    wide = Image.fromarray(np.array([[-5, 70000, 257 * 100]], dtype=np.int32))
+    assert wide.mode == "I" and np.asarray(load_image(wide))[0, :, 0].tolist() == [0, 255, 100]
+
+
+def test_float_images_are_scaled():
+    unit = Image.fromarray(np.array([[0.0, 0.25, 0.5, 1.0]], dtype=np.float32))  # a 0..1 float image
+    assert unit.mode == "F"
+    assert np.asarray(load_image(unit))[0, :, 0].tolist() == [0, 64, 128, 255]
+    eight = Image.fromarray(np.array([[0.0, 2.0, 100.4, 300.0, -3.0, np.nan]], dtype=np.float32))  # 0..255 scale
+    assert np.asarray(load_image(eight))[0, :, 0].tolist() == [0, 2, 100, 255, 0, 0]
+
+
+@pytest.mark.parametrize("channels", [3, 4, 2])
+def test_48_and_64_bit_pngs_keep_pillows_8_bits(channels):
+    # Pillow itself decodes 16-bit RGB / RGBA / gray+alpha PNGs to 8 bits per channel
+    # (the high byte): nothing is clipped, and the result is the reference's bit for bit.
+    rng = np.random.default_rng(channels)
+    samples = rng.integers(0, 65536, size=(5, 7, channels), dtype=np.uint16)
+    samples[0, :4, 0] = [0, 255, 32768, 65535]
+    data = _png16(samples)
+    got = np.asarray(load_image(data))
+    with Image.open(io.BytesIO(data)) as im:
+        reference = np.asarray(im.convert("RGB"))
+    assert (got == reference).all()
+    color = samples[..., :3] if channels >= 3 else np.repeat(samples[..., :1], 3, axis=2)
+    assert (got == (color >> 8)).all()
+    assert got[0, :4, 0].tolist() == [0, 0, 128, 255]
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "YCbCr"])
+def test_8bit_modes_are_the_reference_bit_for_bit(mode, tmp_path):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, size=(9, 13, 3), dtype=np.uint8))
+    img = rgb.convert(mode)
+    assert load_image(img).tobytes() == img.convert("RGB").tobytes()
+    if mode in ("CMYK", "YCbCr"):
+        return  # PNG cannot hold these; JPEG / TIFF files go through the same convert
+    path = tmp_path / f"{mode}.png"
+    img.save(path)
+    with Image.open(path) as im:
+        assert load_image(path).tobytes() == im.convert("RGB").tobytes()
+
+
+def test_test_images_load_as_the_reference():
+    files = sorted(p for p in IMAGES.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    assert len(files) >= 10
+    for path in files:
+        with Image.open(path) as im:
+            assert load_image(path).tobytes() == im.convert("RGB").tobytes(), path
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,7 +6,11 @@ Pure functions, no model code:
   RGB PIL image. Like the reference: ``Image.open`` + ``convert("RGB")``, and NO EXIF
   transpose (a rotated phone photo is seen as stored). Every failure is an ``ImageError``
   naming the source; decoding is forced inside the guard so a truncated file fails here,
-  not later inside the tiler. Remote URLs are never fetched.
+  not later inside the tiler. Remote URLs are never fetched. One difference: images
+  with more than 8 bits per sample (16-bit grayscale PNG / TIFF / PGM: modes ``I;16*``,
+  ``I``; float ``F``) are scaled to 8 bits (``round(v / 257)``) where ``convert("RGB")``
+  clips every value above 255 to white. 48/64-bit RGB(A) PNGs need nothing: Pillow
+  already decodes them to 8 bits per channel (the high byte), as the reference sees them.
 * ``select_best_resolution``: the reference's candidate choice (max effective area, then
   min waste, first in list wins; strict comparisons).
 * ``num_image_tokens``: the closed-form count of ``<image>`` slots of one image.
@@ -82,6 +86,34 @@ def _decode_data_url(url: str) -> bytes:
         raise ImageError(f"bad data URL {_describe(url)}: the payload is not valid base64 ({e})") from None
 
 
+# Full-scale value of the high-bit-depth modes that convert("RGB") would clip at 255.
+# Pillow's decoders give 16-bit grayscale as I;16* and as I (PGM, 32-bit TIFF), the
+# latter already stretched to 0..65535, so both are read as 16-bit.
+_FULL_SCALE = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535}
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """``img.convert("RGB")``, except that high-bit-depth grayscale is scaled to 8 bits.
+
+    8-bit modes (L, P, RGB, RGBA, CMYK, ...) go through ``convert("RGB")`` unchanged, so
+    they stay bit-identical to the reference. A 16-bit value v becomes round(v / 257)
+    (0 -> 0, 32768 -> 128, 65535 -> 255) instead of min(v, 255); values outside the
+    range are clipped. Float images (F) have no declared range: values all within
+    [0, 1] are read as 0..1, anything else on Pillow's own 0..255 scale.
+    """
+    if img.mode not in _FULL_SCALE and img.mode != "F":
+        return img.convert("RGB")
+    a = np.asarray(img)  # [H, W]
+    if img.mode == "F":
+        a = np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=255.0, neginf=0.0)
+        top = 1.0 if a.size and a.min() >= 0 and a.max() <= 1 else 255.0
+        u8 = np.rint(np.clip(a, 0, top) * (255 / top))
+    else:
+        v = np.clip(a.astype(np.int32), 0, _FULL_SCALE[img.mode])  # int32: 4 bytes a pixel, no overflow
+        u8 = (v + 128) // 257  # = round(v / 257): v / 257 is never exactly k + 0.5 (257 is odd)
+    return Image.fromarray(u8.astype(np.uint8)).convert("RGB")  # [H, W] uint8 -> L -> RGB
+
+
 def _open_rgb(fp, name: str) -> Image.Image:
     """Open, fully decode and convert to RGB, turning every Pillow failure into ImageError."""
     try:
@@ -93,7 +125,7 @@ def _open_rgb(fp, name: str) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(fp) as img:
                 img.load()  # force decoding here: truncated / corrupt data fails now
-                return img.convert("RGB")
+                return _to_rgb(img)
     except Image.DecompressionBombError as e:  # from the declared size, before decoding
         raise ImageTooLargeError(f"image {name} is too large to decode safely ({e}); "
                                  f"the limit is {2 * Image.MAX_IMAGE_PIXELS} pixels") from None
@@ -122,7 +154,7 @@ def load_image(src: ImageSource) -> Image.Image:
     """
     if isinstance(src, Image.Image):
         try:
-            return src.convert("RGB")
+            return _to_rgb(src)
         except (OSError, ValueError) as e:
             raise ImageError(f"the PIL image ({src.mode}, {src.size}) cannot be converted to RGB ({e})") from None
     if isinstance(src, (bytes, bytearray, memoryview)):

@@ -201,6 +201,62 @@ def test_bad_messages_are_clear_errors():
         m.chat("hi", temperature=-1)
 
 
+def test_a_single_image_is_one_image_not_one_per_character():
+    m = model("tiny")
+    opts = dict(max_new_tokens=4)
+    ref = m.chat(PROMPT, images=[SMALL_IMAGE], **opts)
+    raw = SMALL_IMAGE.read_bytes()
+    pil = Image.open(io.BytesIO(raw))
+    pil.load()
+    for single in (str(SMALL_IMAGE), SMALL_IMAGE, raw, pil):
+        a = m.chat(PROMPT, images=single, **opts)
+        assert same(a, ref), type(single).__name__
+        assert len(a.images) == 1
+        streamed = [d.answer for d in m.stream(PROMPT, images=single, **opts) if d.answer is not None]
+        assert len(streamed) == 1 and same(streamed[0], ref), type(single).__name__
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+    assert same(m.chat(conv, images=str(SMALL_IMAGE), **opts), ref)  # a bare image part, filled from images
+
+
+def test_max_tokens_is_the_openai_alias_of_max_new_tokens():
+    m = model("tiny")
+    ref = m.chat("Tell me a story.", max_new_tokens=5)
+    assert ref.completion_tokens == 5
+    assert same(m.chat("Tell me a story.", max_tokens=5), ref)
+    assert same(m.chat("Tell me a story.", max_tokens=5, max_new_tokens=5), ref)  # both, agreeing
+    streamed = [d.answer for d in m.stream("Tell me a story.", max_tokens=5) if d.answer is not None]
+    assert same(streamed[0], ref)
+    with pytest.raises(DSVL2Error) as info:
+        m.chat("Tell me a story.", max_tokens=5, max_new_tokens=6)
+    msg = str(info.value)
+    assert "max_tokens=5" in msg and "max_new_tokens=6" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("kwargs, bad", [(dict(max_length=5), "'max_length'"),
+                                         (dict(temprature=0.5, top_p=0.9), "'temprature'"),
+                                         (dict(n=2, logprobs=True), "'n', 'logprobs'")])
+def test_unknown_options_are_a_one_line_error_naming_the_allowed_ones(kwargs, bad):
+    m = model("tiny")
+    for call in (lambda: m.chat("hi", **kwargs), lambda: list(m.stream("hi", **kwargs))):
+        with pytest.raises(DSVL2Error) as info:  # not a TypeError about SamplingParams' constructor
+            call()
+        msg = str(info.value)
+        assert "\n" not in msg and "unknown option" in msg and bad in msg, msg
+        for allowed in ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "max_tokens",
+                        "seed", "stop", "stop_token_ids", "params"):
+            assert allowed in msg, (allowed, msg)
+
+
+def test_params_object_or_keywords():
+    m = model("tiny")
+    ref = m.chat("Hello", max_new_tokens=3)
+    assert same(m.chat("Hello", params=api.SamplingParams(max_new_tokens=3)), ref)
+    with pytest.raises(DSVL2Error, match="not both"):
+        m.chat("Hello", params=api.SamplingParams(max_new_tokens=3), temperature=0.5)
+    with pytest.raises(DSVL2Error, match="params must be a SamplingParams, got dict"):
+        m.chat("Hello", params={"max_new_tokens": 3})
+
+
 # --------------------------------------------------------------------------- streaming, sampling
 
 

@@ -4,26 +4,65 @@ Exit status: 0 success, 1 an error the user can fix (bad model, image, option va
 prompt too long...), 2 a usage error (unknown option, missing argument), 130
 interrupted. Errors are one line on stderr (``dsvl2: error: ...``), never a traceback;
 ``DSVL2_DEBUG=1`` shows the traceback too.
+
+Notable choices
+
+* Everything that can be checked without the model is checked before it loads (a real
+  model takes minutes and gigabytes): sampling values, ``--chunk-size``, ``--draw``
+  (folder exists, an extension Pillow can save an RGB image as) and every ``-i`` image
+  (exists, is a file, decodes).
+* Interactive mode: Ctrl-C during an answer stops it and returns to the ``you>`` prompt;
+  the interrupted exchange (your message and the partial answer) is left out of the
+  history, and the message's images stay attached to the next message. Ctrl-C at the
+  prompt, end of input or ``/quit`` end the session (status 0).
+* Interactive mode keeps the conversation inside the context window: before a message is
+  sent, its prompt (images included, measured with the processor) plus room for
+  ``min(--max-new-tokens, ANSWER_ROOM)`` answer tokens must fit; otherwise the oldest
+  exchanges are dropped (the system message stays) and a note says how many. A message
+  that does not fit even alone is not sent.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import io
 import json
 import os
 import sys
 import time
+import warnings
+from pathlib import Path
 
+from . import __version__
 from .errors import DSVL2Error
+
+# Answer tokens kept free in interactive mode (at most --max-new-tokens): a conversation
+# whose prompt leaves less is trimmed first. 256 is a few paragraphs; asking for room
+# for all 512 default tokens would drop history that most answers never need.
+ANSWER_ROOM = 256
 
 EPILOG_CHAT = """examples:
   dsvl2 chat -i photo.jpg "Describe this image."
   dsvl2 chat -m deepseek-ai/deepseek-vl2-tiny -i a.jpg -i b.jpg "What differs?"
   dsvl2 chat -m ./deepseek-vl2-tiny -i street.jpg --draw boxes.png "<|grounding|>Find the <|ref|>red car<|/ref|>."
-  dsvl2 chat -m ./deepseek-vl2-tiny           (interactive: /image PATH, /reset, /quit)
+  dsvl2 chat -m ./deepseek-vl2-tiny           (interactive: /image PATH, /reset, /quit; Ctrl-C stops an answer)
 
 Without -m the built-in demo checkpoint is used: it has RANDOM weights (gibberish
 answers) and exists so that everything can be tried offline."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog as written and shows each option's default (what
+    ArgumentDefaultsHelpFormatter does), except empty ones (None, False, []) and those
+    the help already states."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        empty = action.default is None or action.default is False or action.default == []  # not 0 or 0.0
+        if not action.option_strings or "default" in text or empty or action.default is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)".strip()
 
 
 class Progress:
@@ -87,6 +126,55 @@ def _load(args):
     return model
 
 
+@functools.lru_cache(maxsize=1)
+def _save_extensions() -> tuple[str, ...]:
+    """File extensions Pillow can save an RGB image as (probed: some formats take only
+    other modes, some are read-only stubs), the common ones first."""
+    from PIL import Image
+
+    Image.init()
+    probe = Image.new("RGB", (1, 1))
+    found = []
+    for ext, fmt in sorted(Image.registered_extensions().items()):
+        if fmt not in Image.SAVE:
+            continue
+        try:
+            with warnings.catch_warnings():  # e.g. "IM image format is deprecated": still saves
+                warnings.simplefilter("ignore")
+                probe.save(io.BytesIO(), format=fmt)
+        except Exception:  # noqa: BLE001 - each plugin fails in its own way (OSError, ValueError, KeyError)
+            continue
+        found.append(ext)
+    first = [e for e in (".png", ".jpg", ".jpeg", ".webp") if e in found]
+    return tuple(first + [e for e in found if e not in first])
+
+
+def _check_draw(value: str) -> str:
+    """The --draw path, checked before anything runs: -> the path to save to."""
+    out = Path(value).expanduser()
+    if out.is_dir():
+        raise DSVL2Error(f"--draw {value}: is a folder; give a file name such as {out / 'boxes.png'}")
+    ext = out.suffix.lower()
+    allowed = _save_extensions()
+    if ext not in allowed:
+        what = f"unknown image extension {ext!r}" if ext else "no file extension"
+        raise DSVL2Error(f"--draw {value}: {what}; Pillow can save {', '.join(allowed)}")
+    folder = out.parent
+    if not folder.is_dir():
+        raise DSVL2Error(f"--draw {value}: the folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise DSVL2Error(f"--draw {value}: the folder {str(folder)!r} is not writable")
+    return str(out)
+
+
+def _check_images(paths) -> None:
+    """Each -i image exists and decodes (a typo must not cost a model load)."""
+    from .processing import load_image
+
+    for path in paths:
+        load_image(path)  # ImageError names the path and what is wrong
+
+
 def _finish(answer, args, out) -> None:
     if not answer.text.strip() and answer.completion_tokens:
         print(f"dsvl2: note: the model produced {answer.completion_tokens} token(s) with no visible text "
@@ -102,18 +190,27 @@ def _finish(answer, args, out) -> None:
         print(f"dsvl2: note: grounding markup: {p}", file=sys.stderr)
 
 
-def _stream_answer(model, messages, args, sampling: dict, prefix: str = "", **kwargs):
+def _stream_answer(model, messages, args, sampling: dict, prefix: str = "", shown: list | None = None, **kwargs):
     """Stream the answer to stdout (unless --json) and return the final ``Answer``.
 
-    ``prefix`` is written with the first piece of text, i.e. after any progress bar."""
+    ``prefix`` is written with the first piece of text, i.e. after any progress bar;
+    ``shown`` (optional) collects what was written, for a caller that is interrupted."""
+    shown = [] if shown is None else shown
     answer = None
-    for d in model.stream(messages, chunk_size=args.chunk_size, **kwargs, **sampling):
-        if not args.json:
-            sys.stdout.write(prefix + d.text)
-            prefix = ""
-            sys.stdout.flush()
-        if d.answer is not None:
-            answer = d.answer
+    deltas = model.stream(messages, chunk_size=args.chunk_size, **kwargs, **sampling)
+    try:
+        for d in deltas:
+            if not args.json:
+                shown.append(prefix + d.text)  # first: an interrupted write may have reached the terminal
+                sys.stdout.write(prefix + d.text)
+                prefix = ""
+                sys.stdout.flush()
+            if d.answer is not None:
+                answer = d.answer
+    finally:
+        close = getattr(deltas, "close", None)
+        if close is not None:  # an interrupted answer frees its engine request now, not at garbage collection
+            close()
     return answer
 
 
@@ -130,6 +227,9 @@ def cmd_chat(args) -> int:
         raise DSVL2Error(msg) from None
     if args.chunk_size is not None and args.chunk_size < 1:
         raise DSVL2Error(f"--chunk-size must be a positive integer, got {args.chunk_size}")
+    if args.draw:
+        args.draw = _check_draw(args.draw)
+    _check_images(args.image)
     model = _load(args)
     if args.prompt is not None:
         answer = _stream_answer(model, args.prompt, args, sampling, images=args.image, system=args.system)
@@ -142,15 +242,64 @@ def cmd_chat(args) -> int:
     return _interactive(model, args, sampling)
 
 
+def _image_command(rest: str) -> str:
+    """The path of ``/image PATH``: surrounding quotes removed, ``~`` expanded (spaces
+    inside the path need no quotes: the whole rest of the line is the path)."""
+    path = rest.strip()
+    if len(path) >= 2 and path[0] == path[-1] and path[0] in "'\"":
+        path = path[1:-1].strip()
+    return os.path.expanduser(path) if path else ""
+
+
+def _fit(model, history: list[dict], turn: dict, room: int) -> tuple[list[dict], int]:
+    """Drop the oldest exchanges of ``history`` until its prompt with ``turn`` leaves
+    ``room`` tokens of the context window: -> (history kept, exchanges dropped).
+
+    ``history`` is [system message?] + (user, assistant) pairs. Lengths come from the
+    processor itself (images included), so the check is exact, not an estimate."""
+    window = model.engine.context_window
+
+    def fits(conv: list[dict]) -> tuple[bool, int]:
+        n = model.processor(conv + [turn]).seq_lens[0]
+        return n + room <= window, n
+
+    ok, n = fits(history)
+    if ok:
+        return history, 0
+    head = history[:1] if history and history[0]["role"] == "system" else []
+    body = history[len(head):]
+    alone, n_alone = fits(head) if body else (False, n)
+    if not alone:
+        raise DSVL2Error(f"this message needs {n_alone} prompt tokens (images included) and the answer {room}, "
+                         f"more than the context window of {window} tokens; it was not sent. Send a shorter "
+                         "message or fewer images (/reset starts a new conversation)")
+    dropped = 0
+    while body:
+        body, dropped = body[2:], dropped + 1
+        if fits(head + body)[0]:
+            break
+    return head + body, dropped
+
+
 def _interactive(model, args, sampling) -> int:
+    try:
+        return _session(model, args, sampling)
+    except KeyboardInterrupt:  # Ctrl-C outside an answer (at the prompt) ends the session
+        print(file=sys.stderr)
+        return 0
+
+
+def _session(model, args, sampling) -> int:
     from .api import user_turn
+    from .processing import load_image
 
     tty = sys.stdin.isatty()
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     pending: list[str] = list(args.image)
+    room = min(args.max_new_tokens, ANSWER_ROOM)
     if tty:
         print("dsvl2 chat: type a message; /image PATH attaches an image to your next message, "
-              "/reset starts over, /quit ends.", file=sys.stderr)
+              "/reset starts over, /quit ends. Ctrl-C stops an answer.", file=sys.stderr)
     while True:
         if tty:
             sys.stderr.write("you> ")
@@ -168,12 +317,11 @@ def _interactive(model, args, sampling) -> int:
             pending = []
             print("dsvl2: conversation reset", file=sys.stderr)
             continue
-        if line.startswith("/image"):
-            path = line[len("/image"):].strip()
+        if line == "/image" or line.startswith("/image "):
+            path = _image_command(line[len("/image"):])
             if not path:
                 print("dsvl2: error: /image needs a path", file=sys.stderr)
                 continue
-            from .processing import load_image
             try:
                 load_image(path)
             except DSVL2Error as e:
@@ -186,11 +334,27 @@ def _interactive(model, args, sampling) -> int:
             print(f"dsvl2: error: unknown command {line.split()[0]} (use /image PATH, /reset, /quit)", file=sys.stderr)
             continue
         turn = user_turn(line, pending)
+        shown: list[str] = []
         try:
-            answer = _stream_answer(model, history + [turn], args, sampling, prefix="model> " if tty else "")
+            history, dropped = _fit(model, history, turn, room)
+            if dropped:
+                print(f"dsvl2: note: the conversation no longer fit the model's {model.engine.context_window}-token "
+                      f"context window: dropped the {dropped} oldest exchange(s) (question and answer); "
+                      "/reset starts a new conversation", file=sys.stderr)
+            answer = _stream_answer(model, history + [turn], args, sampling, prefix="model> " if tty else "",
+                                    shown=shown)
+        except KeyboardInterrupt:  # stop this answer, keep the session
+            if shown:
+                print(flush=True)  # end the partial answer's line
+            kept = f"; its {len(pending)} image(s) stay attached to your next message" if pending else ""
+            print(f"dsvl2: note: answer interrupted; it and your message are left out of the conversation{kept}",
+                  file=sys.stderr)
+            continue
         except DSVL2Error as e:  # a bad turn must not end the session
-            dropped = f" (its {len(pending)} image(s) were dropped; /image to attach again)" if pending else ""
-            print(f"\ndsvl2: error: {e}{dropped}", file=sys.stderr)
+            if shown:
+                print(flush=True)
+            lost = f" (its {len(pending)} image(s) were dropped; /image to attach again)" if pending else ""
+            print(f"dsvl2: error: {e}{lost}", file=sys.stderr)
             pending = []
             continue
         print(json.dumps(answer.to_dict(), ensure_ascii=False) if args.json else "")
@@ -221,7 +385,10 @@ def cmd_info(args) -> int:
     from .hub import resolve_model
     from .info import describe, format_info
 
-    folder = resolve_model(args.model)
+    if args.model is None:
+        print("dsvl2: note: no MODEL given, showing the built-in demo checkpoint (random weights); "
+              "pass a folder or an id such as deepseek-ai/deepseek-vl2-tiny", file=sys.stderr)
+    folder = resolve_model("demo" if args.model is None else args.model)
     has_weights = (folder / "model.safetensors.index.json").is_file() or any(folder.glob("*.safetensors"))
     d = describe(load_config(folder), folder if has_weights else None)  # config only: no weights section
     print(json.dumps(d, indent=2, default=str) if args.json else format_info(d))
@@ -230,13 +397,14 @@ def cmd_info(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dsvl2", description="DeepSeek-VL2 (tiny, small, base) on any machine: "
-                                 "chat about images, find objects, inspect checkpoints.")
+                                 "chat about images, find objects, inspect checkpoints.", formatter_class=HelpFormatter)
+    ap.add_argument("--version", action="version", version=f"dsvl2 {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     chat = sub.add_parser("chat", help="answer a prompt about images (or chat interactively)",
                           description="Stream the model's answer to PROMPT; without PROMPT, an interactive chat.",
-                          epilog=EPILOG_CHAT, formatter_class=argparse.RawDescriptionHelpFormatter)
+                          epilog=EPILOG_CHAT, formatter_class=HelpFormatter)
     chat.add_argument("prompt", nargs="?", help="the question; omit it for an interactive session")
     chat.add_argument("-m", "--model", help="checkpoint folder or Hugging Face id (default: the built-in demo)")
     chat.add_argument("-i", "--image", action="append", default=[], metavar="IMAGE",
@@ -245,36 +413,46 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--json", action="store_true", help="print one JSON object (text, finish_reason, usage, boxes)")
     chat.add_argument("--draw", metavar="OUT.png", help="save the last image with the grounding boxes drawn on it")
     g = chat.add_argument_group("sampling (default: greedy)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, 0 < p <= 1; 1 = off")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
-    g.add_argument("--max-new-tokens", type=int, default=512)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-new-tokens", type=int, default=512, metavar="N",
+                   help="the most tokens an answer may have")
+    g.add_argument("--seed", type=int, default=None, help="seed for sampling (default: a new one each run)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     r = chat.add_argument_group("runtime")
     r.add_argument("--chunk-size", type=int, default=None, metavar="N",
-                   help="prefill in chunks of N tokens (bounded memory)")
+                   help="prefill in chunks of N tokens, for bounded memory (default: the whole prompt at once)")
     r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto = bf16 weights, fp32 compute on CPU")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     chat.set_defaults(func=cmd_chat)
 
     init = sub.add_parser("init-random", help="write a random checkpoint in the official layout",
-                          description="Write config, processor config, tokenizer and random safetensors weights.")
+                          description="Write config, processor config, tokenizer and random safetensors weights.",
+                          formatter_class=HelpFormatter)
     init.add_argument("--preset", required=True,
                       help="tiny, small, base (real sizes) or golden-tiny, golden-small, golden-base, golden-dsv2x")
     init.add_argument("--scale", type=float, default=1.0, help="shrink widths by this factor (0 < s <= 1)")
-    init.add_argument("--seed", type=int, default=0)
-    init.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    init.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    init.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="dtype of the weights")
     init.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT_DIR")
     init.add_argument("out_dir", metavar="OUT_DIR")
     init.set_defaults(func=cmd_init_random)
 
-    info = sub.add_parser("info", help="show a model's architecture in one screen")
-    info.add_argument("model", metavar="MODEL", help="checkpoint folder, Hugging Face id, or 'demo'")
-    info.add_argument("--json", action="store_true")
+    info = sub.add_parser("info", help="show a model's architecture in one screen",
+                          description="Architecture, parameter counts and memory of a checkpoint (or of a config "
+                          "alone).", formatter_class=HelpFormatter)
+    info.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                      help="checkpoint folder, Hugging Face id, or 'demo' (default: the built-in demo)")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
+
+    from . import batch  # `dsvl2 batch` (Ray Data); the module imports neither Ray nor torch
+    batch.add_parser(sub)
+    from .server import cli as server_cli  # `dsvl2 serve`; FastAPI is imported only when it runs
+    server_cli.add_parser(sub)
     return ap
 
 

@@ -22,7 +22,9 @@ _PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
 
 
 def resolve_model(name: str | Path, offline: bool | None = None) -> Path:
-    """Return the local folder of a checkpoint, downloading it by id if needed."""
+    """Return the local folder of a checkpoint, downloading it by id if needed.
+
+    ``offline``: never download (None: huggingface_hub's ``HF_HUB_OFFLINE`` setting)."""
     text = str(name)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -45,19 +47,42 @@ def resolve_model(name: str | Path, offline: bool | None = None) -> Path:
         return Path(snapshot_download(text, allow_patterns=_PATTERNS, local_files_only=True))
     except Exception:
         pass  # not in the local cache: try the hub
+    if offline is None:
+        from huggingface_hub import constants
+        offline = bool(constants.HF_HUB_OFFLINE)
+    local_copy = (f"download it on a machine with internet access (hf download {text} --local-dir DIR), "
+                  "copy the folder here and pass the folder instead of the id: dsvl2 chat -m DIR.")
     if offline:
-        raise CheckpointError(f"{text} is not in the local Hugging Face cache and offline mode is on; "
-                              "download it elsewhere and pass its folder with -m PATH")
+        raise CheckpointError(f"{text} is not in the local Hugging Face cache and offline mode is on "
+                              "(HF_HUB_OFFLINE), so it cannot be downloaded. Unset HF_HUB_OFFLINE to download "
+                              f"it, or {local_copy}")
     try:
         return Path(snapshot_download(text, allow_patterns=_PATTERNS))
     except Exception as e:  # network errors come in many types (requests, httpx, OSError, hub errors)
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        what = ("the Hugging Face hub cannot be reached" if _unreachable(e)
-                else "the Hugging Face hub refused or failed the download")
-        raise CheckpointError(
-            f"cannot download {text}: {what} ({reason}). To use a local copy instead, download the model "
-            f"on a machine with internet access (e.g. `huggingface-cli download {text} --local-dir DIR`), "
-            "copy the folder here and pass the folder instead of the id (e.g. dsvl2 chat -m DIR)") from None
+        if _unreachable(e):
+            raise CheckpointError(f"cannot download {text}: the Hugging Face hub cannot be reached from this "
+                                  f"machine ({_reason(_root(e))}). To use a local copy instead, {local_copy}") from None
+        raise CheckpointError(f"cannot download {text}: the Hugging Face hub refused or failed the download "
+                              f"({_reason(e)}). Check the id (the released models are {', '.join(KNOWN)}); "
+                              f"to use a local copy instead, {local_copy}") from None
+
+
+def _root(e: BaseException) -> BaseException:
+    """The innermost exception (e.g. the socket error under the hub's and httpx's wrappers)."""
+    seen = {id(e)}
+    while (nxt := e.__cause__ or e.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        e = nxt
+    return e
+
+
+def _reason(e: BaseException, limit: int = 120) -> str:
+    """The first line of an exception's message, cut at a word (never mid-word), no errno prefix."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = re.sub(r"^\[Errno -?\d+\]\s*", "", text).rstrip(". ")
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
+    return text
 
 
 def _unreachable(e: BaseException | None) -> bool:

@@ -20,14 +20,20 @@ import functools
 import io
 import json
 import os
+import select
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+import dsvl2
 import dsvl2.api as api
 import dsvl2.engine.engine as engine_mod
 from dsvl2.checkpoint import PRESETS, preset_config
@@ -103,6 +109,33 @@ def stdin(monkeypatch):
         monkeypatch.setattr(sys, "stdin", io.StringIO(text))
 
     return feed
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Loading a model fails the test: for errors that must come before the (long) load."""
+
+    def refuse(*a, **k):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(api, "load", refuse)
+
+
+@pytest.fixture
+def window(monkeypatch):
+    """window(n): the models the CLI loads get a context window of n tokens."""
+
+    def install(n: int):
+        real = api.load
+
+        def load(*a, **k):
+            m = real(*a, **k)
+            m.engine.context_window = n
+            return m
+
+        monkeypatch.setattr(api, "load", load)
+
+    return install
 
 
 def rgb(path) -> Image.Image:
@@ -218,6 +251,48 @@ def test_draw_without_image_is_a_note(capsys, script, tmp_path):
     assert d["boxes"] == [{"label": "the cat", "box_norm": [100, 200, 500, 800], "box_px": None,
                            "image_index": None}]
     assert "--draw ignored" in err and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("kind", ["missing folder", "unknown extension", "no extension", "a folder"])
+def test_draw_is_checked_before_the_model_loads(kind, capsys, tmp_path, no_load):
+    target = {"missing folder": tmp_path / "no-such-dir" / "boxes.png", "unknown extension": tmp_path / "boxes.xyz",
+              "no extension": tmp_path / "boxes", "a folder": tmp_path}[kind]
+    rc, out, err = cli(capsys, "chat", "-m", TINY, "-i", SMALL_IMAGE, "--draw", target, "Find the cat.")
+    line = assert_error(rc, err, "--draw", str(target))
+    if kind == "missing folder":
+        assert "no-such-dir" in line and "does not exist" in line
+    elif kind == "a folder":
+        assert "is a folder" in line
+    else:
+        assert ("'.xyz'" if kind == "unknown extension" else "no file extension") in line
+        for ext in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tiff"):  # what Pillow can save
+            assert ext in line.split(";")[-1], ext
+        assert ".xbm" not in line  # XBM holds 1-bit images only: Pillow cannot save the drawing as one
+    assert out == ""
+
+
+def test_draw_as_jpeg(capsys, script, tmp_path):
+    script(tokenizer().encode(CAT))
+    out_jpg = tmp_path / "boxes.JPG"
+    rc, out, err = cli(capsys, "chat", "-m", TINY, "-i", SMALL_IMAGE, "--draw", out_jpg, "Find the cat.")
+    assert rc == 0, err
+    with Image.open(out_jpg) as im:
+        assert im.format == "JPEG" and im.size == rgb(SMALL_IMAGE).size
+
+
+@pytest.mark.parametrize("kind", ["missing", "text file", "directory"])
+def test_images_are_checked_before_the_model_loads(kind, capsys, tmp_path, no_load):
+    path = tmp_path / "phot.jpg"  # a typo of photo.jpg
+    if kind == "text file":
+        path.write_text("not a picture")
+    elif kind == "directory":
+        path.mkdir()
+    rc, out, err = cli(capsys, "chat", "-m", TINY, "-i", SMALL_IMAGE, "-i", path, "Describe.")
+    line = assert_error(rc, err, "phot.jpg")
+    assert {"missing": "not found", "text file": "not an image", "directory": "not a file"}[kind] in line
+    # interactive mode checks them before loading too
+    rc, out, err = cli(capsys, "chat", "-m", TINY, "-i", path)
+    assert_error(rc, err, "phot.jpg")
 
 
 HOSTILE = "__import__('pathlib').Path('PWNED').touch()"
@@ -341,6 +416,68 @@ def test_interactive_rejects_bad_options_before_the_session(capsys, stdin, monke
     assert out == ""
 
 
+def test_interactive_image_command_strips_quotes_and_expands_home(capsys, stdin, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copy(SMALL_IMAGE, tmp_path / "my photo.jpeg")
+    stdin("/image '~/my photo.jpeg'\nWhat?\n/reset\n"
+          '/image "~/my photo.jpeg"\nWhat?\n/reset\n'
+          "/image ~/my photo.jpeg\nWhat?\n/quit\n")
+    rc, out, err = cli(capsys, "chat", "-m", TINY, "--json", "--max-new-tokens", "2")
+    assert rc == 0, err
+    answers = [json.loads(line) for line in out.strip().splitlines()]
+    n = Processor.from_pretrained(TINY)([{"role": "<|User|>", "content": "<image>\nWhat?",
+                                          "images": [str(SMALL_IMAGE)]}]).seq_lens[0]
+    assert [a["usage"]["prompt_tokens"] for a in answers] == [n, n, n]
+    assert err.count(f"{tmp_path / 'my photo.jpeg'} will be attached") == 3
+    assert "error" not in err
+
+
+def _user(text: str, images=()) -> dict:
+    return {"role": "<|User|>", "content": "<image>\n" * len(images) + text, "images": [str(p) for p in images]}
+
+
+def test_interactive_drops_the_oldest_exchanges_that_no_longer_fit(capsys, stdin, window):
+    proc = Processor.from_pretrained(TINY)
+    system = {"role": "system", "content": "Be brief."}
+    first = _user("Describe.", [SMALL_IMAGE])
+    n1 = proc([system, first]).seq_lens[0]
+    # room for 5 answer tokens (--max-new-tokens 5) and 3 more: the image turn fits alone, nothing after it
+    window(n1 + 5 + 3)
+    stdin(f"/image {SMALL_IMAGE}\nDescribe.\nHi\nAgain\n/quit\n")
+    rc, out, err = cli(capsys, "chat", "-m", TINY, "--json", "--max-new-tokens", "5", "--system", "Be brief.")
+    assert rc == 0, err
+    a1, a2, a3 = [json.loads(line) for line in out.strip().splitlines()]
+    assert a1["usage"]["prompt_tokens"] == n1
+    # "Hi": the image exchange is dropped, the system message stays
+    assert a2["usage"]["prompt_tokens"] == proc([system, _user("Hi")]).seq_lens[0]
+    # "Again": what is left still fits, nothing more is dropped
+    conv = [system, _user("Hi"), {"role": "<|Assistant|>", "content": a2["text"].replace("<image>", "")},
+            _user("Again")]
+    assert a3["usage"]["prompt_tokens"] == proc(conv).seq_lens[0]
+    notes = [line for line in err.splitlines() if "no longer fit" in line]
+    assert len(notes) == 1 and "dropped the 1 oldest exchange" in notes[0] and "/reset" in notes[0], err
+    assert f"{n1 + 8}-token context window" in notes[0]
+
+
+def test_interactive_message_that_does_not_fit_alone_is_not_sent(capsys, stdin, window):
+    proc = Processor.from_pretrained(TINY)
+    n_one = proc([_user("Describe.", [SMALL_IMAGE])]).seq_lens[0]
+    two = proc([_user("Two?", [SMALL_IMAGE, PHOTO])]).seq_lens[0]
+    assert two > n_one + 100
+    window(n_one + 50)
+    stdin(f"Hi\n/image {SMALL_IMAGE}\n/image {PHOTO}\nTwo?\nAgain\n/quit\n")
+    rc, out, err = cli(capsys, "chat", "-m", TINY, "--json", "--max-new-tokens", "5")
+    assert rc == 0, err
+    hi, again = [json.loads(line) for line in out.strip().splitlines()]
+    errors = [line for line in err.splitlines() if line.startswith("dsvl2: error:")]
+    assert len(errors) == 1, err
+    assert f"needs {two} prompt tokens" in errors[0] and f"context window of {n_one + 50} tokens" in errors[0]
+    assert "not sent" in errors[0] and "/reset" in errors[0] and "2 image(s) were dropped" in errors[0]
+    assert "no longer fit" not in err  # nothing was dropped from the history for it
+    conv = [_user("Hi"), {"role": "<|Assistant|>", "content": hi["text"].replace("<image>", "")}, _user("Again")]
+    assert again["usage"]["prompt_tokens"] == proc(conv).seq_lens[0]
+
+
 # --------------------------------------------------------------------------- init-random, info
 
 
@@ -395,6 +532,15 @@ def test_info_demo_json(capsys):
     assert rc == 0, err
     d = json.loads(out)
     assert d["params_total"] == d["weights"]["params_in_files"] > 0
+
+
+def test_info_without_a_model_shows_the_demo(capsys):
+    demo = cli(capsys, "info", "demo")
+    rc, out, err = cli(capsys, "info")
+    assert rc == 0 and demo[0] == 0, err
+    assert out == demo[1] and "demo" in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dsvl2: note:") and "demo" in lines[0]
 
 
 # --------------------------------------------------------------------------- errors
@@ -489,6 +635,90 @@ def test_help_and_usage_errors(capsys):
     assert rc == 2 and "invalid float value" in err
 
 
+def test_help_shows_the_defaults_and_keeps_the_examples(capsys):
+    rc, out, err = cli(capsys, "chat", "--help")
+    assert rc == 0
+    flat = " ".join(out.split())  # help lines wrap at the terminal width
+    for option, default in [("--max-new-tokens N", "512"), ("--temperature TEMPERATURE", "0.0"),
+                            ("--top-p TOP_P", "1.0"), ("--top-k TOP_K", "0"),
+                            ("--repetition-penalty REPETITION_PENALTY", "1.0"), ("--dtype", "auto"),
+                            ("--device DEVICE", "auto")]:
+        start = flat.index(option, flat.index("options:"))
+        end = flat.index(" --", start + len(option)) if " --" in flat[start + len(option):] else len(flat)
+        assert f"(default: {default})" in flat[start:end], (option, flat[start:end])
+    assert "(default: False)" not in out and "(default: None)" not in out and "(default: [])" not in out
+    # the epilog keeps its line breaks
+    assert '\n  dsvl2 chat -i photo.jpg "Describe this image."\n' in out
+    rc, out, err = cli(capsys, "init-random", "--help")
+    flat = " ".join(out.split())
+    assert rc == 0 and "(default: 1.0)" in flat and "(default: bfloat16)" in flat
+
+
+def test_version(capsys):
+    rc, out, err = cli(capsys, "--version")
+    assert rc == 0 and out == f"dsvl2 {dsvl2.__version__}\n"
+
+
+class _Refused(Exception):
+    pass
+
+
+def _fake_hub(monkeypatch, error: BaseException):
+    """huggingface_hub.snapshot_download: nothing cached, and downloading raises ``error``."""
+    import huggingface_hub
+
+    def snapshot_download(repo_id, allow_patterns=None, local_files_only=False):
+        if local_files_only:
+            raise FileNotFoundError(f"{repo_id} is not cached")
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+
+def _sentence(line: str) -> str:
+    msg = line[len("dsvl2: error: "):]
+    assert msg.endswith(".") and "Got:" not in msg and "\n" not in msg, msg
+    return msg
+
+
+def test_unreachable_hub_error_is_a_whole_sentence(capsys, monkeypatch):
+    try:  # the chain huggingface_hub raises: hub error <- httpx ConnectError <- socket error
+        try:
+            raise socket.gaierror(-2, "Name or service not known")
+        except socket.gaierror as e:
+            raise ConnectionError("[Errno -2] Name or service not known") from e
+    except ConnectionError as e:
+        wrapped = OSError("Got: ConnectError: [Errno -2] Name or service not known\nAn error happened while")
+        wrapped.__cause__ = e
+    _fake_hub(monkeypatch, wrapped)
+    msg = _sentence(assert_error(*cli(capsys, "info", "deepseek-ai/deepseek-vl2-tiny")[::2]))
+    assert msg == ("cannot download deepseek-ai/deepseek-vl2-tiny: the Hugging Face hub cannot be reached from this "
+                   "machine (Name or service not known). To use a local copy instead, download it on a machine with "
+                   "internet access (hf download deepseek-ai/deepseek-vl2-tiny --local-dir DIR), copy the folder "
+                   "here and pass the folder instead of the id: dsvl2 chat -m DIR.")
+
+
+def test_offline_hub_error_is_a_whole_sentence(capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    _fake_hub(monkeypatch, AssertionError("offline mode must not try the network"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    msg = _sentence(assert_error(*cli(capsys, "chat", "-m", "deepseek-ai/deepseek-vl2-small", "hi")[::2]))
+    assert msg.startswith("deepseek-ai/deepseek-vl2-small is not in the local Hugging Face cache and offline mode "
+                          "is on (HF_HUB_OFFLINE), so it cannot be downloaded. Unset HF_HUB_OFFLINE")
+    assert "dsvl2 chat -m DIR" in msg
+
+
+def test_refused_download_error_cuts_the_reason_at_a_word(capsys, monkeypatch):
+    long = ("404 Client Error. Repository Not Found for url: https://huggingface.co/api/models/deepseek-ai/"
+            "deepseek-vl2-tinyy/revision/main. Please make sure you specified the correct repo_id and repo_type.")
+    _fake_hub(monkeypatch, _Refused(long))
+    msg = _sentence(assert_error(*cli(capsys, "info", "deepseek-ai/deepseek-vl2-tinyy")[::2]))
+    reason = msg[msg.index("(") + 1:msg.index(" ...)")]
+    assert len(reason) > 30 and long.startswith(reason) and long[len(reason)] in " :"  # cut between words
+    assert "refused or failed" in msg and "deepseek-ai/deepseek-vl2-tiny," in msg and "-m DIR" in msg
+
+
 def test_interrupt_exits_130(capsys, monkeypatch):
     def interrupted(self, *a, **k):
         raise KeyboardInterrupt
@@ -571,3 +801,71 @@ def test_console_script_interactive_over_a_pipe(tmp_path):
     a, b = [json.loads(line) for line in p.stdout.strip().splitlines()]
     assert b["usage"]["prompt_tokens"] > a["usage"]["prompt_tokens"] > 200
     assert "unknown command /nope" in p.stderr and "Traceback" not in p.stderr
+
+
+def _read_until(fd: int, done, timeout: float = 120) -> bytes:
+    """Bytes read from a pipe until ``done(bytes_so_far)``; the wait is bounded by ``timeout``."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not done(data):
+        left = deadline - time.monotonic()
+        assert left > 0, f"gave up waiting after {timeout} s; read so far: {data[-300:]!r}"
+        if select.select([fd], [], [], left)[0]:
+            chunk = os.read(fd, 65536)
+            assert chunk, f"the pipe closed early; read so far: {data[-300:]!r}"
+            data += chunk
+    return data
+
+
+def _interactive_process(tmp_path, *argv) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dsvl2", "chat", *map(str, argv)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(tmp_path), cwd=tmp_path)
+
+
+def test_ctrl_c_stops_the_answer_and_the_session_goes_on(tmp_path):
+    demo = api_model("demo")
+    story, question = "Tell me a long story", "What is this?"
+    # The first answer must still be running when Ctrl-C comes (right after its first
+    # piece of text): the demo's greedy answer to it has no eos and no stop string early.
+    head = demo.chat(story, max_new_tokens=64)
+    assert head.finish_reason == "length"
+    # The second answer ends at a stop string taken from its own greedy text.
+    words = demo.chat(question, max_new_tokens=12).text.split()
+    stop = next(w for w in words[1:] if len(w) >= 3 and w not in head.text)
+    expected = demo.chat(question, max_new_tokens=100000, stop=[stop])
+    assert expected.finish_reason == "stop" and expected.text.strip()
+
+    p = _interactive_process(tmp_path, "-m", "demo", "--max-new-tokens", "100000", "--stop", stop)
+    try:
+        p.stdin.write(story.encode() + b"\n")
+        p.stdin.flush()
+        first = _read_until(p.stdout.fileno(), lambda data: len(data) > 0)  # the answer is streaming
+        p.send_signal(signal.SIGINT)
+        rest, err = p.communicate(question.encode() + b"\n/quit\n", timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=30)
+    out, err = (first + rest).decode(), err.decode()
+    assert p.returncode == 0, err
+    assert "Traceback" not in err
+    assert err.count("answer interrupted") == 1, err
+    assert out.endswith("\n" + expected.text + "\n"), out[-300:]
+    partial = out[:-len(expected.text) - 2]
+    assert partial and (head.text.startswith(partial) or partial.startswith(head.text))  # what had streamed
+
+
+def test_ctrl_c_at_the_prompt_ends_the_session(tmp_path):
+    p = _interactive_process(tmp_path, "-m", TINY, "--max-new-tokens", "2")
+    try:
+        p.stdin.write(b"/nope\n")
+        p.stdin.flush()
+        err = _read_until(p.stderr.fileno(), lambda data: b"unknown command /nope" in data)
+        p.send_signal(signal.SIGINT)  # the session waits at the prompt now
+        out, rest = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=30)
+    assert p.returncode == 0, (err + rest).decode()
+    assert out == b"" and b"Traceback" not in err + rest

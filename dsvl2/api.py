@@ -130,13 +130,16 @@ def user_turn(text: str, images: Sequence | None = None) -> dict:
 # at most about one decode step plus this many prompt tokens (or one image tile) of a
 # newcomer's admission between two tokens.
 STEP_TOKENS = 512
+# KV-cache rows kept for follow-up questions (engine/prefix.py), least recently used first.
+PREFIX_CACHE_BYTES = 1 << 30
 
 
 class VLModel:
     """A loaded DeepSeek-VL2 model with its processor and generation engine."""
 
     def __init__(self, model: DeepseekVL2, processor: Processor, folder: Path | None = None,
-                 max_batch_size: int = 16, step_tokens: int = STEP_TOKENS):
+                 max_batch_size: int = 16, step_tokens: int = STEP_TOKENS,
+                 prefix_cache_bytes: int = PREFIX_CACHE_BYTES):
         self.model = model
         self.processor = processor
         self.folder = folder
@@ -144,7 +147,7 @@ class VLModel:
         # and from interleaved iterators; the per-step token budget keeps running streams
         # flowing while a big image request is admitted.
         self.driver = Driver(Engine(model, processor.tokenizer, max_batch_size=max_batch_size,
-                                    step_tokens=step_tokens))
+                                    step_tokens=step_tokens, prefix_cache_bytes=prefix_cache_bytes))
 
     @property
     def engine(self) -> Engine:
@@ -266,14 +269,16 @@ def _params(sampling: dict) -> SamplingParams:
 
 def load(model: str | Path = "demo", *, dtype: str | torch.dtype = "auto", device: str = "auto",
          max_batch_size: int = 16, step_tokens: int = STEP_TOKENS,
+         prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
          progress: Callable[[int, int], None] | None = None) -> VLModel:
     """Load a checkpoint folder or Hugging Face id (``demo`` = the shipped random model).
 
     ``max_batch_size``: conversations decoded together (KV-cache rows); ``step_tokens``:
-    the scheduler's per-step token budget (see ``STEP_TOKENS``)."""
+    the scheduler's per-step token budget (see ``STEP_TOKENS``); ``prefix_cache_bytes``:
+    memory for KV rows kept for follow-up questions (0 = off)."""
     folder = resolve_model(model)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     net = load_model(folder, dt, dev, progress=progress)
     return VLModel(net, Processor.from_pretrained(folder), folder, max_batch_size=max_batch_size,
-                   step_tokens=step_tokens)
+                   step_tokens=step_tokens, prefix_cache_bytes=prefix_cache_bytes)

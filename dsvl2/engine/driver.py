@@ -163,8 +163,8 @@ class Driver:
         with self._cv:
             inbox = len(self._inbox)
         return {"running": len(s.running), "admitting": len(s.admitting), "waiting": len(s.waiting) + inbox,
-                "slots_in_use": s.max_batch_size - len(s.free_slots), "slots_total": s.max_batch_size,
-                "steps": self.steps}
+                "slots_in_use": len(s.running) + len(s.admitting), "slots_total": s.max_batch_size,
+                "prefix_rows": len(s.prefix.rows), "prefix_hits": s.prefix.hits, "steps": self.steps}
 
     def pending(self) -> int:
         """Requests not yet holding a cache row."""

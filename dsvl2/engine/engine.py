@@ -38,6 +38,7 @@ from ..model.cache import KVCache
 from ..model.vl import DeepseekVL2, num_tiles, used_crops
 from ..processing import BatchInputs, Tokenizer
 from .output import OutputProcessor
+from .prefix import PrefixCache, image_hashes, prompt_keys
 from .request import Request, Timings
 from .runner import ModelRunner
 from .sampling import SamplingParams, make_generator, sample_next
@@ -58,6 +59,7 @@ class GenerationOutput:
     scores: torch.Tensor | None = None  # [steps, V] raw logits of each decoding step
     timings: dict | None = None         # Timings.to_dict()
     error: str | None = None
+    cached_tokens: int = 0              # prompt tokens reused from the prefix cache
 
 
 @dataclass
@@ -77,11 +79,12 @@ class Engine:
     One caller at a time: ``step`` is not thread-safe. Share an engine between threads or
     iterators through a ``Driver``. ``step_tokens`` is the per-step token budget of the
     scheduler (None: admission work is never split, the whole prompt prefills at once).
+    ``prefix_cache_bytes`` > 0 keeps finished rows for follow-ups (``prefix``).
     """
 
     def __init__(self, model: DeepseekVL2, tokenizer: Tokenizer, max_batch_size: int = 16,
                  cache_dtype: torch.dtype | None = None, context_window: int | None = None,
-                 step_tokens: int | None = None):
+                 step_tokens: int | None = None, prefix_cache_bytes: int = 0):
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = model.cfg.language
@@ -91,7 +94,9 @@ class Engine:
         self.dtype = self.runner.dtype
         self.cache_dtype = self.runner.cache_dtype
         vc = model.cfg.vision
-        self.scheduler = Scheduler(max_batch_size, step_tokens, tile_cost=(vc.image_size // vc.patch_size) ** 2)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.scheduler = Scheduler(max_batch_size, step_tokens, tile_cost=(vc.image_size // vc.patch_size) ** 2,
+                                   prefix=self.prefix_cache)
         self.output = OutputProcessor(tokenizer.decode)
         self.eos_ids = {i for i in (tokenizer.eos_id, self.cfg.eos_token_id) if i is not None}
         # Optional hook for long work: progress(stage, done, total) with stage "vision"
@@ -155,10 +160,15 @@ class Engine:
             valid = batch.attention_mask[b]
             ids = batch.input_ids[b][valid]
             crops = used_crops(batch.images_spatial_crop[b].tolist())
-            tiles = batch.pixel_values[b, :num_tiles(crops)].to(self.device) if crops else None
+            tiles = batch.pixel_values[b, :num_tiles(crops)] if crops else None
+            seq_mask = batch.images_seq_mask[b][valid]
+            keys = None
+            if self.prefix_cache.enabled:
+                keys = prompt_keys(ids.tolist(), seq_mask.tolist(), batch.num_image_tokens[b],
+                                   image_hashes(tiles, crops) if crops else [])
             reqs.append(Request(next(self._ids), ids.tolist(), plist[b], chunk_size, output_scores,
-                                input_ids=ids.to(self.device), seq_mask=batch.images_seq_mask[b][valid].to(self.device),
-                                tiles=tiles, crops=crops))
+                                input_ids=ids.to(self.device), seq_mask=seq_mask.to(self.device),
+                                tiles=None if tiles is None else tiles.to(self.device), crops=crops, keys=keys))
         return reqs
 
     def add(self, reqs: Sequence[Request]) -> None:
@@ -166,17 +176,31 @@ class Engine:
             self.scheduler.add(req)
 
     def cancel(self, reqs: Sequence[Request], reason: str = "cancelled") -> None:
-        """Drop requests (e.g. a client went away); their slots become free."""
+        """Drop requests (e.g. a client went away); their slots become free ("error": the
+        row's content is not trusted, so it is not kept for the prefix cache)."""
         for r in reqs:
             if not r.finished:
                 r.finish_reason = reason
                 r.timings.finished = time.perf_counter()
-            self.scheduler.release(r)
+            self._release(r, keep=reason != "error")
             r.release_inputs()
+
+    def _release(self, r: Request, keep: bool = True) -> None:
+        keys = None
+        if keep and r.keys is not None and self.prefix_cache.enabled and r.length > 0:
+            keys = (r.keys + r.output_ids)[:r.length]  # the tokens whose KV is in the row
+        cache = self.runner.cache
+        row_bytes = cache.nbytes() // max(cache.rows, 1) if cache is not None else 0
+        self.scheduler.release(r, keys, row_bytes)
 
     def _start(self, req: Request) -> None:
         p = req.params
         req.timings.admitted = time.perf_counter()
+        if req.cached_tokens:  # a kept row holds the first cached_tokens tokens' KV
+            req.prefilled = req.length = req.cached_tokens
+            slots = req.seq_mask.nonzero()
+            if not slots.numel() or int(slots[-1]) < req.cached_tokens:
+                req.tiles_done = req.tiles_total  # every image is inside the prefix: no vision
         req.generator = None if p.is_greedy else make_generator(p.seed, self.device)
         if p.repetition_penalty != 1.0:
             req.seen = torch.zeros(self.cfg.vocab_size, dtype=torch.bool, device=self.device)
@@ -214,7 +238,7 @@ class Engine:
         for r in reqs:
             if r.finished:
                 r.timings.finished = now
-                self.scheduler.release(r)
+                self._release(r)
         going = [r for r in reqs if not r.finished]
         if going:
             self.runner.decode(going)
@@ -285,4 +309,4 @@ class Engine:
     def result(self, r: Request) -> GenerationOutput:
         scores = torch.stack(r.scores) if r.output_scores and r.scores else None
         return GenerationOutput(list(r.output_ids), r.text, r.finish_reason or "length", len(r.prompt_ids),
-                                len(r.output_ids), scores, r.timings.to_dict(), r.error)
+                                len(r.output_ids), scores, r.timings.to_dict(), r.error, r.cached_tokens)

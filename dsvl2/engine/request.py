@@ -68,6 +68,8 @@ class Request:
     tiles_done: int = 0
     embeds: torch.Tensor | None = None      # [L, D] prompt embeddings, once the images are in
     prefilled: int = 0                      # prompt tokens already in the cache
+    keys: list | None = None                # prefix-cache keys of the prompt (prefix.py)
+    cached_tokens: int = 0                  # prompt tokens reused from a kept row
     # decoding
     slot: int = -1
     length: int = 0                         # tokens in the cache

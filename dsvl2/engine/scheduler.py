@@ -23,6 +23,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+from .prefix import PrefixCache
 from .request import Request
 
 
@@ -42,7 +43,8 @@ class Prefill:
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int, step_tokens: int | None = None, tile_cost: int = 729):
+    def __init__(self, max_batch_size: int, step_tokens: int | None = None, tile_cost: int = 729,
+                 prefix: PrefixCache | None = None):
         if step_tokens is not None and (not isinstance(step_tokens, int) or step_tokens < 1):
             raise ValueError(f"step_tokens must be a positive integer or None, got {step_tokens!r}")
         self.max_batch_size = max_batch_size
@@ -52,6 +54,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.admitting: list[Request] = []
         self.running: list[Request] = []
+        self.prefix = prefix or PrefixCache(0)
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.admitting) + len(self.running)
@@ -63,11 +66,24 @@ class Scheduler:
         self.waiting.append(req)
 
     def admit(self) -> list[Request]:
-        """Give free slots to waiting requests (in order); returns the newly admitted."""
+        """Give slots to waiting requests (in order); returns the newly admitted.
+
+        A request whose prompt starts like a kept row takes that row (``req.cached_tokens``
+        set); else a free slot; else the least recently used kept row is given up."""
         new = []
-        while self.waiting and self.free_slots:
-            req = self.waiting.popleft()
-            req.slot = self.free_slots.pop(0)
+        while self.waiting:
+            req = self.waiting[0]
+            hit = self.prefix.take(req.keys) if self.prefix.enabled and req.keys else None
+            if hit is not None:
+                req.slot, req.cached_tokens = hit
+            elif self.free_slots:
+                req.slot = self.free_slots.pop(0)
+            else:
+                slot = self.prefix.evict_lru()
+                if slot is None:
+                    break
+                req.slot = slot
+            self.waiting.popleft()
             self.admitting.append(req)
             new.append(req)
         return new
@@ -116,12 +132,16 @@ class Scheduler:
         self.admitting.remove(req)
         self.running.append(req)
 
-    def release(self, req: Request) -> None:
-        """Take a finished or cancelled request out, wherever it is; its slot becomes free."""
+    def release(self, req: Request, keep: list | None = None, row_bytes: int = 0) -> None:
+        """Take a finished or cancelled request out, wherever it is; its slot becomes free,
+        or is kept for the prefix cache with ``keep`` (the keys of the tokens in its row)."""
         for group in (self.running, self.admitting):
             if req in group:
                 group.remove(req)
-                self.free_slots.append(req.slot)
+                freed = [req.slot]
+                if keep and self.prefix.enabled:
+                    freed = self.prefix.keep(req.slot, keep, row_bytes)
+                self.free_slots.extend(freed)
                 self.free_slots.sort()
                 return
         if req in self.waiting:

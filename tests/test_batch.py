@@ -1,0 +1,387 @@
+"""Batch inference on Ray Data (``dsvl2.batch``): reading INPUT, resuming from OUT, the
+per-row answers, and whole jobs on a local two-node Ray cluster and from the CLI.
+
+Conventions of this file:
+* The model is the shipped demo checkpoint (random weights, about 1 M parameters) with
+  ``max_new_tokens=2``: a row costs a prefill of its image (600-1800 tokens) and two
+  decode steps, seconds on a busy 2-core machine. Answers are compared by text, token
+  counts and finish reason with ``dsvl2.load("demo").chat(prompt, images=[path])``
+  run in this process with ONE torch thread, as each actor runs (1 CPU per actor).
+* The cluster test starts a head and one worker node with ``ray.cluster_utils.Cluster``
+  on 127.0.0.1, one CPU each, so that the two actors (one CPU each) must run on
+  different nodes (checked: their processes are children of two different raylets).
+  The Ray tests are bounded by a watchdog (SIGALRM) that fails them after ``BUDGET_S``
+  seconds, so a hung job cannot block the suite, and the cluster is shut down whatever
+  happens.
+* "Crash": ``on_batch`` raises KeyboardInterrupt after some rows, which is what Ctrl-C
+  does to the driver; "killed actor": SIGKILL to one actor's process, found as a child
+  of one of the cluster's raylets whose process title is ``ray::MapWorker...``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from dsvl2.batch import (BatchInputError, JsonlResults, ParquetResults, Row, _Answerer, answer_record,
+                         error_record, out_format, read_rows, run_batch)
+from dsvl2.cli import main
+from _paths import IMAGES
+
+PROMPT = "Describe this image."
+NEW_TOKENS = 2
+SMALL_IMAGE = IMAGES / "multi_image_2.jpeg"  # 450x308: the shortest prompt
+PHOTO = IMAGES / "monday.jpg"
+BUDGET_S = 170
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@functools.lru_cache(maxsize=None)
+def demo():
+    import dsvl2
+
+    return dsvl2.load("demo", device="cpu")
+
+
+@functools.lru_cache(maxsize=None)
+def reference(path: str, prompt: str = PROMPT) -> dict:
+    a = demo().chat(prompt, images=[path], max_new_tokens=NEW_TOKENS)
+    return {"text": a.text, "finish_reason": a.finish_reason,
+            "usage": {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens,
+                      "total_tokens": a.prompt_tokens + a.completion_tokens}}
+
+
+def image_folder(tmp_path: Path, names: list[str]) -> Path:
+    """A folder with copies of test images, one broken image and a file that is no image."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in names:
+        shutil.copy(IMAGES / name, folder / name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 this is not a JPEG")
+    (folder / "notes.txt").write_text("not an image: no row")
+    return folder
+
+
+def read_out(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def assert_matches_api(rec: dict, folder: Path) -> None:
+    ref = reference(str((folder / rec["id"]).resolve()))
+    got = {k: rec[k] for k in ("text", "finish_reason", "usage")}
+    assert got == ref, rec["id"]
+    assert rec["error"] is None
+
+
+# --------------------------------------------------------------------------- INPUT
+
+
+def test_folder_rows_are_the_image_files_with_relative_ids(tmp_path):
+    folder = image_folder(tmp_path, ["monday.jpg"])
+    (folder / "sub").mkdir()
+    shutil.copy(SMALL_IMAGE, folder / "sub" / "b.JPEG")
+    (folder / ".hidden").mkdir()
+    shutil.copy(SMALL_IMAGE, folder / ".hidden" / "c.jpg")
+    rows = read_rows(folder, "Caption it.")
+    assert [r.id for r in rows] == ["broken.jpg", "monday.jpg", "sub/b.JPEG"]
+    assert rows[2] == Row("sub/b.JPEG", "Caption it.", (str((folder / "sub" / "b.JPEG").resolve()),), {})
+
+
+def test_jsonl_rows_resolve_paths_against_the_file_and_default_the_prompt(tmp_path):
+    (tmp_path / "data").mkdir()
+    src = tmp_path / "data" / "rows.jsonl"
+    src.write_text('{"id": 7, "images": ["a.jpg", "/abs/b.png"], "sampling": {"max_new_tokens": 3}}\n'
+                   '\n'
+                   '{"id": "t", "prompt": "Hello", "images": "c.jpg"}\n'
+                   '{"id": "x", "prompt": "No image", "extra": "ignored"}\n')
+    rows = read_rows(src, "Default?")
+    assert rows == [
+        Row("7", "Default?", (str(tmp_path / "data" / "a.jpg"), "/abs/b.png"), {"max_new_tokens": 3}),
+        Row("t", "Hello", (str(tmp_path / "data" / "c.jpg"),), {}),
+        Row("x", "No image", (), {}),
+    ]
+
+
+@pytest.mark.parametrize("text, words", [
+    ('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n', ["line 2", "'1'", "line 1", "unique"]),
+    ('{"id": 1}\nnot json\n', ["line 2", "not JSON"]),
+    ('{"prompt": "no id"}\n', ["line 1", "'id'"]),
+    ('{"id": true}\n', ["'id'", "True"]),
+    ('{"id": 1, "image": "a.jpg"}\n', ["'image'", "'images'"]),
+    ('{"id": 1, "images": [3]}\n', ["'images'", "list of image paths"]),
+    ('{"id": 1, "prompt": 5}\n', ["'prompt'", "string"]),
+    ('{"id": 1, "sampling": [1]}\n', ["'sampling'", "object"]),
+    ('[1, 2]\n', ["line 1", "object"]),
+    ('\n', ["no rows"]),
+])
+def test_bad_input_rows_are_clear_errors_naming_the_line(tmp_path, text, words):
+    src = tmp_path / "rows.jsonl"
+    src.write_text(text)
+    with pytest.raises(BatchInputError) as e:
+        read_rows(src)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_parquet_input_rows(tmp_path):
+    src = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist([
+        {"id": "a", "images": ["x.jpg"], "prompt": "P", "sampling": '{"temperature": 0.5}'},
+        {"id": "b", "images": [], "prompt": None, "sampling": None},
+    ]), src)
+    assert read_rows(src, "D") == [Row("a", "P", (str(tmp_path / "x.jpg"),), {"temperature": 0.5}),
+                                   Row("b", "D", (), {})]
+
+
+def test_unusable_input_and_out_names_are_clear_errors(tmp_path):
+    with pytest.raises(BatchInputError, match="INPUT not found"):
+        read_rows(tmp_path / "missing")
+    (tmp_path / "rows.csv").write_text("id\n1\n")
+    with pytest.raises(BatchInputError, match="unknown file type '.csv'"):
+        read_rows(tmp_path / "rows.csv")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BatchInputError, match="no image files"):
+        read_rows(tmp_path / "empty")
+    assert out_format("a/out.JSONL") == "jsonl" and out_format("out.parquet") == "parquet"
+    assert out_format("out.txt", "parquet") == "parquet"
+    with pytest.raises(BatchInputError, match="--format"):
+        out_format("out.txt")
+
+
+# --------------------------------------------------------------------------- OUT
+
+
+def test_jsonl_out_cuts_a_torn_last_line_and_appends_on_a_line_boundary(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "a", "text": "x"}\n{"id": "b", "text": "y"}\n{"id": "c", "te')  # died mid-write
+    res = JsonlResults(out)
+    assert res.done() == {"a", "b"}
+    res.append([json.dumps({"id": "c", "text": "z"})])
+    res.close()
+    assert [r["id"] for r in read_out(out)] == ["a", "b", "c"]
+
+
+def test_out_that_is_not_a_result_file_is_refused(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "a"}\nhello\n')
+    with pytest.raises(BatchInputError, match="line 2 is not JSON"):
+        JsonlResults(out).done()
+    out.write_text('{"name": "a"}\n')
+    with pytest.raises(BatchInputError, match="no 'id'"):
+        JsonlResults(out).done()
+
+
+def test_parquet_out_is_built_from_its_journal_and_merged_on_resume(tmp_path):
+    out = tmp_path / "out.parquet"
+    box = {"label": "cat", "box_norm": [1, 2, 3, 4], "box_px": None, "image_index": None}
+    first = {"id": "a", "text": "t", "finish_reason": "stop", "usage": {"prompt_tokens": 5, "completion_tokens": 1,
+             "total_tokens": 6}, "boxes": [box], "grounding_problems": ["p"], "error": None}
+    res = ParquetResults(out)
+    assert res.done() == set()
+    res.append([json.dumps(first)])
+    assert res.done() == {"a"}  # already done while only in the journal (a killed run)
+    res.close()
+    assert not res.journal.path.exists()
+    res = ParquetResults(out)
+    assert res.done() == {"a"}
+    res.append([json.dumps(error_record("b", OSError("disk")))])
+    res.close()
+    rows = pq.read_table(out).to_pylist()
+    assert rows[0] == first
+    assert rows[1]["id"] == "b" and rows[1]["error"] == "OSError: disk" and rows[1]["text"] is None
+
+
+# --------------------------------------------------------------------------- the actor, in this process
+
+
+def actor(rows_per_call: int = 1) -> _Answerer:
+    a = _Answerer.__new__(_Answerer)  # the real class around the already loaded model
+    a.model, a.rows_per_call, a.sampling = demo(), rows_per_call, {"max_new_tokens": NEW_TOKENS}
+    return a
+
+
+def batch_of(rows: list[Row]) -> dict:
+    return {"id": [r.id for r in rows],
+            "request": [json.dumps({"prompt": r.prompt, "images": list(r.images), "sampling": r.sampling})
+                        for r in rows]}
+
+
+@pytest.mark.parametrize("rows_per_call", [1, 3])
+def test_actor_answers_like_the_api_and_records_bad_rows(tmp_path, rows_per_call):
+    folder = image_folder(tmp_path, [SMALL_IMAGE.name])
+    rows = read_rows(folder) + [Row("bad-sampling", PROMPT, (str(SMALL_IMAGE),), {"temperature": -1}),
+                                Row("unknown-key", PROMPT, (str(SMALL_IMAGE),), {"beams": 4})]
+    out = actor(rows_per_call)(batch_of(rows))
+    assert list(out["id"]) == [r.id for r in rows]
+    recs = {r["id"]: r for r in map(json.loads, out["record"])}
+    assert_matches_api(recs[SMALL_IMAGE.name], folder)
+    broken = recs["broken.jpg"]
+    assert broken["text"] is None and broken["usage"] is None and "broken.jpg" in broken["error"]
+    assert "temperature" in recs["bad-sampling"]["error"]
+    assert "'beams'" in recs["unknown-key"]["error"] and "max_new_tokens" in recs["unknown-key"]["error"]
+
+
+def test_answer_record_is_the_api_dict_plus_id_and_error():
+    a = demo().chat("Hi", max_new_tokens=1)
+    assert answer_record("r", a) == {"id": "r", **a.to_dict(), "error": None}
+
+
+# --------------------------------------------------------------------------- a job on two nodes
+
+
+def raylet_pids(cluster) -> set[int]:
+    from ray._private import ray_constants
+
+    nodes = [cluster.head_node, *cluster.worker_nodes]
+    return {n.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid for n in nodes}
+
+
+def map_workers(parents: set[int]) -> dict[int, int]:
+    """{pid: parent raylet pid} of the Ray Data actor processes of this cluster."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # the process ended while we looked
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if cmdline.startswith(b"ray::MapWorker") and ppid in parents:
+            found[int(entry)] = ppid
+    return found
+
+
+class Overtime(Exception):
+    pass
+
+
+@pytest.fixture
+def watchdog():
+    """Fail the test (an exception raised in the main thread by SIGALRM) if it runs longer
+    than BUDGET_S: a hung Ray job must not block the suite."""
+
+    def overtime(signum, frame):
+        raise Overtime(f"the test ran longer than {BUDGET_S} s")
+
+    previous = signal.signal(signal.SIGALRM, overtime)
+    signal.alarm(BUDGET_S)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def two_node_cluster(watchdog):
+    from ray.cluster_utils import Cluster
+
+    from dsvl2.ray_connect import keep_on_loopback
+
+    keep_on_loopback()
+    node = dict(num_cpus=1, object_store_memory=150 * 2**20, node_ip_address="127.0.0.1")
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+    try:
+        cluster.add_node(**node)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_job_on_two_nodes_answers_like_the_api_resumes_and_survives_a_killed_actor(tmp_path, two_node_cluster):
+    names = sorted(p.name for p in IMAGES.iterdir() if p.suffix != ".json")
+    folder = image_folder(tmp_path, names)
+    out = tmp_path / "out.jsonl"
+    job = dict(prompt=PROMPT, sampling={"max_new_tokens": NEW_TOKENS}, actors=2, batch_size=1,
+               address=two_node_cluster.address, log=lambda line: None)
+    for name in names:  # the answers to compare with, computed while nobody else runs
+        reference(str((folder / name).resolve()))
+
+    # 1. Ctrl-C after 3 rows: those 3 are in OUT, and the driver's Ray connection is closed.
+    seen = []
+
+    def interrupt(records):
+        seen.extend(records)
+        if len(seen) >= 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_batch("demo", folder, out, on_batch=interrupt, **job)
+    assert len(read_out(out)) == len(seen) >= 3
+    assert not ray.is_initialized()
+
+    # 2. Resume; one of the two actors (one per node) is killed after the first new row.
+    parents = raylet_pids(two_node_cluster)
+    killed = []
+
+    def kill_one(records):
+        if not killed:
+            workers = map_workers(parents)
+            assert len(set(workers.values())) == 2, workers  # 2 actors, on 2 nodes
+            pid = min(workers)
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    summary = run_batch("demo", folder, out, on_batch=kill_one, **job)
+    assert killed
+    broken_left = int("broken.jpg" not in {r["id"] for r in seen})
+    assert (summary.rows, summary.skipped, summary.written, summary.errors) == (
+        len(names) + 1, len(seen), len(names) + 1 - len(seen), broken_left)
+    recs = read_out(out)
+    assert sorted(r["id"] for r in recs) == sorted(names + ["broken.jpg"])  # every row exactly once
+    for rec in recs:
+        if rec["id"] == "broken.jpg":
+            assert rec["text"] is None and "broken.jpg" in rec["error"] and "Pillow" in rec["error"]
+        else:
+            assert_matches_api(rec, folder)
+
+    # 3. Nothing left to do: OUT is not touched.
+    before = out.read_bytes()
+    summary = run_batch("demo", folder, out, **job)
+    assert (summary.skipped, summary.written) == (len(names) + 1, 0)
+    assert out.read_bytes() == before
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_cli_batch_writes_one_row_per_image_and_a_rerun_writes_nothing(tmp_path, capsys, watchdog):
+    folder = image_folder(tmp_path, [SMALL_IMAGE.name, PHOTO.name])
+    out = tmp_path / "out.jsonl"
+    argv = ["batch", "-m", "demo", str(folder), str(out), "--max-new-tokens", str(NEW_TOKENS)]
+    assert main(argv) == 0
+    recs = {r["id"]: r for r in read_out(out)}
+    assert sorted(recs) == ["broken.jpg", PHOTO.name, SMALL_IMAGE.name]
+    assert recs["broken.jpg"]["error"] and recs["broken.jpg"]["text"] is None
+    for name in (SMALL_IMAGE.name, PHOTO.name):
+        assert_matches_api(recs[name], folder)
+    err = capsys.readouterr().err
+    assert "3/3 rows done (3 new, 1 with errors)" in err and "wrote 3 new row(s) (1 with errors)" in err
+    before = out.read_bytes()
+    assert main(argv) == 0
+    assert out.read_bytes() == before
+    assert "nothing to do" in capsys.readouterr().err
+
+
+def test_cli_batch_errors_are_one_line(tmp_path, capsys):
+    folder = image_folder(tmp_path, [])
+    assert main(["batch", "-m", "demo", str(folder), str(tmp_path / "out.txt")]) == 1
+    assert "--format" in capsys.readouterr().err
+    assert main(["batch", "-m", "demo", str(folder), str(tmp_path / "o.jsonl"), "--top-p", "2"]) == 1
+    assert "--top-p must be" in capsys.readouterr().err
+    assert main(["batch", "-m", "demo", str(folder), str(tmp_path / "o.jsonl"), "--actors", "0"]) == 1
+    assert "--actors" in capsys.readouterr().err
+    assert main(["batch", "-m", str(tmp_path / "nowhere"), str(folder), str(tmp_path / "o.jsonl")]) == 1
+    assert "nowhere" in capsys.readouterr().err

@@ -36,7 +36,7 @@ import dsvl2.processing.processor as processor_mod
 from dsvl2.api import Answer
 from dsvl2.cli import main
 from dsvl2.grounding import draw_grounding, grounding_to_json, parse_grounding
-from dsvl2.processing import num_image_tokens
+from dsvl2.processing import normalize_conversation, num_image_tokens
 from hostile.make_corpus import CONTEXT_TOKENS, SMALL, Item, build, items, resolve
 
 ITEMS = items()
@@ -217,6 +217,16 @@ def test_image_limit_in_a_batch_names_the_conversation(corpus, model):
     many = [{"role": "user", "content": [{"type": "image", "image": str(corpus / SMALL)}] * 17}]
     with pytest.raises(errors.ConversationError, match=r"conversation 1: .*17 images; at most 16"):
         model.chat([ok, many], max_new_tokens=1)
+
+
+@pytest.mark.parametrize("messages, images", [
+    (None, None), (5, None),  # found by the fuzzer: None / an int gave a TypeError
+    ([{"role": "user", "content": "<image> hi"}], "a.png"),  # one path, not a list: not 5 images
+    ([{"role": "user", "content": "hi"}], 3),
+])
+def test_conversation_and_images_must_be_lists(messages, images):
+    with pytest.raises(errors.ConversationError, match="list"):
+        normalize_conversation(messages, images)
 
 
 def test_the_model_still_answers_after_every_hostile_request(corpus, model, baseline):

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from ..errors import ConversationError
 
@@ -128,9 +128,11 @@ def normalize_conversation(messages: Sequence[Mapping[str, Any]], images: Sequen
         >>> [(t.role, t.text, t.images) for t in turns]
         [('user', '<image>\\nDescribe', ['cat.jpg']), ('assistant', '', [])]
     """
-    if isinstance(messages, Mapping) or isinstance(messages, (str, bytes)):
+    if isinstance(messages, (Mapping, str, bytes)) or not isinstance(messages, Iterable):
         raise ConversationError("a conversation is a list of messages (dicts with 'role' and 'content'), "
                                 f"got a {type(messages).__name__}")
+    if images is not None and not isinstance(images, (list, tuple)):
+        raise ConversationError(f"images must be a list of image sources (or None), got a {type(images).__name__}")
     messages = list(messages)
     if not messages:
         raise ConversationError("the conversation is empty; it needs at least one message")

@@ -270,8 +270,12 @@ def _params(sampling: dict) -> SamplingParams:
 def load(model: str | Path = "demo", *, dtype: str | torch.dtype = "auto", device: str = "auto",
          max_batch_size: int = 16, step_tokens: int = STEP_TOKENS,
          prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
-         progress: Callable[[int, int], None] | None = None) -> VLModel:
+         progress: Callable[[int, int], None] | None = None, quantize: str | None = None) -> VLModel:
     """Load a checkpoint folder or Hugging Face id (``demo`` = the shipped random model).
+
+    ``quantize``: None, "int8" (every language-model linear layer, per output channel) or
+    "int4" (routed experts in int4 groups, the rest int8), applied tensor by tensor while
+    loading; a checkpoint written by ``dsvl2 quantize`` loads in its own scheme.
 
     ``max_batch_size``: conversations decoded together (KV-cache rows); ``step_tokens``:
     the scheduler's per-step token budget (see ``STEP_TOKENS``); ``prefix_cache_bytes``:
@@ -279,6 +283,6 @@ def load(model: str | Path = "demo", *, dtype: str | torch.dtype = "auto", devic
     folder = resolve_model(model)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    net = load_model(folder, dt, dev, progress=progress)
+    net = load_model(folder, dt, dev, progress=progress, quantize=quantize)
     return VLModel(net, Processor.from_pretrained(folder), folder, max_batch_size=max_batch_size,
                    step_tokens=step_tokens, prefix_cache_bytes=prefix_cache_bytes)

@@ -112,7 +112,8 @@ def _load(args):
               "(answers are gibberish); pass -m FOLDER or -m deepseek-ai/deepseek-vl2-tiny for a real model",
               file=sys.stderr)
         name = "demo"
-    model = load(name, dtype=args.dtype, device=args.device, progress=Progress("loading"))
+    model = load(name, dtype=args.dtype, device=args.device, progress=Progress("loading"),
+                 quantize=getattr(args, "quantize", None))
     if sys.stderr.isatty():
         bars: dict[str, Progress] = {}
 
@@ -427,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto = bf16 weights, fp32 compute on CPU")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    r.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="quantise the weights while loading (int8: LM linears; int4: routed experts)")
     chat.set_defaults(func=cmd_chat)
 
     init = sub.add_parser("init-random", help="write a random checkpoint in the official layout",
@@ -453,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_parser(sub)
     from .server import cli as server_cli  # `dsvl2 serve`; FastAPI is imported only when it runs
     server_cli.add_parser(sub)
+    from . import quantize  # `dsvl2 quantize`
+    quantize.add_parser(sub)
     return ap
 
 

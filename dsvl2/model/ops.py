@@ -16,6 +16,9 @@ numbers depend on the rest of the batch, since an expert's row count depends on 
 routing of every row. torch's bf16 CPU kernels give each row the same bits whatever the
 number of rows (checked in a test), so with this rule a decode row's products do not
 depend on its batch. With float32 weights (the oracle's setting) nothing is cast at all.
+
+Quantised weights (``quant.QuantWeight``, int8 / int4) follow the same rule: the weight
+object picks its kernel from the step kind (``decoding()`` or not), never from the rows.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .quant import QuantWeight
 
 # Output rows upcast at a time: bounds the fp32 temporary (an lm_head upcast whole would
 # be 420 MB) and keeps it in cache while it is used.
@@ -77,6 +82,9 @@ def _in_weight_dtype(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` in x's dtype, whatever dtype the weight is stored in."""
+    if isinstance(weight, QuantWeight):  # int8 / int4: the weight picks its kernel by step kind
+        out = weight.linear(x, getattr(_mode, "decoding", False))
+        return out if bias is None else out + bias.to(x.dtype)
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
     if _in_weight_dtype(x, weight):
@@ -138,6 +146,8 @@ def gated_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch
     Decode with bf16 weights: the whole MLP runs in bf16 with one cast in and
     one out, like the bf16 reference, instead of a cast around each of the three GEMVs.
     """
+    if isinstance(gate, QuantWeight):
+        return linear(F.silu(linear(x, gate)) * linear(x, up), down)
     if _in_weight_dtype(x, gate):
         xb = x.to(gate.dtype)
         return F.linear(F.silu(F.linear(xb, gate)) * F.linear(xb, up), down).to(x.dtype)

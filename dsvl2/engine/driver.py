@@ -20,10 +20,12 @@ belongs to, so no consumer can drop another's events or its finish.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import queue
 import threading
 import time
+import weakref
 from typing import Iterator, Sequence
 
 from ..errors import GenerationError
@@ -36,6 +38,15 @@ log = logging.getLogger("dsvl2.driver")
 
 # How often a blocked reader wakes up to let a KeyboardInterrupt through.
 _POLL_S = 0.2
+_LIVE: "weakref.WeakSet[Driver]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """At interpreter exit, stop every driver thread that is still inside a step: a daemon
+    thread killed in the middle of a torch kernel aborts the process (SIGABRT)."""
+    for d in list(_LIVE):
+        d.close()
 
 
 class QueueSink:
@@ -137,6 +148,8 @@ class Driver:
         self._handles: dict[int, Handle] = {}
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self._closing = False
+        _LIVE.add(self)
 
     # ---- callers (any thread) ----------------------------------------------------------
     def submit(self, batch: BatchInputs, params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
@@ -172,10 +185,13 @@ class Driver:
             return len(self._inbox) + len(self.engine.scheduler.waiting)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Cancel everything and stop the thread."""
+        """Cancel everything and stop the thread (a later ``submit`` starts it again)."""
         with self._cv:
             self._cancels.extend(h.req for h in self._handles.values())
-            self._wake()
+            if self._thread is None:
+                return
+            self._closing = True
+            self._cv.notify()
         t = self._thread
         if t is not None and t is not threading.current_thread():
             t.join(timeout)
@@ -194,8 +210,9 @@ class Driver:
                 idle_since = time.monotonic()
                 while not (self._inbox or self._cancels or eng.has_work()):
                     left = self.idle_exit - (time.monotonic() - idle_since)
-                    if left <= 0:
+                    if left <= 0 or self._closing:
                         self._thread = None
+                        self._closing = False
                         return
                     self._cv.wait(left)
                 new, self._inbox = self._inbox, []

@@ -12,9 +12,9 @@ What is measured (see benchmarks/README.md for how to read it):
 * ``vision``: tower + projector on ``--tiles`` random 384 px tiles, in batches of 16 as
   ``DeepseekVL2.encode_images`` does; seconds per tile and achieved GFLOP/s.
 * ``prefill``: one text prompt of ``--prompt-tokens`` tokens through ``Engine``, whole and
-  in chunks of ``--chunk``; only ``Engine._prefill`` is timed.
+  in chunks of ``--chunk``; only ``ModelRunner.prefill`` is timed.
 * ``decode``: for each ``--batch`` size, that many prompts generated together for
-  ``--new-tokens`` greedy tokens. ``Engine._decode`` (one batched forward) is timed per
+  ``--new-tokens`` greedy tokens. ``ModelRunner.decode`` (one batched forward) is timed per
   call; ``step_ms`` also includes sampling and detokenising. Medians, so that a stray
   process on a shared machine moves them less.
 * ``roofline``: weight bytes a decode step must read (attention + dense MLPs + router +
@@ -278,7 +278,7 @@ def bench_prefill(model, proc, n_tokens: int, chunk: int, repeat: int) -> dict:
     for label, cs in (("whole", None), ("chunked", chunk)):
         eng = Engine(model, proc.tokenizer, max_batch_size=1)
         times: list[float] = []
-        timed(eng, "_prefill", times)
+        timed(eng.runner, "prefill", times)
         for _ in range(repeat):
             eng.generate(b, SamplingParams(max_new_tokens=1), chunk_size=cs)
         best = min(times)
@@ -294,7 +294,7 @@ def bench_decode(model, proc, batch: int, prompt_tokens: int, new_tokens: int, w
     rows: list[int] = []
     kv_read: list[int] = []
     counter = ExpertCounter(model)
-    original = eng._decode
+    original = eng.runner.decode
 
     def decode(reqs):
         counter.start_step()
@@ -309,9 +309,9 @@ def bench_decode(model, proc, batch: int, prompt_tokens: int, new_tokens: int, w
             fwd.append(time.perf_counter() - t)
             counter.on = False
 
-    eng._decode = decode
+    eng.runner.decode = decode
     prefill: list[float] = []
-    timed(eng, "_prefill", prefill)
+    timed(eng.runner, "prefill", prefill)
     reqs = eng.submit(b, SamplingParams(max_new_tokens=new_tokens))
     steps = []
     while not all(r.finished for r in reqs):
@@ -373,7 +373,7 @@ def profile_decode(model, proc, prompt_tokens: int, batch: int) -> dict:
         eng.step()
 
     def one_step():
-        eng._decode(reqs)
+        eng.runner.decode(reqs)
         for r in reqs:  # run the same step again next time (it rewrites the same cache slots)
             r.length -= 1
 

@@ -1,0 +1,138 @@
+"""``dsvl2 serve``: run the OpenAI-compatible server (FastAPI + uvicorn, the ``server`` extra).
+
+The HTTP server binds first and the model loads in a background thread: ``/health`` and
+every ``/v1`` request answer 503 (with ``Retry-After``) until it is ready, so an
+orchestrator sees the process alive at once and knows when to send traffic. If loading
+fails the server stops and the command exits with status 1 and the reason.
+
+Options are checked before anything binds or loads. The API key may come from the
+``DSVL2_API_KEY`` environment variable instead of ``--api-key`` (a command line is
+visible to every user of the machine in ``ps``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ..errors import DSVL2Error
+
+EPILOG = """examples:
+  dsvl2 serve                                    (the built-in demo model, http://127.0.0.1:8000)
+  dsvl2 serve -m deepseek-ai/deepseek-vl2-tiny --api-key s3cret --max-batch-size 8
+  dsvl2 serve -m ./deepseek-vl2-tiny --host 0.0.0.0 --port 8080 --allowed-local-dir ./photos
+
+then, e.g.:
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}'
+
+Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics."""
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def add_parser(sub) -> None:
+    """Register ``serve`` on the ``dsvl2`` command's subparsers (imports nothing heavy)."""
+    from ..cli import HelpFormatter
+
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                       description="Serve one model to many clients at once through an OpenAI-compatible API "
+                       "(chat completions with images, streaming, grounding boxes).",
+                       epilog=EPILOG, formatter_class=HelpFormatter)
+    p.add_argument("-m", "--model", default="demo",
+                   help="checkpoint folder or Hugging Face id (default: the built-in demo, random weights)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 serves other machines too")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    p.add_argument("--api-key", default=os.environ.get("DSVL2_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $DSVL2_API_KEY; none if unset)")
+    p.add_argument("--served-model-name", metavar="NAME",
+                   help="the model name clients send and /v1/models shows (default: the -m value)")
+    r = p.add_argument_group("capacity")
+    r.add_argument("--max-batch-size", type=int, default=16, metavar="N",
+                   help="conversations decoded together (KV-cache rows)")
+    r.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="requests allowed to wait for a row; beyond it: 429 with Retry-After")
+    r.add_argument("--chunk-size", type=int, default=None, metavar="N",
+                   help="prefill prompts in chunks of at most N tokens (default: as the per-step budget allows)")
+    r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto = bf16 weights, fp32 compute on CPU")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    i = p.add_argument_group("images")
+    i.add_argument("--allow-fetch", action="store_true",
+                   help="fetch http(s) image URLs (off: only data: URLs; the server can then be made to "
+                   "request any URL it can reach)")
+    i.add_argument("--allowed-local-dir", metavar="DIR",
+                   help="allow image_url paths / file:// URLs of files under DIR (symlinks resolved)")
+    i.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                   help="refuse (413) an image of more than N pixels (default: about 179 million)")
+    i.add_argument("--max-body-bytes", type=int, default=64 << 20, metavar="N",
+                   help="refuse (413) a request body of more than N bytes")
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    p.set_defaults(func=cmd_serve)
+
+
+def _check(args: argparse.Namespace) -> None:
+    for name, lo in (("max_batch_size", 1), ("max_queue", 1), ("chunk_size", 1), ("max_image_pixels", 1),
+                     ("max_body_bytes", 1)):
+        v = getattr(args, name)
+        if v is not None and v < lo:
+            raise DSVL2Error(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
+    if not 0 <= args.port <= 65535:
+        raise DSVL2Error(f"--port must be from 0 to 65535, got {args.port}")
+    if args.allowed_local_dir is not None and not Path(args.allowed_local_dir).expanduser().is_dir():
+        raise DSVL2Error(f"--allowed-local-dir {args.allowed_local_dir!r} is not a directory")
+    if args.api_key is not None and not args.api_key.strip():
+        raise DSVL2Error("--api-key is empty; give a key or leave the option out")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _check(args)
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ImportError as e:
+        raise DSVL2Error(f"dsvl2 serve needs the server extra ({e.name} is missing): "
+                         "pip install 'dsvl2[server]'") from None
+    from .. import api
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    if args.model == "demo":
+        print("dsvl2: note: serving the built-in demo checkpoint with RANDOM weights (gibberish answers); "
+              "pass -m deepseek-ai/deepseek-vl2-tiny (or a checkpoint folder) for a real model", file=sys.stderr)
+    failure: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def load():
+        return api.load(args.model, dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size)
+
+    def load_failed(exc: BaseException) -> None:
+        failure.append(exc)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(load, served_model_name=args.served_model_name or args.model, api_key=args.api_key,
+                     max_queue=args.max_queue, allow_fetch=args.allow_fetch,
+                     allowed_local_dir=None if args.allowed_local_dir is None else Path(args.allowed_local_dir).expanduser(),
+                     max_body_bytes=args.max_body_bytes, max_image_pixels=args.max_image_pixels,
+                     chunk_size=args.chunk_size, on_load_error=load_failed)
+    # A few seconds for running streams to end on Ctrl-C; then they are cancelled.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=3)
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises the Ctrl-C it shut down on, after a graceful shutdown: a normal stop
+    model = app.state.dsvl2.model
+    if model is not None:
+        model.driver.close()
+    if failure:
+        exc = failure[0]
+        if isinstance(exc, DSVL2Error):
+            raise exc
+        raise DSVL2Error(f"could not load the model {args.model!r}: {exc}")
+    return 0

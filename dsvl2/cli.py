@@ -375,8 +375,13 @@ def cmd_init_random(args) -> int:
         raise DSVL2Error(f"--scale must be in (0, 1], got {args.scale}")
     cfg = preset_config(args.preset, args.scale)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    out = write_random_checkpoint(args.out_dir, cfg, seed=args.seed, dtype=dtype,
-                                  progress=Progress("writing"), overwrite=args.overwrite)
+    if getattr(args, "quantize", None):  # drawn and quantised tensor by tensor: the bf16 model never exists
+        from .quantize import write_random_quantised
+        out = write_random_quantised(args.out_dir, cfg, args.quantize, seed=args.seed,
+                                     progress=Progress("writing"), overwrite=args.overwrite)
+    else:
+        out = write_random_checkpoint(args.out_dir, cfg, seed=args.seed, dtype=dtype,
+                                      progress=Progress("writing"), overwrite=args.overwrite)
     print(f"wrote a random {args.preset} checkpoint (scale {args.scale}) to {out}")
     return 0
 
@@ -441,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     init.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="dtype of the weights")
     init.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT_DIR")
+    init.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                      help="write the weights quantised (as `dsvl2 quantize` would), in bounded memory")
     init.add_argument("out_dir", metavar="OUT_DIR")
     init.set_defaults(func=cmd_init_random)
 

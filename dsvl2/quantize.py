@@ -182,3 +182,76 @@ def add_parser(sub) -> None:
     p.add_argument("--bits", type=int, choices=[8, 4], required=True, help="8 = int8, 4 = int4 experts")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT")
     p.set_defaults(func=cmd_quantize)
+
+
+# ---- quantised random checkpoints (dsvl2 init-random --quantize) ------------------------------
+
+def write_random_quantised(out_dir: str | Path, config: dict, scheme: str, seed: int = 0,
+                           shard_bytes: int = 2 * 1024 ** 3, progress: Callable[[int, int], None] | None = None,
+                           *, overwrite: bool = False) -> Path:
+    """A random checkpoint of ``config`` written directly in ``scheme`` (int8 / int4).
+
+    Its values are those of the bf16 random checkpoint with the same seed, quantised
+    (``quantize_checkpoint`` of that checkpoint writes the same tensors), but the bf16 model
+    is never held nor written: one tensor at a time is drawn, quantised and written, so
+    memory stays at the largest tensor (the lm_head, a few GB as float32 for base).
+    """
+    from .checkpoint import (ASSETS, INDEX_NAME, TOKENIZER_FILES, _plan_shards, _TORCH_DTYPE_NAMES,
+                             official_tensor_specs, random_tensor, random_tensor_chunks)
+    from .config import ModelConfig
+
+    if scheme not in QUANT_SCHEMES:
+        raise CheckpointError(f"quantize must be one of {', '.join(QUANT_SCHEMES)}, got {scheme!r}")
+    out = Path(out_dir)
+    cfg = ModelConfig.from_hf(config)
+    config = json.loads(json.dumps(config))
+    for d in (config, config.get("language_config")):
+        if isinstance(d, dict) and "torch_dtype" in d:
+            d["torch_dtype"] = _TORCH_DTYPE_NAMES[torch.bfloat16]
+    specs = official_tensor_specs(cfg, torch.bfloat16)
+    units = {s.key: entries_for(s.key, s.shape, s.dtype, scheme) for s in specs}
+
+    class _Unit:  # a source tensor with the size of what it is stored as
+        def __init__(self, spec):
+            self.spec = spec
+            self.nbytes = sum(math.prod(sh) * torch.empty((), dtype=dt).element_size() for _, dt, sh in units[spec.key])
+
+    shards = _plan_shards([_Unit(s) for s in specs], shard_bytes)
+    total = sum(u.nbytes for sh in shards for u in sh)
+    free = shutil.disk_usage(out.parent if not out.exists() else out).free if out.parent.exists() else None
+    if free is not None and free < total + 64 * 1024 ** 2:
+        raise CheckpointError(f"not enough disk space for {out}: the checkpoint needs {total / 1e9:.2f} GB, "
+                              f"{free / 1e9:.2f} GB free")
+    _prepare_out(out, overwrite)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    done = 0
+    weight_map: dict[str, str] = {}
+    for name, shard in zip(names, shards):
+        entries = [e for u in shard for e in units[u.spec.key]]
+
+        def produce(shard=shard) -> Iterator[torch.Tensor]:
+            nonlocal done
+            for u in shard:
+                spec = u.spec
+                if len(units[spec.key]) == 1:  # stays float: streamed in chunks like the bf16 writer
+                    parts = [torch.from_numpy(c) for c in random_tensor_chunks(spec, seed)]
+                    t = torch.cat(parts) if len(parts) > 1 else parts[0]
+                    yield (t.view(torch.bfloat16) if spec.dtype == torch.bfloat16 else t).view(spec.shape)
+                else:
+                    yield from quantize_tensor(spec.key, random_tensor(spec, seed), scheme)
+                done += u.nbytes
+                if progress is not None:
+                    progress(done, total)
+
+        write_stream(out / name, entries, produce())
+        weight_map.update({k: name for k, _, _ in entries})
+    if len(shards) > 1:
+        (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=2) + "\n")
+    config["quantization"] = scheme_record(scheme)
+    (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    shutil.copyfile(ASSETS / "processor_config.json", out / "processor_config.json")
+    for f in TOKENIZER_FILES:
+        shutil.copyfile(ASSETS / "tokenizer" / f, out / f)
+    return out

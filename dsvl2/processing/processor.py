@@ -232,7 +232,7 @@ class Processor:
             if s.crops:
                 crops[b, :len(s.crops)] = torch.tensor(s.crops, dtype=torch.int64)
             if len(s.tiles):
-                pixel_values[b, :len(s.tiles)] = normalize_tiles(torch.from_numpy(s.tiles), self._mean, self._std)
+                normalize_tiles(torch.from_numpy(s.tiles), self._mean, self._std, out=pixel_values[b, :len(s.tiles)])
                 tile_is_real[b, :len(s.tiles)] = True
         return BatchInputs(
             input_ids=input_ids, attention_mask=attention_mask, images_seq_mask=images_seq_mask,

@@ -34,6 +34,7 @@ non-standard JSON tokens NaN / Infinity, which Python's json module reads back.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import io
 import json
@@ -46,10 +47,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["Item", "items", "build", "resolve", "SMALL", "CONTEXT_TOKENS"]
+__all__ = ["Item", "items", "build", "resolve", "table", "SMALL"]
 
 SMALL = "small.png"  # the ordinary image of the request items (64 x 48 -> 1 local tile)
-CONTEXT_TOKENS = 4096  # the demo model's (and every released model's) context window
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +95,13 @@ def _png_bomb(width: int, height: int) -> bytes:
     row = b"\x00" + b"\x00" * ((width + 7) // 8)  # filter byte + one row
     return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
             + _png_chunk(b"IDAT", zlib.compress(row, 9)) + _png_chunk(b"IEND", b""))
+
+
+def _png_text_bomb() -> bytes:
+    """A small valid PNG with a zTXt chunk that inflates to 8 MB of zeros."""
+    ok = _encode(Image.new("L", (4, 4)), "PNG")
+    ztxt = b"Comment\x00\x00" + zlib.compress(b"\x00" * 8_000_000, 9)
+    return ok[:33] + _png_chunk(b"zTXt", ztxt) + ok[33:]  # after the signature (8) and IHDR (25)
 
 
 def _gif_bomb(width: int, height: int) -> bytes:
@@ -223,6 +230,9 @@ def _image_items(files: dict[str, bytes]) -> list[Item]:
         "GIF declaring 65535 x 65535: refused from its header", too_large)
     add("bomb.jpeg", _jpeg_with_size(encoded["JPEG"], 65500, 65500), "ImageTooLargeError",
         "JPEG whose frame header declares 65500 x 65500: refused from its header", too_large)
+    add("text_bomb.png", _png_text_bomb(), "ImageError",
+        "PNG with a zTXt chunk inflating to 8 MB (2 kB on disk): Pillow stops at its 1 MB text-chunk limit",
+        "corrupt or truncated.*too large")
 
     for w, h in ((1, 1), (1, 20000), (20000, 1)):
         add(f"size_{w}x{h}.png", _encode(Image.new("RGB", (w, h), (200, 30, 30)), "PNG"), "ok",
@@ -303,6 +313,20 @@ def _request_items() -> list[Item]:
     add("prompt_tag_mismatch", "ConversationError",
         "prompt string with one <image> tag and two images (the convenience adds tags only when there are none)",
         match="1 '<image>' tag.*2 image", prompt="<image> Describe.", images=[SMALL, SMALL])
+    data_url = "data:image/png;base64,"
+    add("data_url_bomb", "ImageTooLargeError", "the 100000 x 100000 PNG bomb as a data: URL: refused from its header",
+        match="too large to decode safely", messages=[_user({"type": "image_url", "image_url": {
+            "url": data_url + base64.b64encode(_png_bomb(100_000, 100_000)).decode()}}, "Describe.")])
+    add("data_url_bad_base64", "ImageError", "a data: URL whose payload is not base64",
+        match="not valid base64", messages=[_user({"type": "image_url", "image_url": {"url": data_url + "!!!"}}, "x")])
+    add("data_url_not_image", "ImageError", "a data: URL of another media type (text/html)",
+        match="expected 'data:image/", messages=[_user({"type": "image_url", "image_url": {
+            "url": "data:text/html;base64," + base64.b64encode(b"<script>1</script>").decode()}}, "x")])
+    add("remote_url", "ImageError", "an http URL: never fetched (no outbound request), the error says so",
+        match="remote URLs are not fetched", messages=[_user({"type": "image_url", "image_url": {
+            "url": "http://127.0.0.1:9/cat.png"}}, "x")])
+    add("file_url", "ImageError", "a file:// URL: not a URL scheme dsvl2 reads; looked up as a (missing) path",
+        match="not found", messages=[_user({"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}, "x")])
     add("bare_image_part_without_image", "ConversationError", "a bare {'type': 'image'} part and no images",
         match="image part has no image", messages=[_user({"type": "image"}, "Describe.")])
     add("role_unknown", "ConversationError", "role 'robot'", match="unknown role 'robot'",

@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -325,13 +326,14 @@ class _Answerer:
     types simple whatever each row's sampling holds) and comes back as
     ``{"id": [...], "record": [JSON result lines]}``."""
 
-    def __init__(self, model: str, dtype: str, device: str, threads: int, rows_per_call: int, sampling: dict):
+    def __init__(self, model: str, dtype: str, device: str, quantize: str | None, threads: int, rows_per_call: int,
+                 sampling: dict):
         import torch
 
         from .api import load
 
         torch.set_num_threads(threads)  # the CPUs Ray reserved for this actor, not the whole node
-        self.model = load(model, dtype=dtype, device=device)
+        self.model = load(model, dtype=dtype, device=device, quantize=quantize)
         self.rows_per_call = rows_per_call
         self.sampling = sampling
 
@@ -414,7 +416,7 @@ def _check(name: str, value, minimum) -> None:
 def run_batch(model: str | Path, source: str | Path, out: str | Path, *, prompt: str = DEFAULT_PROMPT,
               sampling: dict | None = None, actors: int = 1, batch_size: int = 4, rows_per_call: int = 1,
               cpus_per_actor: float = 1, gpus_per_actor: float = 0, dtype: str = "auto", device: str = "auto",
-              address: str | None = None, fmt: str | None = None,
+              quantize: str | None = None, address: str | None = None, fmt: str | None = None,
               on_batch: Callable[[list[dict]], None] | None = None,
               log: Callable[[str], None] | None = None) -> BatchSummary:
     """Answer every row of ``source`` not yet in ``out`` on Ray; see the module docstring.
@@ -457,7 +459,8 @@ def run_batch(model: str | Path, source: str | Path, out: str | Path, *, prompt:
                 f"on {actors} actor(s) (Ray {ray.__version__})")
             seen = set(done)
             for batch in _pipeline(ray, todo, model_ref, sampling, actors, batch_size, rows_per_call,
-                                   cpus_per_actor, gpus_per_actor, dtype, device):
+                                   cpus_per_actor, gpus_per_actor, dict(dtype=dtype, device=device,
+                                                                        quantize=quantize)):
                 lines, records = [], []
                 for rid, line in zip(batch["id"], batch["record"]):
                     if str(rid) in seen:  # a retried batch must not write a row twice
@@ -491,16 +494,15 @@ def _check_resources(ray, actors: int, cpus: float, gpus: float, local: bool, lo
 
 
 def _pipeline(ray, todo: list[Row], model: str, sampling: dict, actors: int, batch_size: int, rows_per_call: int,
-              cpus: float, gpus: float, dtype: str, device: str):
+              cpus: float, gpus: float, load_kwargs: dict):
     """Yield the result batches as the actors finish them."""
     import logging
 
     import ray.data
+    from ray.util.debug import log_once
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one line per written batch instead (see run_batch)
-    from ray.util.debug import log_once
-
     log_once("ray_data_progress_manager_disabled")  # ... and no warning that Ray's bars are off
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     items = [{"id": r.id, "request": json.dumps({"prompt": r.prompt, "images": list(r.images),
@@ -508,21 +510,29 @@ def _pipeline(ray, todo: list[Row], model: str, sampling: dict, actors: int, bat
     ds = ray.data.from_items(items).map_batches(
         _Answerer, batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
-        fn_constructor_kwargs=dict(model=model, dtype=dtype, device=device, threads=max(1, int(cpus)),
+        fn_constructor_kwargs=dict(model=model, **load_kwargs, threads=max(1, int(cpus)),
                                    rows_per_call=rows_per_call, sampling=sampling),
         num_cpus=cpus, num_gpus=gpus)
     try:
         yield from ds.iter_batches(batch_size=None, batch_format="numpy")
     except ray.exceptions.RayError as e:
-        raise DSVL2Error(f"the Ray job failed: {_root_message(e)}") from None
+        raise DSVL2Error(f"the Ray job failed: {_root_message(e)}") from None  # re-running resumes
 
 
 def _root_message(e: BaseException) -> str:
-    """The innermost cause's message (Ray wraps an actor's exception in several layers)."""
-    while getattr(e, "cause", None) is not None or e.__cause__ is not None:
+    """The message worth showing from a Ray error: a DSVL2Error raised inside an actor
+    (Ray passes it on as text, inside a formatted traceback, e.g. a model that cannot be
+    loaded), else the last line of the innermost message."""
+    texts = []
+    while e is not None and len(texts) < 10:
+        texts.append(str(e))
         e = getattr(e, "cause", None) or e.__cause__
-    text = str(e).strip()
-    return text.splitlines()[-1] if text else type(e).__name__
+    for text in texts:
+        found = re.findall(r"^dsvl2\.errors\.\w+: (.+)$", text, flags=re.M)
+        if found:
+            return found[-1]
+    lines = [line.strip() for text in texts for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"
 
 
 # ---------------------------------------------------------------------------------------
@@ -571,6 +581,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto = bf16 weights, fp32 compute on CPU")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (on each actor)")
+    t.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="quantize the language model's weights while loading (less memory per actor)")
     p.set_defaults(func=cmd_batch)
     return p
 
@@ -584,7 +596,8 @@ def cmd_batch(args) -> int:
         summary = run_batch(args.model, args.input, args.out, prompt=args.prompt, sampling=sampling,
                             actors=args.actors, batch_size=args.batch_size, rows_per_call=args.rows_per_call,
                             cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
-                            dtype=args.dtype, device=args.device, address=args.address, fmt=args.format)
+                            dtype=args.dtype, device=args.device, quantize=args.quantize, address=args.address,
+                            fmt=args.format)
     except GenerationError as e:  # name the command-line flag, not the dataclass field
         msg = str(e)
         for name in SAMPLING_KEYS:

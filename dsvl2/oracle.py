@@ -493,12 +493,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", action="append", default=[], help="only this variant (repeatable)")
     ap.add_argument("--case", action="append", default=[], help="only this case (repeatable)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--quantize", action="append", choices=["int8", "int4"], default=[],
+                    help="quantised mode: report the drift of these weights against the reference (repeatable)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.golden.is_dir():
         print(f"error: {args.golden}: golden folder not found", file=sys.stderr)
         return 2
+    if args.quantize:  # a report, not a verification: see dsvl2.oracle_quant
+        from .oracle_quant import run_drift
+        try:
+            rows = run_drift(args.golden, args.images, args.quantize, args.variant, args.case)
+        except DSVL2Error as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0 if rows else 1
     t0 = time.perf_counter()
     try:
         results = run(args.golden, args.images, args.variant, args.case)

@@ -577,6 +577,21 @@ def test_queue_full_disconnect_frees_the_slot_and_metrics_show_it(small):
     assert gauge(m, "dsvl2_requests_running") == 0 and gauge(m, "dsvl2_requests_waiting") == 0
 
 
+def test_a_non_streaming_client_that_goes_away_frees_its_slot(small):
+    before = small.metrics()
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up waiting and closes the connection
+        httpx.post(small.url + "/v1/chat/completions", json={"messages": [user("Tell me a very long story.")],
+                                                             "max_tokens": 3000}, timeout=httpx.Timeout(WAIT_S, read=1))
+    m = wait_for(lambda: (lambda m: m if outcome(m, "cancelled") > outcome(before, "cancelled") else None)(
+        small.metrics()), "the request to be cancelled")
+    assert outcome(m, "cancelled") - outcome(before, "cancelled") == 1
+    r = post(small.url, {"messages": [user("Hi")], "max_tokens": 3}, headers={})  # the only row is free again
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    m = small.metrics()
+    assert gauge(m, "dsvl2_kv_cache_rows_in_use") == 0
+    assert m[("dsvl2_generation_tokens_total", ())] - before[("dsvl2_generation_tokens_total", ())] < 3000
+
+
 def test_local_files_only_under_the_allowed_folder(small):
     (small.folder / "sub").mkdir(exist_ok=True)
     inside = small.folder / "sub" / "food.jpg"

@@ -144,14 +144,18 @@ class ServerState:
                        headers={"Retry-After": str(_LOADING_RETRY_S)})
 
     def check_queue(self, model: VLModel, n: int) -> None:
-        pending = model.driver.pending() + self.preparing
-        if pending + n <= self.max_queue:
-            return
+        """429 if ``n`` more requests would leave more than ``max_queue`` waiting for a row.
+        Requests being prepared count as waiting unless a free row awaits them, so a burst
+        on an idle server is not refused."""
         stats = model.driver.stats()
+        free = stats["slots_total"] - stats["slots_in_use"]
+        ahead = model.driver.pending() + self.preparing  # they take the free rows first
+        if ahead + n - free <= self.max_queue:
+            return
+        waiting = max(0, ahead - free)
         mean = self.metrics.mean_duration or 1.0
-        wait = mean * math.ceil((pending + n) / max(1, stats["slots_total"]))
-        retry = max(1, min(600, math.ceil(wait)))
-        raise APIError(429, f"the server is busy: {pending} requests are already waiting for a slot (at most "
+        retry = max(1, min(600, math.ceil(mean * math.ceil((waiting + n) / max(1, stats["slots_total"])))))
+        raise APIError(429, f"the server is busy: {waiting} requests are already waiting for a slot (at most "
                        f"{self.max_queue}, --max-queue); retry in about {retry} s", code="queue_full",
                        headers={"Retry-After": str(retry)})
 
@@ -207,6 +211,7 @@ class Run:
         self.created = int(time.time())
         self.outputs: dict = {}
         self.done = False
+        self.next_check = time.monotonic() + _DISCONNECT_POLL_S
         state.runs.add(self)
 
     # ---- ending -------------------------------------------------------------------------
@@ -247,16 +252,19 @@ class Run:
 
     # ---- reading events -----------------------------------------------------------------
     async def _next_or_gone(self, request: Request, pending: list):
-        """The next event, or None once the (non-streaming) client has disconnected."""
+        """The next event, or None once the (non-streaming) client has disconnected. The
+        connection is looked at every ``_DISCONNECT_POLL_S`` whether events flow or not."""
         while True:
+            now = time.monotonic()
+            if now >= self.next_check:
+                self.next_check = now + _DISCONNECT_POLL_S
+                if await request.is_disconnected():
+                    return None
             if not pending:
                 pending.append(asyncio.ensure_future(self.sink.get()))
             done, _ = await asyncio.wait(pending, timeout=_DISCONNECT_POLL_S)
             if done:
                 return pending.pop().result()
-            if await request.is_disconnected():
-                pending.pop().cancel()
-                return None
 
     async def collect(self, request: Request) -> Response:
         pending: list = []

@@ -33,6 +33,7 @@ from .engine.sampling import SamplingParams
 from .errors import ConversationError, DSVL2Error, GenerationError
 from .grounding import GroundingResult, draw_grounding, grounding_to_json, parse_grounding
 from .hub import resolve_model
+from .model import kernels
 from .model.vl import DeepseekVL2
 from .processing import BatchInputs, Processor
 from .weights import load_model
@@ -284,5 +285,9 @@ def load(model: str | Path = "demo", *, dtype: str | torch.dtype = "auto", devic
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     net = load_model(folder, dt, dev, progress=progress, quantize=quantize)
-    return VLModel(net, Processor.from_pretrained(folder), folder, max_batch_size=max_batch_size,
-                   step_tokens=step_tokens, prefix_cache_bytes=prefix_cache_bytes)
+    vl = VLModel(net, Processor.from_pretrained(folder), folder, max_batch_size=max_batch_size,
+                 step_tokens=step_tokens, prefix_cache_bytes=prefix_cache_bytes)
+    # the dtype of vision / prefill products on this machine (model/kernels.py)
+    vl.kernels = kernels.choose(dev, dt)
+    kernels.apply(vl.kernels)
+    return vl

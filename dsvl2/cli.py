@@ -397,6 +397,9 @@ def cmd_info(args) -> int:
     folder = resolve_model("demo" if args.model is None else args.model)
     has_weights = (folder / "model.safetensors.index.json").is_file() or any(folder.glob("*.safetensors"))
     d = describe(load_config(folder), folder if has_weights else None)  # config only: no weights section
+    import torch
+    from .model import kernels
+    d["kernels"] = kernels.choose("cpu", torch.bfloat16).to_dict()  # what bf16 weights would run with here
     print(json.dumps(d, indent=2, default=str) if args.json else format_info(d))
     return 0
 

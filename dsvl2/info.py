@@ -249,5 +249,8 @@ def format_info(d: Mapping[str, Any]) -> str:
         ]
     else:
         rows.append(("weights", f"{_bytes(d['checkpoint_bytes_bf16'])} as an official bf16 checkpoint"))
+    k = d.get("kernels")
+    if k:
+        rows.append(("big products", f"{k['big_products']} on this machine: {k['reason']}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}} : {val}" for k, val in rows)

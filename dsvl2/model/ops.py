@@ -75,9 +75,21 @@ def upcast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+# Vision / prefill products in the weights' dtype too: set by ``kernels.apply`` on CPUs
+# that multiply bf16 natively (AMX, AVX-512 BF16); process-wide, never per row count.
+_big_in_weights = False
+
+
+def set_big_products_in_weights_dtype(flag: bool) -> None:
+    global _big_in_weights
+    _big_in_weights = bool(flag)
+
+
 def _in_weight_dtype(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """A decode step against narrower (bf16) weights on the CPU: compute in the weights' dtype."""
-    return weight.dtype != x.dtype and x.device.type == "cpu" and getattr(_mode, "decoding", False)
+    """Against narrower (bf16) weights on the CPU, compute in the weights' dtype in a decode
+    step, and in every step on machines with native bf16 matrix units (``kernels``)."""
+    return (weight.dtype != x.dtype and x.device.type == "cpu"
+            and (_big_in_weights or getattr(_mode, "decoding", False)))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

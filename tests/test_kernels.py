@@ -1,0 +1,92 @@
+"""Kernel choice per machine (model/kernels.py) and the bf16 big-product path it enables.
+
+The choice is tested with given CPU flags and a given measurement (no timing here); the
+bf16 path is checked against the float32 path on a golden model within bf16 rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsvl2.model import kernels, ops
+from dsvl2.weights import load_model
+from _paths import GOLDEN
+
+
+@pytest.fixture(autouse=True)
+def no_env(monkeypatch, tmp_path):
+    monkeypatch.delenv("DSVL2_BIG_PRODUCTS", raising=False)
+    monkeypatch.setenv("DSVL2_CACHE_DIR", str(tmp_path))
+    yield
+    ops.set_big_products_in_weights_dtype(False)
+
+
+def test_avx2_only_cpu_upcasts_without_measuring():
+    def never(dtype):
+        raise AssertionError("no measurement on a CPU without bf16 units")
+
+    c = kernels.choose("cpu", torch.bfloat16, flags={"avx2", "fma"}, measure=never)
+    assert c.big_products == "fp32" and "no native bf16" in c.reason
+
+
+@pytest.mark.parametrize("flag", kernels.NATIVE_BF16_FLAGS)
+def test_native_bf16_cpu_measures_and_picks_the_faster(flag):
+    fast_bf16 = {torch.float32: 260.0, torch.bfloat16: 1965.0}  # an AMX Xeon's figures
+    c = kernels.choose("cpu", torch.bfloat16, flags={flag}, measure=fast_bf16.get, use_cache=False)
+    assert c.big_products == "bf16" and c.measured == {"fp32_gflops": 260.0, "bf16_gflops": 1965.0}
+    slow_bf16 = {torch.float32: 150.0, torch.bfloat16: 20.0}
+    assert kernels.choose("cpu", torch.bfloat16, flags={flag}, measure=slow_bf16.get,
+                          use_cache=False).big_products == "fp32"
+
+
+def test_measurement_is_cached_per_machine():
+    calls = []
+
+    def counting(dtype):
+        calls.append(dtype)
+        return 100.0 if dtype == torch.float32 else 300.0
+
+    first = kernels.choose("cpu", torch.bfloat16, flags={"amx_bf16"}, measure=counting)
+    again = kernels.choose("cpu", torch.bfloat16, flags={"amx_bf16"}, measure=counting)
+    assert first == again and first.big_products == "bf16" and len(calls) == 2  # measured once
+    kernels.choose("cpu", torch.bfloat16, flags={"amx_bf16", "avx512_bf16"}, measure=counting)
+    assert len(calls) == 4  # other flags: another machine, measured again
+    assert kernels._cache_file().is_file()
+
+
+def test_float32_weights_and_gpus_never_cast():
+    assert kernels.choose("cpu", torch.float32).big_products == "weights"
+    assert kernels.choose("cuda", torch.bfloat16).big_products == "weights"
+
+
+def test_override(monkeypatch):
+    monkeypatch.setenv("DSVL2_BIG_PRODUCTS", "bf16")
+    assert kernels.choose("cpu", torch.bfloat16, flags=set()).big_products == "bf16"
+    monkeypatch.setenv("DSVL2_BIG_PRODUCTS", "fast")
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        kernels.choose("cpu", torch.bfloat16)
+
+
+def test_bf16_big_products_agree_with_the_fp32_path():
+    """Vision and a prefill forward with bf16 products vs the fp32 upcast path, same bf16
+    weights: equal within bf16 rounding, and the greedy top-1 of the prompt agrees."""
+    model = load_model(GOLDEN / "small", torch.bfloat16)
+    tiles = torch.rand(2, 3, 384, 384, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ids = torch.randint(3, 2600, (1, 40), generator=torch.Generator().manual_seed(1))
+    am = torch.ones_like(ids, dtype=torch.bool)
+
+    def run():
+        with torch.no_grad():
+            feats = model.tile_features(tiles)
+            x = model.language.embed(ids, torch.float32)
+            _, ctx = model.language.padded_context(am)
+            return feats, model.language(x, ctx).logits
+
+    f32_feats, f32_logits = run()
+    kernels.apply(kernels.KernelChoice("bf16", "test"))
+    bf_feats, bf_logits = run()
+    assert not torch.equal(bf_feats, f32_feats)  # the bf16 path really ran
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    # bf16 keeps 8 bits of mantissa (relative rounding 2^-9 ~ 0.2 %) per product
+    assert rel(bf_feats, f32_feats) < 0.02 and rel(bf_logits, f32_logits) < 0.02

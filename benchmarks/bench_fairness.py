@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -33,11 +34,13 @@ PHOTO = HERE.parent / "tests" / "data" / "images" / "monday.jpg"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-m", "--model", default="demo")
-    ap.add_argument("--a-tokens", type=int, default=200, help="length of caller A's answer")
+    ap.add_argument("--a-tokens", type=int, default=4000,
+                    help="caller A's max_new_tokens (A is cancelled once B answers; a random model may stop earlier)")
     args = ap.parse_args()
     reports = []
     for budget in (None, STEP_TOKENS):
         reports.append(_one(args.model, budget, args.a_tokens))
+        print(json.dumps(reports[-1]), file=sys.stderr, flush=True)  # partial results as they come
     print(json.dumps({"model": args.model, "machine": {"cpu": platform.processor() or platform.machine(),
                                                        "threads": torch.get_num_threads(),
                                                        "cores": os.cpu_count()},
@@ -47,12 +50,12 @@ def main() -> None:
 def _one(model_path: str, step_tokens: int | None, a_tokens: int) -> dict:
     m = dsvl2.load(model_path, step_tokens=step_tokens)
     m.chat("Hi.", max_new_tokens=2)  # first-call costs out of the way
-    (a,) = m.submit("Tell me a long story about a lighthouse keeper.", max_new_tokens=a_tokens,
-                    stop_token_ids=[])
+    (a,) = m.submit("Tell me a long story about a lighthouse keeper.", max_new_tokens=a_tokens)
     ev_a = a.events()
     next(ev_a)
     (b,) = m.submit("Describe this image.", images=[str(PHOTO)], max_new_tokens=4)
     b_out = b.result()
+    a.cancel()  # A only had to keep streaming while B was admitted
     a_out = None
     for ev in ev_a:
         if ev.output is not None:

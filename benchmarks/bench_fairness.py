@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import dsvl2
-from dsvl2.api import STEP_TOKENS
+from dsvl2.api import STEP_TOKENS, VLModel
 
 HERE = Path(__file__).resolve().parent
 PHOTO = HERE.parent / "tests" / "data" / "images" / "monday.jpg"
@@ -38,8 +38,11 @@ def main() -> None:
                     help="caller A's max_new_tokens (A is cancelled once B answers; a random model may stop earlier)")
     args = ap.parse_args()
     reports = []
-    for budget in (None, STEP_TOKENS):
-        reports.append(_one(args.model, budget, args.a_tokens))
+    loaded = dsvl2.load(args.model)
+    for budget in (None, STEP_TOKENS):  # the same weights, an engine per budget
+        m = VLModel(loaded.model, loaded.processor, loaded.folder, step_tokens=budget, prefix_cache_bytes=0)
+        reports.append(_one(m, budget, args.a_tokens))
+        m.driver.close()
         print(json.dumps(reports[-1]), file=sys.stderr, flush=True)  # partial results as they come
     print(json.dumps({"model": args.model, "machine": {"cpu": platform.processor() or platform.machine(),
                                                        "threads": torch.get_num_threads(),
@@ -47,8 +50,7 @@ def main() -> None:
                       "runs": reports}, indent=2))
 
 
-def _one(model_path: str, step_tokens: int | None, a_tokens: int) -> dict:
-    m = dsvl2.load(model_path, step_tokens=step_tokens)
+def _one(m: VLModel, step_tokens: int | None, a_tokens: int) -> dict:
     m.chat("Hi.", max_new_tokens=2)  # first-call costs out of the way
     (a,) = m.submit("Tell me a long story about a lighthouse keeper.", max_new_tokens=a_tokens)
     ev_a = a.events()

@@ -733,5 +733,5 @@ def test_dsvl2_serve_command(model, tmp_path):
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=WAIT_S)
     assert proc.returncode == 0, err
-    assert f"Uvicorn running on http://127.0.0.1:{port}" in err  # the default host is loopback
+    assert f"on http://127.0.0.1:{port}" in err  # the default host is loopback
     assert "RANDOM" in err and "Traceback" not in err

@@ -99,12 +99,14 @@ class ServerState:
         self.preparing = 0  # requests (choices) in the worker pool, not yet on the driver
         self.runs: set[Run] = set()
         self.pool: ThreadPoolExecutor | None = None
+        self.load_thread: threading.Thread | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
         self.pool = ThreadPoolExecutor(PREP_WORKERS, thread_name_prefix="dsvl2-prep")
         if self.model is None and self.loader is not None:
-            threading.Thread(target=self._load, name="dsvl2-load", daemon=True).start()
+            self.load_thread = threading.Thread(target=self._load, name="dsvl2-load", daemon=True)
+            self.load_thread.start()
 
     def _load(self) -> None:
         t0 = time.perf_counter()

@@ -5,7 +5,9 @@ every ``/v1`` request answer 503 (with ``Retry-After``) until it is ready, so an
 orchestrator sees the process alive at once and knows when to send traffic. If loading
 fails the server stops and the command exits with status 1 and the reason.
 
-Options are checked before anything binds or loads. The API key may come from the
+Options, a local model folder and the port are checked before anything loads (one
+``dsvl2: error:`` line, status 1); Ctrl-C stops the server gracefully (status 0), even
+while the weights are still loading. The API key may come from the
 ``DSVL2_API_KEY`` environment variable instead of ``--api-key`` (a command line is
 visible to every user of the machine in ``ps``).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -86,6 +89,25 @@ def _check(args: argparse.Namespace) -> None:
         raise DSVL2Error(f"--allowed-local-dir {args.allowed_local_dir!r} is not a directory")
     if args.api_key is not None and not args.api_key.strip():
         raise DSVL2Error("--api-key is empty; give a key or leave the option out")
+    name = args.model
+    if name == "demo" or name.startswith((".", "/", "~")) or Path(name).expanduser().exists():
+        from ..hub import resolve_model
+
+        resolve_model(name)  # a local folder: checked now (no network); a hub id is fetched while serving
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a busy port is a one-line error before
+    anything starts (uvicorn would exit from inside its startup)."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once after a stop
+        sock.bind(addr)
+    except OSError as e:
+        raise DSVL2Error(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -99,6 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "pip install 'dsvl2[server]'") from None
     from .. import api
 
+    sock = _bind(args.host, args.port)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     if args.model == "demo":
         print("dsvl2: note: serving the built-in demo checkpoint with RANDOM weights (gibberish answers); "
@@ -123,10 +146,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=3)
     server = uvicorn.Server(config)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"dsvl2: serving {app.state.dsvl2.served_model_name!r} on http://{shown}:{port} (Ctrl-C to stop); "
+          "the model loads in the background, GET /health answers 200 once it is ready", file=sys.stderr)
     try:
-        server.run()
+        server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass  # uvicorn re-raises the Ctrl-C it shut down on, after a graceful shutdown: a normal stop
+    loading = app.state.dsvl2.load_thread
+    if loading is not None and loading.is_alive():
+        # Stopped while the weights load: an interpreter shutting down under torch's
+        # running loader threads aborts the process ("terminate called ..."), so leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     model = app.state.dsvl2.model
     if model is not None:
         model.driver.close()

@@ -46,9 +46,23 @@ def _failures(exc: BaseException) -> list[str]:
     return lines
 
 
+class _Counter(list):
+    """``run_target``'s example counter, reporting every 10000 examples on stderr."""
+
+    def __init__(self, name: str):
+        super().__init__([0])
+        self.name, self.t0 = name, time.perf_counter()
+
+    def __setitem__(self, i, value):
+        super().__setitem__(i, value)
+        if value % 10_000 == 0:
+            print(f"fuzz: {self.name}: {value} examples, {time.perf_counter() - self.t0:.0f} s",
+                  file=sys.stderr, flush=True)
+
+
 def run_one(name: str, examples: int, seed: int) -> dict:
     target = test_fuzz.TARGETS[name]
-    counter = [0]
+    counter = _Counter(name)
     t0 = time.perf_counter()
     failures: list[str] = []
     try:

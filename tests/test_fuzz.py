@@ -24,6 +24,9 @@ Targets:
   beyond the tokenizer) -> ``StreamDecoder`` deltas join to the full decode.
 * ``stop_strings``: stop lists and delta streams -> ``StopStringMatcher`` agrees with a
   naive matcher and never emits a stop string.
+* ``sampling``: logits with NaN / +-inf / huge values and every valid extreme of
+  ``SamplingParams`` -> ``sample_next`` returns ids in range or the one GenerationError
+  (a sampled row left with no token); each row's token equals the row sampled alone.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ from PIL import Image, ImageOps
 
 from dsvl2.config import ProcessorConfig
 from dsvl2.engine.detokenize import StopStringMatcher, StreamDecoder
-from dsvl2.errors import ConversationError, ImageError
+from dsvl2.engine.sampling import SamplingParams, make_generator, sample_next
+from dsvl2.errors import ConversationError, GenerationError, ImageError
 from dsvl2.grounding import COORD_MAX, draw_grounding, grounding_to_json, parse_grounding, strip_grounding_markup
 from dsvl2.model.vl import DeepseekVL2
 from dsvl2.processing import Processor, Tokenizer, normalize_conversation, num_image_tokens, prompt_pieces
@@ -390,6 +394,51 @@ def prop_stop_strings(stops: list[str], deltas: list[str], probe_at: int) -> Non
         assert got == full
 
 
+# --------------------------------------------------------------------------- sampler
+
+_V = 40
+_special_logits = st.sampled_from([float("inf"), float("-inf"), float("nan"), 0.0, 3e38, -3e38, 1e-45, 88.0])
+# logits: B rows of seeded normals times a scale, with special values planted at drawn places
+_logits = st.tuples(st.integers(1, 4), st.integers(0, 2**32 - 1), st.sampled_from([0.0, 1.0, 10.0, 1e4, 1e30]),
+                    st.lists(st.tuples(st.integers(0, 3), st.integers(0, _V - 1), _special_logits), max_size=10))
+_params = st.builds(
+    SamplingParams,
+    temperature=st.one_of(st.just(0.0), st.floats(0, 1e6), st.sampled_from([1e-50, 1e-5, 5e-324, 1e300])),
+    top_p=st.one_of(st.just(1.0), st.floats(0, 1.0, exclude_min=True)),
+    top_k=st.one_of(st.just(0), st.integers(1, 2 * _V), st.just(10**30)),
+    repetition_penalty=st.one_of(st.just(1.0), st.floats(1e-308, 1e308), st.sampled_from([1e-308, 1e308])),
+    seed=st.integers(-2**70, 2**70),
+)
+sampling_args = st.tuples(_logits, st.lists(_params, min_size=4, max_size=4),
+                          st.lists(st.integers(0, _V - 1), max_size=5))
+
+
+def prop_sampling(spec: tuple, params: list[SamplingParams], seen_ids: list[int]) -> None:
+    B, seed, scale, planted = spec
+    logits = torch.from_numpy(np.random.default_rng(seed).standard_normal((B, _V)).astype(np.float32) * scale)
+    for row, col, value in planted:
+        logits[row % B, col] = value  # [B, V]
+    params = params[:B]
+    seen = [seen_ids] * B
+
+    def gens():
+        return [None if p.is_greedy else make_generator(p.seed) for p in params]
+
+    try:
+        out = sample_next(logits, params, gens(), seen).tolist()
+    except GenerationError as e:
+        assert "removed" in str(e)  # the one refusal: a sampled row with no token left
+        return
+    for b, (tok, p) in enumerate(zip(out, params)):
+        assert 0 <= tok < _V
+        row = logits[b]
+        if p.repetition_penalty == 1.0 and bool((row > float("-inf")).any()):  # (a penalty can make NaN: 0 / 0)
+            assert bool(row[tok] > float("-inf")), (tok, row)  # never a NaN or removed token
+        # a row's token depends on its own logits, options and seed only
+        alone = sample_next(logits[b:b + 1], [p], [None if p.is_greedy else make_generator(p.seed)], [seen_ids])
+        assert int(alone[0]) == tok
+
+
 # --------------------------------------------------------------------------- the table
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
@@ -399,6 +448,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("grounding", grounding_args, prop_grounding, 300),
     Target("stream_decoder", stream_args, prop_stream_decoder, 200),
     Target("stop_strings", stop_args, prop_stop_strings, 300),
+    Target("sampling", sampling_args, prop_sampling, 100),
 )}
 
 

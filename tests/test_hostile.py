@@ -186,6 +186,11 @@ def test_request_item_through_the_api(item, corpus, model, baseline, monkeypatch
     elif item.check == "context_capped":
         assert a.finish_reason == "length"
         assert 1 <= a.completion_tokens and a.prompt_tokens + a.completion_tokens <= window
+    elif item.check == "same_as_greedy":
+        greedy = chat(model, req, temperature=0.0, seed=None)
+        assert a.token_ids == greedy.token_ids
+    elif item.check == "same_as_top_k_off":
+        assert a.token_ids == chat(model, req, top_k=0).token_ids
     elif item.check == "stops_ignored":
         assert (a.token_ids, a.text, a.finish_reason) == (baseline.token_ids, baseline.text, baseline.finish_reason)
     elif item.check == "stop_cuts":

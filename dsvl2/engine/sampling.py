@@ -29,7 +29,12 @@ Notable choices
   uniform number per step (inverse CDF over the row's candidates, in index order), so a
   row's tokens depend on its logits, options and seed only, never on the other rows: a
   request is reproducible in a batched server.
-* Greedy rows (temperature 0) take ``argmax``: the first index on ties.
+* Greedy rows take ``argmax``: the first index on ties, NaN logits never chosen. A
+  temperature below ``GREEDY_BELOW`` (1e-5, vLLM's threshold) is greedy: dividing by it
+  in float32 would overflow to +inf or, below ~1e-45, round the temperature to 0.
+* Degenerate rows never crash the draw: NaN logits are removed like -inf, and when some
+  kept logits are +inf (a tiny repetition penalty, a broken checkpoint) those tokens
+  share all the mass.
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ __all__ = [
 
 # Cumulative probabilities within this of top_p count as having reached it (see docstring).
 _TOP_P_TOLERANCE = 1e-6
+# Temperatures below this are greedy (see the module docstring).
+GREEDY_BELOW = 1e-5
 # Candidate counts tried by apply_top_p before falling back to the whole vocabulary.
 _TOP_P_CANDIDATES = (64, 1024, 8192)
 
@@ -73,7 +80,8 @@ def _is_real(v) -> bool:
 class SamplingParams:
     """How one request chooses its tokens and when it stops.
 
-    temperature: 0 means greedy (argmax); otherwise logits are divided by it.
+    temperature: 0 means greedy (argmax), as does anything below 1e-5; otherwise logits
+        are divided by it.
     top_p: nucleus sampling mass in (0, 1]; 1 keeps every token.
     top_k: keep the k most likely tokens; 0 keeps every token.
     repetition_penalty: > 0; 1 is off. Seen tokens' logits are divided by it when
@@ -106,7 +114,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     def validate(self) -> None:
         """Raise ``GenerationError`` naming the first bad value and the allowed range."""
@@ -257,10 +265,14 @@ def draw(logits: torch.Tensor, generator: torch.Generator | None) -> int:
     Inverse CDF over the kept tokens in index order, in float64: the result depends only on
     the row and the generator's state (None: torch's global generator).
     """
-    ids = (logits > float("-inf")).nonzero().squeeze(1)  # [N]
+    ids = (logits > float("-inf")).nonzero().squeeze(1)  # [N]; NaN compares False: removed too
     if ids.numel() == 0:
         raise GenerationError("every token of a row was removed (its logits are all -inf or NaN)")
-    probs = torch.softmax(logits[ids].double(), dim=0)  # [N]
+    vals = logits[ids].double()
+    top = vals == float("inf")
+    if bool(top.any()):  # softmax would give NaN: the +inf tokens take all the mass, equally
+        ids, vals = ids[top], torch.zeros(int(top.sum()), dtype=torch.float64, device=logits.device)
+    probs = torch.softmax(vals, dim=0)  # [N]
     cum = probs.cumsum(0)
     u = torch.rand((), generator=generator, dtype=torch.float64, device=logits.device)
     pos = int(torch.searchsorted(cum, (u * cum[-1]).reshape(1), right=True))
@@ -308,14 +320,14 @@ def sample_next(
     out = torch.empty(B, dtype=torch.long, device=dev)
     greedy = torch.tensor([sp.is_greedy for sp in params], device=dev)
     if bool(greedy.any()):
-        out[greedy] = logits[greedy].argmax(dim=-1)
+        out[greedy] = logits[greedy].nan_to_num(float("-inf"), float("inf"), float("-inf")).argmax(dim=-1)
 
     rows = [i for i, sp in enumerate(params) if not sp.is_greedy]
     if rows:
         sp_rows = [params[i] for i in rows]
         x = logits[rows]  # [b, V]
         x = apply_temperature(x, torch.tensor([sp.temperature for sp in sp_rows], device=dev))
-        x = apply_top_k(x, torch.tensor([sp.top_k for sp in sp_rows], device=dev))
+        x = apply_top_k(x, torch.tensor([min(sp.top_k, V) for sp in sp_rows], device=dev))  # k >= V: off
         x = apply_top_p(x, torch.tensor([sp.top_p for sp in sp_rows], dtype=torch.float64, device=dev))
         for j, i in enumerate(rows):
             out[i] = draw(x[j], generators[i])

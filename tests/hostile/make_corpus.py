@@ -383,6 +383,16 @@ def _request_items() -> list[Item]:
         add(f"sampling_{field}_{label}".replace(" ", "").replace("'", "").replace("[", "").replace("]", ""),
             "GenerationError", f"{field} = {value!r}: refused, naming the field and the allowed range",
             match=f"{field} must be .*{allowed}", messages=one, sampling={field: value})
+    add("temperature_tiny", "ok", "temperature 1e-50 (valid, > 0): greedy, like anything below 1e-5 (dividing "
+        "by it in float32 rounded it to 0 and sampled at temperature 1)", messages=one,
+        sampling={"temperature": 1e-50, "seed": 3}, check="same_as_greedy")
+    add("repetition_penalty_tiny", "ok", "repetition_penalty 1e-308 (valid, > 0): seen tokens' logits become +inf "
+        "and share the mass; answered (the draw crashed with IndexError on the NaN softmax)", messages=one,
+        sampling={"temperature": 1.0, "repetition_penalty": 1e-308, "seed": 3}, check="answers")
+    add("top_k_huge", "ok", "top_k 10^30: more than the vocabulary, so off (torch.tensor overflowed with ValueError)",
+        messages=one, sampling={"temperature": 0.8, "top_k": 10**30, "seed": 3}, check="same_as_top_k_off")
+    add("seed_huge", "ok", "seed 2^70 and -1: accepted (reduced modulo 2^64 for torch's generator)", messages=one,
+        sampling={"temperature": 0.8, "seed": 2**70}, check="answers")
     add("max_new_tokens_1", "ok", "max_new_tokens 1: exactly one token", messages=one,
         sampling={"max_new_tokens": 1}, check="one_token")
     add("max_new_tokens_huge", "ok",

@@ -4,7 +4,8 @@ client and by raw HTTP (httpx) for what the client hides.
 Conventions of this file:
 * Servers run in a background thread of this process on 127.0.0.1 with a port the OS
   picked (``LiveServer``); every wait is bounded. One extra test starts the real
-  ``python -m dsvl2 serve`` command in a subprocess.
+  ``python -m dsvl2 serve`` command in a subprocess. Tests with a live server are marked
+  ``slow``; the schema, image-policy and response-builder tests are not.
 * The model is the shipped demo checkpoint in the default dtype ("auto": bf16 weights);
   greedy answers of rows decoded together equal the same conversation alone in it. Its
   prefix cache is off: a repeated prompt would take over the row its first run left and
@@ -55,6 +56,7 @@ from dsvl2.server.schema import ImageRef, parse_chat_request
 from _paths import IMAGES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+slow = pytest.mark.slow  # a live server (`make test-fast` leaves these out)
 
 KEY = "sk-test-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -213,6 +215,7 @@ def script(monkeypatch):
 # --------------------------------------------------------------------------- the openai client
 
 
+@slow
 def test_models_health_and_the_demo_flag(server):
     card = server.client().models.list().data
     assert [m.id for m in card] == ["demo"]
@@ -225,6 +228,7 @@ def test_models_health_and_the_demo_flag(server):
     assert r.status_code == 200 and r.json()["status"] == "ok"
 
 
+@slow
 def test_openai_client_with_an_image_data_url_streaming_and_not(server, model):
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(FOOD)}},
                                              {"type": "text", "text": "What food is this?"}]}]
@@ -256,6 +260,7 @@ def test_openai_client_with_an_image_data_url_streaming_and_not(server, model):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+@slow
 def test_sampling_options_and_n_choices(server, model):
     client = server.client()
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story."}]
@@ -297,6 +302,7 @@ def test_grounding_field_from_an_answer_with_markup(model):
     assert "grounding" not in message(make_answer(plain, [img]))
 
 
+@slow
 def test_grounding_end_to_end_with_a_scripted_answer(server, model, script):
     script(model.processor.tokenizer, f"A {CAT}")
     w, h = Image.open(DOG).size
@@ -315,6 +321,7 @@ def test_grounding_end_to_end_with_a_scripted_answer(server, model, script):
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == f"A {CAT}"
 
 
+@slow
 def test_error_classes_through_the_openai_client(server):
     msgs = [{"role": "user", "content": "Hi"}]
     with pytest.raises(openai.AuthenticationError):
@@ -416,6 +423,7 @@ def alone(server):
     return texts
 
 
+@slow
 def test_eight_concurrent_clients_get_their_answers_alone(server, alone):
     async def main():
         async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as client:
@@ -429,6 +437,7 @@ def test_eight_concurrent_clients_get_their_answers_alone(server, alone):
         assert sum(1 for c in chunks if c["choices"][0]["finish_reason"]) == 1
 
 
+@slow
 def test_bad_requests_get_openai_errors_while_a_good_one_completes(server, alone):
     before = server.metrics()
     hello = CONVERSATIONS[0]
@@ -490,11 +499,13 @@ def test_bad_requests_get_openai_errors_while_a_good_one_completes(server, alone
         assert outcome(after, name) - outcome(before, name) == n, name
 
 
+@slow
 def test_unknown_routes_and_methods_answer_in_the_openai_shape(server):
     assert_openai_error(httpx.get(server.url + "/v1/nothing", timeout=WAIT_S), 404)
     assert_openai_error(httpx.get(server.url + "/v1/chat/completions", timeout=WAIT_S), 405)
 
 
+@slow
 def test_metrics_parse_and_count(server, alone):
     m = server.metrics()
     assert outcome(m, "length") + outcome(m, "stop") >= len(CONVERSATIONS)
@@ -509,6 +520,7 @@ def test_metrics_parse_and_count(server, alone):
         assert gauge(m, f"dsvl2_requests_{key}") == 0
 
 
+@slow
 def test_truncate_history_drops_the_oldest_turns(server, model, monkeypatch):
     monkeypatch.setattr(model.engine, "context_window", 120)
     long = "Tell me more about the history of this place. " * 3  # ~45 tokens
@@ -544,6 +556,7 @@ def test_truncate_history_drops_the_oldest_turns(server, model, monkeypatch):
     assert r.json()["error"]["code"] == "context_length_exceeded"
 
 
+@slow
 def test_queue_full_disconnect_frees_the_slot_and_metrics_show_it(small):
     """One row, a queue of one: A streams; B waits; C is refused with 429; A's client
     goes away mid-stream; B is admitted on the freed row and completes."""
@@ -577,6 +590,7 @@ def test_queue_full_disconnect_frees_the_slot_and_metrics_show_it(small):
     assert gauge(m, "dsvl2_requests_running") == 0 and gauge(m, "dsvl2_requests_waiting") == 0
 
 
+@slow
 def test_a_non_streaming_client_that_goes_away_frees_its_slot(small):
     before = small.metrics()
     with pytest.raises(httpx.ReadTimeout):  # the client gives up waiting and closes the connection
@@ -592,6 +606,7 @@ def test_a_non_streaming_client_that_goes_away_frees_its_slot(small):
     assert m[("dsvl2_generation_tokens_total", ())] - before[("dsvl2_generation_tokens_total", ())] < 3000
 
 
+@slow
 def test_local_files_only_under_the_allowed_folder(small):
     (small.folder / "sub").mkdir(exist_ok=True)
     inside = small.folder / "sub" / "food.jpg"
@@ -658,6 +673,7 @@ def test_fetching_follows_the_policy():
         httpd.server_close()
 
 
+@slow
 def test_503_while_the_model_loads_then_serves(model):
     gate = threading.Event()
 
@@ -683,6 +699,7 @@ def test_503_while_the_model_loads_then_serves(model):
         s.close()
 
 
+@slow
 def test_a_failed_load_is_reported(model):
     failed = []
 
@@ -702,6 +719,7 @@ def test_a_failed_load_is_reported(model):
 # --------------------------------------------------------------------------- the command
 
 
+@slow
 def test_dsvl2_serve_command(model, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -396,7 +396,8 @@ def cmd_info(args) -> int:
               "pass a folder or an id such as deepseek-ai/deepseek-vl2-tiny", file=sys.stderr)
     folder = resolve_model("demo" if args.model is None else args.model)
     has_weights = (folder / "model.safetensors.index.json").is_file() or any(folder.glob("*.safetensors"))
-    d = describe(load_config(folder), folder if has_weights else None)  # config only: no weights section
+    # config only: no weights section; --quantize: the bytes after quantisation (nothing is loaded)
+    d = describe(load_config(folder), folder if has_weights else None, quantize=args.quantize)
     import torch
     from .model import kernels
     d["kernels"] = kernels.choose("cpu", torch.bfloat16).to_dict()  # what bf16 weights would run with here
@@ -460,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", metavar="MODEL", nargs="?", default=None,
                       help="checkpoint folder, Hugging Face id, or 'demo' (default: the built-in demo)")
     info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                      help="also show the weights' bytes after quantisation (a quantised folder shows its own)")
     info.set_defaults(func=cmd_info)
 
     from . import batch  # `dsvl2 batch` (Ray Data); the module imports neither Ray nor torch

@@ -16,6 +16,11 @@ Counting conventions:
   ``params_active_vision`` give those parts;
 * KV cache per token: MLA caches (kv_lora_rank + qk_rope_head_dim) values per layer, MHA
   2 * kv_heads * head_dim.
+* Quantisation (no weights are loaded): a folder written by ``dsvl2 quantize`` /
+  ``init-random --quantize`` names its scheme in config.json ``"quantization"`` and its
+  bytes are those on disk; ``quantize=`` on a float folder (or a config alone) gives the
+  bytes ``dsvl2 quantize`` would write, from each tensor's stored entries
+  (``dsvl2.quantize.entries_for``: the same rule the writer and the loader use).
 """
 
 from __future__ import annotations
@@ -95,8 +100,48 @@ def _weights_on_disk(folder: Path) -> dict:
     }
 
 
-def describe(config: ModelConfig | Mapping[str, Any], folder: str | Path | None = None) -> dict:
-    """Facts about a model config (and, with ``folder``, its weight files) as a dict of plain values."""
+def _stored_bytes(entries) -> int:
+    import math
+
+    import torch
+
+    return sum(math.prod(shape) * torch.empty((), dtype=dt).element_size() for _, dt, shape in entries)
+
+
+def quantization_facts(specs, folder: Path | None, quantize: str | None) -> dict | None:
+    """The quantisation section: the folder's stored scheme, or the bytes ``quantize`` would give.
+
+    ``specs``: the official tensors of the config (bf16), used when there are no weight
+    files; with a float folder its own tensors (names, shapes, dtypes) are counted.
+    """
+    from .quantize import entries_for
+    from .weights import read_header, stored_scheme, weight_files
+
+    stored = stored_scheme(folder) if folder is not None else None
+    if stored is not None:
+        if quantize not in (None, stored["scheme"]):
+            raise CheckpointError(f"{folder} is already quantised ({stored['scheme']}); it cannot be loaded as "
+                                  f"{quantize} (quantise the float checkpoint instead)")
+        files = weight_files(folder) if any(folder.glob("*.safetensors")) else []
+        return {"scheme": stored["scheme"], "source": "checkpoint",
+                "bytes": sum(t.nbytes for f in files for t in read_header(f)) if files else None,
+                "float_bytes": None}
+    if quantize is None:
+        return None
+    has_weights = folder is not None and any(folder.glob("*.safetensors"))
+    tensors = ([(t.key, t.shape, t.dtype) for f in weight_files(folder) for t in read_header(f)] if has_weights
+               else [(s.key, s.shape, s.dtype) for s in specs])
+    return {"scheme": quantize, "source": "--quantize",
+            "bytes": sum(_stored_bytes(entries_for(k, sh, dt, quantize)) for k, sh, dt in tensors),
+            "float_bytes": sum(_stored_bytes([(k, dt, sh)]) for k, sh, dt in tensors)}
+
+
+def describe(config: ModelConfig | Mapping[str, Any], folder: str | Path | None = None,
+             quantize: str | None = None) -> dict:
+    """Facts about a model config (and, with ``folder``, its weight files) as a dict of plain values.
+
+    ``quantize`` ("int8" / "int4"): also the bytes the weights take in that scheme
+    (``quantization``); a quantised folder reports its own scheme whatever this is."""
     from .checkpoint import official_tensor_specs
     from .weights import build_empty
 
@@ -181,6 +226,7 @@ def describe(config: ModelConfig | Mapping[str, Any], folder: str | Path | None 
         "kv_cache_bytes_per_token": {"bf16": kv_values * 2, "fp32": kv_values * 4},
         "checkpoint_bytes_bf16": sum(s.nbytes for s in specs),
         "weights": _weights_on_disk(Path(folder)) if folder is not None else None,
+        "quantization": quantization_facts(specs, Path(folder) if folder is not None else None, quantize),
     }
     return out
 
@@ -249,6 +295,14 @@ def format_info(d: Mapping[str, Any]) -> str:
         ]
     else:
         rows.append(("weights", f"{_bytes(d['checkpoint_bytes_bf16'])} as an official bf16 checkpoint"))
+    q = d.get("quantization")
+    if q:
+        if q["source"] == "checkpoint":
+            size = f"{_bytes(q['bytes'])} of weights as stored" if q["bytes"] is not None else "no weight files"
+            rows.append(("quantised", f"{q['scheme']} (config.json 'quantization'): {size}"))
+        else:
+            rows.append(("quantised", f"{q['scheme']} (--quantize): {_bytes(q['bytes'])} of weights after "
+                                      f"quantisation, from {_bytes(q['float_bytes'])}"))
     k = d.get("kernels")
     if k:
         rows.append(("big products", f"{k['big_products']} on this machine: {k['reason']}"))

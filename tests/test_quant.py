@@ -141,10 +141,11 @@ def test_quantised_checkpoint_matches_dequantised_reference(tmp_path, variant, b
     assert cfg["quantization"]["scheme"] == f"int{bits}"
     model = load_model(qdir)
     assert model.quantization == f"int{bits}"
-    experts = model.language.model.layers[-1].mlp.experts.gate_proj
+    moe = next(layer.mlp for layer in reversed(model.language.model.layers) if layer.is_moe)  # dsv2x ends dense
+    experts = moe.experts.gate_proj
     assert isinstance(experts, quant.QuantWeight) and experts.bits == bits
     assert isinstance(model.language.lm_head.weight, quant.QuantWeight)
-    assert not isinstance(model.language.model.layers[-1].mlp.gate.weight, quant.QuantWeight)  # router stays float
+    assert not isinstance(moe.gate.weight, quant.QuantWeight)  # router stays float
     ref = load_model(_dequantised_folder(qdir, tmp_path / "ref"))
     want = _text_logits(ref)
     for decoding in (False, True):
@@ -198,3 +199,74 @@ def test_init_random_quantised_equals_quantising_the_bf16_one(tmp_path, scheme):
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("direct", "via"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert load_model(tmp_path / "direct").quantization == scheme
+
+
+# ---- --quantize on `dsvl2 info` and `dsvl2 serve` ---------------------------------------------
+
+def _tensor_bytes(folder) -> int:
+    from dsvl2.weights import read_header, weight_files
+
+    return sum(t.nbytes for f in weight_files(folder) for t in read_header(f))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_info_quantize_predicts_the_written_bytes(tmp_path, capsys, bits):
+    """info --quantize on a float folder gives the bytes `dsvl2 quantize` then writes;
+    on the written folder it reports the scheme from config.json and those bytes."""
+    scheme = f"int{bits}"
+    assert cli_main(["info", str(GOLDEN / "base"), "--quantize", scheme, "--json"]) == 0
+    q = json.loads(capsys.readouterr().out)["quantization"]
+    qdir = quantize_checkpoint(GOLDEN / "base", tmp_path / "q", bits)
+    written = _tensor_bytes(qdir)
+    assert q == {"scheme": scheme, "source": "--quantize", "bytes": written, "float_bytes": _tensor_bytes(GOLDEN / "base")}
+    assert written < q["float_bytes"]
+    assert cli_main(["info", str(qdir), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["quantization"] == {"scheme": scheme, "source": "checkpoint", "bytes": written, "float_bytes": None}
+    assert cli_main(["info", str(qdir)]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("quantised"))
+    assert scheme in line and "config.json" in line
+    assert cli_main(["info", str(GOLDEN / "base"), "--json"]) == 0  # no scheme: no section
+    assert json.loads(capsys.readouterr().out)["quantization"] is None
+    other = "int4" if bits == 8 else "int8"
+    assert cli_main(["info", str(qdir), "--quantize", other]) == 1
+    assert "already quantised" in capsys.readouterr().err
+
+
+def test_info_quantize_of_a_real_config_without_weights():
+    """A config alone (no weight files): the bytes of the official bf16 tensors, quantised."""
+    from dsvl2.checkpoint import official_tensor_specs, preset_config
+    from dsvl2.config import ModelConfig
+    from dsvl2.info import describe
+    from dsvl2.quantize import entries_for
+
+    cfg = ModelConfig.from_hf(preset_config("tiny"))
+    d8, d4 = describe(cfg, quantize="int8"), describe(cfg, quantize="int4")
+    specs = official_tensor_specs(cfg, torch.bfloat16)
+    lm_head = next(s for s in specs if s.key == "language.lm_head.weight")
+    assert [e[1] for e in entries_for(lm_head.key, lm_head.shape, lm_head.dtype, "int8")] == [torch.int8, torch.bfloat16]
+    assert d8["quantization"]["float_bytes"] == d8["checkpoint_bytes_bf16"]
+    # int8 saves one byte per quantised weight, less the bf16 scales: more than a third of tiny
+    assert 0.5 < d8["quantization"]["bytes"] / d8["checkpoint_bytes_bf16"] < 0.65
+    assert d4["quantization"]["bytes"] < 0.45 * d8["checkpoint_bytes_bf16"]
+
+
+def test_serve_quantize_reaches_the_loader(monkeypatch, capsys):
+    """`dsvl2 serve --quantize int8` loads the model quantised (uvicorn's run replaced by a
+    call of the app's own loader, so no port is served)."""
+    import uvicorn
+
+    loaded = []
+
+    def run(self, sockets=None):
+        state = self.config.app.state.dsvl2
+        state.model = state.loader()
+        loaded.append(state.model)
+        for s in sockets or ():
+            s.close()
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    assert cli_main(["serve", "-m", str(GOLDEN / "tiny"), "--port", "0", "--quantize", "int8"]) == 0
+    (model,) = loaded
+    assert model.model.quantization == "int8"
+    assert isinstance(model.model.language.lm_head.weight, quant.QuantWeight)

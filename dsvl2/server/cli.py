@@ -63,6 +63,8 @@ def add_parser(sub) -> None:
     r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto = bf16 weights, fp32 compute on CPU")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    r.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="quantise the weights while loading (int8: LM linears; int4: routed experts)")
     i = p.add_argument_group("images")
     i.add_argument("--allow-fetch", action="store_true",
                    help="fetch http(s) image URLs (off: only data: URLs; the server can then be made to "
@@ -130,7 +132,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server: uvicorn.Server | None = None
 
     def load():
-        return api.load(args.model, dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size)
+        return api.load(args.model, dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size,
+                        quantize=args.quantize)
 
     def load_failed(exc: BaseException) -> None:
         failure.append(exc)

@@ -1,0 +1,142 @@
+"""What a user waits for, on any checkpoint, next to the machine's limits (JSON report).
+
+    python benchmarks/bench_chat.py -m /tmp/dsvl2-tiny      # dsvl2 init-random --preset tiny
+    python benchmarks/bench_chat.py -m demo --case c03_three_images
+
+Runs a golden case's conversation (images + text; default c01_single_image: one photo,
+7 tiles, 1431 prompt tokens) through the public API and reports: load, image processing,
+vision, prefill, time to first token, decode tokens/s at batch 1, 4 and 16, and the
+time to first token of a follow-up question in the same chat (prefix cache), plus peak
+RSS. Every engine figure comes from the per-request timings the engine records
+(``GenerationOutput.timings``, the ones the server's metrics use); nothing in the engine
+is patched. Beside them, measured in the same run: memory read bandwidth, fp32 and bf16
+matrix-product peaks, and the kernel choice for this machine (``model/kernels.py``).
+
+Rooflines: vision / prefill FLOPs (2 x parameters x tokens + attention) over the best
+matmul peak; batch-1 decode: the weights one token reads (the active parameters without
+the embedding table, at the weights' bytes per parameter) over the read bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import dsvl2
+from dsvl2.info import describe
+from dsvl2.model.kernels import _gflops
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import bandwidth, cpu_name, peak_rss  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = ROOT / "tests" / "data" / "golden" / "processor" / "official"
+IMAGES = ROOT / "tests" / "data" / "images"
+
+
+def conversation(case: str) -> list[dict]:
+    spec = json.loads((CASES / case / "case.json").read_text())
+    conv = spec["conversations"][0]
+    for m in conv:
+        if m.get("images"):
+            m["images"] = [str(IMAGES / name) for name in m["images"]]
+    return conv
+
+
+def decode_rate(m, n_rows: int, tokens: int) -> dict:
+    """n_rows text conversations at once; tokens/s per row and in aggregate, from timings."""
+    handles = [h for i in range(n_rows)
+               for h in m.submit(f"Tell me story number {i} about a lighthouse.", max_new_tokens=tokens)]
+    outs = [h.result() for h in handles]
+    starts = [h.req.timings.first_token for h in handles]
+    ends = [h.req.timings.finished for h in handles]
+    gen = sum(o.completion_tokens - 1 for o in outs)
+    span = max(ends) - min(starts)
+    per_row = [(o.completion_tokens - 1) / (e - s) for o, s, e in zip(outs, starts, ends) if e > s]
+    return {"rows": n_rows, "tokens_per_row": [o.completion_tokens for o in outs],
+            "aggregate_tok_per_s": round(gen / span, 2) if span > 0 else None,
+            "per_row_tok_per_s_median": round(sorted(per_row)[len(per_row) // 2], 2) if per_row else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("-m", "--model", default="demo")
+    ap.add_argument("--case", default="c01_single_image")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--batches", default="1,4,16")
+    args = ap.parse_args()
+
+    limits = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "load_average": os.getloadavg()}
+    limits.update(bandwidth(512 << 20))
+    limits["fp32_matmul_gflops"] = round(_gflops(torch.float32, 512, 2048, 2048), 1)
+    limits["bf16_matmul_gflops"] = round(_gflops(torch.bfloat16, 512, 2048, 2048), 1)
+    best_peak = max(limits["fp32_matmul_gflops"], limits["bf16_matmul_gflops"])
+
+    t = time.perf_counter()
+    m = dsvl2.load(args.model, dtype=args.dtype)
+    load_s = time.perf_counter() - t
+    info = describe(m.config)
+    conv = conversation(args.case)
+
+    t = time.perf_counter()
+    batch, _ = m.process(conv)
+    processing_s = time.perf_counter() - t
+    m.chat("Hi.", max_new_tokens=2)  # one-time costs (thread pools, buffers) out of the way
+
+    (h,) = m.submit(conv, max_new_tokens=8)
+    first = h.result()
+    tm = first.timings
+    vc = m.config.vision
+    n_patch = (vc.image_size // vc.patch_size) ** 2
+    tiles = h.req.tiles_done
+    vparams = info["params_active_vision"]
+    vision_flops = tiles * (2 * vparams * n_patch + 4 * vc.layers * n_patch ** 2 * vc.width)
+    lc = m.config.language
+    t_tok = first.prompt_tokens
+    attn_dim = lc.num_attention_heads * (lc.qk_nope_head_dim + lc.qk_rope_head_dim if lc.use_mla else lc.head_dim)
+    prefill_flops = 2 * info["params_active_no_embedding"] * t_tok + 2 * lc.num_hidden_layers * t_tok ** 2 * attn_dim
+    compute_s = tm["vision_s"] + tm["prefill_s"]
+
+    follow = conv[:-1] + [{"role": "<|Assistant|>", "content": first.text},
+                          {"role": "<|User|>", "content": "Tell me more about it."},
+                          {"role": "<|Assistant|>", "content": ""}]
+    (fh,) = m.submit(follow, max_new_tokens=4)
+    fo = fh.result()
+
+    wbytes = next(p for p in m.model.language.parameters()).element_size()
+    token_bytes = info["params_active_no_embedding"] * wbytes
+    decode = {str(b): decode_rate(m, b, args.decode_tokens) for b in map(int, args.batches.split(","))}
+    b1 = decode.get("1", {}).get("per_row_tok_per_s_median")
+    roof = limits["read_sum_gbps"] * 1e9 / token_bytes
+    report = {
+        "model": args.model, "case": args.case, "dtype": args.dtype, "machine": limits,
+        "kernels": getattr(m, "kernels", None) and m.kernels.to_dict(),
+        "load_s": round(load_s, 2),
+        "image_processing_s": round(processing_s, 3),
+        "prompt_tokens": first.prompt_tokens, "tiles": tiles,
+        "queue_s": tm["queue_s"], "vision_s": round(tm["vision_s"], 3), "prefill_s": round(tm["prefill_s"], 3),
+        "time_to_first_token_s": round(tm["first_token_s"], 3),
+        "vision_gflop": round(vision_flops / 1e9, 1), "prefill_gflop": round(prefill_flops / 1e9, 1),
+        "vision_prefill_gflops_per_s": round((vision_flops + prefill_flops) / compute_s / 1e9, 1) if compute_s else None,
+        "vision_prefill_fraction_of_best_peak": round((vision_flops + prefill_flops) / compute_s / 1e9 / best_peak, 3)
+        if compute_s else None,
+        "decode": decode,
+        "decode_b1_roofline_tok_per_s": round(roof, 2),
+        "decode_b1_fraction_of_roofline": round(b1 / roof, 3) if b1 else None,
+        "follow_up": {"prompt_tokens": fo.prompt_tokens, "cached_tokens": fo.cached_tokens,
+                      "time_to_first_token_s": round(fo.timings["first_token_s"], 3),
+                      "vision_s": fo.timings["vision_s"], "prefill_s": round(fo.timings["prefill_s"], 3)},
+        "peak_rss_gib": round(peak_rss() / 2 ** 30, 2),
+    }
+    print(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

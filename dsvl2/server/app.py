@@ -4,8 +4,9 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Endpoints: ``POST /v1/chat/completions`` (JSON or SSE stream), ``GET /v1/models``
-(``/v1/models/{id}``), ``GET /health``, ``GET /metrics``. The ``/v1`` endpoints require
-``Authorization: Bearer KEY`` when an API key is set; ``/health`` and ``/metrics`` never do.
+(``/v1/models/{id}``), ``GET /health``, ``GET /metrics``, and the browser chat page at
+``/`` (``dsvl2.web``: static files, a client of this same API). The ``/v1`` endpoints
+require ``Authorization: Bearer KEY`` when an API key is set; the others never do.
 
 How a chat request flows, and why:
 

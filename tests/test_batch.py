@@ -39,6 +39,8 @@ from dsvl2.batch import (BatchInputError, JsonlResults, ParquetResults, Row, _An
                          error_record, out_format, read_rows, run_batch)
 from dsvl2.cli import main
 from _paths import IMAGES
+from _ray_cluster import raylet_pids, ray_workers, watchdog as ray_watchdog
+from _ray_cluster import two_node_cluster as cluster_of_two
 
 PROMPT = "Describe this image."
 NEW_TOKENS = 2
@@ -286,65 +288,16 @@ def test_ctrl_c_keeps_the_rows_written_and_a_rerun_does_only_the_rest(tmp_path, 
 # --------------------------------------------------------------------------- a job on two nodes
 
 
-def raylet_pids(cluster) -> set[int]:
-    from ray._private import ray_constants
-
-    nodes = [cluster.head_node, *cluster.worker_nodes]
-    return {n.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid for n in nodes}
-
-
-def map_workers(parents: set[int]) -> dict[int, int]:
-    """{pid: parent raylet pid} of the Ray Data actor processes of this cluster."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:  # the process ended while we looked
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if cmdline.startswith(b"ray::MapWorker") and ppid in parents:
-            found[int(entry)] = ppid
-    return found
-
-
-class Overtime(Exception):
-    pass
-
-
 @pytest.fixture
 def watchdog():
-    """Fail the test (an exception raised in the main thread by SIGALRM) if it runs longer
-    than BUDGET_S: a hung Ray job must not block the suite."""
-
-    def overtime(signum, frame):
-        raise Overtime(f"the test ran longer than {BUDGET_S} s")
-
-    previous = signal.signal(signal.SIGALRM, overtime)
-    signal.alarm(BUDGET_S)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+    with ray_watchdog(BUDGET_S):
+        yield
 
 
 @pytest.fixture
 def two_node_cluster(watchdog):
-    from ray.cluster_utils import Cluster
-
-    from dsvl2.ray_connect import keep_on_loopback
-
-    keep_on_loopback()
-    node = dict(num_cpus=1, object_store_memory=150 * 2**20, node_ip_address="127.0.0.1")
-    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
-    try:
-        cluster.add_node(**node)
-        cluster.wait_for_nodes()
+    with cluster_of_two() as cluster:
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 @pytest.mark.slow  # a Ray instance / cluster: start-up alone takes tens of seconds here
@@ -368,7 +321,7 @@ def test_job_on_two_nodes_answers_like_the_api_resumes_and_survives_a_killed_act
 
     def kill_one(records):
         if not killed:
-            workers = map_workers(parents)
+            workers = ray_workers(parents, b"ray::MapWorker")
             assert len(set(workers.values())) == 2, workers  # 2 actors, on 2 nodes
             pid = min(workers)
             os.kill(pid, signal.SIGKILL)

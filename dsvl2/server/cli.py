@@ -76,6 +76,12 @@ def add_parser(sub) -> None:
     i.add_argument("--max-body-bytes", type=int, default=64 << 20, metavar="N",
                    help="refuse (413) a request body of more than N bytes")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    g = p.add_argument_group("Ray Serve (replicas; needs the ray extra)")
+    g.add_argument("--ray", action="store_true", help="serve --replicas copies of the model on Ray Serve, one endpoint")
+    g.add_argument("--replicas", type=int, default=2, help="copies of the model behind the one endpoint")
+    g.add_argument("--address", help="join this Ray cluster (auto, HOST:PORT); default: a local Ray instance")
+    g.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs (and torch threads) per replica")
+    g.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per replica")
     p.set_defaults(func=cmd_serve)
 
 
@@ -113,6 +119,12 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if getattr(args, "ray", False):
+        try:
+            from .ray_serve import run
+        except ImportError as e:
+            raise DSVL2Error(f"--ray needs Ray Serve: pip install 'dsvl2[ray]' ({e})") from None
+        return run(args)
     _check(args)
     try:
         import uvicorn

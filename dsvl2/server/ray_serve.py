@@ -204,18 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="python -m dsvl2.server.ray_serve")
     sub = root.add_subparsers(dest="command")
     add_parser(sub)
-    p = sub.choices["serve"]
+    p = sub.choices["serve"]  # its "Ray Serve" group holds --replicas, --address, ...
     p.prog = "python -m dsvl2.server.ray_serve"
-    add_ray_arguments(p)
     return p
-
-
-def add_ray_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("Ray Serve (replicas)")
-    g.add_argument("--replicas", type=int, default=2, help="copies of the model behind the one endpoint")
-    g.add_argument("--address", help="join this Ray cluster (auto, HOST:PORT); default: a local Ray instance")
-    g.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs (and torch threads) per replica")
-    g.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per replica")
 
 
 def run(args: argparse.Namespace, ready=None) -> int:

@@ -167,6 +167,18 @@ class ServerState:
         return folder is not None and Path(folder).resolve() == DEMO.resolve()
 
 
+# The types a browser page of any origin may POST without a CORS preflight: refusing them
+# keeps a web page the user visits from driving a server on their loopback (CSRF).
+_SIMPLE_TYPES = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
+
+
+def check_content_type(request: Request) -> None:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype in _SIMPLE_TYPES:
+        raise APIError(415, f"Content-Type {ctype!r} is not accepted; send the JSON body as application/json",
+                       code="unsupported_media_type")
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, refused with 413 beyond ``limit`` bytes. An over-long body is read on and
     thrown away up to twice the limit, so that the client, still sending, gets to read the
@@ -340,6 +352,7 @@ async def chat_completions(state: ServerState, request: Request) -> Response:
     received = time.perf_counter()
     try:
         state.check_auth(request)
+        check_content_type(request)
         model = state.require_model()
         state.check_queue(model, 1)
         req = parse_chat_request(parse_json(await read_body(request, state.max_body_bytes)))

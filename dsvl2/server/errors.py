@@ -6,9 +6,11 @@ at fault where one is (``temperature``, ``messages[1].content[0].image_url.url``
 client can point at it.
 
 Status by cause: 400 bad JSON / schema / values / images / context length, 401 missing
-or wrong API key, 404 unknown model or route, 413 body or image too large, 429 queue
-full (with ``Retry-After``), 503 model still loading (with ``Retry-After``), 500 only for
-a fault of the server itself (logged with its traceback, never sent to the client).
+or wrong API key, 404 unknown model or route, 413 body or image too large, 415 a
+text/plain or form body (what a page of another origin can send without a preflight),
+429 queue full (with ``Retry-After``), 503 model still loading (with ``Retry-After``),
+500 only for a fault of the server itself (logged with its traceback, never sent to the
+client).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 from ..errors import ConversationError, DSVL2Error, GenerationError, ImageError, ImageTooLargeError
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
           500: "server_error", 503: "service_unavailable"}
 
 

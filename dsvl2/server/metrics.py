@@ -31,7 +31,7 @@ import threading
 
 OUTCOMES = ("stop", "length", "cancelled", "error", "invalid", "unauthorized", "not_found", "too_large",
             "queue_full", "loading")
-_STATUS_OUTCOME = {400: "invalid", 401: "unauthorized", 404: "not_found", 405: "invalid", 413: "too_large",
+_STATUS_OUTCOME = {400: "invalid", 401: "unauthorized", 404: "not_found", 405: "invalid", 413: "too_large", 415: "invalid",
                    429: "queue_full", 503: "loading"}
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

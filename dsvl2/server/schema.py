@@ -69,6 +69,9 @@ def parse_json(body: bytes) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad_request(f"the request body is not valid JSON ({e}); send a JSON object with 'messages'",
                           code="invalid_json") from None
+    except RecursionError:  # json's decoder recurses per nesting level: [[[[... is not a 500
+        raise bad_request("the request body is nested too deeply to be a chat request; send a JSON object with "
+                          "'messages'", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request(f"the request body must be a JSON object, got a JSON {_kind(data)}", code="invalid_json")
     return data

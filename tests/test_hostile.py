@@ -26,12 +26,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
 import dsvl2
 import dsvl2.api as api
 import dsvl2.errors as errors
+import dsvl2.processing.image as image_mod
 import dsvl2.processing.processor as processor_mod
 from dsvl2.api import Answer
 from dsvl2.cli import main
@@ -215,6 +217,24 @@ def test_pixel_budget_of_a_conversation(corpus, model, monkeypatch):
         model.chat("Compare.", images=[corpus / SMALL] * 3, max_new_tokens=1)
     assert len(decoded) == 2
     assert model.chat("Describe.", images=[corpus / SMALL], max_new_tokens=1).completion_tokens == 1
+
+
+def test_high_bit_depth_conversion_in_blocks_equals_the_whole_image_formula(monkeypatch):
+    """16-bit and float images are converted a block of rows at a time (bounded memory);
+    the result must be the whole-image formula, also when the decisive value (a float
+    above 1, which switches F to the 0..255 scale) sits in the last block."""
+    monkeypatch.setattr(image_mod, "_BLOCK_PIXELS", 1000)  # 100-pixel rows: 10 rows a block
+    rng = np.random.default_rng(0)
+    v16 = rng.integers(0, 65536, (95, 100), dtype=np.uint16)
+    got = np.asarray(image_mod.load_image(Image.fromarray(v16)))[..., 0]
+    assert np.array_equal(got, (v16.astype(np.int64) + 128) // 257)
+    f = rng.random((95, 100), dtype=np.float32)
+    f[-1, -1] = 3.0  # only the last block says "not 0..1"
+    got = np.asarray(image_mod.load_image(Image.fromarray(f)))[..., 0]
+    assert np.array_equal(got, np.rint(np.clip(f, 0, 255)).astype(np.uint8))
+    f[-1, -1] = 1.0  # now every value is in 0..1
+    got = np.asarray(image_mod.load_image(Image.fromarray(f)))[..., 0]
+    assert np.array_equal(got, np.rint(f * 255).astype(np.uint8))
 
 
 def test_image_limit_in_a_batch_names_the_conversation(corpus, model):

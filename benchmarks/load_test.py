@@ -12,9 +12,9 @@ What runs (a fixed set of distinct greedy requests: text, 1 image, 2 images, gro
 prompts; each client picks one at random and streams it or not):
 
 1. Expected answers: every distinct request sent ALONE to the same server (greedy), so
-   any later answer can be compared with it. Then a warm-up round (every client sends
-   every request once, concurrently) so that the KV-cache rows and allocator arenas have
-   been used before the start memory is read.
+   any later answer can be compared with it. Then a warm-up round (four requests per
+   row and queue place, all rows busy at once) so that the KV-cache rows
+   and allocator arenas have been used before the start memory is read.
 2. ``--clients`` clients loop for ``--duration`` seconds. Faults, at fixed points of the
    run: a storm of ``--clients`` streams that hang up after their first token (25 %),
    a burst beyond ``--max-queue`` (50 %: 429 with ``Retry-After`` expected; clients honour
@@ -102,7 +102,7 @@ def distinct_requests(max_tokens: int) -> list[dict]:
         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
          {"role": "user", "content": "Count to ten."}],
     ]
-    return [{"model": "demo", "messages": m, "temperature": 0, "max_tokens": max_tokens - 8 * (i % 3)}
+    return [{"model": "demo", "messages": m, "temperature": 0, "max_tokens": max(1, max_tokens - max_tokens // 4 * (i % 3))}
             for i, m in enumerate(convs)]
 
 
@@ -326,7 +326,8 @@ def alone(url: str, reqs: list[dict]) -> list[str]:
     with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S) as c:
         for body in reqs:
             r = c.post("/v1/chat/completions", json=body)
-            r.raise_for_status()
+            if r.status_code != 200:
+                raise SystemExit(f"a request alone was refused ({r.status_code}): {r.text[:300]}")
             out.append(r.json()["choices"][0]["message"]["content"])
     return out
 
@@ -345,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=16, help="the server's KV-cache rows (default 16)")
     p.add_argument("--max-queue", type=int, default=None, help="the server's --max-queue (default: --clients)")
     p.add_argument("--max-tokens", type=int, default=32, help="max_tokens of the longest requests (default 32)")
+    p.add_argument("--warm-up", type=int, default=0, metavar="N",
+                   help="requests of the warm-up round (default 4 x (max batch size + max queue))")
     args = p.parse_args(argv)
     if args.duration <= 0 or args.clients < 1:
         p.error("--duration must be > 0 and --clients >= 1")
@@ -371,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                     out = await send(c, reqs[k % len(reqs)], k % 2 == 0)
                 record(warm, "warm", expected[k % len(reqs)], *out[:2], None)
 
-            n = 2 * max(args.clients, args.max_batch_size) * len(reqs) // 2
+            n = args.warm_up or 4 * (args.max_batch_size + args.max_queue)
             async with httpx.AsyncClient(base_url=server.url, timeout=REQUEST_TIMEOUT_S,
                                          limits=httpx.Limits(max_connections=None)) as c:
                 await asyncio.gather(*(one(c, k) for k in range(n)))

@@ -763,6 +763,7 @@ def run(tmp_path, *argv, stdin: str | None = None, timeout: float = 120) -> subp
                           env=_env(tmp_path), timeout=timeout, cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_console_script_chat_with_the_demo(tmp_path):
     p = run(tmp_path, "chat", "-i", SMALL_IMAGE, "--max-new-tokens", "4", "Describe this image.")
     assert p.returncode == 0, p.stderr
@@ -771,6 +772,7 @@ def test_console_script_chat_with_the_demo(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("dsvl2: note:") and "RANDOM" in lines[0], p.stderr
 
 
+@pytest.mark.slow
 def test_console_script_unreachable_hub(tmp_path):
     p = run(tmp_path, "chat", "-m", "deepseek-ai/deepseek-vl2-tiny", "hi", timeout=90)  # must not hang
     assert p.returncode == 1 and p.stdout == ""
@@ -783,6 +785,7 @@ def test_console_script_unreachable_hub(tmp_path):
     assert "-m DIR" in line and "folder" in line
 
 
+@pytest.mark.slow
 def test_console_script_exit_codes(tmp_path):
     p = subprocess.run([sys.executable, "-m", "dsvl2", "--help"], capture_output=True, text=True,
                        env=_env(tmp_path), timeout=60)
@@ -794,6 +797,7 @@ def test_console_script_exit_codes(tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1 and "cannot be reached" in p.stderr
 
 
+@pytest.mark.slow
 def test_console_script_interactive_over_a_pipe(tmp_path):
     p = run(tmp_path, "chat", "-m", TINY, "--json", "--max-new-tokens", "3",
             stdin=f"/image {SMALL_IMAGE}\nWhat is this?\nAnd then?\n/nope\n/quit\n")
@@ -822,6 +826,7 @@ def _interactive_process(tmp_path, *argv) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(tmp_path), cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_answer_and_the_session_goes_on(tmp_path):
     demo = api_model("demo")
     story, question = "Tell me a long story", "What is this?"
@@ -855,6 +860,7 @@ def test_ctrl_c_stops_the_answer_and_the_session_goes_on(tmp_path):
     assert partial and (head.text.startswith(partial) or partial.startswith(head.text))  # what had streamed
 
 
+@pytest.mark.slow
 def test_ctrl_c_at_the_prompt_ends_the_session(tmp_path):
     p = _interactive_process(tmp_path, "-m", TINY, "--max-new-tokens", "2")
     try:

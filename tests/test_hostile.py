@@ -380,6 +380,7 @@ def test_cli_expresses_a_representative_share():
             "stop_100_long"} <= set(expressible)
 
 
+@pytest.mark.slow
 def test_items_through_the_real_cli_process(corpus):
     """A few items through ``python -m dsvl2``: exit status, one error line, no traceback."""
     chosen = [it for it in ITEMS if it.cli]

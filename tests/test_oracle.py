@@ -20,7 +20,7 @@ from _paths import GOLDEN, IMAGES
 
 VARIANTS = [v.name for v in oracle.discover(GOLDEN)]
 # The golden models are tiny: one intra-op thread is fastest (see conftest.one_thread).
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # the whole oracle: see make test
 FAMILIES = ("processor.", "vision.", "projector.", "embeds.", "routing.", "logits.", "hidden.", "gen.")
 
 

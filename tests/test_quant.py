@@ -133,6 +133,7 @@ def test_stacked_slot_equals_unstacked():
 
 # ---- checkpoints and loading ------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantised_checkpoint_matches_dequantised_reference(tmp_path, variant, bits):

@@ -35,7 +35,7 @@ from hostile.make_corpus import SMALL, Item, build, items
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 ITEMS = [it for it in items() if it.kind in ("image", "request")]
-WAIT_S = 60  # client timeout of every call
+WAIT_S = 120  # client timeout of every call (a hang guard)
 MAX_BODY = 4 << 20
 
 # Where the HTTP schema (dsvl2/server/schema.py) answers differently from the Python API.

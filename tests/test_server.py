@@ -65,7 +65,7 @@ DOG = IMAGES / "visual_grounding_2.jpg"  # 658x621
 WIDE = IMAGES / "synthetic_wide_2000x300.png"
 MAX_PIXELS = 3_000_000
 CAT = "<|ref|>the cat<|/ref|><|det|>[[100, 200, 500, 800]]<|/det|>"
-WAIT_S = 60  # bound of every wait for the server
+WAIT_S = 120  # bound of every wait for the server (a hang guard)
 
 
 class LiveServer:

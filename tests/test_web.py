@@ -46,7 +46,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
 SMALL = IMAGES / "multi_image_2.jpeg"  # 450x308: corn cobs, 633 prompt tokens
-WAIT_S = 30  # the longest any single wait may take
+WAIT_S = 90  # the longest any single wait may take (a hang guard; generous for a loaded machine)
 
 
 # ------------------------------------------------------------------------- the server

@@ -10,10 +10,11 @@ One run, one format, in one process (peak RSS is this process's, load included),
   ``peak_rss_over_weights``: getrusage's peak (the whole run) over those bytes.
 * ``vision_s_per_tile``: tower + projector on ``--tiles`` tiles at once (best of 2);
   vision stays bf16 in every format. Its roofline reads the vision weights once per call.
-* ``prefill_tok_s`` from a 1-token generation of a text prompt (``prompt_tokens``); its
+* ``prefill_tok_s``: prompt tokens over the time to the first token (batch 1); its
   roofline reads every language-model weight once (prefill is compute bound: a ceiling,
   not a target).
-* ``decode_tok_s_bN`` = N * (new - 1) tokens / (time(new) - time(1)) at batch N; the
+* ``decode_tok_s_bN``: tokens generated after every row has its first one, over the time
+  from then to the last token (one generation per batch size, timed from its stream); the
   roofline reads, per step, the non-expert LM weights (embedding table excluded: a lookup)
   plus the routed experts the step touches: top-k per row, for N rows the expected number
   of distinct experts under uniform routing, E * (1 - (1 - k/E)^N).
@@ -114,17 +115,23 @@ def main() -> None:
     for b in (int(x) for x in args.batches.split(",")):
         batch = proc([[{"role": "<|User|>", "content": text}, {"role": "<|Assistant|>", "content": ""}]] * b)
         eng = Engine(model, proc.tokenizer, max_batch_size=b)
-        times = {}
-        for n in (1, args.new):
-            t = time.perf_counter()
-            eng.generate(batch, SamplingParams(max_new_tokens=n))
-            times[n] = time.perf_counter() - t
+        t0 = time.perf_counter()
+        stamps: list[tuple[float, int]] = []  # (time, row) of every generated token
+        for ev in eng.stream(batch, SamplingParams(max_new_tokens=args.new)):
+            if ev.token_id is not None:
+                stamps.append((time.perf_counter(), ev.index))
+        started, t_all = set(), None  # decode is timed from the moment every row has its first token
+        for i, (ts, row) in enumerate(stamps):
+            started.add(row)
+            if len(started) == b:
+                t_all, rest = ts, len(stamps) - i - 1
+                break
         if b == 1:
             n_prompt = int(batch.attention_mask.sum())
             res["prompt_tokens"] = n_prompt
-            res["prefill_tok_s"] = round(n_prompt / times[1], 1)
+            res["prefill_tok_s"] = round(n_prompt / (stamps[0][0] - t0), 1)
             res["prefill_roofline_tok_s"] = round(n_prompt * bw / (wb["dense"] + wb["expert"]), 1)
-        res[f"decode_tok_s_b{b}"] = round(b * (args.new - 1) / (times[args.new] - times[1]), 3)
+        res[f"decode_tok_s_b{b}"] = round(rest / (stamps[-1][0] - t_all), 3)
         res[f"decode_bytes_per_step_gb_b{b}"] = round(step_bytes(wb, lcfg, b) / 1e9, 3)
         res[f"decode_roofline_tok_s_b{b}"] = round(b * bw / step_bytes(wb, lcfg, b), 3)
         res[f"decode_share_of_roofline_b{b}"] = round(res[f"decode_tok_s_b{b}"] / res[f"decode_roofline_tok_s_b{b}"], 3)

@@ -121,6 +121,7 @@ def main() -> None:
             if ev.token_id is not None:
                 stamps.append((time.perf_counter(), ev.index))
         started, t_all = set(), None  # decode is timed from the moment every row has its first token
+        rest = 0
         for i, (ts, row) in enumerate(stamps):
             started.add(row)
             if len(started) == b:
@@ -129,9 +130,14 @@ def main() -> None:
         if b == 1:
             n_prompt = int(batch.attention_mask.sum())
             res["prompt_tokens"] = n_prompt
-            res["prefill_tok_s"] = round(n_prompt / (stamps[0][0] - t0), 1)
+            res["prefill_tok_s"] = round(n_prompt / (stamps[0][0] - t0), 1) if stamps else None
             res["prefill_roofline_tok_s"] = round(n_prompt * bw / (wb["dense"] + wb["expert"]), 1)
-        res[f"decode_tok_s_b{b}"] = round(rest / (stamps[-1][0] - t_all), 3)
+        # Tokens with no visible text may come without a stream event (random weights do this):
+        # then the figure is missing (null), not a division by zero. Known gap: time decode steps directly.
+        span = stamps[-1][0] - t_all if t_all is not None else 0.0
+        res[f"decode_tok_s_b{b}"] = round(rest / span, 3) if span > 0 and rest else None
+        if res[f"decode_tok_s_b{b}"] is None:
+            continue
         res[f"decode_bytes_per_step_gb_b{b}"] = round(step_bytes(wb, lcfg, b) / 1e9, 3)
         res[f"decode_roofline_tok_s_b{b}"] = round(b * bw / step_bytes(wb, lcfg, b), 3)
         res[f"decode_share_of_roofline_b{b}"] = round(res[f"decode_tok_s_b{b}"] / res[f"decode_roofline_tok_s_b{b}"], 3)

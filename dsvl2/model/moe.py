@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LanguageConfig
+from . import native, ops
 from .ops import GatedMLP, gated_mlp
 
 
@@ -53,7 +54,10 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor) -> Routing:
         cfg = self.cfg
         n = x.shape[0]
-        logits = F.linear(x.float(), self.weight.float())  # [N, E] always float32
+        if ops.decoding_bf16(x, self.weight) and native.usable(x, self.weight):
+            logits = native.linear(x, self.weight)  # float32 products of the bf16 weight, no upcast copy
+        else:
+            logits = F.linear(x.float(), self.weight.float())  # [N, E] always float32
         scores = logits.softmax(-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
         k = cfg.num_experts_per_tok
         if cfg.topk_method == "greedy":
@@ -92,6 +96,9 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Grouped dispatch: x [N, D] -> [N, D]."""
+        if ops.decoding_bf16(x, self.gate_proj) and native.usable(x, self.gate_proj, self.up_proj, self.down_proj):
+            # the whole layer in one native call: each chosen expert's weights read once
+            return native.experts(x, routing.idx, routing.weight, self.gate_proj, self.up_proj, self.down_proj)
         n, k = routing.idx.shape
         flat = routing.idx.reshape(-1)  # [N*K]
         order = torch.argsort(flat, stable=True)

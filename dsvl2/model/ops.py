@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .quant import QuantWeight
 
 # Output rows upcast at a time: bounds the fp32 temporary (an lm_head upcast whole would
@@ -85,6 +86,16 @@ def set_big_products_in_weights_dtype(flag: bool) -> None:
     _big_in_weights = bool(flag)
 
 
+def _decoding() -> bool:
+    return getattr(_mode, "decoding", False)
+
+
+def decoding_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A decode step's product of float activations with narrower (bf16) CPU weights."""
+    return (_decoding() and isinstance(weight, torch.Tensor) and weight.dtype != x.dtype
+            and x.device.type == "cpu")
+
+
 def _in_weight_dtype(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Against narrower (bf16) weights on the CPU, compute in the weights' dtype in a decode
     step, and in every step on machines with native bf16 matrix units (``kernels``)."""
@@ -101,6 +112,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     if _in_weight_dtype(x, weight):
         # Decode: bf16 GEMVs read half the bytes; the result returns in x's dtype.
+        if _decoding() and native.usable(x, weight):  # float32 activations, weights read once for all rows
+            return native.linear(x, weight, bias)
         out = F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
         return out.to(x.dtype)
     n = weight.shape[0]
@@ -161,6 +174,8 @@ def gated_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch
     if isinstance(gate, QuantWeight):
         return linear(F.silu(linear(x, gate)) * linear(x, up), down)
     if _in_weight_dtype(x, gate):
+        if _decoding() and native.usable(x, gate, up, down):
+            return native.gated_mlp(x, gate, up, down)
         xb = x.to(gate.dtype)
         return F.linear(F.silu(F.linear(xb, gate)) * F.linear(xb, up), down).to(x.dtype)
     return linear(F.silu(linear(x, gate)) * linear(x, up), down)

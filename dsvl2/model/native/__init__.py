@@ -1,0 +1,188 @@
+"""Native decode kernels for bf16 weights on x86 CPUs with AVX2 + FMA (``bf16.c``).
+
+Why: a decode step is one matrix-vector product per weight, so its speed is the speed
+at which the weights stream from memory. torch's bf16 CPU GEMV converts and multiplies
+at ~7 GB/s per core here (compute-bound: two cores reach ~14 of the ~18 GB/s the memory
+gives) and re-reads the whole weight for every row of a batch (a 16-row product costs
+16 GEMVs). ``bf16.c`` widens bf16 by a shift, accumulates in float32 and reads each
+weight row once for all rows, and runs a whole MoE layer (sort by expert, gate / up,
+SiLU, down, weighted sum) in one call and one parallel region.
+
+Numbers: activations stay float32 (torch's bf16 path rounds them to bf16 first), so the
+result is closer to the float32 reference than the torch bf16 path's; a row's bits do
+not depend on the other rows (see ``bf16.c``). ``tests/test_native.py`` checks both
+against the float32 reference and the torch path.
+
+Build: on first use, with the system C compiler (``$CC`` or ``cc``; ``-O3 -mavx2 -mfma
+-fopenmp``), into ``~/.cache/dsvl2/native`` (``DSVL2_CACHE_DIR`` moves it), keyed by the
+source's hash; linked against ``libgomp.so.1``, which torch has already loaded, so the
+kernels share torch's thread team. Where there is no such CPU or compiler, or
+``DSVL2_NATIVE=0``, ``available()`` is False and the model uses torch's kernels;
+``status()`` says which and why (``dsvl2 info`` prints it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("bf16.c")
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_status: str | None = None
+_local = threading.local()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("DSVL2_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dsvl2")
+    return Path(base) / "native"
+
+
+def _cpu_ok() -> tuple[bool, str]:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False, f"not an x86-64 CPU ({platform.machine()})"
+    from ..kernels import cpu_info
+
+    _, flags = cpu_info()
+    missing = [f for f in ("avx2", "fma", "f16c") if f not in flags]
+    if missing:
+        return False, f"CPU lacks {', '.join(missing)}"
+    return True, ""
+
+
+def _build() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("DSVL2_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, "disabled by DSVL2_NATIVE=0"
+    ok, why = _cpu_ok()
+    if not ok:
+        return None, why
+    src = SOURCE.read_bytes()
+    cc = os.environ.get("CC", "cc")
+    flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared"]
+    key = hashlib.sha256(src + " ".join([cc, *flags]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"bf16-{key}.so"
+    if not out.is_file():
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+                part = Path(tmp) / out.name
+                r = subprocess.run([cc, *flags, str(SOURCE), "-o", str(part), "-lm"],
+                                   capture_output=True, text=True, timeout=120)
+                if r.returncode != 0:
+                    return None, f"compiling {SOURCE.name} with {cc} failed: {(r.stderr or r.stdout).strip()[:300]}"
+                os.replace(part, out)  # atomic: a concurrent build just replaces the same file
+        except (OSError, subprocess.SubprocessError) as e:
+            return None, f"no C compiler usable ({cc}): {e}"
+    try:
+        lib = ctypes.CDLL(str(out))
+    except OSError as e:
+        return None, f"loading {out} failed: {e}"
+    i64, p = ctypes.c_int64, ctypes.c_void_p
+    lib.dsvl2_linear.argtypes = [p, i64, i64, p, i64, p, p]
+    lib.dsvl2_linear.restype = None
+    lib.dsvl2_moe.argtypes = [p, i64, i64, p, p, i64, p, p, p, i64, i64, p, p, p]
+    lib.dsvl2_moe.restype = ctypes.c_int
+    return lib, f"AVX2 bf16 decode kernels ({out.name})"
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _status
+    if _status is None:
+        with _lock:
+            if _status is None:
+                _lib, _status = _build()
+    return _lib
+
+
+def available() -> bool:
+    return _load() is not None
+
+
+def status() -> dict:
+    lib = _load()
+    return {"native_decode": lib is not None, "reason": _status}
+
+
+def reset() -> None:
+    """Forget the build decision (tests that change DSVL2_NATIVE)."""
+    global _lib, _status
+    with _lock:
+        _lib, _status = None, None
+
+
+def _require() -> ctypes.CDLL:
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"native decode kernels unavailable: {_status}")
+    return lib
+
+
+def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Float32 CPU activations against contiguous bf16 CPU weights, and kernels built."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu"
+            and all(isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 and w.device.type == "cpu"
+                    and w.is_contiguous() for w in weights)
+            and available())
+
+
+def _scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < n:
+        buf = bufs[dtype] = torch.empty(max(n, 1), dtype=dtype)
+    return buf
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w.T + bias``: x float32 [..., K], w bf16 [N, K] -> float32 [..., N]."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    n = w.shape[0]
+    x2 = x.reshape(-1, k).contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    b = None
+    if bias is not None:
+        b = bias.float().contiguous()
+    _require().dsvl2_linear(x2.data_ptr(), x2.shape[0], k, w.data_ptr(), n, None if b is None else b.data_ptr(),
+                      y.data_ptr())
+    return y.view(*lead, n)
+
+
+def _moe(x: torch.Tensor, idx: torch.Tensor | None, wt: torch.Tensor | None, gate: torch.Tensor,
+         up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    t, d = x.shape
+    e, f, _ = gate.shape
+    k = 1 if idx is None else idx.shape[1]
+    p = t * k
+    x = x.contiguous()
+    out = torch.empty(t, d, dtype=torch.float32)
+    scratch = _scratch(p * (2 * d + 2 * f), torch.float32)
+    order = _scratch(p + 2 * e + 1, torch.int64)
+    rc = _require().dsvl2_moe(x.data_ptr(), t, d, None if idx is None else idx.data_ptr(),
+                              None if wt is None else wt.data_ptr(), k, gate.data_ptr(), up.data_ptr(),
+                              down.data_ptr(), e, f, out.data_ptr(), scratch.data_ptr(), order.data_ptr())
+    if rc != 0:
+        raise ValueError(f"expert ids must be in [0, {e}), got {idx.min().item()}..{idx.max().item()}")
+    return out
+
+
+def experts(x: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+            down: torch.Tensor) -> torch.Tensor:
+    """SiLU-gated experts: x float32 [T, D], idx [T, k], wt [T, k]; gate / up [E, F, D], down [E, D, F]."""
+    return _moe(x, idx.to(torch.int64).contiguous(), wt.to(torch.float32).contiguous(), gate, up, down)
+
+
+def gated_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """``down(silu(gate(x)) * up(x))`` for one MLP: gate / up [F, D], down [D, F]; x [..., D]."""
+    lead, d = x.shape[:-1], x.shape[-1]
+    return _moe(x.reshape(-1, d), None, None, gate[None], up[None], down[None]).view(*lead, d)

@@ -1,0 +1,164 @@
+"""The native bf16 decode kernels (dsvl2/model/native) against independent references.
+
+References: float64 products of the same (bf16-valued) weights and float32 activations;
+torch's own SiLU; the grouped / per-token MoE dispatch of ``moe.py`` run in float64.
+Where the kernels cannot be built (no AVX2 or no compiler) the model must fall back to
+torch's kernels, and that fallback is checked instead.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsvl2.model import native, ops
+from dsvl2.model.moe import Experts, Routing
+
+# Only a CPU without AVX2 / FMA excuses the kernels; on one that has them, a failed
+# build is a failure (the tests below then fail on native.available()).
+needs_native = pytest.mark.skipif(not native._cpu_ok()[0], reason=f"CPU: {native._cpu_ok()[1]}")
+
+
+def test_kernels_build_on_this_cpu():
+    if native._cpu_ok()[0]:
+        assert native.available(), native.status()["reason"]
+    else:
+        assert not native.available()
+
+
+def _bf16(*shape, seed=0, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16)
+
+
+def _x(*shape, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _ref_linear(x, w, b=None):
+    y = x.double() @ w.double().T
+    return y if b is None else y + b.double()
+
+
+@needs_native
+@pytest.mark.parametrize("m,n,k", [(1, 896, 1280), (2, 64, 32), (3, 50, 33), (5, 257, 96), (16, 130, 1408),
+                                   (7, 1, 7), (1, 3000, 64)])
+def test_linear_matches_float64(m, n, k):
+    x, w = _x(m, k), _bf16(n, k)
+    b = _x(n, seed=3)
+    y = native.linear(x, w, b)
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    ref = _ref_linear(x, w, b)
+    # float32 accumulation of k terms: error ~ sqrt(k) * eps * |x| |w|
+    tol = 1e-5 * (x.abs().max() * w.float().abs().max() * k ** 0.5).item() + 1e-6
+    assert (y.double() - ref).abs().max().item() < tol
+
+
+@needs_native
+def test_linear_rows_do_not_depend_on_batch():
+    w = _bf16(333, 1280)
+    x = _x(17, 1280)
+    full = native.linear(x, w)
+    for rows in ([0], [5], [3, 4], [0, 16], list(range(1, 17, 2)), list(range(17))):
+        part = native.linear(x[rows], w)
+        assert torch.equal(part, full[rows]), rows
+
+
+@needs_native
+def test_linear_keeps_leading_dims_and_noncontiguous_input():
+    w = _bf16(40, 64)
+    x = _x(2, 3, 128)[..., ::2]  # a strided view
+    y = native.linear(x, w)
+    assert y.shape == (2, 3, 40)
+    assert torch.allclose(y.double(), _ref_linear(x.reshape(-1, 64), w).view(2, 3, 40), atol=1e-5)
+
+
+def _ref_experts(x, idx, wt, gate, up, down):
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            e = int(idx[t, j])
+            h = F.silu(x[t].double() @ gate[e].double().T) * (x[t].double() @ up[e].double().T)
+            out[t] += wt[t, j].double() * (h @ down[e].double().T)
+    return out
+
+
+@needs_native
+@pytest.mark.parametrize("t,k,e", [(1, 6, 64), (4, 6, 64), (16, 6, 64), (3, 2, 4), (5, 1, 1), (2, 3, 3)])
+def test_experts_match_float64_reference(t, k, e):
+    d, f = 64, 48
+    gate, up, down = _bf16(e, f, d, seed=1), _bf16(e, f, d, seed=2), _bf16(e, d, f, seed=3)
+    x = _x(t, d, seed=4)
+    g = torch.Generator().manual_seed(5)
+    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    wt = torch.rand(t, k, generator=g)
+    y = native.experts(x, idx, wt, gate, up, down)
+    ref = _ref_experts(x, idx, wt, gate, up, down)
+    assert (y.double() - ref).abs().max().item() < 1e-5 * max(1.0, ref.abs().max().item())
+
+
+@needs_native
+def test_experts_token_does_not_depend_on_other_tokens():
+    e, d, f, k = 16, 64, 32, 4
+    gate, up, down = _bf16(e, f, d, seed=1), _bf16(e, f, d, seed=2), _bf16(e, d, f, seed=3)
+    x = _x(12, d)
+    g = torch.Generator().manual_seed(7)
+    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(12)])
+    wt = torch.rand(12, k, generator=g)
+    full = native.experts(x, idx, wt, gate, up, down)  # 12 tokens x 4 = 48 pairs: split by expert
+    for rows in ([0], [11], [2, 3], list(range(0, 12, 3))):  # fewer experts in use: split by rows
+        assert torch.equal(native.experts(x[rows], idx[rows], wt[rows], gate, up, down), full[rows]), rows
+
+
+@needs_native
+def test_experts_reject_out_of_range_ids():
+    gate, up, down = _bf16(4, 8, 16), _bf16(4, 8, 16), _bf16(4, 16, 8)
+    with pytest.raises(ValueError, match="expert ids"):
+        native.experts(_x(1, 16), torch.tensor([[4]]), torch.ones(1, 1), gate, up, down)
+
+
+@needs_native
+def test_moe_layer_decode_uses_native_and_matches_reference_dispatch():
+    e, d, f = 8, 64, 32
+    ex = Experts(e, d, f)
+    with torch.no_grad():
+        for p, s in zip((ex.gate_proj, ex.up_proj, ex.down_proj), (1, 2, 3)):
+            p.copy_(_bf16(*p.shape, seed=s).float())
+    ex = ex.to(torch.bfloat16)
+    x = _x(3, d)
+    g = torch.Generator().manual_seed(9)
+    routing = Routing(torch.stack([torch.randperm(e, generator=g)[:2] for _ in range(3)]), torch.rand(3, 2, generator=g))
+    with torch.no_grad(), ops.decoding():
+        fast = ex(x, routing)
+    ref = _ref_experts(x, routing.idx, routing.weight, ex.gate_proj, ex.up_proj, ex.down_proj)
+    assert (fast.double() - ref).abs().max().item() < 1e-5
+    # the torch bf16 path (activations rounded to bf16) is much further from the reference
+    with torch.no_grad():
+        slow = ex.reference_dispatch(x.to(torch.bfloat16), routing).double()
+    assert (slow - ref).abs().max().item() > (fast.double() - ref).abs().max().item()
+
+
+def test_fallback_when_disabled(monkeypatch):
+    monkeypatch.setenv("DSVL2_NATIVE", "0")
+    native.reset()
+    try:
+        assert not native.available()
+        assert "DSVL2_NATIVE=0" in native.status()["reason"]
+        w, x = _bf16(16, 32), _x(2, 32)
+        with ops.decoding():  # torch's bf16 path: activations rounded to bf16
+            y = ops.linear(x, w)
+        assert torch.equal(y, F.linear(x.to(torch.bfloat16), w).float())
+    finally:
+        monkeypatch.delenv("DSVL2_NATIVE")
+        native.reset()
+
+
+@needs_native
+def test_ops_decode_products_go_native_and_prefill_does_not():
+    w, x = _bf16(16, 32), _x(2, 32)
+    with ops.decoding():
+        y = ops.linear(x, w)
+    assert torch.equal(y, native.linear(x, w))
+    prefill = ops.linear(x, w)  # outside decode: upcast weights, torch's float32 GEMM
+    assert torch.equal(prefill, F.linear(x, w.float()))

@@ -30,7 +30,9 @@ import torch
 
 import dsvl2
 from dsvl2.info import describe
+from dsvl2.model import native, ops
 from dsvl2.model.kernels import _gflops
+from dsvl2.model.moe import MoE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import bandwidth, cpu_name, peak_rss  # noqa: E402
@@ -49,19 +51,59 @@ def conversation(case: str) -> list[dict]:
     return conv
 
 
-def decode_rate(m, n_rows: int, tokens: int) -> dict:
-    """n_rows text conversations at once; tokens/s per row and in aggregate, from timings."""
-    handles = [h for i in range(n_rows)
-               for h in m.submit(f"Tell me story number {i} about a lighthouse.", max_new_tokens=tokens)]
-    outs = [h.result() for h in handles]
+class ExpertUse:
+    """Distinct routed experts per MoE layer in each decode forward (forward hooks only)."""
+
+    def __init__(self, model):
+        self.calls: list[tuple[int, int]] = []  # (rows, distinct experts) per MoE layer call
+        self.handles = [mod.register_forward_hook(self._hook) for mod in model.modules() if isinstance(mod, MoE)]
+
+    def _hook(self, _module, inputs, output):
+        if ops.decoding_active():
+            _, routing = output
+            self.calls.append((inputs[0].reshape(-1, inputs[0].shape[-1]).shape[0],
+                               int(routing.idx.unique().numel())))
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def decode_rate(m, n_rows: int, tokens: int, bytes_per_step) -> dict:
+    """n_rows text conversations at once; tokens/s per row and in aggregate (while all rows
+    decode), from the engine's timings; the weights a step reads (the union of the experts
+    its rows chose) and its roofline."""
+    use = ExpertUse(m.model)
+    try:
+        handles = [h for i in range(n_rows)
+                   for h in m.submit(f"Tell me story number {i} about a lighthouse.", max_new_tokens=tokens)]
+        outs = [h.result() for h in handles]
+    finally:
+        use.close()
     starts = [h.req.timings.first_token for h in handles]
     ends = [h.req.timings.finished for h in handles]
-    gen = sum(o.completion_tokens - 1 for o in outs)
-    span = max(ends) - min(starts)
+    # steady state: from the moment every row has its first token (the last prefill is
+    # done) to the first row's end, the tokens every row got in that window
+    t_a, t_b = max(starts), min(ends)
+    gen = sum(1 for h in handles for t in h.req.timings.token_times if t_a < t <= t_b)
+    span = t_b - t_a
     per_row = [(o.completion_tokens - 1) / (e - s) for o, s, e in zip(outs, starts, ends) if e > s]
-    return {"rows": n_rows, "tokens_per_row": [o.completion_tokens for o in outs],
-            "aggregate_tok_per_s": round(gen / span, 2) if span > 0 else None,
-            "per_row_tok_per_s_median": round(sorted(per_row)[len(per_row) // 2], 2) if per_row else None}
+    full = [d for r, d in use.calls if r == n_rows]  # steps where every row was decoding
+    distinct = sum(full) / len(full) if full else None
+    out = {"rows": n_rows, "tokens_per_row": [o.completion_tokens for o in outs],
+           "aggregate_tok_per_s": round(gen / span, 2) if span > 0 else None,
+           "per_row_tok_per_s_median": round(sorted(per_row)[len(per_row) // 2], 2) if per_row else None,
+           "routed_experts_per_moe_layer": round(distinct, 2) if distinct is not None else None}
+    if distinct is not None:
+        step_bytes = bytes_per_step(distinct)
+        out["weight_bytes_per_step"] = int(step_bytes)
+        out["roofline_tok_per_s"] = round(n_rows / (step_bytes / m_bandwidth[0]), 2)
+        if out["aggregate_tok_per_s"]:
+            out["fraction_of_roofline"] = round(out["aggregate_tok_per_s"] / out["roofline_tok_per_s"], 3)
+    return out
+
+
+m_bandwidth = [0.0]  # bytes/s the rooflines use (set in main)
 
 
 def main() -> None:
@@ -112,12 +154,23 @@ def main() -> None:
 
     wbytes = next(p for p in m.model.language.parameters()).element_size()
     token_bytes = info["params_active_no_embedding"] * wbytes
-    decode = {str(b): decode_rate(m, b, args.decode_tokens) for b in map(int, args.batches.split(","))}
+    moe_layers = sum(1 for i in range(lc.num_hidden_layers) if lc.is_moe_layer(i))
+    expert_bytes = 3 * lc.hidden_size * lc.moe_intermediate_size * wbytes
+    routed_b1 = moe_layers * lc.num_experts_per_tok * expert_bytes if moe_layers else 0
+
+    def bytes_per_step(distinct: float) -> float:  # batch 1: distinct = experts per token
+        return token_bytes - routed_b1 + moe_layers * distinct * expert_bytes
+
+    m_bandwidth[0] = limits["read_sum_gbps"] * 1e9
+    decode = {str(b): decode_rate(m, b, args.decode_tokens, bytes_per_step) for b in map(int, args.batches.split(","))}
+    after = bandwidth(512 << 20)  # the same measurement after the run: how much it moved
+    limits["read_sum_gbps_after"] = after["read_sum_gbps"]
     b1 = decode.get("1", {}).get("per_row_tok_per_s_median")
     roof = limits["read_sum_gbps"] * 1e9 / token_bytes
     report = {
         "model": args.model, "case": args.case, "dtype": args.dtype, "machine": limits,
         "kernels": getattr(m, "kernels", None) and m.kernels.to_dict(),
+        "native_decode": native.status(),
         "load_s": round(load_s, 2),
         "image_processing_s": round(processing_s, 3),
         "prompt_tokens": first.prompt_tokens, "tiles": tiles,

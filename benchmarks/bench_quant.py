@@ -13,8 +13,8 @@ One run, one format, in one process (peak RSS is this process's, load included),
 * ``prefill_tok_s``: prompt tokens over the time to the first token (batch 1); its
   roofline reads every language-model weight once (prefill is compute bound: a ceiling,
   not a target).
-* ``decode_tok_s_bN``: tokens generated after every row has its first one, over the time
-  from then to the last token (one generation per batch size, timed from its stream); the
+* ``decode_tok_s_bN``: tokens generated in the engine steps in which every row already had
+  its first token, over those steps' time (one generation per batch size); the
   roofline reads, per step, the non-expert LM weights (embedding table excluded: a lookup)
   plus the routed experts the step touches: top-k per row, for N rows the expected number
   of distinct experts under uniform routing, E * (1 - (1 - k/E)^N).
@@ -116,26 +116,26 @@ def main() -> None:
         batch = proc([[{"role": "<|User|>", "content": text}, {"role": "<|Assistant|>", "content": ""}]] * b)
         eng = Engine(model, proc.tokenizer, max_batch_size=b)
         t0 = time.perf_counter()
-        stamps: list[tuple[float, int]] = []  # (time, row) of every generated token
-        for ev in eng.stream(batch, SamplingParams(max_new_tokens=args.new)):
-            if ev.token_id is not None:
-                stamps.append((time.perf_counter(), ev.index))
-        started, t_all = set(), None  # decode is timed from the moment every row has its first token
-        rest = 0
-        for i, (ts, row) in enumerate(stamps):
-            started.add(row)
-            if len(started) == b:
-                t_all, rest = ts, len(stamps) - i - 1
-                break
+        reqs = eng.submit(batch, SamplingParams(max_new_tokens=args.new))
+        first = None  # time of the first token (batch 1: end of prefill)
+        dec_s, dec_tokens = 0.0, 0  # engine steps in which every row was already decoding
+        while not all(r.finished for r in reqs):
+            before = [len(r.output_ids) for r in reqs]
+            t = time.perf_counter()
+            eng.step()
+            dt = time.perf_counter() - t
+            grown = sum(len(r.output_ids) - n for r, n in zip(reqs, before))
+            if first is None and grown:
+                first = time.perf_counter()
+            if all(before) and grown:
+                dec_s += dt
+                dec_tokens += grown
         if b == 1:
             n_prompt = int(batch.attention_mask.sum())
             res["prompt_tokens"] = n_prompt
-            res["prefill_tok_s"] = round(n_prompt / (stamps[0][0] - t0), 1) if stamps else None
+            res["prefill_tok_s"] = round(n_prompt / (first - t0), 1) if first else None
             res["prefill_roofline_tok_s"] = round(n_prompt * bw / (wb["dense"] + wb["expert"]), 1)
-        # Tokens with no visible text may come without a stream event (random weights do this):
-        # then the figure is missing (null), not a division by zero. Known gap: time decode steps directly.
-        span = stamps[-1][0] - t_all if t_all is not None else 0.0
-        res[f"decode_tok_s_b{b}"] = round(rest / span, 3) if span > 0 and rest else None
+        res[f"decode_tok_s_b{b}"] = round(dec_tokens / dec_s, 3) if dec_s > 0 else None
         if res[f"decode_tok_s_b{b}"] is None:
             continue
         res[f"decode_bytes_per_step_gb_b{b}"] = round(step_bytes(wb, lcfg, b) / 1e9, 3)

@@ -401,6 +401,8 @@ def cmd_info(args) -> int:
     import torch
     from .model import kernels
     d["kernels"] = kernels.choose("cpu", torch.bfloat16).to_dict()  # what bf16 weights would run with here
+    from .model import native
+    d["native_decode"] = native.status()  # decode-step products with bf16 weights (model/native)
     print(json.dumps(d, indent=2, default=str) if args.json else format_info(d))
     return 0
 

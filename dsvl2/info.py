@@ -306,5 +306,9 @@ def format_info(d: Mapping[str, Any]) -> str:
     k = d.get("kernels")
     if k:
         rows.append(("big products", f"{k['big_products']} on this machine: {k['reason']}"))
+    nd = d.get("native_decode")
+    if nd:
+        how = "native" if nd["native_decode"] else "torch's bf16 kernels"
+        rows.append(("decode products", f"{how} ({nd['reason']})"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}} : {val}" for k, val in rows)

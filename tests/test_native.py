@@ -162,3 +162,31 @@ def test_ops_decode_products_go_native_and_prefill_does_not():
     assert torch.equal(y, native.linear(x, w))
     prefill = ops.linear(x, w)  # outside decode: upcast weights, torch's float32 GEMM
     assert torch.equal(prefill, F.linear(x, w.float()))
+
+
+@needs_native
+@pytest.mark.parametrize("m,n,k", [(1, 896, 1280), (4, 333, 96), (16, 50, 33), (3, 1, 7)])
+def test_int8_linear_matches_dequantised_float64(m, n, k):
+    from dsvl2.model import quant
+
+    q, s = quant.quantize_int8(_x(n, k, seed=2) * 0.05)
+    x = _x(m, k)
+    y = native.linear_int8(x, q, s)
+    ref = x.double() @ quant.dequantize(q, s, 8).double().T
+    assert (y.double() - ref).abs().max().item() < 1e-5 * max(1.0, ref.abs().max().item())
+    rows = torch.cat([native.linear_int8(x[i:i + 1], q, s) for i in range(m)])
+    assert torch.equal(rows, y)  # a row's bits do not depend on the others
+
+
+@needs_native
+def test_int8_quantweight_decode_goes_native():
+    from dsvl2.model import quant
+
+    qw = quant.QuantWeight.empty(8, (64, 96))
+    q, s = quant.quantize_int8(_x(64, 96, seed=3) * 0.05)
+    qw.set_data((), q)
+    qw.set_scale((), s)
+    x = _x(2, 96)
+    with ops.decoding():
+        y = ops.linear(x, qw)
+    assert torch.equal(y, native.linear_int8(x, q, s))

@@ -96,6 +96,9 @@ class ModelRunner:
     # ---- decode -----------------------------------------------------------------------
     def decode(self, reqs: list[Request]) -> None:
         lm = self.model.language
+        # in cache-row order: consecutive slots are read through a view, scattered ones are
+        # gathered (copied) in every layer; a row's numbers do not depend on its position
+        reqs = sorted(reqs, key=lambda r: r.slot)
         ids = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)  # [B, 1]
         x = lm.embed(ids, self.dtype)  # [B, 1, D]
         start = torch.tensor([r.length for r in reqs])

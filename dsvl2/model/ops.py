@@ -86,8 +86,12 @@ def set_big_products_in_weights_dtype(flag: bool) -> None:
     _big_in_weights = bool(flag)
 
 
-def _decoding() -> bool:
+def decoding_active() -> bool:
+    """Inside ``decoding()`` on this thread (an engine decode step)."""
     return getattr(_mode, "decoding", False)
+
+
+_decoding = decoding_active
 
 
 def decoding_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import native
+
 INT4_GROUPS = (128, 64, 32)  # preferred first: 128 measured fastest on the real shapes
 BLOCK_ROWS = 2048
 
@@ -157,7 +159,9 @@ class QuantWeight:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         if self.kind == "int8":
-            if decoding:
+            if decoding and x2.dtype == torch.float32 and x2.device.type == "cpu" and native.available():
+                y = native.linear_int8(x2, self.data, self.scale)  # float32 activations, see model/native
+            elif decoding:
                 y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.data, self.scale)
             else:
                 y = self._dequant_gemm(x2)

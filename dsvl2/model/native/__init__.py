@@ -89,6 +89,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     i64, p = ctypes.c_int64, ctypes.c_void_p
     lib.dsvl2_linear.argtypes = [p, i64, i64, p, i64, p, p]
     lib.dsvl2_linear.restype = None
+    lib.dsvl2_linear_i8.argtypes = [p, i64, i64, p, p, i64, p]
+    lib.dsvl2_linear_i8.restype = None
     lib.dsvl2_moe.argtypes = [p, i64, i64, p, p, i64, p, p, p, i64, i64, p, p, p]
     lib.dsvl2_moe.restype = ctypes.c_int
     return lib, f"AVX2 bf16 decode kernels ({out.name})"
@@ -155,6 +157,18 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
         b = bias.float().contiguous()
     _require().dsvl2_linear(x2.data_ptr(), x2.shape[0], k, w.data_ptr(), n, None if b is None else b.data_ptr(),
                       y.data_ptr())
+    return y.view(*lead, n)
+
+
+def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (scale[:, None] * q).T``: x float32 [..., K], q int8 [N, K], scale bf16 [N] -> float32 [..., N]."""
+    if q.dtype != torch.int8 or scale.dtype != torch.bfloat16 or not (q.is_contiguous() and scale.is_contiguous()):
+        raise TypeError("linear_int8 takes contiguous int8 values and bf16 scales")
+    lead, k = x.shape[:-1], x.shape[-1]
+    n = q.shape[0]
+    x2 = x.reshape(-1, k).to(torch.float32).contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    _require().dsvl2_linear_i8(x2.data_ptr(), x2.shape[0], k, q.data_ptr(), scale.data_ptr(), n, y.data_ptr())
     return y.view(*lead, n)
 
 

@@ -38,11 +38,6 @@ static inline float hsum(__m256 a, __m256 b) {
     return _mm_cvtss_f32(lo);
 }
 
-static inline float tail(const float *x, const uint16_t *w, int64_t k0, int64_t K, float s) {
-    for (int64_t k = k0; k < K; k++) s = fmaf(x[k], widen1(w[k]), s);
-    return s;
-}
-
 /* One weight row against rows x0 (and x1): four 8-lane accumulators per (row, weight
    row) over 32-wide K blocks (accumulator j takes k mod 32 in [8j, 8j + 8)), one fixed
    reduction, then the K tail in order. Measured on AVX2 (Zen 3, 2 threads): faster at
@@ -61,36 +56,54 @@ static inline float reduce4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
     return hsum(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
 }
 
-/* rows [n0, n1) of y (row stride ldy) for all M rows of x (row stride ldx) */
-static void rows(const float *x, int64_t ldx, int64_t M, int64_t K, const uint16_t *w,
-                 int64_t n0, int64_t n1, float *y, int64_t ldy) {
-    const int64_t K32 = K & ~(int64_t)31;
-    for (int64_t n = n0; n < n1; n++) {
-        const uint16_t *wr = w + n * K;
-        int64_t m = 0;
-        for (; m + 2 <= M; m += 2) {
-            const float *x0 = x + m * ldx, *x1 = x0 + ldx;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-            for (int64_t k = 0; k < K32; k += 32) {
-                __m256 w0 = widen8(wr + k), w1 = widen8(wr + k + 8), w2 = widen8(wr + k + 16), w3 = widen8(wr + k + 24);
-                BLOCK(a, x0, k, w0, w1, w2, w3)
-                BLOCK(b, x1, k, w0, w1, w2, w3)
-            }
-            y[m * ldy + n] = tail(x0, wr, K32, K, reduce4(a0, a1, a2, a3));
-            y[(m + 1) * ldy + n] = tail(x1, wr, K32, K, reduce4(b0, b1, b2, b3));
-        }
-        if (m < M) {
-            const float *x0 = x + m * ldx;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int64_t k = 0; k < K32; k += 32) {
-                _mm_prefetch((const char *)(wr + k + PREFETCH), _MM_HINT_T0);
-                __m256 w0 = widen8(wr + k), w1 = widen8(wr + k + 8), w2 = widen8(wr + k + 16), w3 = widen8(wr + k + 24);
-                BLOCK(a, x0, k, w0, w1, w2, w3)
-            }
-            y[m * ldy + n] = tail(x0, wr, K32, K, reduce4(a0, a1, a2, a3));
-        }
-    }
+/* rows [n0, n1) of y (row stride ldy) for all M rows of x (row stride ldx), for a weight
+   type WT widened by WIDEN (8 values) / WIDEN1 (one); FINISH applies a per-row scale. */
+#define DEFINE_ROWS(NAME, WT, WIDEN, WIDEN1, FINISH)                                                           \
+static inline float tail_##NAME(const float *x, const WT *w, int64_t k0, int64_t K, float s) {               \
+    for (int64_t k = k0; k < K; k++) s = fmaf(x[k], WIDEN1(w[k]), s);                                            \
+    return s;                                                                                                   \
+}                                                                                                               \
+static void NAME(const float *x, int64_t ldx, int64_t M, int64_t K, const WT *w, const uint16_t *scale,       \
+                 int64_t n0, int64_t n1, float *y, int64_t ldy) {                                             \
+    const int64_t K32 = K & ~(int64_t)31;                                                                     \
+    for (int64_t n = n0; n < n1; n++) {                                                                       \
+        const WT *wr = w + n * K;                                                                             \
+        int64_t m = 0;                                                                                        \
+        for (; m + 2 <= M; m += 2) {                                                                          \
+            const float *x0 = x + m * ldx, *x1 = x0 + ldx;                                                    \
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;   \
+            for (int64_t k = 0; k < K32; k += 32) {                                                           \
+                __m256 w0 = WIDEN(wr + k), w1 = WIDEN(wr + k + 8), w2 = WIDEN(wr + k + 16), w3 = WIDEN(wr + k + 24); \
+                BLOCK(a, x0, k, w0, w1, w2, w3)                                                               \
+                BLOCK(b, x1, k, w0, w1, w2, w3)                                                               \
+            }                                                                                                 \
+            y[m * ldy + n] = FINISH(tail_##NAME(x0, wr, K32, K, reduce4(a0, a1, a2, a3)));                    \
+            y[(m + 1) * ldy + n] = FINISH(tail_##NAME(x1, wr, K32, K, reduce4(b0, b1, b2, b3)));              \
+        }                                                                                                     \
+        if (m < M) {                                                                                          \
+            const float *x0 = x + m * ldx;                                                                    \
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                       \
+            for (int64_t k = 0; k < K32; k += 32) {                                                           \
+                _mm_prefetch((const char *)(wr + k + PREFETCH), _MM_HINT_T0);                                 \
+                __m256 w0 = WIDEN(wr + k), w1 = WIDEN(wr + k + 8), w2 = WIDEN(wr + k + 16), w3 = WIDEN(wr + k + 24); \
+                BLOCK(a, x0, k, w0, w1, w2, w3)                                                               \
+            }                                                                                                 \
+            y[m * ldy + n] = FINISH(tail_##NAME(x0, wr, K32, K, reduce4(a0, a1, a2, a3)));                    \
+        }                                                                                                     \
+    }                                                                                                         \
+}                                                                                                             \
+
+#define NO_SCALE(v) (v)
+DEFINE_ROWS(rows, uint16_t, widen8, widen1, NO_SCALE)
+
+/* int8 weights, one bf16 scale per output row: y = scale[n] * sum_k x[k] q[n, k]
+   (the int8 values widen exactly; the scale is applied once, after the sum) */
+static inline __m256 widen8_i8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
+static inline float widen1_i8(int8_t v) { return (float)v; }
+#define ROW_SCALE(v) ((v) * widen1(scale[n]))
+DEFINE_ROWS(rows_i8, int8_t, widen8_i8, widen1_i8, ROW_SCALE)
 
 /* split [0, N) among the team in contiguous blocks (each thread streams its own rows) */
 static void team_rows(const float *x, int64_t ldx, int64_t M, int64_t K, const uint16_t *w, int64_t N,
@@ -98,7 +111,7 @@ static void team_rows(const float *x, int64_t ldx, int64_t M, int64_t K, const u
     int nt = omp_get_num_threads(), t = omp_get_thread_num();
     int64_t per = (N + nt - 1) / nt;
     int64_t n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
-    if (n0 < n1) rows(x, ldx, M, K, w, n0, n1, y, ldy);
+    if (n0 < n1) rows(x, ldx, M, K, w, NULL, n0, n1, y, ldy);
 }
 
 /* y [M, N] = x [M, K] . w[N, K]^T (+ bias [N] float32, may be NULL) */
@@ -163,11 +176,11 @@ int dsvl2_moe(const float *x, int64_t T, int64_t D, const int64_t *idx, const fl
                 int64_t s = start[e], c = start[e + 1] - s;
                 if (c == 0) continue;
                 if ((seen++ * nth) / used != th) continue; /* contiguous runs of experts per thread */
-                rows(xs + s * D, D, c, D, gate + e * F * D, 0, F, g + s * F, F);
-                rows(xs + s * D, D, c, D, up + e * F * D, 0, F, u + s * F, F);
+                rows(xs + s * D, D, c, D, gate + e * F * D, NULL, 0, F, g + s * F, F);
+                rows(xs + s * D, D, c, D, up + e * F * D, NULL, 0, F, u + s * F, F);
                 for (int64_t i = s; i < s + c; i++)
                     for (int64_t f = 0; f < F; f++) g[i * F + f] = silu_mul(g[i * F + f], u[i * F + f]);
-                rows(g + s * F, F, c, F, down + e * D * F, 0, D, ys + s * D, D);
+                rows(g + s * F, F, c, F, down + e * D * F, NULL, 0, D, ys + s * D, D);
             }
         }
     } else {
@@ -197,4 +210,18 @@ int dsvl2_moe(const float *x, int64_t T, int64_t D, const int64_t *idx, const fl
         for (int64_t d = 0; d < D; d++) o[d] = fmaf(w, y[d], o[d]);
     }
     return 0;
+}
+
+/* y [M, N] = x [M, K] . (scale [N] * q [N, K])^T: int8 weights, bf16 per-row scales */
+void dsvl2_linear_i8(const float *x, int64_t M, int64_t K, const int8_t *q, const uint16_t *scale, int64_t N,
+                     float *y) {
+    int nt = omp_get_max_threads();
+    if ((int64_t)N * K < (1 << 16)) nt = 1;
+#pragma omp parallel num_threads(nt)
+    {
+        int th = omp_get_thread_num(), nth = omp_get_num_threads();
+        int64_t per = (N + nth - 1) / nth;
+        int64_t n0 = th * per, n1 = n0 + per < N ? n0 + per : N;
+        if (n0 < n1) rows_i8(x, K, M, K, q, scale, n0, n1, y, N);
+    }
 }

@@ -190,3 +190,35 @@ def test_int8_quantweight_decode_goes_native():
     with ops.decoding():
         y = ops.linear(x, qw)
     assert torch.equal(y, native.linear_int8(x, q, s))
+
+
+def _qstack(e, n, k, seed):
+    from dsvl2.model import quant
+
+    qw = quant.QuantWeight.empty(8, (e, n, k))
+    for i in range(e):
+        q, s = quant.quantize_int8(_x(n, k, seed=seed * 100 + i) * 0.05)
+        qw.set_data((i,), q)
+        qw.set_scale((i,), s)
+    return qw
+
+
+@needs_native
+@pytest.mark.parametrize("t,k,e", [(1, 6, 16), (16, 6, 16), (3, 1, 1)])
+def test_int8_experts_match_dequantised_reference(t, k, e):
+    d, f = 64, 48
+    gate, up, down = _qstack(e, f, d, 1), _qstack(e, f, d, 2), _qstack(e, d, f, 3)
+    x = _x(t, d, seed=4)
+    g = torch.Generator().manual_seed(5)
+    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    wt = torch.rand(t, k, generator=g)
+    y = native.experts_int8(x, idx, wt, gate, up, down)
+    deq = [torch.stack([w[i].dequantize() for i in range(e)]) for w in (gate, up, down)]
+    ref = _ref_experts(x, idx, wt, *deq)
+    assert (y.double() - ref).abs().max().item() < 1e-5 * max(1.0, ref.abs().max().item())
+    for rows in ([0], list(range(0, t, 2))):  # a token does not depend on the others
+        assert torch.equal(native.experts_int8(x[rows], idx[rows], wt[rows], gate, up, down), y[rows])
+    if e == 1:  # the dense form agrees with one expert of weight 1
+        dense = native.gated_mlp_int8(x, gate[0], up[0], down[0])
+        assert torch.equal(dense, native.experts_int8(x, torch.zeros(t, 1, dtype=torch.long),
+                                                      torch.ones(t, 1), gate, up, down))

@@ -176,6 +176,9 @@ def gated_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch
     one out, like the bf16 reference, instead of a cast around each of the three GEMVs.
     """
     if isinstance(gate, QuantWeight):
+        if (_decoding() and gate.kind == up.kind == down.kind == "int8" and x.dtype == torch.float32
+                and x.device.type == "cpu" and native.available()):
+            return native.gated_mlp_int8(x, gate, up, down)
         return linear(F.silu(linear(x, gate)) * linear(x, up), down)
     if _in_weight_dtype(x, gate):
         if _decoding() and native.usable(x, gate, up, down):

@@ -91,7 +91,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib.dsvl2_linear.restype = None
     lib.dsvl2_linear_i8.argtypes = [p, i64, i64, p, p, i64, p]
     lib.dsvl2_linear_i8.restype = None
-    lib.dsvl2_moe.argtypes = [p, i64, i64, p, p, i64, p, p, p, i64, i64, p, p, p]
+    lib.dsvl2_moe.argtypes = [p, i64, i64, p, p, i64, p, p, p, i64, i64, p, p, p, i64, p, p, p]
     lib.dsvl2_moe.restype = ctypes.c_int
     return lib, f"AVX2 bf16 decode kernels ({out.name})"
 
@@ -172,8 +172,9 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     return y.view(*lead, n)
 
 
-def _moe(x: torch.Tensor, idx: torch.Tensor | None, wt: torch.Tensor | None, gate: torch.Tensor,
-         up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+def _moe(x: torch.Tensor, idx: torch.Tensor | None, wt: torch.Tensor | None, gate, up, down,
+         scales: tuple | None = None) -> torch.Tensor:
+    """gate / up / down: bf16 tensors, or int8 values with ``scales`` = their bf16 per-row scales."""
     t, d = x.shape
     e, f, _ = gate.shape
     k = 1 if idx is None else idx.shape[1]
@@ -182,12 +183,27 @@ def _moe(x: torch.Tensor, idx: torch.Tensor | None, wt: torch.Tensor | None, gat
     out = torch.empty(t, d, dtype=torch.float32)
     scratch = _scratch(p * (2 * d + 2 * f), torch.float32)
     order = _scratch(p + 2 * e + 1, torch.int64)
+    gs = us = ds = None
+    esize = 2
+    if scales is not None:
+        gs, us, ds = (sc.data_ptr() for sc in scales)
+        esize = 1
     rc = _require().dsvl2_moe(x.data_ptr(), t, d, None if idx is None else idx.data_ptr(),
                               None if wt is None else wt.data_ptr(), k, gate.data_ptr(), up.data_ptr(),
-                              down.data_ptr(), e, f, out.data_ptr(), scratch.data_ptr(), order.data_ptr())
+                              down.data_ptr(), e, f, out.data_ptr(), scratch.data_ptr(), order.data_ptr(),
+                              esize, gs, us, ds)
     if rc != 0:
         raise ValueError(f"expert ids must be in [0, {e}), got {idx.min().item()}..{idx.max().item()}")
     return out
+
+
+def experts_int8(x: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, gate, up, down) -> torch.Tensor:
+    """``experts`` for int8 ``QuantWeight`` stacks (values [E, N, K] int8, scales [E, N] bf16)."""
+    ws = (gate, up, down)
+    if any(w.kind != "int8" or not (w.data.is_contiguous() and w.scale.is_contiguous()) for w in ws):
+        raise TypeError("experts_int8 takes contiguous int8 QuantWeights")
+    return _moe(x, idx.to(torch.int64).contiguous(), wt.to(torch.float32).contiguous(),
+                gate.data, up.data, down.data, tuple(w.scale for w in ws))
 
 
 def experts(x: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
@@ -200,3 +216,13 @@ def gated_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch
     """``down(silu(gate(x)) * up(x))`` for one MLP: gate / up [F, D], down [D, F]; x [..., D]."""
     lead, d = x.shape[:-1], x.shape[-1]
     return _moe(x.reshape(-1, d), None, None, gate[None], up[None], down[None]).view(*lead, d)
+
+
+def gated_mlp_int8(x: torch.Tensor, gate, up, down) -> torch.Tensor:
+    """``gated_mlp`` for int8 ``QuantWeight`` s (values [N, K] int8, scales [N] bf16)."""
+    ws = (gate, up, down)
+    if any(w.kind != "int8" or not (w.data.is_contiguous() and w.scale.is_contiguous()) for w in ws):
+        raise TypeError("gated_mlp_int8 takes contiguous int8 QuantWeights")
+    lead, d = x.shape[:-1], x.shape[-1]
+    return _moe(x.reshape(-1, d).to(torch.float32), None, None, gate.data[None], up.data[None], down.data[None],
+                tuple(w.scale[None] for w in ws)).view(*lead, d)

@@ -105,13 +105,20 @@ static inline float widen1_i8(int8_t v) { return (float)v; }
 #define ROW_SCALE(v) ((v) * widen1(scale[n]))
 DEFINE_ROWS(rows_i8, int8_t, widen8_i8, widen1_i8, ROW_SCALE)
 
+/* bf16 weights (scale NULL) or int8 weights with per-row bf16 scales */
+static inline void any_rows(const float *x, int64_t ldx, int64_t M, int64_t K, const void *w, const uint16_t *scale,
+                            int64_t n0, int64_t n1, float *y, int64_t ldy) {
+    if (scale) rows_i8(x, ldx, M, K, (const int8_t *)w, scale, n0, n1, y, ldy);
+    else rows(x, ldx, M, K, (const uint16_t *)w, NULL, n0, n1, y, ldy);
+}
+
 /* split [0, N) among the team in contiguous blocks (each thread streams its own rows) */
-static void team_rows(const float *x, int64_t ldx, int64_t M, int64_t K, const uint16_t *w, int64_t N,
-                      float *y, int64_t ldy) {
+static void team_rows(const float *x, int64_t ldx, int64_t M, int64_t K, const void *w, const uint16_t *scale,
+                      int64_t N, float *y, int64_t ldy) {
     int nt = omp_get_num_threads(), t = omp_get_thread_num();
     int64_t per = (N + nt - 1) / nt;
     int64_t n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
-    if (n0 < n1) rows(x, ldx, M, K, w, NULL, n0, n1, y, ldy);
+    if (n0 < n1) any_rows(x, ldx, M, K, w, scale, n0, n1, y, ldy);
 }
 
 /* y [M, N] = x [M, K] . w[N, K]^T (+ bias [N] float32, may be NULL) */
@@ -120,7 +127,7 @@ void dsvl2_linear(const float *x, int64_t M, int64_t K, const uint16_t *w, int64
     int nt = omp_get_max_threads();
     if ((int64_t)N * K < (1 << 16)) nt = 1; /* a fork costs more than the product */
 #pragma omp parallel num_threads(nt)
-    team_rows(x, K, M, K, w, N, y, N);
+    team_rows(x, K, M, K, w, NULL, N, y, N);
     if (bias)
         for (int64_t m = 0; m < M; m++)
             for (int64_t n = 0; n < N; n++) y[m * N + n] += bias[n];
@@ -130,7 +137,8 @@ static inline float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * 
 
 /* Routed (or dense) SiLU-gated experts for T tokens, each choosing k of E experts:
      out[t] = sum over its choices in ascending expert id of wt[t, j] * down_e(silu(gate_e x) * up_e x)
-   gate / up [E, F, D], down [E, D, F] (bf16); idx int64 [T, k]; wt float32 [T, k]
+   gate / up [E, F, D], down [E, D, F]: bf16 (esize 2, scales NULL) or int8 (esize 1) with
+   bf16 per-row scales gs / us [E, F], ds [E, D]; idx int64 [T, k]; wt float32 [T, k]
    (both NULL: one dense MLP, E = k = 1). Returns -1 (and does nothing) on an expert id
    outside [0, E).
    scratch: float32 [T*k*(2D + 2F)]; order: int64 [T*k + 2E + 1] (see native/__init__.py).
@@ -142,8 +150,10 @@ static inline float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * 
    sum is formed afterwards in ascending expert id, so it does not depend on the split
    nor on the other tokens. */
 int dsvl2_moe(const float *x, int64_t T, int64_t D, const int64_t *idx, const float *wt, int64_t k,
-              const uint16_t *gate, const uint16_t *up, const uint16_t *down, int64_t E, int64_t F,
-              float *out, float *scratch, int64_t *order) {
+              const void *gate, const void *up, const void *down, int64_t E, int64_t F,
+              float *out, float *scratch, int64_t *order,
+              int64_t esize, const uint16_t *gs, const uint16_t *us, const uint16_t *ds) {
+    const char *gb = (const char *)gate, *ub = (const char *)up, *db = (const char *)down;
     const int64_t P = T * k;
     /* idx == NULL: one dense MLP (E = k = 1, every weight 1) */
     for (int64_t p = 0; idx && p < P; p++)
@@ -176,11 +186,11 @@ int dsvl2_moe(const float *x, int64_t T, int64_t D, const int64_t *idx, const fl
                 int64_t s = start[e], c = start[e + 1] - s;
                 if (c == 0) continue;
                 if ((seen++ * nth) / used != th) continue; /* contiguous runs of experts per thread */
-                rows(xs + s * D, D, c, D, gate + e * F * D, NULL, 0, F, g + s * F, F);
-                rows(xs + s * D, D, c, D, up + e * F * D, NULL, 0, F, u + s * F, F);
+                any_rows(xs + s * D, D, c, D, gb + e * F * D * esize, gs ? gs + e * F : NULL, 0, F, g + s * F, F);
+                any_rows(xs + s * D, D, c, D, ub + e * F * D * esize, us ? us + e * F : NULL, 0, F, u + s * F, F);
                 for (int64_t i = s; i < s + c; i++)
                     for (int64_t f = 0; f < F; f++) g[i * F + f] = silu_mul(g[i * F + f], u[i * F + f]);
-                rows(g + s * F, F, c, F, down + e * D * F, NULL, 0, D, ys + s * D, D);
+                any_rows(g + s * F, F, c, F, db + e * D * F * esize, ds ? ds + e * D : NULL, 0, D, ys + s * D, D);
             }
         }
     } else {
@@ -189,14 +199,14 @@ int dsvl2_moe(const float *x, int64_t T, int64_t D, const int64_t *idx, const fl
             for (int64_t e = 0; e < E; e++) {
                 int64_t s = start[e], c = start[e + 1] - s;
                 if (c == 0) continue; /* same decision in every thread */
-                team_rows(xs + s * D, D, c, D, gate + e * F * D, F, g + s * F, F);
-                team_rows(xs + s * D, D, c, D, up + e * F * D, F, u + s * F, F);
+                team_rows(xs + s * D, D, c, D, gb + e * F * D * esize, gs ? gs + e * F : NULL, F, g + s * F, F);
+                team_rows(xs + s * D, D, c, D, ub + e * F * D * esize, us ? us + e * F : NULL, F, u + s * F, F);
 #pragma omp barrier
 #pragma omp for schedule(static)
                 for (int64_t i = s; i < s + c; i++)
                     for (int64_t f = 0; f < F; f++) g[i * F + f] = silu_mul(g[i * F + f], u[i * F + f]);
                 /* implicit barrier */
-                team_rows(g + s * F, F, c, F, down + e * D * F, D, ys + s * D, D);
+                team_rows(g + s * F, F, c, F, db + e * D * F * esize, ds ? ds + e * D : NULL, D, ys + s * D, D);
             }
         }
     }

@@ -14,8 +14,8 @@ AVX-512 BF16 and AMX CPUs it is several times faster than fp32 (AMX: ~1.9 TFLOP/
 
 ``DSVL2_BIG_PRODUCTS=fp32|bf16`` overrides the choice. A measurement is cached per
 machine (CPU model, flags, torch version, threads) in ``~/.cache/dsvl2/kernels.json``
-(``DSVL2_CACHE_DIR`` moves it). Decode steps always compute in the weights' dtype
-(``ops.decoding``), whatever is chosen here; either way a row's numbers do not depend
+(``DSVL2_CACHE_DIR`` moves it). Decode steps read the weights in their own dtype
+(``ops.decoding``, ``native``), whatever is chosen here; either way a row's numbers do not depend
 on its batch.
 """
 

@@ -6,8 +6,9 @@ bf16 matrix-MATRIX product is ~7x slower than fp32, but a bf16 matrix-VECTOR pro
 at memory bandwidth. So products with bf16 weights compute in one of two ways, chosen by
 the kind of step and never by the number of rows in the product:
 
-* inside ``decoding()`` (the engine's decode steps): in the weights' dtype (bf16 GEMVs,
-  half the bytes), one cast in and one cast out;
+* inside ``decoding()`` (the engine's decode steps): the native kernels (``native``:
+  float32 activations against the bf16 weights, each weight row read once for all rows)
+  where they are built, else torch's bf16 GEMVs (half the bytes), one cast in, one out;
 * everywhere else (vision, prefill): the weight is upcast to the activations' dtype in
   blocks and one fp32 GEMM runs.
 

@@ -821,9 +821,17 @@ def _read_until(fd: int, done, timeout: float = 120) -> bytes:
     return data
 
 
+def _default_sigint() -> None:
+    # A child inherits an ignored SIGINT, and Python then leaves it ignored (as `nohup` wants);
+    # an earlier test in the same pytest process (Ray's) can leave it so. A terminal user's
+    # dsvl2 has the default, which is what these tests are about.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interactive_process(tmp_path, *argv) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "dsvl2", "chat", *map(str, argv)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(tmp_path), cwd=tmp_path)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(tmp_path), cwd=tmp_path,
+                            preexec_fn=_default_sigint)
 
 
 @pytest.mark.slow

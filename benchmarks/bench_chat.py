@@ -30,12 +30,11 @@ import torch
 
 import dsvl2
 from dsvl2.info import describe
-from dsvl2.model import native, ops
+from dsvl2.model import native
 from dsvl2.model.kernels import _gflops
-from dsvl2.model.moe import MoE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import bandwidth, cpu_name, peak_rss  # noqa: E402
+from bench_engine import ExpertCounter, bandwidth, cpu_name, peak_rss  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ROOT / "tests" / "data" / "golden" / "processor" / "official"
@@ -51,29 +50,12 @@ def conversation(case: str) -> list[dict]:
     return conv
 
 
-class ExpertUse:
-    """Distinct routed experts per MoE layer in each decode forward (forward hooks only)."""
-
-    def __init__(self, model):
-        self.calls: list[tuple[int, int]] = []  # (rows, distinct experts) per MoE layer call
-        self.handles = [mod.register_forward_hook(self._hook) for mod in model.modules() if isinstance(mod, MoE)]
-
-    def _hook(self, _module, inputs, output):
-        if ops.decoding_active():
-            _, routing = output
-            self.calls.append((inputs[0].reshape(-1, inputs[0].shape[-1]).shape[0],
-                               int(routing.idx.unique().numel())))
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def decode_rate(m, n_rows: int, tokens: int, bytes_per_step) -> dict:
+def decode_rate(m, n_rows: int, tokens: int, bytes_per_step, bandwidth_bps: float) -> dict:
     """n_rows text conversations at once; tokens/s per row and in aggregate (while all rows
     decode), from the engine's timings; the weights a step reads (the union of the experts
     its rows chose) and its roofline."""
-    use = ExpertUse(m.model)
+    use = ExpertCounter(m.model, decode_only=True)
+    use.on = True
     try:
         handles = [h for i in range(n_rows)
                    for h in m.submit(f"Tell me story number {i} about a lighthouse.", max_new_tokens=tokens)]
@@ -97,13 +79,10 @@ def decode_rate(m, n_rows: int, tokens: int, bytes_per_step) -> dict:
     if distinct is not None:
         step_bytes = bytes_per_step(distinct)
         out["weight_bytes_per_step"] = int(step_bytes)
-        out["roofline_tok_per_s"] = round(n_rows / (step_bytes / m_bandwidth[0]), 2)
+        out["roofline_tok_per_s"] = round(n_rows / (step_bytes / bandwidth_bps), 2)
         if out["aggregate_tok_per_s"]:
             out["fraction_of_roofline"] = round(out["aggregate_tok_per_s"] / out["roofline_tok_per_s"], 3)
     return out
-
-
-m_bandwidth = [0.0]  # bytes/s the rooflines use (set in main)
 
 
 def main() -> None:
@@ -161,8 +140,8 @@ def main() -> None:
     def bytes_per_step(distinct: float) -> float:  # batch 1: distinct = experts per token
         return token_bytes - routed_b1 + moe_layers * distinct * expert_bytes
 
-    m_bandwidth[0] = limits["read_sum_gbps"] * 1e9
-    decode = {str(b): decode_rate(m, b, args.decode_tokens, bytes_per_step) for b in map(int, args.batches.split(","))}
+    bw = limits["read_sum_gbps"] * 1e9
+    decode = {str(b): decode_rate(m, b, args.decode_tokens, bytes_per_step, bw) for b in map(int, args.batches.split(","))}
     after = bandwidth(512 << 20)  # the same measurement after the run: how much it moved
     limits["read_sum_gbps_after"] = after["read_sum_gbps"]
     b1 = decode.get("1", {}).get("per_row_tok_per_s_median")

@@ -51,6 +51,7 @@ import torch
 from dsvl2.checkpoint import preset_config, write_random_checkpoint
 from dsvl2.engine.engine import Engine
 from dsvl2.engine.sampling import SamplingParams
+from dsvl2.model import ops
 from dsvl2.model.moe import MoE
 from dsvl2.processing import Processor
 from dsvl2.weights import load_model
@@ -202,11 +203,15 @@ def weight_bytes(model) -> dict:
 
 
 class ExpertCounter:
-    """Counts the distinct routed experts each MoE layer uses while ``on``."""
+    """Counts the distinct routed experts each MoE layer uses while ``on`` (and, with
+    ``decode_only``, only inside an engine decode step): per step in ``steps`` (after
+    ``start_step``), and as (rows, distinct experts) per layer call in ``calls``."""
 
-    def __init__(self, model):
+    def __init__(self, model, decode_only: bool = False):
         self.on = False
+        self.decode_only = decode_only
         self.steps: list[dict[int, int]] = []
+        self.calls: list[tuple[int, int]] = []
         self.handles = []
         for i, layer in enumerate(model.language.model.layers):
             if isinstance(layer.mlp, MoE):
@@ -214,8 +219,11 @@ class ExpertCounter:
 
     def _hook(self, i: int):
         def hook(_module, _inputs, routing):
-            if self.on:
-                self.steps[-1][i] = int(routing.idx.unique().numel())
+            if self.on and (not self.decode_only or ops.decoding_active()):
+                n = int(routing.idx.unique().numel())
+                self.calls.append((routing.idx.shape[0], n))
+                if self.steps:
+                    self.steps[-1][i] = n
         return hook
 
     def start_step(self) -> None:

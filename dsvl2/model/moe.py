@@ -33,7 +33,6 @@ from torch import nn
 from ..config import LanguageConfig
 from . import native, ops
 from .ops import GatedMLP, gated_mlp
-from .quant import QuantWeight
 
 
 @dataclass
@@ -100,9 +99,7 @@ class Experts(nn.Module):
         if ops.decoding_bf16(x, self.gate_proj) and native.usable(x, self.gate_proj, self.up_proj, self.down_proj):
             # the whole layer in one native call: each chosen expert's weights read once
             return native.experts(x, routing.idx, routing.weight, self.gate_proj, self.up_proj, self.down_proj)
-        if (ops.decoding_active() and isinstance(self.gate_proj, QuantWeight) and self.gate_proj.kind == "int8"
-                and self.up_proj.kind == self.down_proj.kind == "int8" and x.dtype == torch.float32
-                and x.device.type == "cpu" and native.available()):
+        if ops.decoding_active() and native.usable_int8(x, self.gate_proj, self.up_proj, self.down_proj):
             return native.experts_int8(x, routing.idx, routing.weight, self.gate_proj, self.up_proj, self.down_proj)
         n, k = routing.idx.shape
         flat = routing.idx.reshape(-1)  # [N*K]

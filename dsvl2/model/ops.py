@@ -47,7 +47,7 @@ _mode = threading.local()
 def decoding():
     """Products with narrower (bf16) weights compute in the weights' dtype in this block
     (this thread only), whatever their row count. The engine wraps its decode steps."""
-    before = getattr(_mode, "decoding", False)
+    before = decoding_active()
     _mode.decoding = True
     try:
         yield
@@ -92,12 +92,9 @@ def decoding_active() -> bool:
     return getattr(_mode, "decoding", False)
 
 
-_decoding = decoding_active
-
-
 def decoding_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """A decode step's product of float activations with narrower (bf16) CPU weights."""
-    return (_decoding() and isinstance(weight, torch.Tensor) and weight.dtype != x.dtype
+    return (decoding_active() and isinstance(weight, torch.Tensor) and weight.dtype != x.dtype
             and x.device.type == "cpu")
 
 
@@ -105,19 +102,19 @@ def _in_weight_dtype(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Against narrower (bf16) weights on the CPU, compute in the weights' dtype in a decode
     step, and in every step on machines with native bf16 matrix units (``kernels``)."""
     return (weight.dtype != x.dtype and x.device.type == "cpu"
-            and (_big_in_weights or getattr(_mode, "decoding", False)))
+            and (_big_in_weights or decoding_active()))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` in x's dtype, whatever dtype the weight is stored in."""
     if isinstance(weight, QuantWeight):  # int8 / int4: the weight picks its kernel by step kind
-        out = weight.linear(x, getattr(_mode, "decoding", False))
+        out = weight.linear(x, decoding_active())
         return out if bias is None else out + bias.to(x.dtype)
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
     if _in_weight_dtype(x, weight):
         # Decode: bf16 GEMVs read half the bytes; the result returns in x's dtype.
-        if _decoding() and native.usable(x, weight):  # float32 activations, weights read once for all rows
+        if decoding_active() and native.usable(x, weight):  # float32 activations, weights read once for all rows
             return native.linear(x, weight, bias)
         out = F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
         return out.to(x.dtype)
@@ -177,12 +174,11 @@ def gated_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch
     one out, like the bf16 reference, instead of a cast around each of the three GEMVs.
     """
     if isinstance(gate, QuantWeight):
-        if (_decoding() and gate.kind == up.kind == down.kind == "int8" and x.dtype == torch.float32
-                and x.device.type == "cpu" and native.available()):
+        if decoding_active() and native.usable_int8(x, gate, up, down):
             return native.gated_mlp_int8(x, gate, up, down)
         return linear(F.silu(linear(x, gate)) * linear(x, up), down)
     if _in_weight_dtype(x, gate):
-        if _decoding() and native.usable(x, gate, up, down):
+        if decoding_active() and native.usable(x, gate, up, down):
             return native.gated_mlp(x, gate, up, down)
         xb = x.to(gate.dtype)
         return F.linear(F.silu(F.linear(xb, gate)) * F.linear(xb, up), down).to(x.dtype)

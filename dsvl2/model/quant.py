@@ -159,7 +159,7 @@ class QuantWeight:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         if self.kind == "int8":
-            if decoding and x2.dtype == torch.float32 and x2.device.type == "cpu" and native.available():
+            if decoding and native.usable_int8(x2, self):
                 y = native.linear_int8(x2, self.data, self.scale)  # float32 activations, see model/native
             elif decoding:
                 y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.data, self.scale)

@@ -136,6 +136,12 @@ def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
             and available())
 
 
+def usable_int8(x: torch.Tensor, *weights) -> bool:
+    """Float32 CPU activations against int8 ``QuantWeight`` s, and kernels built."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu"
+            and all(getattr(w, "kind", None) == "int8" for w in weights) and available())
+
+
 def _scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
     bufs = getattr(_local, "bufs", None)
     if bufs is None:

@@ -177,7 +177,7 @@ int dsvl2_moe(const float *x, int64_t T, int64_t D, const int64_t *idx, const fl
 
     int nt = omp_get_max_threads();
     if (used >= 2 * nt) {
-        /* whole experts per thread, balanced by weight bytes (one expert = one unit) */
+        /* whole experts per thread: contiguous runs of equal numbers of experts in use */
 #pragma omp parallel num_threads(nt)
         {
             int th = omp_get_thread_num(), nth = omp_get_num_threads();
@@ -185,7 +185,7 @@ int dsvl2_moe(const float *x, int64_t T, int64_t D, const int64_t *idx, const fl
             for (int64_t e = 0; e < E; e++) {
                 int64_t s = start[e], c = start[e + 1] - s;
                 if (c == 0) continue;
-                if ((seen++ * nth) / used != th) continue; /* contiguous runs of experts per thread */
+                if ((seen++ * nth) / used != th) continue;
                 any_rows(xs + s * D, D, c, D, gb + e * F * D * esize, gs ? gs + e * F : NULL, 0, F, g + s * F, F);
                 any_rows(xs + s * D, D, c, D, ub + e * F * D * esize, us ? us + e * F : NULL, 0, F, u + s * F, F);
                 for (int64_t i = s; i < s + c; i++)
@@ -228,10 +228,5 @@ void dsvl2_linear_i8(const float *x, int64_t M, int64_t K, const int8_t *q, cons
     int nt = omp_get_max_threads();
     if ((int64_t)N * K < (1 << 16)) nt = 1;
 #pragma omp parallel num_threads(nt)
-    {
-        int th = omp_get_thread_num(), nth = omp_get_num_threads();
-        int64_t per = (N + nth - 1) / nth;
-        int64_t n0 = th * per, n1 = n0 + per < N ? n0 + per : N;
-        if (n0 < n1) rows_i8(x, K, M, K, q, scale, n0, n1, y, N);
-    }
+    team_rows(x, K, M, K, q, scale, N, y, N);
 }

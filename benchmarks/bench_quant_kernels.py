@@ -2,10 +2,12 @@
 
 Shapes are those of the real tiny model: a routed expert's gate/up ([896, 1280]) and down
 ([1280, 896]) projections, an attention projection ([1280, 1280]) and the lm_head
-([129280, 1280]). For each: decode (M = 1 and 4 rows) and prefill (M = 512 rows).
+([129280, 1280]). For each: decode (M = 1, 4 and 16 rows) and prefill (M = 512 rows).
 
 Candidates:
-* ``bf16``: the bf16 weight, the current decode path (bf16 GEMV, ``F.linear``);
+* ``bf16``: the bf16 weight, torch's decode path (bf16 GEMV, ``F.linear``);
+* ``native_bf16`` / ``native_int8``: dsvl2's native decode kernels (``dsvl2/model/native``),
+  float32 activations, where they are built;
 * ``int8pack``: ``torch._weight_int8pack_mm`` (int8 weight, per-row scale), bf16 and fp32 activations;
 * ``int8_deq_bf16``: dequantise the int8 weight to bf16, then the bf16 GEMV;
 * ``int4pack_gG``: ``torch._weight_int4pack_mm_for_cpu`` with group size G;
@@ -27,6 +29,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from dsvl2.model import native
 
 
 def cpu_flags() -> list[str]:
@@ -63,7 +67,7 @@ def bench_shape(name: str, n: int, k: int, reps: int, prefill_m: int) -> dict:
     s8f = s8.float()
     res: dict = {"shape": [n, k]}
     buf32 = torch.empty(n, k)
-    for m in (1, 4):
+    for m in (1, 4, 16):
         xb = torch.randn(m, k, dtype=torch.bfloat16)
         xf = xb.float()
         cands = {
@@ -72,6 +76,9 @@ def bench_shape(name: str, n: int, k: int, reps: int, prefill_m: int) -> dict:
             "int8pack_fp32x": (lambda: torch._weight_int8pack_mm(xf, w8, s8f), 1),
             "int8_deq_bf16": (lambda: F.linear(xb, w8.to(torch.bfloat16) * s8[:, None]), 1),
         }
+        if native.available():  # dsvl2/model/native: float32 activations, weights read once for all rows
+            cands["native_bf16"] = (lambda: native.linear(xf, wb), 2)
+            cands["native_int8"] = (lambda: native.linear_int8(xf, w8, s8), 1)
         for g in (32, 64, 128, 256):
             if k % g == 0:
                 p, sz = int4_pack(n, k, g)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LanguageConfig
+from . import native, ops
 from .cache import StepContext
 from .ops import Linear, RMSNorm, weight_matmul
 from .rope import apply_rope
@@ -45,6 +46,15 @@ class MHA(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         b, t, _ = x.shape
+        if t == 1 and self._native_decode(x, ctx):
+            k_cache, v_cache = ctx.cache.layers[self.layer]
+            rows = ctx.rows if ctx.rows is not None else torch.arange(b)
+            out = native.mha_decode(x.view(b, -1), self.q_proj.weight, self.k_proj.weight, self.v_proj.weight,
+                                    self.o_proj.weight, (self.q_proj.bias, self.k_proj.bias, self.v_proj.bias,
+                                                         self.o_proj.bias),
+                                    self.h, self.hk, ctx.cos, ctx.sin, k_cache, v_cache, rows, ctx.write_pos[:, 0],
+                                    self.scale)
+            return out.view(b, 1, -1)
         q = self.q_proj(x).view(b, t, self.h, self.hd).transpose(1, 2)  # [B, H, T, hd]
         k = self.k_proj(x).view(b, t, self.hk, self.hd).transpose(1, 2)  # [B, Hk, T, hd]
         v = self.v_proj(x).view(b, t, self.hk, self.hd)  # [B, T, Hk, hd]
@@ -58,6 +68,14 @@ class MHA(nn.Module):
             v = v.repeat_interleave(self.h // self.hk, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.h * self.hd))
+
+    def _native_decode(self, x: torch.Tensor, ctx: StepContext) -> bool:
+        """A decode step (one token per row) with bf16 weights and a float32 cache: the
+        whole block in one native call (``native.mha_decode``)."""
+        if (ctx.cache is None or ctx.cache.dtype != torch.float32 or ctx.cos.shape[-1] != self.hd
+                or self.h > 256 or self.hd > 1024):  # the C side's limits (MAX_HEADS, rope buffer)
+            return False
+        return ops.native_block(x, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_proj.weight)
 
 
 class MLA(nn.Module):

@@ -54,6 +54,11 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor) -> Routing:
         cfg = self.cfg
         n = x.shape[0]
+        if cfg.topk_method == "greedy" and ops.native_block(x, self.weight):
+            # gate product, scores, top-k, normalisation and scaling in one call
+            idx, weight = native.route_greedy(x, self.weight, cfg.num_experts_per_tok, cfg.scoring_func == "sigmoid",
+                                              bool(cfg.norm_topk_prob), float(cfg.routed_scaling_factor))
+            return Routing(idx, weight)
         if ops.decoding_bf16(x, self.weight) and native.usable(x, self.weight):
             logits = native.linear(x, self.weight)  # float32 products of the bf16 weight, no upcast copy
         else:

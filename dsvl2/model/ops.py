@@ -94,8 +94,17 @@ def decoding_active() -> bool:
 
 def decoding_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """A decode step's product of float activations with narrower (bf16) CPU weights."""
-    return (decoding_active() and isinstance(weight, torch.Tensor) and weight.dtype != x.dtype
-            and x.device.type == "cpu")
+    return decoding_active() and isinstance(weight, torch.Tensor) and weight.dtype != x.dtype and x.is_cpu
+
+
+# The blocks of a decode step in native code (RMSNorm, greedy router, MHA attention): on
+# wherever the native kernels are built; tests switch them off to compare with torch.
+native_blocks = True
+
+
+def native_block(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Run this decode-step block natively: bf16 weights, float32 activations, kernels built."""
+    return native_blocks and decoding_bf16(x, weights[0]) and native.usable(x, *weights)
 
 
 def _in_weight_dtype(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -152,6 +161,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if native_block(x, self.weight):
+            return native.rmsnorm(x, self.weight, self.eps)  # one call instead of eight ops
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("bf16.c")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "bf16.c", HERE / "layers.c")  # + products.h, which both include
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _status: str | None = None
@@ -65,7 +66,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     ok, why = _cpu_ok()
     if not ok:
         return None, why
-    src = SOURCE.read_bytes()
+    src = b"".join(p.read_bytes() for p in (*SOURCES, HERE / "products.h"))
     cc = os.environ.get("CC", "cc")
     flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared"]
     key = hashlib.sha256(src + " ".join([cc, *flags]).encode()).hexdigest()[:16]
@@ -75,10 +76,10 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
             out.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
                 part = Path(tmp) / out.name
-                r = subprocess.run([cc, *flags, str(SOURCE), "-o", str(part), "-lm"],
+                r = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(part), "-lm"],
                                    capture_output=True, text=True, timeout=120)
                 if r.returncode != 0:
-                    return None, f"compiling {SOURCE.name} with {cc} failed: {(r.stderr or r.stdout).strip()[:300]}"
+                    return None, f"compiling {' + '.join(p.name for p in SOURCES)} with {cc} failed: {(r.stderr or r.stdout).strip()[:300]}"
                 os.replace(part, out)  # atomic: a concurrent build just replaces the same file
         except (OSError, subprocess.SubprocessError) as e:
             return None, f"no C compiler usable ({cc}): {e}"
@@ -93,6 +94,14 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib.dsvl2_linear_i8.restype = None
     lib.dsvl2_moe.argtypes = [p, i64, i64, p, p, i64, p, p, p, i64, i64, p, p, p, i64, p, p, p]
     lib.dsvl2_moe.restype = ctypes.c_int
+    f32 = ctypes.c_float
+    lib.dsvl2_rmsnorm.argtypes = [p, i64, i64, p, ctypes.c_int, f32, p]
+    lib.dsvl2_rmsnorm.restype = None
+    lib.dsvl2_route_greedy.argtypes = [p, i64, i64, i64, ctypes.c_int, ctypes.c_int, f32, p, p]
+    lib.dsvl2_route_greedy.restype = None
+    lib.dsvl2_mha_decode.argtypes = [p, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, p, p, i64, i64,
+                                     p, p, f32, p, p]
+    lib.dsvl2_mha_decode.restype = ctypes.c_int
     return lib, f"AVX2 bf16 decode kernels ({out.name})"
 
 
@@ -130,10 +139,12 @@ def _require() -> ctypes.CDLL:
 
 def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Float32 CPU activations against contiguous bf16 CPU weights, and kernels built."""
-    return (x.dtype == torch.float32 and x.device.type == "cpu"
-            and all(isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 and w.device.type == "cpu"
-                    and w.is_contiguous() for w in weights)
-            and available())
+    if x.dtype != torch.float32 or not x.is_cpu or (_lib is None and not available()):
+        return False
+    for w in weights:  # a loop, not all(<generator>): this runs for every product of a step
+        if not (isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 and w.is_cpu and w.is_contiguous()):
+            return False
+    return True
 
 
 def usable_int8(x: torch.Tensor, *weights) -> bool:
@@ -152,18 +163,27 @@ def _scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
     return buf
 
 
+# The wrappers below run a few hundred times per decode step: they avoid torch calls that
+# are not needed (a reshape or a view costs 2-4 us, as much as the call into C).
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """x itself when contiguous (the C side takes it as [numel / K, K]), else a contiguous copy."""
+    return x if x.is_contiguous() else x.contiguous()
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ w.T + bias``: x float32 [..., K], w bf16 [N, K] -> float32 [..., N]."""
-    lead, k = x.shape[:-1], x.shape[-1]
+    *lead, k = x.shape
     n = w.shape[0]
-    x2 = x.reshape(-1, k).contiguous()
-    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    x = _flat(x)
+    y = torch.empty((*lead, n), dtype=torch.float32)
     b = None
     if bias is not None:
         b = bias.float().contiguous()
-    _require().dsvl2_linear(x2.data_ptr(), x2.shape[0], k, w.data_ptr(), n, None if b is None else b.data_ptr(),
-                      y.data_ptr())
-    return y.view(*lead, n)
+    _require().dsvl2_linear(x.data_ptr(), x.numel() // k, k, w.data_ptr(), n, None if b is None else b.data_ptr(),
+                            y.data_ptr())
+    return y
 
 
 def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -180,13 +200,15 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
 
 def _moe(x: torch.Tensor, idx: torch.Tensor | None, wt: torch.Tensor | None, gate, up, down,
          scales: tuple | None = None) -> torch.Tensor:
-    """gate / up / down: bf16 tensors, or int8 values with ``scales`` = their bf16 per-row scales."""
-    t, d = x.shape
-    e, f, _ = gate.shape
+    """x [..., D]; gate / up / down: [E, F, D] / [E, D, F] stacks, or one MLP's [F, D] / [D, F]
+    (E = 1), bf16 or int8 values with ``scales`` = their bf16 per-row scales."""
+    d = x.shape[-1]
+    t = x.numel() // d
+    e, f = (1, gate.shape[0]) if gate.dim() == 2 else gate.shape[:2]
     k = 1 if idx is None else idx.shape[1]
     p = t * k
-    x = x.contiguous()
-    out = torch.empty(t, d, dtype=torch.float32)
+    x = _flat(x)
+    out = torch.empty(x.shape, dtype=torch.float32)
     scratch = _scratch(p * (2 * d + 2 * f), torch.float32)
     order = _scratch(p + 2 * e + 1, torch.int64)
     gs = us = ds = None
@@ -215,13 +237,12 @@ def experts_int8(x: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, gate, up,
 def experts(x: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
             down: torch.Tensor) -> torch.Tensor:
     """SiLU-gated experts: x float32 [T, D], idx [T, k], wt [T, k]; gate / up [E, F, D], down [E, D, F]."""
-    return _moe(x, idx.to(torch.int64).contiguous(), wt.to(torch.float32).contiguous(), gate, up, down)
+    return _moe(x, _flat(idx.to(torch.int64)), _flat(wt.to(torch.float32)), gate, up, down)
 
 
 def gated_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """``down(silu(gate(x)) * up(x))`` for one MLP: gate / up [F, D], down [D, F]; x [..., D]."""
-    lead, d = x.shape[:-1], x.shape[-1]
-    return _moe(x.reshape(-1, d), None, None, gate[None], up[None], down[None]).view(*lead, d)
+    return _moe(x, None, None, gate, up, down)
 
 
 def gated_mlp_int8(x: torch.Tensor, gate, up, down) -> torch.Tensor:
@@ -229,6 +250,65 @@ def gated_mlp_int8(x: torch.Tensor, gate, up, down) -> torch.Tensor:
     ws = (gate, up, down)
     if any(w.kind != "int8" or not (w.data.is_contiguous() and w.scale.is_contiguous()) for w in ws):
         raise TypeError("gated_mlp_int8 takes contiguous int8 QuantWeights")
-    lead, d = x.shape[:-1], x.shape[-1]
-    return _moe(x.reshape(-1, d).to(torch.float32), None, None, gate.data[None], up.data[None], down.data[None],
-                tuple(w.scale[None] for w in ws)).view(*lead, d)
+    return _moe(x.to(torch.float32), None, None, gate.data, up.data, down.data, tuple(w.scale for w in ws))
+
+
+# ---- the small parts of a decode step (layers.c) ---------------------------------------
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of float32 x [..., D] with a float32 or bf16 weight [D] -> float32."""
+    if weight.dtype not in (torch.float32, torch.bfloat16) or not weight.is_contiguous():
+        raise TypeError("rmsnorm takes a contiguous float32 or bf16 weight")
+    x = _flat(x)
+    y = torch.empty_like(x)
+    d = x.shape[-1]
+    _require().dsvl2_rmsnorm(x.data_ptr(), x.numel() // d, d, weight.data_ptr(), weight.dtype == torch.bfloat16,
+                             eps, y.data_ptr())
+    return y
+
+
+def route_greedy(x: torch.Tensor, gate: torch.Tensor, k: int, sigmoid: bool, norm: bool,
+                 scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy top-k routing of float32 x [T, D] by a bf16 gate [E, D]: (idx int64 [T, k]
+    in descending score order, weights float32 [T, k])."""
+    logits = linear(x, gate)  # [T, E], overwritten with the scores
+    t, e = logits.shape
+    if not 0 < k <= e:
+        raise ValueError(f"experts per token must be in [1, {e}], got {k}")
+    idx = torch.empty(t, k, dtype=torch.int64)
+    wt = torch.empty(t, k, dtype=torch.float32)
+    _require().dsvl2_route_greedy(logits.data_ptr(), t, e, k, int(sigmoid), int(norm), scaling,
+                                  idx.data_ptr(), wt.data_ptr())
+    return idx, wt
+
+
+def mha_decode(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor,
+               biases: tuple, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+               scale: float) -> torch.Tensor:
+    """One MHA decode step: x float32 [B, D] (normalised), bf16 weights, float32 cache
+    [R, S, Hk, hd] written at (rows[b], pos[b]) and attended over slots 0..pos[b];
+    cos / sin float32 [B, hd]. Returns the attention block's output [B, D]."""
+    *lead, d = x.shape
+    b = x.numel() // d
+    hd = k_cache.shape[-1]
+    r, s = k_cache.shape[:2]
+    if cos.numel() != b * hd or sin.numel() != b * hd:
+        raise ValueError(f"cos / sin must hold {b} x {hd} values, got {tuple(cos.shape)} / {tuple(sin.shape)}")
+    x, cos, sin = _flat(x), _flat(cos), _flat(sin)
+    rows, pos = _flat(rows.to(torch.int64)), _flat(pos.to(torch.int64))
+    smax = s  # scores: room for every slot (a bound that needs no look at pos)
+    scratch = _scratch(b * (2 * heads + 2 * kv_heads) * hd + b * heads * smax, torch.float32)
+    out = torch.empty((*lead, d), dtype=torch.float32)
+    biases = [None if t is None else t.float().contiguous() for t in biases]  # kept alive for the call
+    ptrs = [None if t is None else t.data_ptr() for t in biases]
+    rc = _require().dsvl2_mha_decode(x.data_ptr(), b, d, heads, kv_heads, hd, wq.data_ptr(), wk.data_ptr(),
+                                     wv.data_ptr(), wo.data_ptr(), *ptrs,
+                                     cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                     r, s, rows.data_ptr(), pos.data_ptr(), scale, out.data_ptr(),
+                                     scratch.data_ptr())
+    if rc != 0:
+        raise ValueError(f"cache rows must be in [0, {r}) and slots in [0, {s}), got rows "
+                         f"{rows.tolist()} and slots {pos.tolist()}")
+    return out

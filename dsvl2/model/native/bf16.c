@@ -18,6 +18,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "products.h"
+
 static inline __m256 widen8(const uint16_t *p) {
     __m128i v = _mm_loadu_si128((const __m128i *)p);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
@@ -69,22 +71,39 @@ static void NAME(const float *x, int64_t ldx, int64_t M, int64_t K, const WT *w,
     for (int64_t n = n0; n < n1; n++) {                                                                       \
         const WT *wr = w + n * K;                                                                             \
         int64_t m = 0;                                                                                        \
-        for (; m + 2 <= M; m += 2) {                                                                          \
+        for (; m + 3 <= M; m += 3) { /* three rows per pass: each widened block used three times */           \
+            const float *x0 = x + m * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx;                                    \
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;   \
+            __m256 c0 = a0, c1 = a0, c2 = a0, c3 = a0;                                                        \
+            for (int64_t k = 0; k < K32; k += 32) {                                                           \
+                if (m == 0) _mm_prefetch((const char *)(wr + k + PREFETCH), _MM_HINT_T0);                     \
+                __m256 w0 = WIDEN(wr + k), w1 = WIDEN(wr + k + 8), w2 = WIDEN(wr + k + 16), w3 = WIDEN(wr + k + 24); \
+                BLOCK(a, x0, k, w0, w1, w2, w3)                                                               \
+                BLOCK(b, x1, k, w0, w1, w2, w3)                                                               \
+                BLOCK(c, x2, k, w0, w1, w2, w3)                                                               \
+            }                                                                                                 \
+            y[m * ldy + n] = FINISH(tail_##NAME(x0, wr, K32, K, reduce4(a0, a1, a2, a3)));                    \
+            y[(m + 1) * ldy + n] = FINISH(tail_##NAME(x1, wr, K32, K, reduce4(b0, b1, b2, b3)));              \
+            y[(m + 2) * ldy + n] = FINISH(tail_##NAME(x2, wr, K32, K, reduce4(c0, c1, c2, c3)));              \
+        }                                                                                                     \
+        if (m + 2 <= M) {                                                                                     \
             const float *x0 = x + m * ldx, *x1 = x0 + ldx;                                                    \
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;   \
             for (int64_t k = 0; k < K32; k += 32) {                                                           \
+                if (m == 0) _mm_prefetch((const char *)(wr + k + PREFETCH), _MM_HINT_T0);                     \
                 __m256 w0 = WIDEN(wr + k), w1 = WIDEN(wr + k + 8), w2 = WIDEN(wr + k + 16), w3 = WIDEN(wr + k + 24); \
                 BLOCK(a, x0, k, w0, w1, w2, w3)                                                               \
                 BLOCK(b, x1, k, w0, w1, w2, w3)                                                               \
             }                                                                                                 \
             y[m * ldy + n] = FINISH(tail_##NAME(x0, wr, K32, K, reduce4(a0, a1, a2, a3)));                    \
             y[(m + 1) * ldy + n] = FINISH(tail_##NAME(x1, wr, K32, K, reduce4(b0, b1, b2, b3)));              \
+            m += 2;                                                                                           \
         }                                                                                                     \
         if (m < M) {                                                                                          \
             const float *x0 = x + m * ldx;                                                                    \
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                       \
             for (int64_t k = 0; k < K32; k += 32) {                                                           \
-                _mm_prefetch((const char *)(wr + k + PREFETCH), _MM_HINT_T0);                                 \
+                if (M == 1) _mm_prefetch((const char *)(wr + k + PREFETCH), _MM_HINT_T0);                     \
                 __m256 w0 = WIDEN(wr + k), w1 = WIDEN(wr + k + 8), w2 = WIDEN(wr + k + 16), w3 = WIDEN(wr + k + 24); \
                 BLOCK(a, x0, k, w0, w1, w2, w3)                                                               \
             }                                                                                                 \
@@ -106,19 +125,19 @@ static inline float widen1_i8(int8_t v) { return (float)v; }
 DEFINE_ROWS(rows_i8, int8_t, widen8_i8, widen1_i8, ROW_SCALE)
 
 /* bf16 weights (scale NULL) or int8 weights with per-row bf16 scales */
-static inline void any_rows(const float *x, int64_t ldx, int64_t M, int64_t K, const void *w, const uint16_t *scale,
+void dsvl2_any_rows(const float *x, int64_t ldx, int64_t M, int64_t K, const void *w, const uint16_t *scale,
                             int64_t n0, int64_t n1, float *y, int64_t ldy) {
     if (scale) rows_i8(x, ldx, M, K, (const int8_t *)w, scale, n0, n1, y, ldy);
     else rows(x, ldx, M, K, (const uint16_t *)w, NULL, n0, n1, y, ldy);
 }
 
 /* split [0, N) among the team in contiguous blocks (each thread streams its own rows) */
-static void team_rows(const float *x, int64_t ldx, int64_t M, int64_t K, const void *w, const uint16_t *scale,
+void dsvl2_team_rows(const float *x, int64_t ldx, int64_t M, int64_t K, const void *w, const uint16_t *scale,
                       int64_t N, float *y, int64_t ldy) {
     int nt = omp_get_num_threads(), t = omp_get_thread_num();
     int64_t per = (N + nt - 1) / nt;
     int64_t n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
-    if (n0 < n1) any_rows(x, ldx, M, K, w, scale, n0, n1, y, ldy);
+    if (n0 < n1) dsvl2_any_rows(x, ldx, M, K, w, scale, n0, n1, y, ldy);
 }
 
 /* y [M, N] = x [M, K] . w[N, K]^T (+ bias [N] float32, may be NULL) */
@@ -127,11 +146,14 @@ void dsvl2_linear(const float *x, int64_t M, int64_t K, const uint16_t *w, int64
     int nt = omp_get_max_threads();
     if ((int64_t)N * K < (1 << 16)) nt = 1; /* a fork costs more than the product */
 #pragma omp parallel num_threads(nt)
-    team_rows(x, K, M, K, w, NULL, N, y, N);
+    dsvl2_team_rows(x, K, M, K, w, NULL, N, y, N);
     if (bias)
         for (int64_t m = 0; m < M; m++)
             for (int64_t n = 0; n < N; n++) y[m * N + n] += bias[n];
 }
+
+/* an expert's weight stream costs about as much as this many of its rows (work split) */
+#define COST_STREAM 2
 
 static inline float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
@@ -177,20 +199,26 @@ int dsvl2_moe(const float *x, int64_t T, int64_t D, const int64_t *idx, const fl
 
     int nt = omp_get_max_threads();
     if (used >= 2 * nt) {
-        /* whole experts per thread: contiguous runs of equal numbers of experts in use */
+        /* whole experts per thread: contiguous runs of about equal cost, an expert costing
+           its weights' stream plus its rows (COST_STREAM + c, in units of one row) */
+        int64_t total = 0;
+        for (int64_t e = 0; e < E; e++)
+            if (start[e + 1] > start[e]) total += COST_STREAM + start[e + 1] - start[e];
 #pragma omp parallel num_threads(nt)
         {
             int th = omp_get_thread_num(), nth = omp_get_num_threads();
-            int64_t seen = 0;
+            int64_t before = 0; /* cost of the experts before e */
             for (int64_t e = 0; e < E; e++) {
                 int64_t s = start[e], c = start[e + 1] - s;
                 if (c == 0) continue;
-                if ((seen++ * nth) / used != th) continue;
-                any_rows(xs + s * D, D, c, D, gb + e * F * D * esize, gs ? gs + e * F : NULL, 0, F, g + s * F, F);
-                any_rows(xs + s * D, D, c, D, ub + e * F * D * esize, us ? us + e * F : NULL, 0, F, u + s * F, F);
+                int64_t mid2 = 2 * before + COST_STREAM + c; /* twice the midpoint of e's cost */
+                before += COST_STREAM + c;
+                if ((mid2 * nth) / (2 * total) != th) continue;
+                dsvl2_any_rows(xs + s * D, D, c, D, gb + e * F * D * esize, gs ? gs + e * F : NULL, 0, F, g + s * F, F);
+                dsvl2_any_rows(xs + s * D, D, c, D, ub + e * F * D * esize, us ? us + e * F : NULL, 0, F, u + s * F, F);
                 for (int64_t i = s; i < s + c; i++)
                     for (int64_t f = 0; f < F; f++) g[i * F + f] = silu_mul(g[i * F + f], u[i * F + f]);
-                any_rows(g + s * F, F, c, F, db + e * D * F * esize, ds ? ds + e * D : NULL, 0, D, ys + s * D, D);
+                dsvl2_any_rows(g + s * F, F, c, F, db + e * D * F * esize, ds ? ds + e * D : NULL, 0, D, ys + s * D, D);
             }
         }
     } else {
@@ -199,14 +227,14 @@ int dsvl2_moe(const float *x, int64_t T, int64_t D, const int64_t *idx, const fl
             for (int64_t e = 0; e < E; e++) {
                 int64_t s = start[e], c = start[e + 1] - s;
                 if (c == 0) continue; /* same decision in every thread */
-                team_rows(xs + s * D, D, c, D, gb + e * F * D * esize, gs ? gs + e * F : NULL, F, g + s * F, F);
-                team_rows(xs + s * D, D, c, D, ub + e * F * D * esize, us ? us + e * F : NULL, F, u + s * F, F);
+                dsvl2_team_rows(xs + s * D, D, c, D, gb + e * F * D * esize, gs ? gs + e * F : NULL, F, g + s * F, F);
+                dsvl2_team_rows(xs + s * D, D, c, D, ub + e * F * D * esize, us ? us + e * F : NULL, F, u + s * F, F);
 #pragma omp barrier
 #pragma omp for schedule(static)
                 for (int64_t i = s; i < s + c; i++)
                     for (int64_t f = 0; f < F; f++) g[i * F + f] = silu_mul(g[i * F + f], u[i * F + f]);
                 /* implicit barrier */
-                team_rows(g + s * F, F, c, F, db + e * D * F * esize, ds ? ds + e * D : NULL, D, ys + s * D, D);
+                dsvl2_team_rows(g + s * F, F, c, F, db + e * D * F * esize, ds ? ds + e * D : NULL, D, ys + s * D, D);
             }
         }
     }
@@ -228,5 +256,5 @@ void dsvl2_linear_i8(const float *x, int64_t M, int64_t K, const int8_t *q, cons
     int nt = omp_get_max_threads();
     if ((int64_t)N * K < (1 << 16)) nt = 1;
 #pragma omp parallel num_threads(nt)
-    team_rows(x, K, M, K, q, scale, N, y, N);
+    dsvl2_team_rows(x, K, M, K, q, scale, N, y, N);
 }

@@ -1,0 +1,201 @@
+/* The small parts of a decode step, in C (dsvl2.model.native): RMSNorm, the greedy router
+   and a whole MHA attention block (q / k / v, RoPE, cache write, attention over the
+   cached keys, o_proj).
+
+   Why: with the products in native code (bf16.c), a batch-1 decode step of the real tiny
+   model spent ~25 ms of its ~95 ms in ~1200 small torch ops (norms: 8 ops each, RoPE: 10,
+   the router: 6, attention with its transposes, casts and index writes) and the Python
+   around them. Here each of those blocks is one call.
+
+   Numbers: float32 throughout (the activations' dtype). RoPE, the RMSNorm scaling and the
+   router's arithmetic are the reference's operations in the reference's order; sums
+   (squares, scores, softmax denominators) are formed in a fixed order of our own, so
+   results equal torch's to rounding (tests/test_native.py compares with the torch path).
+   A row's results never depend on the other rows of its batch. */
+
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "products.h"
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* sum of a[0..n) * b[0..n) in a fixed order: 8 lanes over blocks of 8, lanes added
+   pairwise, then the tail in order */
+static inline float dot(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+    float s = _mm_cvtss_f32(lo);
+    for (; i < n; i++) s = fmaf(a[i], b[i], s);
+    return s;
+}
+
+#define AHEAD 8 /* cache slots prefetched ahead in attention */
+#define MAX_HEADS 256
+
+/* y[0..n) += a * x[0..n), one FMA per element */
+static inline void axpy(float a, const float *x, float *y, int64_t n) {
+    const __m256 va = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] = fmaf(a, x[i], y[i]);
+}
+
+/* y [M, D] = weight * (x * rsqrt(mean(x^2) + eps)), weight float32 or bf16 (wbf16 = 1) */
+void dsvl2_rmsnorm(const float *x, int64_t M, int64_t D, const void *weight, int wbf16, float eps, float *y) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xr = x + m * D;
+        float *yr = y + m * D;
+        float r = 1.0f / sqrtf(dot(xr, xr, D) / (float)D + eps);
+        for (int64_t d = 0; d < D; d++) {
+            float w = wbf16 ? bf16_to_f32(((const uint16_t *)weight)[d]) : ((const float *)weight)[d];
+            yr[d] = w * (xr[d] * r);
+        }
+    }
+}
+
+/* Greedy router over E experts for T tokens: logits [T, E] (float32, from the gate
+   product), scores = softmax (sigmoid = 0) or sigmoid (1); the k largest scores (ties to
+   the lower expert id), their scores as weights, divided by their sum + 1e-20 when
+   norm (k > 1), times scaling. idx [T, k] int64 in descending score order, wt [T, k]. */
+void dsvl2_route_greedy(float *logits, int64_t T, int64_t E, int64_t k, int sigmoid, int norm, float scaling,
+                        int64_t *idx, float *wt) {
+    for (int64_t t = 0; t < T; t++) {
+        float *s = logits + t * E;
+        if (sigmoid) {
+            for (int64_t e = 0; e < E; e++) s[e] = 1.0f / (1.0f + expf(-s[e]));
+        } else {
+            float mx = s[0], sum = 0.0f;
+            for (int64_t e = 1; e < E; e++) mx = s[e] > mx ? s[e] : mx;
+            for (int64_t e = 0; e < E; e++) sum += (s[e] = expf(s[e] - mx));
+            for (int64_t e = 0; e < E; e++) s[e] = s[e] / sum;
+        }
+        int64_t *ir = idx + t * k;
+        float *wr = wt + t * k;
+        for (int64_t j = 0; j < k; j++) { /* selection: k passes over E (k, E small) */
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++) {
+                int taken = 0;
+                for (int64_t i = 0; i < j; i++) taken |= ir[i] == e;
+                if (!taken && (best < 0 || s[e] > s[best])) best = e;
+            }
+            ir[j] = best;
+            wr[j] = s[best];
+        }
+        if (norm && k > 1) {
+            float sum = 0.0f;
+            for (int64_t j = 0; j < k; j++) sum += wr[j];
+            for (int64_t j = 0; j < k; j++) wr[j] = wr[j] / (sum + 1e-20f);
+        }
+        for (int64_t j = 0; j < k; j++) wr[j] = wr[j] * scaling;
+    }
+}
+
+/* half-split RoPE of one head in place: out[i] = x[i] cos[i] - x[i + d/2] sin[i] for
+   i < d/2, x[i] cos[i] + x[i - d/2] sin[i] above (the reference's x * cos +
+   rotate_half(x) * sin, operation for operation) */
+static void rope_half(float *x, const float *cos, const float *sin, int64_t d) {
+    float tmp[1024];
+    int64_t h = d / 2;
+    for (int64_t i = 0; i < d; i++) {
+        float rot = i < h ? -x[i + h] : x[i - h];
+        tmp[i] = x[i] * cos[i] + rot * sin[i];
+    }
+    memcpy(x, tmp, d * sizeof(float));
+}
+
+/* One MHA decode step for B rows (one new token each):
+     q, k, v = x Wq^T (+bq), x Wk^T (+bk), x Wv^T (+bv)      x [B, D], bf16 weights
+     RoPE (half-split, cos / sin [B, hd]) on q and k; k, v written into the float32 cache
+     (kc / vc [R, S, Hk, hd]) at row rows[b], slot pos[b]
+     head h of row b attends over slots 0 .. pos[b] of kv head h / (H / Hk):
+       softmax(q . k_s * scale) . v_s
+     out [B, D] = attn Wo^T (+bo)
+   scratch: float32 [B * (H + 2 Hk) * hd + B * H * hd + B * H * (max pos + 1)].
+   Returns -1 when a row or slot is out of range (nothing is written then). */
+int dsvl2_mha_decode(const float *x, int64_t B, int64_t D, int64_t H, int64_t Hk, int64_t hd,
+                     const uint16_t *wq, const uint16_t *wk, const uint16_t *wv, const uint16_t *wo,
+                     const float *bq, const float *bk, const float *bv, const float *bo,
+                     const float *cos, const float *sin, float *kc, float *vc, int64_t R, int64_t S,
+                     const int64_t *rows, const int64_t *pos, float scale, float *out, float *scratch) {
+    if (hd > 1024 || H > MAX_HEADS || H % Hk) return -1;
+    int64_t smax = 0;
+    for (int64_t b = 0; b < B; b++) {
+        if (rows[b] < 0 || rows[b] >= R || pos[b] < 0 || pos[b] >= S) return -1;
+        smax = pos[b] + 1 > smax ? pos[b] + 1 : smax;
+    }
+    const int64_t nq = H * hd, nkv = Hk * hd, group = H / Hk;
+    float *q = scratch, *k = q + B * nq, *v = k + B * nkv, *att = v + B * nkv, *p = att + B * nq;
+#pragma omp parallel
+    {
+        dsvl2_team_rows(x, D, B, D, wq, NULL, nq, q, nq);
+        dsvl2_team_rows(x, D, B, D, wk, NULL, nkv, k, nkv);
+        dsvl2_team_rows(x, D, B, D, wv, NULL, nkv, v, nkv);
+#pragma omp barrier
+#pragma omp single
+        for (int64_t b = 0; b < B; b++) {
+            float *qb = q + b * nq, *kb = k + b * nkv, *vb = v + b * nkv;
+            for (int64_t i = 0; bq && i < nq; i++) qb[i] += bq[i];
+            for (int64_t i = 0; bk && i < nkv; i++) kb[i] += bk[i];
+            for (int64_t i = 0; bv && i < nkv; i++) vb[i] += bv[i];
+            for (int64_t h = 0; h < H; h++) rope_half(qb + h * hd, cos + b * hd, sin + b * hd, hd);
+            for (int64_t h = 0; h < Hk; h++) rope_half(kb + h * hd, cos + b * hd, sin + b * hd, hd);
+            int64_t at = (rows[b] * S + pos[b]) * nkv;
+            memcpy(kc + at, kb, nkv * sizeof(float));
+            memcpy(vc + at, vb, nkv * sizeof(float));
+        }
+        /* implicit barrier */
+        /* work unit: one row's contiguous run of heads; the slots go in the outer loop, so
+           each cached token's keys (and values) are read once per unit, in order */
+        const int64_t chunks = omp_get_num_threads(), hper = (H + chunks - 1) / chunks;
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < B * chunks; u++) {
+            const int64_t b = u / chunks, h0 = (u % chunks) * hper, h1 = h0 + hper < H ? h0 + hper : H;
+            if (h0 >= h1) continue;
+            const int64_t n = pos[b] + 1;
+            const float *kb = kc + rows[b] * S * nkv, *vb = vc + rows[b] * S * nkv;
+            float mx[MAX_HEADS], sum[MAX_HEADS];
+            for (int64_t h = h0; h < h1; h++) mx[h - h0] = -INFINITY, sum[h - h0] = 0.0f;
+            for (int64_t s = 0; s < n; s++) {
+                for (int64_t i = (h0 / group) * hd; s + AHEAD < n && i < ((h1 - 1) / group + 1) * hd; i += 16)
+                    _mm_prefetch((const char *)(kb + (s + AHEAD) * nkv + i), _MM_HINT_T0);
+                for (int64_t h = h0; h < h1; h++) {
+                    float v = dot(q + b * nq + h * hd, kb + s * nkv + (h / group) * hd, hd) * scale;
+                    p[(b * H + h) * smax + s] = v;
+                    mx[h - h0] = v > mx[h - h0] ? v : mx[h - h0];
+                }
+            }
+            for (int64_t h = h0; h < h1; h++) {
+                float *ps = p + (b * H + h) * smax;
+                for (int64_t s = 0; s < n; s++) sum[h - h0] += (ps[s] = expf(ps[s] - mx[h - h0]));
+                for (int64_t i = 0; i < hd; i++) att[b * nq + h * hd + i] = 0.0f;
+            }
+            for (int64_t s = 0; s < n; s++) {
+                for (int64_t i = (h0 / group) * hd; s + AHEAD < n && i < ((h1 - 1) / group + 1) * hd; i += 16)
+                    _mm_prefetch((const char *)(vb + (s + AHEAD) * nkv + i), _MM_HINT_T0);
+                for (int64_t h = h0; h < h1; h++)
+                    axpy(p[(b * H + h) * smax + s], vb + s * nkv + (h / group) * hd, att + b * nq + h * hd, hd);
+            }
+            for (int64_t h = h0; h < h1; h++)
+                for (int64_t i = 0; i < hd; i++) att[b * nq + h * hd + i] /= sum[h - h0];
+        }
+        /* implicit barrier */
+        dsvl2_team_rows(att, nq, B, nq, wo, NULL, D, out, D);
+    }
+    for (int64_t b = 0; bo && b < B; b++)
+        for (int64_t i = 0; i < D; i++) out[b * D + i] += bo[i];
+    return 0;
+}

@@ -1,4 +1,4 @@
-"""Native decode kernels for bf16 weights on x86 CPUs with AVX2 + FMA (``bf16.c``).
+"""Native decode kernels for bf16 weights on x86 CPUs with AVX2 + FMA (``bf16.c``, ``layers.c``).
 
 Why: a decode step is one matrix-vector product per weight, so its speed is the speed
 at which the weights stream from memory. torch's bf16 CPU GEMV converts and multiplies
@@ -6,7 +6,9 @@ at ~7 GB/s per core here (compute-bound: two cores reach ~14 of the ~18 GB/s the
 gives) and re-reads the whole weight for every row of a batch (a 16-row product costs
 16 GEMVs). ``bf16.c`` widens bf16 by a shift, accumulates in float32 and reads each
 weight row once for all rows, and runs a whole MoE layer (sort by expert, gate / up,
-SiLU, down, weighted sum) in one call and one parallel region.
+SiLU, down, weighted sum) in one call and one parallel region. ``layers.c`` does the small
+parts of a decode step (RMSNorm, the greedy router, the whole MHA attention block) in one
+call each: as torch ops they cost more time than their bytes (~1200 ops per step).
 
 Numbers: activations stay float32 (torch's bf16 path rounds them to bf16 first), so the
 result is closer to the float32 reference than the torch bf16 path's; a row's bits do

@@ -197,6 +197,15 @@ def small(model, tmp_path_factory):
 
 
 @pytest.fixture
+def endless(model, monkeypatch):
+    """Answers that only max_tokens ends: the random demo model stops by itself after ~100
+    tokens, which a fast decode reaches before a test's client has given up."""
+    word = model.processor.tokenizer.encode(" a")[-1]
+    monkeypatch.setattr(engine_mod, "sample_next",
+                        lambda logits, params, generators, seen=None: torch.full((logits.shape[0],), word))
+
+
+@pytest.fixture
 def script(monkeypatch):
     """script(text): the engine's next sampled tokens spell ``text`` (then eos); one request at a time."""
 
@@ -557,7 +566,7 @@ def test_truncate_history_drops_the_oldest_turns(server, model, monkeypatch):
 
 
 @slow
-def test_queue_full_disconnect_frees_the_slot_and_metrics_show_it(small):
+def test_queue_full_disconnect_frees_the_slot_and_metrics_show_it(small, endless):
     """One row, a queue of one: A streams; B waits; C is refused with 429; A's client
     goes away mid-stream; B is admitted on the freed row and completes."""
     before = small.metrics()
@@ -591,7 +600,7 @@ def test_queue_full_disconnect_frees_the_slot_and_metrics_show_it(small):
 
 
 @slow
-def test_a_non_streaming_client_that_goes_away_frees_its_slot(small):
+def test_a_non_streaming_client_that_goes_away_frees_its_slot(small, endless):
     before = small.metrics()
     with pytest.raises(httpx.ReadTimeout):  # the client gives up waiting and closes the connection
         httpx.post(small.url + "/v1/chat/completions", json={"messages": [user("Tell me a very long story.")],

@@ -144,11 +144,12 @@ def _ref_attention(m, x, cache_k, cache_v, rows, pos):
 @pytest.mark.parametrize("heads,kv_heads,bias", [(4, 4, False), (4, 2, True), (8, 1, False)])
 def test_mha_decode_block_matches_torch_path_and_float64(heads, kv_heads, bias, monkeypatch):
     cfg, m = _mha(heads, kv_heads, bias)
-    rows, start = torch.tensor([2, 0, 3]), torch.tensor([5, 0, 17])  # scattered rows, different lengths
+    # scattered rows, different lengths: one slot, one unit of 128 slots and a bit, several units
+    rows, start = torch.tensor([2, 0, 3]), torch.tensor([300, 0, 129])
     rotary = RotaryEmbedding(cfg)
 
     def run(native_block: bool):
-        cache = KVCache(cfg, 4, capacity=32)
+        cache = KVCache(cfg, 4, capacity=512)
         for t in cache.layers[0]:  # earlier tokens: any values
             t.copy_(_rand(*t.shape, seed=40))
         x = _rand(3, 1, 64, seed=41)

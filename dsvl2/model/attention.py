@@ -73,7 +73,7 @@ class MHA(nn.Module):
         """A decode step (one token per row) with bf16 weights and a float32 cache: the
         whole block in one native call (``native.mha_decode``)."""
         if (ctx.cache is None or ctx.cache.dtype != torch.float32 or ctx.cos.shape[-1] != self.hd
-                or self.h > 256 or self.hd > 1024):  # the C side's limits (MAX_HEADS, rope buffer)
+                or self.hd > 1024):  # the C side's RoPE buffer
             return False
         return ops.native_block(x, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_proj.weight)
 

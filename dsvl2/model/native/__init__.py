@@ -104,6 +104,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib.dsvl2_mha_decode.argtypes = [p, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, p, p, i64, i64,
                                      p, p, f32, p, p]
     lib.dsvl2_mha_decode.restype = ctypes.c_int
+    lib.dsvl2_mha_scratch.argtypes = [i64] * 5
+    lib.dsvl2_mha_scratch.restype = i64
     return lib, f"AVX2 bf16 decode kernels ({out.name})"
 
 
@@ -300,16 +302,18 @@ def mha_decode(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Te
         raise ValueError(f"cos / sin must hold {b} x {hd} values, got {tuple(cos.shape)} / {tuple(sin.shape)}")
     x, cos, sin = _flat(x), _flat(cos), _flat(sin)
     rows, pos = _flat(rows.to(torch.int64)), _flat(pos.to(torch.int64))
-    smax = s  # scores: room for every slot (a bound that needs no look at pos)
-    scratch = _scratch(b * (2 * heads + 2 * kv_heads) * hd + b * heads * smax, torch.float32)
+    lib = _require()
+    scratch = _scratch(lib.dsvl2_mha_scratch(b, heads, kv_heads, hd, s), torch.float32)
     out = torch.empty((*lead, d), dtype=torch.float32)
     biases = [None if t is None else t.float().contiguous() for t in biases]  # kept alive for the call
     ptrs = [None if t is None else t.data_ptr() for t in biases]
-    rc = _require().dsvl2_mha_decode(x.data_ptr(), b, d, heads, kv_heads, hd, wq.data_ptr(), wk.data_ptr(),
+    rc = lib.dsvl2_mha_decode(x.data_ptr(), b, d, heads, kv_heads, hd, wq.data_ptr(), wk.data_ptr(),
                                      wv.data_ptr(), wo.data_ptr(), *ptrs,
                                      cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                                      r, s, rows.data_ptr(), pos.data_ptr(), scale, out.data_ptr(),
                                      scratch.data_ptr())
+    if rc == -2:
+        raise ValueError(f"head size must be <= 1024 and heads a multiple of kv heads, got {hd} / {heads} / {kv_heads}")
     if rc != 0:
         raise ValueError(f"cache rows must be in [0, {r}) and slots in [0, {s}), got rows "
                          f"{rows.tolist()} and slots {pos.tolist()}")

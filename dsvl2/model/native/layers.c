@@ -42,8 +42,6 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
-#define AHEAD 8 /* cache slots prefetched ahead in attention */
-#define MAX_HEADS 256
 
 /* y[0..n) += a * x[0..n), one FMA per element */
 static inline void axpy(float a, const float *x, float *y, int64_t n) {
@@ -117,6 +115,32 @@ static void rope_half(float *x, const float *cos, const float *sin, int64_t d) {
     memcpy(x, tmp, d * sizeof(float));
 }
 
+#define CHUNK 128 /* cached slots per attention work unit */
+
+/* Heads 0..H of one row over cached slots [s0, s1): per head the largest score m, the sum l
+   of exp(score - m) and the unnormalised o = sum of exp(score - m) v (sc: H x CHUNK scores) */
+static void attend_chunk(const float *q, const float *kb, const float *vb, int64_t nkv, int64_t H, int64_t group,
+                         int64_t hd, float scale, int64_t s0, int64_t s1, float *sc, float *m, float *l, float *o) {
+    for (int64_t h = 0; h < H; h++) m[h] = -INFINITY, l[h] = 0.0f;
+    for (int64_t s = s0; s < s1; s++)
+        for (int64_t h = 0; h < H; h++) {
+            float v = dot(q + h * hd, kb + s * nkv + (h / group) * hd, hd) * scale;
+            sc[h * CHUNK + s - s0] = v;
+            m[h] = v > m[h] ? v : m[h];
+        }
+    for (int64_t h = 0; h < H; h++) {
+        for (int64_t s = 0; s < s1 - s0; s++) l[h] += (sc[h * CHUNK + s] = expf(sc[h * CHUNK + s] - m[h]));
+        for (int64_t i = 0; i < hd; i++) o[h * hd + i] = 0.0f;
+    }
+    for (int64_t s = s0; s < s1; s++)
+        for (int64_t h = 0; h < H; h++) axpy(sc[h * CHUNK + s - s0], vb + s * nkv + (h / group) * hd, o + h * hd, hd);
+}
+
+/* float32 scratch that dsvl2_mha_decode needs for B rows, H / Hk heads of hd, S slots */
+int64_t dsvl2_mha_scratch(int64_t B, int64_t H, int64_t Hk, int64_t hd, int64_t S) {
+    return B * (2 * H + 2 * Hk) * hd + B * ((S + CHUNK - 1) / CHUNK) * H * (CHUNK + hd + 2);
+}
+
 /* One MHA decode step for B rows (one new token each):
      q, k, v = x Wq^T (+bq), x Wk^T (+bk), x Wv^T (+bv)      x [B, D], bf16 weights
      RoPE (half-split, cos / sin [B, hd]) on q and k; k, v written into the float32 cache
@@ -124,21 +148,24 @@ static void rope_half(float *x, const float *cos, const float *sin, int64_t d) {
      head h of row b attends over slots 0 .. pos[b] of kv head h / (H / Hk):
        softmax(q . k_s * scale) . v_s
      out [B, D] = attn Wo^T (+bo)
-   scratch: float32 [B * (H + 2 Hk) * hd + B * H * hd + B * H * (max pos + 1)].
-   Returns -1 when a row or slot is out of range (nothing is written then). */
+   Attention in units of CHUNK slots (any thread), merged per row in slot order: a row's
+   result depends on its length, never on the other rows.
+   scratch: dsvl2_mha_scratch(B, H, Hk, hd, S) floats.
+   Returns -1 when a row or slot is out of range, -2 for hd > 1024 or H not a multiple of
+   Hk (nothing is written then). */
 int dsvl2_mha_decode(const float *x, int64_t B, int64_t D, int64_t H, int64_t Hk, int64_t hd,
                      const uint16_t *wq, const uint16_t *wk, const uint16_t *wv, const uint16_t *wo,
                      const float *bq, const float *bk, const float *bv, const float *bo,
                      const float *cos, const float *sin, float *kc, float *vc, int64_t R, int64_t S,
                      const int64_t *rows, const int64_t *pos, float scale, float *out, float *scratch) {
-    if (hd > 1024 || H > MAX_HEADS || H % Hk) return -1;
-    int64_t smax = 0;
-    for (int64_t b = 0; b < B; b++) {
+    if (hd > 1024 || H % Hk) return -2;
+    for (int64_t b = 0; b < B; b++)
         if (rows[b] < 0 || rows[b] >= R || pos[b] < 0 || pos[b] >= S) return -1;
-        smax = pos[b] + 1 > smax ? pos[b] + 1 : smax;
-    }
-    const int64_t nq = H * hd, nkv = Hk * hd, group = H / Hk;
-    float *q = scratch, *k = q + B * nq, *v = k + B * nkv, *att = v + B * nkv, *p = att + B * nq;
+    const int64_t nq = H * hd, nkv = Hk * hd, group = H / Hk, per_unit = H * (CHUNK + hd + 2);
+    float *q = scratch, *k = q + B * nq, *v = k + B * nkv, *att = v + B * nkv, *parts = att + B * nq;
+    int64_t ustart[B + 1]; /* row b's units: ustart[b] .. ustart[b + 1] - 1 */
+    ustart[0] = 0;
+    for (int64_t b = 0; b < B; b++) ustart[b + 1] = ustart[b] + (pos[b] + CHUNK) / CHUNK;
 #pragma omp parallel
     {
         dsvl2_team_rows(x, D, B, D, wq, NULL, nq, q, nq);
@@ -158,39 +185,35 @@ int dsvl2_mha_decode(const float *x, int64_t B, int64_t D, int64_t H, int64_t Hk
             memcpy(vc + at, vb, nkv * sizeof(float));
         }
         /* implicit barrier */
-        /* work unit: one row's contiguous run of heads; the slots go in the outer loop, so
-           each cached token's keys (and values) are read once per unit, in order */
-        const int64_t chunks = omp_get_num_threads(), hper = (H + chunks - 1) / chunks;
+        /* work unit: CHUNK consecutive cached slots of one row, all heads (the slots of a
+           row are contiguous in the cache, so a unit streams one block); the units of a
+           row are merged afterwards in slot order */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < ustart[B]; u++) {
+            int64_t b = 0;
+            while (ustart[b + 1] <= u) b++;
+            const int64_t c = u - ustart[b], s0 = c * CHUNK, n = pos[b] + 1, s1 = s0 + CHUNK < n ? s0 + CHUNK : n;
+            float *part = parts + u * per_unit;
+            attend_chunk(q + b * nq, kc + rows[b] * S * nkv, vc + rows[b] * S * nkv, nkv, H, group, hd, scale,
+                         s0, s1, part, part + H * CHUNK, part + H * CHUNK + H, part + H * CHUNK + 2 * H);
+        }
+        /* implicit barrier */
 #pragma omp for schedule(static)
-        for (int64_t u = 0; u < B * chunks; u++) {
-            const int64_t b = u / chunks, h0 = (u % chunks) * hper, h1 = h0 + hper < H ? h0 + hper : H;
-            if (h0 >= h1) continue;
-            const int64_t n = pos[b] + 1;
-            const float *kb = kc + rows[b] * S * nkv, *vb = vc + rows[b] * S * nkv;
-            float mx[MAX_HEADS], sum[MAX_HEADS];
-            for (int64_t h = h0; h < h1; h++) mx[h - h0] = -INFINITY, sum[h - h0] = 0.0f;
-            for (int64_t s = 0; s < n; s++) {
-                for (int64_t i = (h0 / group) * hd; s + AHEAD < n && i < ((h1 - 1) / group + 1) * hd; i += 16)
-                    _mm_prefetch((const char *)(kb + (s + AHEAD) * nkv + i), _MM_HINT_T0);
-                for (int64_t h = h0; h < h1; h++) {
-                    float v = dot(q + b * nq + h * hd, kb + s * nkv + (h / group) * hd, hd) * scale;
-                    p[(b * H + h) * smax + s] = v;
-                    mx[h - h0] = v > mx[h - h0] ? v : mx[h - h0];
-                }
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            const int64_t b = bh / H, h = bh % H;
+            float mx = -INFINITY, l = 0.0f, *o = att + b * nq + h * hd;
+            for (int64_t u = ustart[b]; u < ustart[b + 1]; u++) {
+                const float m = parts[u * per_unit + H * CHUNK + h];
+                mx = m > mx ? m : mx;
             }
-            for (int64_t h = h0; h < h1; h++) {
-                float *ps = p + (b * H + h) * smax;
-                for (int64_t s = 0; s < n; s++) sum[h - h0] += (ps[s] = expf(ps[s] - mx[h - h0]));
-                for (int64_t i = 0; i < hd; i++) att[b * nq + h * hd + i] = 0.0f;
+            for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
+            for (int64_t u = ustart[b]; u < ustart[b + 1]; u++) {
+                const float *part = parts + u * per_unit;
+                const float w = expf(part[H * CHUNK + h] - mx);
+                l = fmaf(w, part[H * CHUNK + H + h], l);
+                axpy(w, part + H * CHUNK + 2 * H + h * hd, o, hd);
             }
-            for (int64_t s = 0; s < n; s++) {
-                for (int64_t i = (h0 / group) * hd; s + AHEAD < n && i < ((h1 - 1) / group + 1) * hd; i += 16)
-                    _mm_prefetch((const char *)(vb + (s + AHEAD) * nkv + i), _MM_HINT_T0);
-                for (int64_t h = h0; h < h1; h++)
-                    axpy(p[(b * H + h) * smax + s], vb + s * nkv + (h / group) * hd, att + b * nq + h * hd, hd);
-            }
-            for (int64_t h = h0; h < h1; h++)
-                for (int64_t i = 0; i < hd; i++) att[b * nq + h * hd + i] /= sum[h - h0];
+            for (int64_t i = 0; i < hd; i++) o[i] /= l;
         }
         /* implicit barrier */
         dsvl2_team_rows(att, nq, B, nq, wo, NULL, D, out, D);

@@ -147,6 +147,7 @@ class Driver:
         self._cancels: list[Request] = []
         self._handles: dict[int, Handle] = {}
         self._thread: threading.Thread | None = None
+        self._last_thread: threading.Thread | None = None
         self.steps = 0
         self._closing = False
         _LIVE.add(self)
@@ -188,18 +189,20 @@ class Driver:
         """Cancel everything and stop the thread (a later ``submit`` starts it again)."""
         with self._cv:
             self._cancels.extend(h.req for h in self._handles.values())
-            if self._thread is None:
-                return
-            self._closing = True
-            self._cv.notify()
-        t = self._thread
+            # the thread, or the last one: one that has just gone idle is still returning
+            # and must be joined too (at interpreter exit a daemon thread still inside
+            # native code is killed, and torch then aborts the process)
+            t = self._thread or self._last_thread
+            if self._thread is not None:
+                self._closing = True
+                self._cv.notify()
         if t is not None and t is not threading.current_thread():
             t.join(timeout)
 
     # ---- the loop (driver thread only) -------------------------------------------------
     def _wake(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="dsvl2-driver", daemon=True)
+            self._thread = self._last_thread = threading.Thread(target=self._run, name="dsvl2-driver", daemon=True)
             self._thread.start()
         self._cv.notify()
 

@@ -39,14 +39,20 @@ log = logging.getLogger("dsvl2.driver")
 # How often a blocked reader wakes up to let a KeyboardInterrupt through.
 _POLL_S = 0.2
 _LIVE: "weakref.WeakSet[Driver]" = weakref.WeakSet()
+_THREADS: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()  # every driver thread not yet gone
 
 
 @atexit.register
 def _stop_all() -> None:
-    """At interpreter exit, stop every driver thread that is still inside a step: a daemon
-    thread killed in the middle of a torch kernel aborts the process (SIGABRT)."""
+    """At interpreter exit, stop every driver thread and wait for it: a daemon thread killed
+    inside torch code aborts the process (std::terminate, SIGABRT). Besides a step, that
+    is also a thread that has left its loop and is freeing the last reference to a model
+    (its driver, hence no longer in _LIVE): tensor deallocation releases the GIL."""
     for d in list(_LIVE):
         d.close()
+    for t in list(_THREADS):
+        if t is not threading.current_thread():
+            t.join(5.0)
 
 
 class QueueSink:
@@ -203,6 +209,7 @@ class Driver:
     def _wake(self) -> None:
         if self._thread is None:
             self._thread = self._last_thread = threading.Thread(target=self._run, name="dsvl2-driver", daemon=True)
+            _THREADS.add(self._thread)
             self._thread.start()
         self._cv.notify()
 

@@ -40,7 +40,7 @@ from dsvl2.model import native
 from dsvl2.model.kernels import _gflops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import ExpertCounter, bandwidth, best_time, cpu_name, peak_rss  # noqa: E402
+from bench_engine import ExpertCounter, bandwidth, cpu_name, peak_rss, read_gbps  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ROOT / "tests" / "data" / "golden" / "processor" / "official"
@@ -54,12 +54,6 @@ def conversation(case: str) -> list[dict]:
         if m.get("images"):
             m["images"] = [str(IMAGES / name) for name in m["images"]]
     return conv
-
-
-def read_gbps(nbytes: int = 512 << 20) -> float:
-    """The read bandwidth measurement of ``bench_engine.bandwidth`` alone (float32 sum, best of 5)."""
-    src = torch.ones(nbytes // 4)
-    return nbytes / best_time(src.sum) / 1e9
 
 
 class Bandwidth:
@@ -117,7 +111,7 @@ def decode_rate(m, n_rows: int, tokens: int, bytes_per_step, bw: Bandwidth, flop
         step_bytes = bytes_per_step(distinct)
         out["weight_bytes_per_step"] = int(step_bytes)
         out["roofline_tok_per_s"] = round(n_rows / (step_bytes / bandwidth_bps), 2)
-        compute = n_rows / (n_rows * flops_per_row / peak_flops)
+        compute = peak_flops / flops_per_row  # rows x tokens/s, each row costing flops_per_row a token
         out["compute_floor_tok_per_s"] = round(compute, 2)
         out["roofline_both_ceilings_tok_per_s"] = round(min(compute, out["roofline_tok_per_s"]), 2)
         if out["aggregate_tok_per_s"]:
@@ -201,6 +195,7 @@ def main() -> None:
     b1 = decode.get("1", {}).get("per_row_tok_per_s_median")
     # batch-1 roofline from the bandwidth measured around the batch-1 decode (see decode_rate)
     roof = decode["1"]["roofline_tok_per_s"] if "1" in decode else limits["read_sum_gbps"] * 1e9 / token_bytes
+    after_prompt = decode_after_prompt(h)
     report = {
         "model": args.model, "case": args.case, "dtype": args.dtype, "machine": limits,
         "kernels": getattr(m, "kernels", None) and m.kernels.to_dict(),
@@ -218,9 +213,8 @@ def main() -> None:
         "decode_b1_roofline_tok_per_s": round(roof, 2),
         "decode_b1_fraction_of_roofline": round(b1 / roof, 3) if b1 else None,
         # batch 1 after the case's whole prompt (its KV cache is read too; not in the roofline)
-        "decode_b1_after_prompt_tok_per_s": decode_after_prompt(h),
-        "decode_b1_after_prompt_fraction_of_roofline":
-            round(decode_after_prompt(h) / roof, 3) if decode_after_prompt(h) else None,
+        "decode_b1_after_prompt_tok_per_s": after_prompt,
+        "decode_b1_after_prompt_fraction_of_roofline": round(after_prompt / roof, 3) if after_prompt else None,
         "follow_up": {"prompt_tokens": fo.prompt_tokens, "cached_tokens": fo.cached_tokens,
                       "time_to_first_token_s": round(fo.timings["first_token_s"], 3),
                       "vision_s": fo.timings["vision_s"], "prefill_s": round(fo.timings["prefill_s"], 3)},

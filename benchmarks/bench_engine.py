@@ -126,10 +126,16 @@ def best_time(fn, repeat: int = 5) -> float:
     return min(times)
 
 
-def _read_and_copy_gbps(nbytes: int) -> tuple[float, float]:
+def read_gbps(nbytes: int = 512 << 20) -> float:
+    """Read bandwidth: a float32 sum of ``nbytes`` (best of 5)."""
+    src = torch.ones(nbytes // 4)
+    return nbytes / best_time(src.sum) / 1e9
+
+
+def _copy_gbps(nbytes: int) -> float:
     src = torch.ones(nbytes // 4)
     dst = torch.empty_like(src)
-    return nbytes / best_time(src.sum) / 1e9, 2 * nbytes / best_time(lambda: dst.copy_(src)) / 1e9
+    return 2 * nbytes / best_time(lambda: dst.copy_(src)) / 1e9
 
 
 def _gemv_gbps(nbytes: int) -> float:
@@ -143,7 +149,7 @@ def bandwidth(nbytes: int = 1 << 30, threads: int | None = None) -> dict:
     and a bf16 matrix-vector product (what a decode step does)."""
     if threads:
         torch.set_num_threads(threads)
-    read, copy = _read_and_copy_gbps(nbytes)
+    read, copy = read_gbps(nbytes), _copy_gbps(nbytes)
     gemv = _gemv_gbps(nbytes)
     return {"read_sum_gbps": round(read, 1), "copy_gbps": round(copy, 1), "bf16_gemv_gbps": round(gemv, 1),
             "design_gbps": DESIGN_BANDWIDTH_GBPS}

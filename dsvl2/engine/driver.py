@@ -198,7 +198,7 @@ class Driver:
             # the thread, or the last one: one that has just gone idle is still returning
             # and must be joined too (at interpreter exit a daemon thread still inside
             # native code is killed, and torch then aborts the process)
-            t = self._thread or self._last_thread
+            t = self._last_thread  # the running thread, if any, is also the last one
             if self._thread is not None:
                 self._closing = True
                 self._cv.notify()

@@ -59,7 +59,7 @@ class Gate(nn.Module):
             idx, weight = native.route_greedy(x, self.weight, cfg.num_experts_per_tok, cfg.scoring_func == "sigmoid",
                                               bool(cfg.norm_topk_prob), float(cfg.routed_scaling_factor))
             return Routing(idx, weight)
-        if ops.decoding_bf16(x, self.weight) and native.usable(x, self.weight):
+        if ops.native_product(x, self.weight):
             logits = native.linear(x, self.weight)  # float32 products of the bf16 weight, no upcast copy
         else:
             logits = F.linear(x.float(), self.weight.float())  # [N, E] always float32
@@ -101,7 +101,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Grouped dispatch: x [N, D] -> [N, D]."""
-        if ops.decoding_bf16(x, self.gate_proj) and native.usable(x, self.gate_proj, self.up_proj, self.down_proj):
+        if ops.native_product(x, self.gate_proj, self.up_proj, self.down_proj):
             # the whole layer in one native call: each chosen expert's weights read once
             return native.experts(x, routing.idx, routing.weight, self.gate_proj, self.up_proj, self.down_proj)
         if ops.decoding_active() and native.usable_int8(x, self.gate_proj, self.up_proj, self.down_proj):

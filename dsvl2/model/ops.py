@@ -97,6 +97,12 @@ def decoding_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return decoding_active() and isinstance(weight, torch.Tensor) and weight.dtype != x.dtype and x.is_cpu
 
 
+def native_product(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """A decode step's product with these bf16 weights runs in the native kernels (float32
+    activations, kernels built)."""
+    return decoding_bf16(x, weights[0]) and native.usable(x, *weights)
+
+
 # The blocks of a decode step in native code (RMSNorm, greedy router, MHA attention): on
 # wherever the native kernels are built; tests switch them off to compare with torch.
 native_blocks = True
@@ -104,7 +110,7 @@ native_blocks = True
 
 def native_block(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Run this decode-step block natively: bf16 weights, float32 activations, kernels built."""
-    return native_blocks and decoding_bf16(x, weights[0]) and native.usable(x, *weights)
+    return native_blocks and native_product(x, *weights)
 
 
 def _in_weight_dtype(x: torch.Tensor, weight: torch.Tensor) -> bool:

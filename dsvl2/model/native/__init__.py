@@ -308,10 +308,9 @@ def mha_decode(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Te
     biases = [None if t is None else t.float().contiguous() for t in biases]  # kept alive for the call
     ptrs = [None if t is None else t.data_ptr() for t in biases]
     rc = lib.dsvl2_mha_decode(x.data_ptr(), b, d, heads, kv_heads, hd, wq.data_ptr(), wk.data_ptr(),
-                                     wv.data_ptr(), wo.data_ptr(), *ptrs,
-                                     cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                                     r, s, rows.data_ptr(), pos.data_ptr(), scale, out.data_ptr(),
-                                     scratch.data_ptr())
+                              wv.data_ptr(), wo.data_ptr(), *ptrs, cos.data_ptr(), sin.data_ptr(),
+                              k_cache.data_ptr(), v_cache.data_ptr(), r, s, rows.data_ptr(), pos.data_ptr(),
+                              scale, out.data_ptr(), scratch.data_ptr())
     if rc == -2:
         raise ValueError(f"head size must be <= 1024 and heads a multiple of kv heads, got {hd} / {heads} / {kv_heads}")
     if rc != 0:

@@ -25,21 +25,6 @@ static inline __m256 widen8(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
 
-static inline float widen1(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline float hsum(__m256 a, __m256 b) {
-    __m256 s = _mm256_add_ps(a, b);
-    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
-    return _mm_cvtss_f32(lo);
-}
-
 /* One weight row against rows x0 (and x1): four 8-lane accumulators per (row, weight
    row) over 32-wide K blocks (accumulator j takes k mod 32 in [8j, 8j + 8)), one fixed
    reduction, then the K tail in order. Measured on AVX2 (Zen 3, 2 threads): faster at
@@ -55,7 +40,7 @@ static inline float hsum(__m256 a, __m256 b) {
     acc##3 = _mm256_fmadd_ps(_mm256_loadu_ps((xr) + (k) + 24), w3, acc##3);
 
 static inline float reduce4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
-    return hsum(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    return hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }
 
 /* rows [n0, n1) of y (row stride ldy) for all M rows of x (row stride ldx), for a weight
@@ -113,7 +98,7 @@ static void NAME(const float *x, int64_t ldx, int64_t M, int64_t K, const WT *w,
 }                                                                                                             \
 
 #define NO_SCALE(v) (v)
-DEFINE_ROWS(rows, uint16_t, widen8, widen1, NO_SCALE)
+DEFINE_ROWS(rows, uint16_t, widen8, bf16_to_f32, NO_SCALE)
 
 /* int8 weights, one bf16 scale per output row: y = scale[n] * sum_k x[k] q[n, k]
    (the int8 values widen exactly; the scale is applied once, after the sum) */
@@ -121,7 +106,7 @@ static inline __m256 widen8_i8(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 static inline float widen1_i8(int8_t v) { return (float)v; }
-#define ROW_SCALE(v) ((v) * widen1(scale[n]))
+#define ROW_SCALE(v) ((v) * bf16_to_f32(scale[n]))
 DEFINE_ROWS(rows_i8, int8_t, widen8_i8, widen1_i8, ROW_SCALE)
 
 /* bf16 weights (scale NULL) or int8 weights with per-row bf16 scales */

@@ -10,7 +10,7 @@
    Numbers: float32 throughout (the activations' dtype). RoPE, the RMSNorm scaling and the
    router's arithmetic are the reference's operations in the reference's order; sums
    (squares, scores, softmax denominators) are formed in a fixed order of our own, so
-   results equal torch's to rounding (tests/test_native.py compares with the torch path).
+   results equal torch's to rounding (tests/test_native_layers.py compares with the torch path).
    A row's results never depend on the other rows of its batch. */
 
 #include <immintrin.h>
@@ -21,27 +21,16 @@
 
 #include "products.h"
 
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 /* sum of a[0..n) * b[0..n) in a fixed order: 8 lanes over blocks of 8, lanes added
-   pairwise, then the tail in order */
+   (hsum8), then the tail in order */
 static inline float dot(const float *a, const float *b, int64_t n) {
     __m256 acc = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
-    float s = _mm_cvtss_f32(lo);
+    float s = hsum8(acc);
     for (; i < n; i++) s = fmaf(a[i], b[i], s);
     return s;
 }
-
 
 /* y[0..n) += a * x[0..n), one FMA per element */
 static inline void axpy(float a, const float *x, float *y, int64_t n) {

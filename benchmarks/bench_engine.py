@@ -218,26 +218,22 @@ class ExpertCounter:
         self.decode_only = decode_only
         self.steps: list[dict[int, int]] = []
         self.calls: list[tuple[int, int]] = []
-        self.handles = []
-        for i, layer in enumerate(model.language.model.layers):
-            if isinstance(layer.mlp, MoE):
-                self.handles.append(layer.mlp.gate.register_forward_hook(self._hook(i)))
+        self.observers = model.language.routing_observers
+        self.observers.append(self._observe)
 
-    def _hook(self, i: int):
-        def hook(_module, _inputs, routing):
-            if self.on and (not self.decode_only or ops.decoding_active()):
-                n = int(routing.idx.unique().numel())
-                self.calls.append((routing.idx.shape[0], n))
-                if self.steps:
-                    self.steps[-1][i] = n
-        return hook
+    def _observe(self, i: int, routing) -> None:
+        if self.on and (not self.decode_only or ops.decoding_active()):
+            n = int(routing.idx.unique().numel())
+            self.calls.append((routing.idx[..., 0].numel(), n))
+            if self.steps:
+                self.steps[-1][i] = n
 
     def start_step(self) -> None:
         self.steps.append({})
 
     def close(self) -> None:
-        for h in self.handles:
-            h.remove()
+        if self._observe in self.observers:
+            self.observers.remove(self._observe)
 
 
 def prompt_conversation(tok, n_tokens: int, row: int) -> list[dict]:

@@ -18,7 +18,7 @@ from _paths import GOLDEN
 from dsvl2.config import LanguageConfig
 from dsvl2.engine.engine import Engine
 from dsvl2.engine.sampling import SamplingParams
-from dsvl2.model import native, ops
+from dsvl2.model import decode_plan, native, ops
 from dsvl2.model.attention import MHA
 from dsvl2.model.cache import KVCache, StepContext
 from dsvl2.model.moe import Gate
@@ -199,6 +199,7 @@ def test_engine_greedy_ids_equal_with_and_without_native_blocks(monkeypatch):
     convs = [[{"role": "<|User|>", "content": text}, {"role": "<|Assistant|>", "content": ""}]
              for text in ("Hello there.", "Count to ten, slowly, please: one", "Why is the sky blue?")]
     params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    monkeypatch.setattr(decode_plan, "enabled", False)  # the blocks one by one (the plan: test_decode_plan.py)
     calls = []
     for name in ("mha_decode", "rmsnorm", "route_greedy"):
         real = getattr(native, name)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..config import LanguageConfig
+from . import decode_plan
 from .attention import MHA, MLA
 from .cache import KVCache, StepContext
 from .moe import MoE, Routing
@@ -75,6 +76,9 @@ class LanguageModel(nn.Module):
         self.model = DeepseekV2Model(cfg)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg)
+        # called as f(layer, routing) for every MoE layer of every forward (routing [B, T, K]),
+        # on the module path and the fused decode path alike (benchmarks count experts so)
+        self.routing_observers: list = []
 
     def embed(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.model.embed_tokens(ids).to(dtype)
@@ -114,12 +118,26 @@ class LanguageModel(nn.Module):
         x = inputs_embeds
         hidden = [x] if output_hidden_states else None
         routing: dict[int, Routing] = {}
-        for i, layer in enumerate(self.model.layers):
-            x, r = layer(x, ctx)
-            if r is not None and output_routing:
-                routing[i] = r
-            if hidden is not None and i + 1 < len(self.model.layers):
-                hidden.append(x)
+        plan = None
+        if hidden is None and decode_plan.usable(x, ctx):
+            plan = decode_plan.plan_for(self)
+        if plan is not None:  # a decode step with every block native: all layers in one call
+            x, every = plan.run(x, ctx)
+            for i, r in every.items():
+                for observe in self.routing_observers:
+                    observe(i, r)
+            if output_routing:
+                routing = every
+        else:
+            for i, layer in enumerate(self.model.layers):
+                x, r = layer(x, ctx)
+                if r is not None:
+                    if output_routing:
+                        routing[i] = r
+                    for observe in self.routing_observers:
+                        observe(i, r)
+                if hidden is not None and i + 1 < len(self.model.layers):
+                    hidden.append(x)
         x = self.model.norm(x)
         if hidden is not None:
             hidden.append(x)

@@ -1,4 +1,5 @@
-"""Native decode kernels for bf16 weights on x86 CPUs with AVX2 + FMA (``bf16.c``, ``layers.c``).
+"""Native decode kernels for bf16 weights on x86 CPUs with AVX2 + FMA (``bf16.c``, ``layers.c``,
+``step.c``).
 
 Why: a decode step is one matrix-vector product per weight, so its speed is the speed
 at which the weights stream from memory. torch's bf16 CPU GEMV converts and multiplies
@@ -9,6 +10,8 @@ weight row once for all rows, and runs a whole MoE layer (sort by expert, gate /
 SiLU, down, weighted sum) in one call and one parallel region. ``layers.c`` does the small
 parts of a decode step (RMSNorm, the greedy router, the whole MHA attention block) in one
 call each: as torch ops they cost more time than their bytes (~1200 ops per step).
+``step.c`` runs all decoder layers of a decode step in one call where every block has a
+native version (``model/decode_plan.py`` decides), so no Python runs between the layers.
 
 Numbers: activations stay float32 (torch's bf16 path rounds them to bf16 first), so the
 result is closer to the float32 reference than the torch bf16 path's; a row's bits do
@@ -37,7 +40,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "bf16.c", HERE / "layers.c")  # + products.h, which both include
+SOURCES = (HERE / "bf16.c", HERE / "layers.c", HERE / "step.c")  # + products.h, which all include
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _status: str | None = None
@@ -106,6 +109,13 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib.dsvl2_mha_decode.restype = ctypes.c_int
     lib.dsvl2_mha_scratch.argtypes = [i64] * 5
     lib.dsvl2_mha_scratch.restype = i64
+    lib.dsvl2_decode_layers.argtypes = [p, i64, i64, p, i64, p, i64, i64, i64, f32, f32, i64, ctypes.c_int,
+                                        ctypes.c_int, f32, p, p, i64, i64, p, p, p, p, i64, p, p, p]
+    lib.dsvl2_decode_layers.restype = ctypes.c_int
+    lib.dsvl2_decode_scratch.argtypes = [i64] * 9
+    lib.dsvl2_decode_scratch.restype = i64
+    lib.dsvl2_decode_order.argtypes = [i64] * 3
+    lib.dsvl2_decode_order.restype = i64
     return lib, f"AVX2 bf16 decode kernels ({out.name})"
 
 
@@ -311,9 +321,17 @@ def mha_decode(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Te
                               wv.data_ptr(), wo.data_ptr(), *ptrs, cos.data_ptr(), sin.data_ptr(),
                               k_cache.data_ptr(), v_cache.data_ptr(), r, s, rows.data_ptr(), pos.data_ptr(),
                               scale, out.data_ptr(), scratch.data_ptr())
-    if rc == -2:
-        raise ValueError(f"head size must be <= 1024 and heads a multiple of kv heads, got {hd} / {heads} / {kv_heads}")
     if rc != 0:
-        raise ValueError(f"cache rows must be in [0, {r}) and slots in [0, {s}), got rows "
-                         f"{rows.tolist()} and slots {pos.tolist()}")
+        raise decode_error(rc, r, s, rows, pos, hd=hd, heads=heads, kv_heads=kv_heads)
     return out
+
+
+def decode_error(rc: int, r: int, s: int, rows: torch.Tensor, pos: torch.Tensor, *, hd: int | None = None,
+                 heads: int | None = None, kv_heads: int | None = None, layer: int | None = None) -> ValueError:
+    """The error for a non-zero return of ``dsvl2_mha_decode`` / ``dsvl2_decode_layers``."""
+    where = "" if layer is None or layer < 0 else f"layer {layer}: "
+    if rc == -2:
+        return ValueError(f"{where}head size must be <= 1024 and heads a multiple of kv heads, got "
+                          f"{hd} / {heads} / {kv_heads}")
+    return ValueError(f"{where}cache rows must be in [0, {r}) and slots in [0, {s}), got rows "
+                      f"{rows.tolist()} and slots {pos.tolist()}")

@@ -1,0 +1,179 @@
+"""All decoder layers of a decode step in one native call (``native/step.c``).
+
+Legend: B rows, D width, L layers, K experts per token.
+
+When: in a decode step (``ops.decoding()``, one token per row) where every block would run
+natively anyway (``ops.native_block``: float32 activations, bf16 weights, kernels built),
+for models whose blocks all have a native version: MHA attention with a float32 cache,
+greedy routing or dense MLPs (the tiny variant). Elsewhere (MLA, group-limited or
+noaux_tc routing, float32 or quantised weights, prefill, ``output_hidden_states``) the
+module path runs.
+
+The call strings together the same native blocks in the module path's order, so its
+result equals the module path's bit for bit (``tests/test_decode_plan.py``).
+``ops.native_blocks = False`` turns it off with the other blocks; ``enabled = False``
+here turns off only this (the per-block native path then runs).
+
+A plan is built on a model's first eligible step and kept; it holds the weight tensors it
+points to and checks on every step that they are still the model's, at the same address
+(a parameter replaced, moved or cast makes it rebuild; a bias changed in place too, since
+the plan points to a float32 copy of it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from . import native, ops
+from .attention import MHA
+from .moe import MoE, Routing
+from .ops import GatedMLP
+
+enabled = True
+
+_P = ctypes.c_void_p
+
+
+class _Layer(ctypes.Structure):  # native/step.c dsvl2_layer
+    _fields_ = [(n, _P) for n in ("ln1", "ln2", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "gate",
+                                  "mg", "mu", "md", "sg", "su", "sd")] + [(n, ctypes.c_int64) for n in ("E", "F", "Fs")]
+
+
+def _bf16(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 and t.is_cpu and t.is_contiguous()
+
+
+class DecodePlan:
+    """The pointers of every decoder layer's weights, in ``native/step.c``'s layout."""
+
+    def __init__(self, lm):
+        cfg = lm.cfg
+        self.cfg = cfg
+        # (module._parameters, name, tensor, its address, its version): what must not change
+        self.refs: list[tuple[dict, str, torch.Tensor, int, int]] = []
+        self.keep: list[torch.Tensor] = []  # float32 bias copies the pointers refer to
+        layers = lm.model.layers
+        self.table = (_Layer * len(layers))()
+        self.moe_layers = []
+        emax = fmax = 1
+        for i, layer in enumerate(layers):
+            att = layer.self_attn
+            e = self.table[i]
+            e.ln1 = self._weight(layer.input_layernorm, "weight")
+            e.ln2 = self._weight(layer.post_attention_layernorm, "weight")
+            for name in ("q", "k", "v", "o"):
+                proj = getattr(att, f"{name}_proj")
+                setattr(e, f"w{name}", self._weight(proj, "weight"))
+                bias = proj._parameters.get("bias")
+                if bias is not None:
+                    self.refs.append((proj._parameters, "bias", bias, bias.data_ptr(), bias._version))
+                    self.keep.append(bias.detach().float().contiguous().clone())
+                    setattr(e, f"b{name}", self.keep[-1].data_ptr())
+            mlp = layer.mlp
+            if isinstance(mlp, MoE):
+                ex = mlp.experts
+                e.gate = self._weight(mlp.gate, "weight")
+                e.mg, e.mu, e.md = (self._weight(ex, n) for n in ("gate_proj", "up_proj", "down_proj"))
+                e.E, e.F = ex.gate_proj.shape[0], ex.gate_proj.shape[1]
+                if mlp.shared_experts is not None:
+                    s = mlp.shared_experts
+                    e.sg, e.su, e.sd = (self._weight(getattr(s, n), "weight") for n in ("gate_proj", "up_proj", "down_proj"))
+                    e.Fs = s.gate_proj.weight.shape[0]
+                self.moe_layers.append(i)
+            else:
+                e.mg, e.mu, e.md = (self._weight(getattr(mlp, n), "weight") for n in ("gate_proj", "up_proj", "down_proj"))
+                e.E, e.F = 1, mlp.gate_proj.weight.shape[0]
+            emax, fmax = max(emax, e.E), max(fmax, e.F, e.Fs)
+        self.emax, self.fmax = emax, fmax
+        self.nl = len(layers)
+
+    def _weight(self, module, name: str) -> int:
+        t = module._parameters.get(name)
+        if not _bf16(t):
+            raise _NotNative(f"{type(module).__name__}.{name} is not a contiguous bf16 CPU tensor")
+        self.refs.append((module._parameters, name, t, t.data_ptr(), -1))
+        return t.data_ptr()
+
+    @classmethod
+    def build(cls, lm) -> DecodePlan | None:
+        """A plan for ``lm`` (a ``LanguageModel``), or None where some block is not native."""
+        cfg = lm.cfg
+        if cfg.use_mla or cfg.topk_method != "greedy" or not native.available():
+            return None
+        if not all(isinstance(layer.self_attn, MHA) and isinstance(layer.mlp, (MoE, GatedMLP))
+                   for layer in lm.model.layers):
+            return None
+        att = lm.model.layers[0].self_attn
+        if att.hd > 1024 or att.h % att.hk:
+            return None
+        try:
+            return cls(lm)
+        except _NotNative:
+            return None
+
+    def current(self) -> bool:
+        """Every tensor the plan points to is still the model's, where it was (biases: unchanged)."""
+        for params, name, t, ptr, version in self.refs:
+            if params.get(name) is not t or t.data_ptr() != ptr or (version >= 0 and t._version != version):
+                return False
+        return True
+
+    def run(self, x: torch.Tensor, ctx) -> tuple[torch.Tensor, dict[int, Routing]]:
+        """x float32 [B, 1, D] embeddings -> (last layer's output [B, 1, D], routing per MoE layer)."""
+        cfg = self.cfg
+        b, _, d = x.shape
+        lib = native._require()
+        cache = ctx.cache
+        k_cache = cache.layers[0][0]
+        r, s, hk, hd = k_cache.shape
+        h = cfg.num_attention_heads
+        k = cfg.num_experts_per_tok
+        if ctx.cos.numel() != b * hd or ctx.sin.numel() != b * hd:
+            raise ValueError(f"cos / sin must hold {b} x {hd} values, got {tuple(ctx.cos.shape)} / "
+                             f"{tuple(ctx.sin.shape)}")
+        out = x.reshape(b, d).clone(memory_format=torch.contiguous_format)
+        caches = (_P * (2 * self.nl))(*[t.data_ptr() for pair in cache.layers for t in pair])
+        rows = ctx.rows if ctx.rows is not None else torch.arange(b)
+        rows = native._flat(rows.to(torch.int64))
+        pos = native._flat(ctx.write_pos[:, 0].to(torch.int64))
+        cos, sin = native._flat(ctx.cos), native._flat(ctx.sin)
+        idx = torch.empty(self.nl, b, k, dtype=torch.int64)
+        wt = torch.empty(self.nl, b, k, dtype=torch.float32)
+        scratch = native._scratch(lib.dsvl2_decode_scratch(b, d, h, hk, hd, s, k, self.emax, self.fmax),
+                                  torch.float32)
+        order = native._scratch(lib.dsvl2_decode_order(b, k, self.emax), torch.int64)
+        failed = ctypes.c_int64(-1)
+        rc = lib.dsvl2_decode_layers(out.data_ptr(), b, d, self.table, self.nl, caches, h, hk, hd,
+                                     float(cfg.rms_norm_eps), float(cfg.softmax_scale), k,
+                                     int(cfg.scoring_func == "sigmoid"), int(bool(cfg.norm_topk_prob)),
+                                     float(cfg.routed_scaling_factor), cos.data_ptr(), sin.data_ptr(), r, s,
+                                     rows.data_ptr(), pos.data_ptr(), idx.data_ptr(), wt.data_ptr(), self.emax,
+                                     scratch.data_ptr(), order.data_ptr(), ctypes.byref(failed))
+        if rc != 0:
+            raise native.decode_error(rc, r, s, rows, pos, hd=hd, heads=h, kv_heads=hk, layer=failed.value)
+        routing = {i: Routing(idx[i].view(b, 1, k), wt[i].view(b, 1, k)) for i in self.moe_layers}
+        return out.view(b, 1, d), routing
+
+
+class _NotNative(Exception):
+    pass
+
+
+def usable(x: torch.Tensor, ctx) -> bool:
+    """This step can run through a plan: a decode step with every block native."""
+    return (enabled and ops.native_blocks and ops.decoding_active() and x.dtype == torch.float32 and x.is_cpu
+            and x.dim() == 3 and x.shape[1] == 1 and ctx.cache is not None and ctx.cache.dtype == torch.float32
+            and ctx.write_pos is not None and ctx.cos.shape[-1] == ctx.cache.layers[0][0].shape[-1]
+            and native.available())
+
+
+def plan_for(lm) -> DecodePlan | None:
+    """The model's plan, built (or rebuilt) when needed; None where some block is not native
+    (cheap to find out again: the first non-bf16 weight or the config ends the search)."""
+    plan = lm.__dict__.get("_decode_plan")
+    if plan is None or not plan.current():
+        plan = DecodePlan.build(lm)
+        lm.__dict__["_decode_plan"] = plan
+    return plan

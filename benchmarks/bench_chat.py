@@ -196,6 +196,12 @@ def main() -> None:
     # batch-1 roofline from the bandwidth measured around the batch-1 decode (see decode_rate)
     roof = decode["1"]["roofline_tok_per_s"] if "1" in decode else limits["read_sum_gbps"] * 1e9 / token_bytes
     after_prompt = decode_after_prompt(h)
+    # after the case's prompt a step also reads the row's KV cache: at the decode's mean
+    # context length, in the engine's cache dtype, at the batch-1 decode's bandwidth
+    kv_token = info["kv_cache_bytes_per_token"]["fp32" if m.engine.cache_dtype == torch.float32 else "bf16"]
+    kv_step = kv_token * (first.prompt_tokens + first.completion_tokens / 2)
+    b1_bps = (max(decode["1"]["read_gbps_before_after"]) if "1" in decode else limits["read_sum_gbps"]) * 1e9
+    roof_after = b1_bps / (bytes_per_step(lc.num_experts_per_tok) + kv_step)
     report = {
         "model": args.model, "case": args.case, "dtype": args.dtype, "machine": limits,
         "kernels": getattr(m, "kernels", None) and m.kernels.to_dict(),
@@ -212,9 +218,11 @@ def main() -> None:
         "decode": decode,
         "decode_b1_roofline_tok_per_s": round(roof, 2),
         "decode_b1_fraction_of_roofline": round(b1 / roof, 3) if b1 else None,
-        # batch 1 after the case's whole prompt (its KV cache is read too; not in the roofline)
+        # batch 1 after the case's whole prompt: weights + its KV cache per step
         "decode_b1_after_prompt_tok_per_s": after_prompt,
-        "decode_b1_after_prompt_fraction_of_roofline": round(after_prompt / roof, 3) if after_prompt else None,
+        "decode_b1_after_prompt_kv_bytes_per_step": int(kv_step),
+        "decode_b1_after_prompt_roofline_tok_per_s": round(roof_after, 2),
+        "decode_b1_after_prompt_fraction_of_roofline": round(after_prompt / roof_after, 3) if after_prompt else None,
         "follow_up": {"prompt_tokens": fo.prompt_tokens, "cached_tokens": fo.cached_tokens,
                       "time_to_first_token_s": round(fo.timings["first_token_s"], 3),
                       "vision_s": fo.timings["vision_s"], "prefill_s": round(fo.timings["prefill_s"], 3)},

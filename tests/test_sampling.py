@@ -201,6 +201,20 @@ def test_greedy_is_argmax():
     assert out.dtype == torch.long and out.shape == (5,)
 
 
+def test_greedy_takes_nan_as_lowest_and_inf_as_highest():
+    """Independent expectation per row, written out: NaN never wins, +inf wins (first of
+    several), a row of only NaN / -inf gives index 0; alone or beside a sampled row."""
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor([[0.0, nan, 3.0, 1.0],
+                           [nan, 2.0, inf, inf],
+                           [nan, nan, -inf, nan],
+                           [1.0, 5.0, 2.0, 0.0]])
+    want = [2, 2, 0, 1]
+    assert sample_next(logits, [SamplingParams()] * 4, [None] * 4).tolist() == want
+    mixed = [SamplingParams()] * 3 + [SamplingParams(temperature=1.0, seed=3)]
+    assert sample_next(logits, mixed, [None] * 3 + [make_generator(3)]).tolist()[:3] == want[:3]
+
+
 def test_same_seed_same_ids_other_seed_differs():
     logits = flat_logits()
     params = [SamplingParams(temperature=1.0, seed=1)] * 4

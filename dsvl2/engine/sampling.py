@@ -284,6 +284,16 @@ def draw(logits: torch.Tensor, generator: torch.Generator | None) -> int:
 # --------------------------------------------------------------------------- the sampler
 
 
+def _greedy(logits: torch.Tensor) -> torch.Tensor:
+    """argmax of each row [B, V] with NaN taken as -inf (first index on ties). torch's
+    argmax takes NaN as the largest value, so a row whose argmax is not NaN has none and
+    its argmax is the answer; only rows with a NaN pay for a cleaned copy."""
+    ids = logits.argmax(dim=-1)
+    if bool(logits.gather(1, ids[:, None]).isnan().any()):
+        ids = logits.nan_to_num(float("-inf"), float("inf"), float("-inf")).argmax(dim=-1)
+    return ids
+
+
 def sample_next(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
@@ -305,6 +315,8 @@ def sample_next(
                               f"got {len(params)} params and {len(generators)} generators")
     logits = logits.float()  # [B, V]
     dev = logits.device
+    if all(sp.is_greedy and sp.repetition_penalty == 1.0 for sp in params):
+        return _greedy(logits)  # every row greedy (the default): no masks, no copies
 
     penalty = torch.tensor([sp.repetition_penalty for sp in params], dtype=torch.float32, device=dev)
     if bool((penalty != 1.0).any()):
@@ -320,7 +332,7 @@ def sample_next(
     out = torch.empty(B, dtype=torch.long, device=dev)
     greedy = torch.tensor([sp.is_greedy for sp in params], device=dev)
     if bool(greedy.any()):
-        out[greedy] = logits[greedy].nan_to_num(float("-inf"), float("inf"), float("-inf")).argmax(dim=-1)
+        out[greedy] = _greedy(logits[greedy])
 
     rows = [i for i, sp in enumerate(params) if not sp.is_greedy]
     if rows:

@@ -56,9 +56,10 @@ def test_linear_matches_float64(m, n, k):
 
 
 @needs_native
-def test_linear_rows_do_not_depend_on_batch():
-    w = _bf16(333, 1280)
-    x = _x(17, 1280)
+@pytest.mark.parametrize("n,k", [(333, 1280), (2, 1031), (1, 64)])  # odd / tiny ranges, a K tail
+def test_linear_rows_do_not_depend_on_batch(n, k):
+    w = _bf16(n, k)
+    x = _x(17, k)
     full = native.linear(x, w)
     for rows in ([0], [5], [3, 4], [0, 16], list(range(1, 17, 2)), list(range(17))):
         part = native.linear(x[rows], w)

@@ -22,24 +22,37 @@
 #include "products.h"
 
 /* sum of a[0..n) * b[0..n) in a fixed order: 8 lanes over blocks of 8, lanes added
-   (hsum8), then the tail in order */
-static inline float dot(const float *a, const float *b, int64_t n) {
+   (hsum8), then the tail in order. ahead > 0: b (a cached key, streamed from memory) is
+   prefetched that many floats ahead, one prefetch per cache line (the same operations). */
+static inline float dot_ahead(const float *a, const float *b, int64_t n, int64_t ahead) {
     __m256 acc = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    for (; i + 8 <= n; i += 8) {
+        if (ahead && !(i & 15)) _mm_prefetch((const char *)(b + i + ahead), _MM_HINT_T0);
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    }
     float s = hsum8(acc);
     for (; i < n; i++) s = fmaf(a[i], b[i], s);
     return s;
 }
+static inline float dot(const float *a, const float *b, int64_t n) { return dot_ahead(a, b, n, 0); }
 
-/* y[0..n) += a * x[0..n), one FMA per element */
-static inline void axpy(float a, const float *x, float *y, int64_t n) {
+/* y[0..n) += a * x[0..n), one FMA per element; x prefetched as in dot_ahead */
+static inline void axpy_ahead(float a, const float *x, float *y, int64_t n, int64_t ahead) {
     const __m256 va = _mm256_set1_ps(a);
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
+    for (; i + 8 <= n; i += 8) {
+        if (ahead && !(i & 15)) _mm_prefetch((const char *)(x + i + ahead), _MM_HINT_T0);
         _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    }
     for (; i < n; i++) y[i] = fmaf(a, x[i], y[i]);
 }
+static inline void axpy(float a, const float *x, float *y, int64_t n) { axpy_ahead(a, x, y, n, 0); }
+
+/* how far ahead the attention prefetches the cached keys / values (floats: 4 KB). Measured
+   over 1.4k cached slots: the cache read at ~1.1x the rate without (the hardware
+   prefetcher stops at 4 KB pages) */
+#define KV_AHEAD 1024
 
 /* y [M, D] = weight * (x * rsqrt(mean(x^2) + eps)), weight float32 or bf16 (wbf16 = 1) */
 void dsvl2_rmsnorm(const float *x, int64_t M, int64_t D, const void *weight, int wbf16, float eps, float *y) {
@@ -113,7 +126,7 @@ static void attend_chunk(const float *q, const float *kb, const float *vb, int64
     for (int64_t h = 0; h < H; h++) m[h] = -INFINITY, l[h] = 0.0f;
     for (int64_t s = s0; s < s1; s++)
         for (int64_t h = 0; h < H; h++) {
-            float v = dot(q + h * hd, kb + s * nkv + (h / group) * hd, hd) * scale;
+            float v = dot_ahead(q + h * hd, kb + s * nkv + (h / group) * hd, hd, KV_AHEAD) * scale;
             sc[h * CHUNK + s - s0] = v;
             m[h] = v > m[h] ? v : m[h];
         }
@@ -122,7 +135,8 @@ static void attend_chunk(const float *q, const float *kb, const float *vb, int64
         for (int64_t i = 0; i < hd; i++) o[h * hd + i] = 0.0f;
     }
     for (int64_t s = s0; s < s1; s++)
-        for (int64_t h = 0; h < H; h++) axpy(sc[h * CHUNK + s - s0], vb + s * nkv + (h / group) * hd, o + h * hd, hd);
+        for (int64_t h = 0; h < H; h++)
+            axpy_ahead(sc[h * CHUNK + s - s0], vb + s * nkv + (h / group) * hd, o + h * hd, hd, KV_AHEAD);
 }
 
 /* float32 scratch that dsvl2_mha_decode needs for B rows, H / Hk heads of hd, S slots */

@@ -31,11 +31,12 @@ static inline __m256 widen8(const uint16_t *p) {
    one row than 2-accumulator or 1-accumulator 3 x 4 register tiles (batch 1 matters most;
    the 3 x 4 tiles were ~1.4x faster at 16 rows, slower at one).
 
-   One activation row (batch 1): a thread's range of weight rows is read as two streams
-   side by side, weight rows i and half + i in the same pass (same operations per
-   output). Measured here on a 1 GB product: 1.13-1.25x one stream, at or above a plain
-   read of the same buffer; the memory controller keeps more reads in flight for two
-   sequential streams than for one. */
+   One activation row (batch 1): a thread's range of weight rows is read as three streams
+   side by side, weight rows i, third + i and 2 third + i in the same pass (same operations
+   per output; 12 accumulators + 4 widened blocks fill the 16 registers). Measured here:
+   two streams read a 1 GB product at 1.1-1.3x the rate of one, at or above a plain read
+   of the same buffer (more reads in flight for several sequential streams than for one);
+   three streams made the real tiny's decode step another 1.06-1.07x faster than two. */
 #ifndef PREFETCH
 #define PREFETCH 512 /* bf16 values ahead (1 KB) */
 #endif
@@ -59,24 +60,29 @@ static inline float tail_##NAME(const float *x, const WT *w, int64_t k0, int64_t
 static void NAME(const float *x, int64_t ldx, int64_t M, int64_t K, const WT *w, const uint16_t *scale,       \
                  int64_t n0, int64_t n1, float *y, int64_t ldy) {                                             \
     const int64_t K32 = K & ~(int64_t)31;                                                                     \
-    if (M == 1 && n1 - n0 >= 2) { /* one row: two halves of the range streamed side by side */               \
-        const int64_t half = (n1 - n0) / 2;                                                                   \
-        for (int64_t i = 0; i < half; i++) {                                                                  \
-            const int64_t na = n0 + i, nb = n0 + half + i;                                                    \
-            const WT *ra = w + na * K, *rb = w + nb * K;                                                      \
+    if (M == 1 && n1 - n0 >= 3) { /* one row: three thirds of the range streamed side by side */             \
+        const int64_t third = (n1 - n0) / 3;                                                                  \
+        for (int64_t i = 0; i < third; i++) {                                                                 \
+            const int64_t na = n0 + i, nb = na + third, nc = nb + third;                                      \
+            const WT *ra = w + na * K, *rb = w + nb * K, *rc = w + nc * K;                                    \
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;   \
+            __m256 c0 = a0, c1 = a0, c2 = a0, c3 = a0;                                                        \
             for (int64_t k = 0; k < K32; k += 32) {                                                           \
                 _mm_prefetch((const char *)(ra + k + PREFETCH), _MM_HINT_T0);                                 \
                 _mm_prefetch((const char *)(rb + k + PREFETCH), _MM_HINT_T0);                                 \
+                _mm_prefetch((const char *)(rc + k + PREFETCH), _MM_HINT_T0);                                 \
                 __m256 w0 = WIDEN(ra + k), w1 = WIDEN(ra + k + 8), w2 = WIDEN(ra + k + 16), w3 = WIDEN(ra + k + 24); \
                 BLOCK(a, x, k, w0, w1, w2, w3)                                                                \
                 w0 = WIDEN(rb + k), w1 = WIDEN(rb + k + 8), w2 = WIDEN(rb + k + 16), w3 = WIDEN(rb + k + 24);   \
                 BLOCK(b, x, k, w0, w1, w2, w3)                                                                \
+                w0 = WIDEN(rc + k), w1 = WIDEN(rc + k + 8), w2 = WIDEN(rc + k + 16), w3 = WIDEN(rc + k + 24);   \
+                BLOCK(c, x, k, w0, w1, w2, w3)                                                                \
             }                                                                                                 \
             y[na] = FINISH(tail_##NAME(x, ra, K32, K, reduce4(a0, a1, a2, a3)), na);                          \
             y[nb] = FINISH(tail_##NAME(x, rb, K32, K, reduce4(b0, b1, b2, b3)), nb);                          \
+            y[nc] = FINISH(tail_##NAME(x, rc, K32, K, reduce4(c0, c1, c2, c3)), nc);                          \
         }                                                                                                     \
-        n0 += 2 * half; /* an odd range's last output: below */                                               \
+        n0 += 3 * third; /* the last one or two outputs of the range: below */                               \
     }                                                                                                         \
     for (int64_t n = n0; n < n1; n++) {                                                                       \
         const WT *wr = w + n * K;                                                                             \

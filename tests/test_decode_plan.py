@@ -8,6 +8,9 @@ against torch and float64 in test_native_layers.py and test_native.py.
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -135,6 +138,18 @@ def test_plan_follows_the_model_when_its_weights_change():
     lm.float()
     _, _, ran = _step(lm, _cache(lm, 2), *args, True)
     assert not ran and decode_plan.plan_for(lm) is None
+
+
+@needs_native
+def test_a_model_with_a_plan_pickles_and_copies():
+    lm = _model("dense_first_shared")
+    args = ([1], [40], [7])
+    before, _, ran = _step(lm, _cache(lm, 2), *args, True)
+    assert ran and "_decode_plan" in lm.__dict__
+    for other in (pickle.loads(pickle.dumps(lm)), copy.deepcopy(lm)):
+        assert "_decode_plan" not in other.__dict__
+        again, _, ran = _step(other, _cache(other, 2), *args, True)
+        assert ran and torch.equal(again, before)
 
 
 @needs_native

@@ -80,6 +80,10 @@ class LanguageModel(nn.Module):
         # on the module path and the fused decode path alike (benchmarks count experts so)
         self.routing_observers: list = []
 
+    def __getstate__(self):
+        # the decode plan holds raw pointers (ctypes): never pickled or copied, rebuilt on use
+        return {k: v for k, v in self.__dict__.items() if k != "_decode_plan"}
+
     def embed(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.model.embed_tokens(ids).to(dtype)
 

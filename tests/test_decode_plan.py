@@ -159,7 +159,8 @@ def test_plan_rejects_slots_outside_the_cache():
     start = torch.tensor([3])
     _, ctx = lm.step_context(cache, start, torch.ones_like(start), 1, rows=torch.tensor([1]))
     ctx.write_pos = torch.tensor([[cache.capacity]])  # one slot past the end
-    with torch.no_grad(), ops.decoding(), pytest.raises(ValueError, match=rf"layer 0: cache rows .* slots in \[0, {cache.capacity}\)"):
+    expected = rf"layer 0: cache rows .* slots in \[0, {cache.capacity}\)"
+    with torch.no_grad(), ops.decoding(), pytest.raises(ValueError, match=expected):
         lm(lm.embed(torch.tensor([[3]])), ctx, logits="last")
 
 

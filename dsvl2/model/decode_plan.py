@@ -79,11 +79,13 @@ class DecodePlan:
                 e.E, e.F = ex.gate_proj.shape[0], ex.gate_proj.shape[1]
                 if mlp.shared_experts is not None:
                     s = mlp.shared_experts
-                    e.sg, e.su, e.sd = (self._weight(getattr(s, n), "weight") for n in ("gate_proj", "up_proj", "down_proj"))
+                    e.sg, e.su, e.sd = (self._weight(getattr(s, n), "weight")
+                                        for n in ("gate_proj", "up_proj", "down_proj"))
                     e.Fs = s.gate_proj.weight.shape[0]
                 self.moe_layers.append(i)
             else:
-                e.mg, e.mu, e.md = (self._weight(getattr(mlp, n), "weight") for n in ("gate_proj", "up_proj", "down_proj"))
+                e.mg, e.mu, e.md = (self._weight(getattr(mlp, n), "weight")
+                                    for n in ("gate_proj", "up_proj", "down_proj"))
                 e.E, e.F = 1, mlp.gate_proj.weight.shape[0]
             emax, fmax = max(emax, e.E), max(fmax, e.F, e.Fs)
         self.emax, self.fmax = emax, fmax

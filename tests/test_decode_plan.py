@@ -137,7 +137,7 @@ def test_plan_follows_the_model_when_its_weights_change():
     # cast to float32: no block is native any more, so no plan
     lm.float()
     _, _, ran = _step(lm, _cache(lm, 2), *args, True)
-    assert not ran and decode_plan.plan_for(lm) is None
+    assert not ran and decode_plan.DecodePlan.build(lm) is None
 
 
 @needs_native

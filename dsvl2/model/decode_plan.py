@@ -3,7 +3,8 @@
 Legend: B rows, D width, L layers, K experts per token.
 
 When: in a decode step (``ops.decoding()``, one token per row) where every block would run
-natively anyway (``ops.native_block``: float32 activations, bf16 weights, kernels built),
+natively anyway (``ops.native_block``: float32 activations, bf16 weights, kernels built;
+the step's own conditions are the attention module's, ``MHA._native_decode``),
 for models whose blocks all have a native version: MHA attention with a float32 cache,
 greedy routing or dense MLPs (the tiny variant). Elsewhere (MLA, group-limited or
 noaux_tc routing, float32 or quantised weights, prefill, ``output_hidden_states``) the
@@ -26,7 +27,7 @@ import ctypes
 
 import torch
 
-from . import native, ops
+from . import native
 from .attention import MHA
 from .moe import MoE, Routing
 from .ops import GatedMLP
@@ -39,10 +40,6 @@ _P = ctypes.c_void_p
 class _Layer(ctypes.Structure):  # native/step.c dsvl2_layer
     _fields_ = [(n, _P) for n in ("ln1", "ln2", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "gate",
                                   "mg", "mu", "md", "sg", "su", "sd")] + [(n, ctypes.c_int64) for n in ("E", "F", "Fs")]
-
-
-def _bf16(t) -> bool:
-    return isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 and t.is_cpu and t.is_contiguous()
 
 
 class DecodePlan:
@@ -93,7 +90,7 @@ class DecodePlan:
 
     def _weight(self, module, name: str) -> int:
         t = module._parameters.get(name)
-        if not _bf16(t):
+        if not native.bf16_weight(t):
             raise _NotNative(f"{type(module).__name__}.{name} is not a contiguous bf16 CPU tensor")
         self.refs.append((module._parameters, name, t, t.data_ptr(), -1))
         return t.data_ptr()
@@ -106,9 +103,6 @@ class DecodePlan:
             return None
         if not all(isinstance(layer.self_attn, MHA) and isinstance(layer.mlp, (MoE, GatedMLP))
                    for layer in lm.model.layers):
-            return None
-        att = lm.model.layers[0].self_attn
-        if att.hd > 1024 or att.h % att.hk:
             return None
         try:
             return cls(lm)
@@ -132,15 +126,10 @@ class DecodePlan:
         r, s, hk, hd = k_cache.shape
         h = cfg.num_attention_heads
         k = cfg.num_experts_per_tok
-        if ctx.cos.numel() != b * hd or ctx.sin.numel() != b * hd:
-            raise ValueError(f"cos / sin must hold {b} x {hd} values, got {tuple(ctx.cos.shape)} / "
-                             f"{tuple(ctx.sin.shape)}")
+        rows = ctx.rows if ctx.rows is not None else torch.arange(b)
+        cos, sin, rows, pos = native.step_rows(b, hd, ctx.cos, ctx.sin, rows, ctx.write_pos[:, 0])
         out = x.reshape(b, d).clone(memory_format=torch.contiguous_format)
         caches = (_P * (2 * self.nl))(*[t.data_ptr() for pair in cache.layers for t in pair])
-        rows = ctx.rows if ctx.rows is not None else torch.arange(b)
-        rows = native._flat(rows.to(torch.int64))
-        pos = native._flat(ctx.write_pos[:, 0].to(torch.int64))
-        cos, sin = native._flat(ctx.cos), native._flat(ctx.sin)
         idx = torch.empty(self.nl, b, k, dtype=torch.int64)
         wt = torch.empty(self.nl, b, k, dtype=torch.float32)
         scratch = native._scratch(lib.dsvl2_decode_scratch(b, d, h, hk, hd, s, k, self.emax, self.fmax),
@@ -163,17 +152,17 @@ class _NotNative(Exception):
     pass
 
 
-def usable(x: torch.Tensor, ctx) -> bool:
-    """This step can run through a plan: a decode step with every block native."""
-    return (enabled and ops.native_blocks and ops.decoding_active() and x.dtype == torch.float32 and x.is_cpu
-            and x.dim() == 3 and x.shape[1] == 1 and ctx.cache is not None and ctx.cache.dtype == torch.float32
-            and ctx.write_pos is not None and ctx.cos.shape[-1] == ctx.cache.layers[0][0].shape[-1]
-            and native.available())
-
-
-def plan_for(lm) -> DecodePlan | None:
-    """The model's plan, built (or rebuilt) when needed; None where some block is not native
-    (cheap to find out again: the first non-bf16 weight or the config ends the search)."""
+def plan_for(lm, x: torch.Tensor, ctx) -> DecodePlan | None:
+    """The plan for this step of ``lm`` (a ``LanguageModel``): a decode step (one token per
+    row) whose attention the module path would run natively (``MHA._native_decode``: bf16
+    weights, float32 activations and cache, kernels built) and a model whose every block
+    has a native version; else None. Built, or rebuilt, when needed (cheap to find out
+    again: the config or the first non-bf16 weight ends the search)."""
+    if not enabled or x.dim() != 3 or x.shape[1] != 1:
+        return None
+    att = lm.model.layers[0].self_attn
+    if not isinstance(att, MHA) or not att._native_decode(x, ctx):
+        return None
     plan = lm.__dict__.get("_decode_plan")
     if plan is None or not plan.current():
         plan = DecodePlan.build(lm)

@@ -122,26 +122,21 @@ class LanguageModel(nn.Module):
         x = inputs_embeds
         hidden = [x] if output_hidden_states else None
         routing: dict[int, Routing] = {}
-        plan = None
-        if hidden is None and decode_plan.usable(x, ctx):
-            plan = decode_plan.plan_for(self)
+        plan = decode_plan.plan_for(self, x, ctx) if hidden is None else None
         if plan is not None:  # a decode step with every block native: all layers in one call
-            x, every = plan.run(x, ctx)
-            for i, r in every.items():
-                for observe in self.routing_observers:
-                    observe(i, r)
-            if output_routing:
-                routing = every
+            x, routing = plan.run(x, ctx)
         else:
             for i, layer in enumerate(self.model.layers):
                 x, r = layer(x, ctx)
                 if r is not None:
-                    if output_routing:
-                        routing[i] = r
-                    for observe in self.routing_observers:
-                        observe(i, r)
+                    routing[i] = r
                 if hidden is not None and i + 1 < len(self.model.layers):
                     hidden.append(x)
+        for i, r in routing.items():
+            for observe in self.routing_observers:
+                observe(i, r)
+        if not output_routing:
+            routing = {}
         x = self.model.norm(x)
         if hidden is not None:
             hidden.append(x)

@@ -151,12 +151,17 @@ def _require() -> ctypes.CDLL:
     return lib
 
 
+def bf16_weight(w) -> bool:
+    """A weight the kernels take as it is: a contiguous bf16 CPU tensor."""
+    return isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 and w.is_cpu and w.is_contiguous()
+
+
 def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Float32 CPU activations against contiguous bf16 CPU weights, and kernels built."""
     if x.dtype != torch.float32 or not x.is_cpu or (_lib is None and not available()):
         return False
     for w in weights:  # a loop, not all(<generator>): this runs for every product of a step
-        if not (isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 and w.is_cpu and w.is_contiguous()):
+        if not bf16_weight(w):
             return False
     return True
 
@@ -308,10 +313,8 @@ def mha_decode(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Te
     b = x.numel() // d
     hd = k_cache.shape[-1]
     r, s = k_cache.shape[:2]
-    if cos.numel() != b * hd or sin.numel() != b * hd:
-        raise ValueError(f"cos / sin must hold {b} x {hd} values, got {tuple(cos.shape)} / {tuple(sin.shape)}")
-    x, cos, sin = _flat(x), _flat(cos), _flat(sin)
-    rows, pos = _flat(rows.to(torch.int64)), _flat(pos.to(torch.int64))
+    cos, sin, rows, pos = step_rows(b, hd, cos, sin, rows, pos)
+    x = _flat(x)
     lib = _require()
     scratch = _scratch(lib.dsvl2_mha_scratch(b, heads, kv_heads, hd, s), torch.float32)
     out = torch.empty((*lead, d), dtype=torch.float32)
@@ -324,6 +327,15 @@ def mha_decode(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Te
     if rc != 0:
         raise decode_error(rc, r, s, rows, pos, hd=hd, heads=heads, kv_heads=kv_heads)
     return out
+
+
+def step_rows(b: int, hd: int, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor,
+              pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A decode step's per-row inputs as the C side takes them: cos / sin float32 [B, hd]
+    (checked), cache rows / slots int64 [B], all contiguous."""
+    if cos.numel() != b * hd or sin.numel() != b * hd:
+        raise ValueError(f"cos / sin must hold {b} x {hd} values, got {tuple(cos.shape)} / {tuple(sin.shape)}")
+    return _flat(cos), _flat(sin), _flat(rows.to(torch.int64)), _flat(pos.to(torch.int64))
 
 
 def decode_error(rc: int, r: int, s: int, rows: torch.Tensor, pos: torch.Tensor, *, hd: int | None = None,

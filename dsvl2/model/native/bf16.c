@@ -46,6 +46,8 @@ static inline __m256 widen8(const uint16_t *p) {
 #define STREAMS 3
 #define UNROLL _Pragma("GCC unroll 4") /* the tile's small loops, so its accumulators stay in registers */
 
+/* the products for a weight type WT widened by WIDEN (8 values) / WIDEN1 (one); FINISH
+   applies a per-row scale */
 #define DEFINE_ROWS(NAME, WT, WIDEN, WIDEN1, FINISH)                                                          \
 /* R rows of x against the C weight rows n, n + step, ... (R, C constants once inlined) */                 \
 static inline __attribute__((always_inline)) void tile_##NAME(                                               \

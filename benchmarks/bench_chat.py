@@ -214,14 +214,15 @@ def main() -> None:
     after = bandwidth(512 << 20)  # the same measurement after the run: how much it moved
     limits["read_sum_gbps_after"] = after["read_sum_gbps"]
     b1 = decode.get("1", {}).get("per_row_tok_per_s_median")
-    # batch-1 roofline from the bandwidth measured around the batch-1 decode (see decode_rate)
-    roof = decode["1"]["roofline_tok_per_s"] if "1" in decode else limits["read_sum_gbps"] * 1e9 / token_bytes
+    # batch-1 rooflines from the bandwidth decode_rate used around the batch-1 decode (the
+    # higher of its two measurements), or the one at the start without a batch-1 decode
+    b1_bps = (max(decode["1"]["read_gbps_before_after"]) if "1" in decode else limits["read_sum_gbps"]) * 1e9
+    roof = decode["1"]["roofline_tok_per_s"] if "1" in decode else b1_bps / token_bytes
     after_prompt = decode_after_prompt(h)
     # after the case's prompt a step also reads the row's KV cache: at the decode's mean
-    # context length, in the engine's cache dtype, at the batch-1 decode's bandwidth
+    # context length, in the engine's cache dtype
     kv_token = info["kv_cache_bytes_per_token"]["fp32" if m.engine.cache_dtype == torch.float32 else "bf16"]
     kv_step = kv_token * (first.prompt_tokens + first.completion_tokens / 2)
-    b1_bps = (max(decode["1"]["read_gbps_before_after"]) if "1" in decode else limits["read_sum_gbps"]) * 1e9
     roof_after = b1_bps / (bytes_per_step(lc.num_experts_per_tok) + kv_step)
     report = {
         "model": args.model, "case": args.case, "dtype": args.dtype, "machine": limits,

@@ -50,6 +50,7 @@ import torch
 
 from dsvl2.checkpoint import preset_config, write_random_checkpoint
 from dsvl2.engine.engine import Engine
+from dsvl2.model.cache import KVCache
 from dsvl2.engine.sampling import SamplingParams
 from dsvl2.model import ops
 from dsvl2.model.moe import MoE
@@ -310,7 +311,7 @@ def bench_decode(model, proc, batch: int, prompt_tokens: int, new_tokens: int, w
         counter.start_step()
         rows.append(len(reqs))
         kv_len = max(r.length for r in reqs) + 1
-        kv_read.append(len(reqs) * kv_len * eng.cache.nbytes() // (eng.cache.rows * eng.cache.capacity))
+        kv_read.append(len(reqs) * kv_len * KVCache.bytes_per_token(eng.cfg, eng.cache.dtype))
         counter.on = True
         t = time.perf_counter()
         try:
@@ -360,10 +361,11 @@ def bench_decode(model, proc, batch: int, prompt_tokens: int, new_tokens: int, w
         "roofline_fraction_design_bw": round(step_bytes / med / 1e9 / DESIGN_BANDWIDTH_GBPS, 3),
         "roofline_fraction_measured_bw_best_step": round(step_bytes / min(fwd) / 1e9 / bw_gbps, 3),
         "roofline_fraction_gemv_bw": round(step_bytes / med / 1e9 / gemv_gbps, 3),
-        "kv_cache": {"dtype": str(eng.cache.dtype).replace("torch.", ""), "rows": eng.cache.rows,
-                     "capacity": eng.cache.capacity, "bytes": eng.cache.nbytes(),
+        "kv_cache": {"dtype": str(eng.cache.dtype).replace("torch.", ""), "block_size": eng.cache.block_size,
+                     "blocks": eng.cache.num_blocks, "pool_bytes": eng.cache.nbytes(),
+                     "peak_bytes_used": eng.kv_stats()["kv_cache_bytes_peak"],
                      "values_per_token_per_layer": eng.cache.values_per_token_per_layer,
-                     "bytes_per_token": eng.cache.nbytes() // (eng.cache.rows * eng.cache.capacity)},
+                     "bytes_per_token": KVCache.bytes_per_token(eng.cfg, eng.cache.dtype)},
     }
 
 

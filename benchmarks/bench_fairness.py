@@ -40,7 +40,7 @@ def main() -> None:
     reports = []
     loaded = dsvl2.load(args.model)
     for budget in (None, STEP_TOKENS):  # the same weights, an engine per budget
-        m = VLModel(loaded.model, loaded.processor, loaded.folder, step_tokens=budget, prefix_cache_bytes=0)
+        m = VLModel(loaded.model, loaded.processor, loaded.folder, step_tokens=budget, prefix_caching=False)
         reports.append(_one(m, budget, args.a_tokens))
         m.driver.close()
         print(json.dumps(reports[-1]), file=sys.stderr, flush=True)  # partial results as they come

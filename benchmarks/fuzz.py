@@ -5,7 +5,9 @@
 
 Prints ONE JSON object on stdout (progress on stderr): per target the examples run, the
 failures (0, or the distinct bugs hypothesis reports after shrinking, with their
-falsifying message), the seconds and the rate. Exit status 0 only with 0 failures.
+falsifying message), the seconds, the rate and the 1-minute load average (min / mean /
+max of samples every 10000 examples: the machine is shared). Exit status 0 only with 0
+failures.
 
 The targets (strategies and properties) are imported from tests/test_fuzz.py, so they are
 written once; here only the example count differs (the suite runs a few hundred).
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -47,17 +50,21 @@ def _failures(exc: BaseException) -> list[str]:
 
 
 class _Counter(list):
-    """``run_target``'s example counter, reporting every 10000 examples on stderr."""
+    """``run_target``'s example counter, reporting every 10000 examples on stderr and
+    sampling the 1-minute load average there (the machine is shared: a rate means little
+    without it)."""
 
     def __init__(self, name: str):
         super().__init__([0])
         self.name, self.t0 = name, time.perf_counter()
+        self.loads = [os.getloadavg()[0]]
 
     def __setitem__(self, i, value):
         super().__setitem__(i, value)
         if value % 10_000 == 0:
-            print(f"fuzz: {self.name}: {value} examples, {time.perf_counter() - self.t0:.0f} s",
-                  file=sys.stderr, flush=True)
+            self.loads.append(os.getloadavg()[0])
+            print(f"fuzz: {self.name}: {value} examples, {time.perf_counter() - self.t0:.0f} s, "
+                  f"load {self.loads[-1]:.1f}", file=sys.stderr, flush=True)
 
 
 def run_one(name: str, examples: int, seed: int) -> dict:
@@ -72,8 +79,11 @@ def run_one(name: str, examples: int, seed: int) -> dict:
             raise
         failures = _failures(e)
     seconds = time.perf_counter() - t0
+    loads = counter.loads + [os.getloadavg()[0]]
     return {"examples": counter[0], "failures": len(failures), "errors": failures,
-            "seconds": round(seconds, 1), "ms_per_example": round(1000 * seconds / max(counter[0], 1), 3)}
+            "seconds": round(seconds, 1), "ms_per_example": round(1000 * seconds / max(counter[0], 1), 3),
+            "load_1min": {"min": round(min(loads), 2), "mean": round(sum(loads) / len(loads), 2),
+                          "max": round(max(loads), 2)}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@ Prints ONE JSON object on stdout (progress on stderr); exit status 0 only if the
 
     python benchmarks/load_test.py                        # 32 clients for 300 s, the demo model
     python benchmarks/load_test.py --clients 8 --duration 30
+    python benchmarks/load_test.py --clients 16 --duration 60 --mix two-images   # only 2-image requests
 
 The server is the real command (``python -m dsvl2 serve -m demo --dtype float32``) in a
 subprocess on a port the OS picks on 127.0.0.1 (read back from its start line); the
@@ -13,26 +14,34 @@ prompts; each client picks one at random and streams it or not):
 
 1. Expected answers: every distinct request sent ALONE to the same server (greedy), so
    any later answer can be compared with it. Then a warm-up round (four requests per
-   row and queue place, all rows busy at once) so that the KV-cache rows
+   batch slot and queue place, all slots busy at once) so that the KV-cache blocks
    and allocator arenas have been used before the start memory is read.
 2. ``--clients`` clients loop for ``--duration`` seconds. Faults, at fixed points of the
    run: a storm of ``--clients`` streams that hang up after their first token (25 %),
    a burst beyond ``--max-queue`` (50 %: 429 with ``Retry-After`` expected; clients honour
    it, capped at 2 s), and slow readers that sleep between SSE lines (70 %).
-3. After the run: the server's ``/metrics`` must show 0 running / admitting / waiting and
-   no KV-cache row in use (waited for up to 20 s: cancelled rows are freed at the driver's
-   next step).
+3. After the run: the server's ``/metrics`` must show 0 running / admitting / waiting, no
+   batch slot and no KV-cache block in use (waited for up to 20 s: cancelled requests give
+   theirs back at the driver's next step).
+
+``--mix`` picks which of the distinct requests the clients send: ``all`` (default),
+``text`` (no image), ``images`` (one or two) or ``two-images`` (only the 2-image one).
 
 Figures: ``completed`` (answers equal to the alone answer), ``errors`` (by HTTP status),
 ``lost`` (no answer: connection error or timeout, or a stream cut without ``[DONE]``),
 ``mixed`` (an answer that differs from the alone one), ``status_5xx``, time to first
 token (p50 / p99, streaming requests, client side), the server's VmRSS after warm-up and
-at the end (``/proc/PID/status``), the stuck-slot check. Exit status 0 iff lost, mixed
+at the end (``/proc/PID/status``), both read after ``--settle`` idle seconds (the server
+hands its allocator's free memory back to the OS while it works and a few seconds after:
+``dsvl2 serve --memory-trim-interval``), ``load_max`` (the highest sample while the load
+ran), the stuck-slot check, and ``rss_curve``: the server's RSS every ``--rss-every``
+seconds from the end of the warm-up to the end reading (``[seconds since the load
+started, MiB]``; negative: before it). Exit status 0 iff lost, mixed
 and 5xx are 0, the end RSS is within 10 % of the start and no slot is stuck.
 
-Notable choices: float32 weights, so that a row the prefix cache reuses computes what a
-fresh prefill would (in bf16 a reused row may differ, engine/prefix.py) and the
-comparison with the alone answer is exact; ``--max-queue`` defaults to ``--clients`` so
+Notable choices: float32 weights, so that KV blocks shared between requests hold what a
+fresh prefill computes (in bf16 a reused block may differ in the last bits, README
+"Memory") and the comparison with the alone answer is exact; ``--max-queue`` defaults to ``--clients`` so
 that the main load never waits beyond it but the burst does.
 """
 
@@ -84,7 +93,10 @@ def _images() -> tuple[dict, dict]:
     return _png(a), _png(b)
 
 
-def distinct_requests(max_tokens: int) -> list[dict]:
+MIXES = {"all": None, "text": (0, 1, 7), "images": (2, 3, 4, 5, 6), "two-images": (4,)}
+
+
+def distinct_requests(max_tokens: int, mix: str = "all") -> list[dict]:
     """The distinct request bodies (greedy); ``stream`` is chosen per send."""
     a, b = _images()
 
@@ -102,8 +114,9 @@ def distinct_requests(max_tokens: int) -> list[dict]:
         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
          {"role": "user", "content": "Count to ten."}],
     ]
+    keep = MIXES[mix]
     return [{"model": "demo", "messages": m, "temperature": 0, "max_tokens": max(1, max_tokens - max_tokens // 4 * (i % 3))}
-            for i, m in enumerate(convs)]
+            for i, m in enumerate(convs) if keep is None or i in keep]
 
 
 # ----------------------------------------------------------------------------- the server
@@ -115,7 +128,7 @@ class Server:
     def __init__(self, args):
         cmd = [sys.executable, "-m", "dsvl2", "serve", "-m", "demo", "--host", "127.0.0.1", "--port", "0",
                "--dtype", "float32", "--max-batch-size", str(args.max_batch_size),
-               "--max-queue", str(args.max_queue), "--log-level", "warning"]
+               "--max-queue", str(args.max_queue), "--log-level", "warning", *args.server_arg]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True, env=env)
@@ -156,6 +169,10 @@ class Server:
                     return int(line.split()[1])
         raise RuntimeError("no VmRSS")
 
+    def sample_rss(self, every: float) -> "RSSCurve":
+        """Start sampling this server's RSS every ``every`` seconds (in a thread)."""
+        return RSSCurve(self, every)
+
     def metrics(self) -> dict[str, float]:
         text = httpx.get(self.url + "/metrics", timeout=10).text
         out = {}
@@ -174,6 +191,34 @@ class Server:
                 self.proc.kill()
                 self.proc.wait(10)
         return self.proc.returncode
+
+
+class RSSCurve:
+    """The server's VmRSS every ``every`` seconds: ``points`` = [(monotonic time, KiB)]."""
+
+    def __init__(self, server: Server, every: float):
+        self.server, self.every = server, every
+        self.points: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.points.append((time.monotonic(), self.server.rss_kib()))
+            except (OSError, RuntimeError):  # the server has gone
+                return
+            if self._stop.wait(self.every):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def curve(self, t0: float) -> list[list[float]]:
+        """[[seconds since t0, MiB], ...]."""
+        return [[round(t - t0, 1), round(k / 1024, 1)] for t, k in self.points]
 
 
 # ----------------------------------------------------------------------------- clients
@@ -343,20 +388,28 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=300.0, help="seconds of load (default 300)")
     p.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
-    p.add_argument("--max-batch-size", type=int, default=16, help="the server's KV-cache rows (default 16)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="the server's batch slots (default 16)")
     p.add_argument("--max-queue", type=int, default=None, help="the server's --max-queue (default: --clients)")
     p.add_argument("--max-tokens", type=int, default=32, help="max_tokens of the longest requests (default 32)")
     p.add_argument("--warm-up", type=int, default=0, metavar="N",
                    help="requests of the warm-up round (default 4 x (max batch size + max queue))")
+    p.add_argument("--mix", choices=list(MIXES), default="all",
+                   help="which requests the clients send: all, text (no image), images (1 or 2), two-images")
+    p.add_argument("--rss-every", type=float, default=5.0, metavar="S",
+                   help="sample the server's RSS every S seconds for rss_curve (default 5)")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="one more argument for dsvl2 serve, e.g. --server-arg=--memory-trim-interval=0 (repeatable)")
+    p.add_argument("--settle", type=float, default=8.0, metavar="S",
+                   help="idle seconds before the start and the end RSS are read (default 8)")
     args = p.parse_args(argv)
-    if args.duration <= 0 or args.clients < 1:
-        p.error("--duration must be > 0 and --clients >= 1")
+    if args.duration <= 0 or args.clients < 1 or args.rss_every <= 0 or args.settle < 0:
+        p.error("--duration and --rss-every must be > 0, --settle >= 0 and --clients >= 1")
     args.max_queue = args.max_queue or args.clients
 
     log(f"starting the server (max batch {args.max_batch_size}, max queue {args.max_queue})")
     server = Server(args)
     try:
-        reqs = distinct_requests(args.max_tokens)
+        reqs = distinct_requests(args.max_tokens, args.mix)
         t = time.perf_counter()
         expected = alone(server.url, reqs)
         log(f"{len(reqs)} expected answers, alone, in {time.perf_counter() - t:.1f} s")
@@ -380,15 +433,16 @@ def main(argv: list[str] | None = None) -> int:
                 await asyncio.gather(*(one(c, k) for k in range(n)))
 
         asyncio.run(warm_up())
-        time.sleep(2)
+        sampler = server.sample_rss(args.rss_every)
+        time.sleep(args.settle)  # idle, as at the end: the server trims its heap a few seconds after work
         rss_start = server.rss_kib()
         log(f"warm-up done ({dict(warm.by_phase)}, {warm.completed} equal, errors {dict(warm.errors)}); RSS {rss_start / 1024:.0f} MiB; "
             f"{args.clients} clients for {args.duration:.0f} s")
-        t0 = time.perf_counter()
+        t0, t0_mono = time.perf_counter(), time.monotonic()
         tally = asyncio.run(load(server.url, args, reqs, expected))
         wall = time.perf_counter() - t0
         keys = ("dsvl2_requests_running", "dsvl2_requests_admitting", "dsvl2_requests_waiting",
-                "dsvl2_kv_cache_rows_in_use")
+                "dsvl2_batch_slots_in_use", "dsvl2_kv_cache_bytes_used")
         deadline = time.monotonic() + 20
         while True:
             m = server.metrics()
@@ -396,8 +450,11 @@ def main(argv: list[str] | None = None) -> int:
             if all(v == 0 for v in left.values()) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        time.sleep(2)
+        t_drained = time.monotonic()
+        time.sleep(args.settle)
         rss_end = server.rss_kib()
+        sampler.stop()
+        sampler.points.append((time.monotonic(), rss_end))
         outcomes = {k.split('"')[1]: int(v) for k, v in m.items() if k.startswith("dsvl2_requests_total")}
     finally:
         rc_server = server.stop()
@@ -406,7 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     stuck = any(v != 0 for v in left.values())
     report = {
         "clients": args.clients, "duration_s": args.duration, "wall_s": round(wall, 1),
-        "max_batch_size": args.max_batch_size, "max_queue": args.max_queue, "distinct_requests": len(reqs),
+        "max_batch_size": args.max_batch_size, "max_queue": args.max_queue, "mix": args.mix,
+        "server_args": args.server_arg,
+        "distinct_requests": len(reqs),
         "alone_reproducible": again == expected,
         "requests_sent": sum(tally.by_phase.values()), "by_phase": dict(tally.by_phase),
         "warm_up": {"sent": warm.by_phase["warm"], "completed": warm.completed, "mixed": warm.mixed,
@@ -416,7 +475,9 @@ def main(argv: list[str] | None = None) -> int:
         "retry_after_missing": tally.retry_after_missing,
         "ttft_s": {"p50": pct(tally.ttft, 0.5), "p99": pct(tally.ttft, 0.99), "n": len(tally.ttft)},
         "rss_mib": {"start": round(rss_start / 1024, 1), "end": round(rss_end / 1024, 1),
-                    "growth_pct": round(100 * growth, 2)},
+                    "growth_pct": round(100 * growth, 2), "settle_s": args.settle,
+                    "load_max": round(max((k for t, k in sampler.points if t0_mono <= t <= t_drained), default=0) / 1024, 1)},
+        "rss_curve": sampler.curve(t0_mono), "rss_every_s": args.rss_every,
         "after": {k.replace("dsvl2_", ""): v for k, v in left.items()}, "stuck_slots": stuck,
         "server_outcomes": outcomes, "server_exit_status": rc_server,
         "mixed_examples": tally.mixed_examples, "lost_examples": tally.lost_examples,

@@ -10,6 +10,9 @@
 paths, PIL images, bytes or ``data:`` URLs. Sampling options are those of
 ``SamplingParams``; the default is greedy decoding. An ``Answer`` carries the text, the
 finish reason, token counts and the grounding boxes in pixels of the original image.
+``logprobs=N`` (0..20 alternatives, or True) fills ``Answer.logprobs``;
+``response_format={...}`` (OpenAI's shape) or ``json_schema={...}`` constrain the answer
+(``structured.py``).
 
 dtype ``"auto"`` keeps weights in bfloat16 (half the memory of float32; the real
 checkpoints are bf16) and, on CPUs, computes in float32: big matrix products upcast a
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -33,9 +36,11 @@ from .engine.sampling import SamplingParams
 from .errors import ConversationError, DSVL2Error, GenerationError
 from .grounding import GroundingResult, draw_grounding, grounding_to_json, parse_grounding
 from .hub import resolve_model
-from .model import kernels
+from .model import kernels, native
 from .model.vl import DeepseekVL2
 from .processing import BatchInputs, Processor
+from .sizes import parse_size
+from .structured import Logprob, LogprobStream, content_logprobs, guide_from_response_format, guide_from_schema
 from .weights import load_model
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -82,6 +87,9 @@ class Answer:
     grounding: GroundingResult
     boxes: list[dict] = field(default_factory=list)  # label, box_norm (0..999), box_px, image_index
     images: list[Image.Image] = field(default_factory=list, repr=False)  # the conversation's images
+    # one per answer token when asked for (``logprobs=N``): token, logprob, bytes, top_logprobs
+    # (``structured.Logprob``; an ending eos / stop id has none); None otherwise
+    logprobs: list[Logprob] | None = field(default=None, repr=False)
 
     def draw(self, image_index: int = -1) -> Image.Image:
         """The conversation's image (default: the last one) with the boxes drawn on it."""
@@ -93,7 +101,8 @@ class Answer:
         return {"text": self.text, "finish_reason": self.finish_reason,
                 "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                           "total_tokens": self.prompt_tokens + self.completion_tokens},
-                "boxes": self.boxes, "grounding_problems": self.grounding.problems}
+                "boxes": self.boxes, "grounding_problems": self.grounding.problems,
+                **({} if self.logprobs is None else {"logprobs": [e.to_dict() for e in self.logprobs]})}
 
 
 @dataclass
@@ -103,10 +112,14 @@ class Delta:
     index: int
     text: str
     answer: Answer | None = None
+    logprobs: list[Logprob] | None = None  # the entries of the tokens whose text ends in this piece
 
 
-def make_answer(out: GenerationOutput, images: list[Image.Image]) -> Answer:
-    """An engine result as an ``Answer``: grounding parsed, boxes in pixels of the last image."""
+def make_answer(out: GenerationOutput, images: list[Image.Image], tokenizer=None,
+                stop_ids: Iterable[int] = ()) -> Answer:
+    """An engine result as an ``Answer``: grounding parsed, boxes in pixels of the last image;
+    with ``tokenizer``, the tokens' logprobs (when asked for) as ``structured.Logprob``
+    entries, the ending eos / stop id (one of ``stop_ids``) left out."""
     g = parse_grounding(out.text)
     boxes = []
     if images and g.refs:
@@ -115,7 +128,8 @@ def make_answer(out: GenerationOutput, images: list[Image.Image]) -> Answer:
             boxes.append({**b, "image_index": len(images) - 1})
     elif g.refs:
         boxes = [{"label": lab, "box_norm": list(box), "box_px": None, "image_index": None} for lab, box in g.boxes]
-    return Answer(out.text, out.finish_reason, out.prompt_tokens, out.completion_tokens, out.ids, g, boxes, images)
+    return Answer(out.text, out.finish_reason, out.prompt_tokens, out.completion_tokens, out.ids, g, boxes, images,
+                  content_logprobs(out, tokenizer, stop_ids))
 
 
 def user_turn(text: str, images: Sequence | None = None) -> dict:
@@ -131,8 +145,6 @@ def user_turn(text: str, images: Sequence | None = None) -> dict:
 # at most about one decode step plus this many prompt tokens (or one image tile) of a
 # newcomer's admission between two tokens.
 STEP_TOKENS = 512
-# KV-cache rows kept for follow-up questions (engine/prefix.py), least recently used first.
-PREFIX_CACHE_BYTES = 1 << 30
 
 
 class VLModel:
@@ -140,15 +152,21 @@ class VLModel:
 
     def __init__(self, model: DeepseekVL2, processor: Processor, folder: Path | None = None,
                  max_batch_size: int = 16, step_tokens: int = STEP_TOKENS,
-                 prefix_cache_bytes: int = PREFIX_CACHE_BYTES):
+                 kv_cache_bytes: int | str | None = None, prefix_caching: bool = True):
         self.model = model
         self.processor = processor
         self.folder = folder
         # One driver loop owns the engine: chat / stream / submit are safe from any thread
         # and from interleaved iterators; the per-step token budget keeps running streams
         # flowing while a big image request is admitted.
+        if isinstance(kv_cache_bytes, str):
+            try:
+                kv_cache_bytes = parse_size(kv_cache_bytes)
+            except ValueError as e:
+                raise DSVL2Error(f"kv_cache_bytes: {e}") from None
         self.driver = Driver(Engine(model, processor.tokenizer, max_batch_size=max_batch_size,
-                                    step_tokens=step_tokens, prefix_cache_bytes=prefix_cache_bytes))
+                                    step_tokens=step_tokens, kv_cache_bytes=kv_cache_bytes,
+                                    prefix_caching=prefix_caching))
 
     @property
     def engine(self) -> Engine:
@@ -228,14 +246,18 @@ class VLModel:
         sink = QueueSink()
         handles = self.driver.submit(batch, params, chunk_size=chunk_size, sink=sink)
         left = len(handles)
+        tok, stops = self.processor.tokenizer, self.engine.eos_ids | set(params.stop_token_ids)
+        lps = None if params.logprobs is None else [LogprobStream(lambda h=h: h.req.logprobs, tok, stops)
+                                                    for h in handles]
         try:
             while left:
                 ev = sink.get()
                 answer = None
                 if ev.output is not None:
                     left -= 1
-                    answer = make_answer(raise_for_error(ev.output), batch.images[ev.index])
-                yield Delta(ev.index, ev.delta, answer)
+                    answer = make_answer(raise_for_error(ev.output), batch.images[ev.index], tok, stops)
+                entries = None if lps is None else lps[ev.index].take(ev.delta, ev.output)
+                yield Delta(ev.index, ev.delta, answer, entries)
         finally:
             self.driver.cancel([h for h in handles if not h.finished])
 
@@ -243,10 +265,30 @@ class VLModel:
 def _params(sampling: dict) -> SamplingParams:
     """``params=SamplingParams(...)`` or its fields as keywords; ``max_tokens`` is the
     OpenAI name of ``max_new_tokens``. Unknown names are a one-line error listing the
-    allowed ones (not a TypeError about SamplingParams)."""
+    allowed ones (not a TypeError about SamplingParams).
+
+    Also: ``logprobs`` True / False (= 0 alternatives / off) besides None or 0..20;
+    ``response_format`` (OpenAI's shape: ``{"type": "json_object"}``, ``{"type":
+    "json_schema", "json_schema": {"name": ..., "schema": {...}}}``) and ``json_schema``
+    (a schema dict or a pydantic model class), which set ``guide``: one guide at most."""
     options = tuple(f.name for f in fields(SamplingParams))
     sampling = dict(sampling)
     params = sampling.pop("params", None)
+    if isinstance(sampling.get("logprobs"), bool):
+        sampling["logprobs"] = 0 if sampling["logprobs"] else None
+    guides = {name: sampling[name] for name in ("guide",) if sampling.get(name) is not None}
+    if "response_format" in sampling:
+        g = guide_from_response_format(sampling.pop("response_format"))
+        if g is not None:
+            guides["response_format"] = g
+    if "json_schema" in sampling:
+        v = sampling.pop("json_schema")
+        if v is not None:
+            guides["json_schema"] = guide_from_schema(v)
+    if len(guides) > 1:
+        raise GenerationError(f"{' and '.join(guides)} both constrain the answer; give one of them")
+    if guides:
+        sampling["guide"] = next(iter(guides.values()))
     if "max_tokens" in sampling:
         alias = sampling.pop("max_tokens")
         if "max_new_tokens" in sampling and sampling["max_new_tokens"] != alias:
@@ -257,7 +299,7 @@ def _params(sampling: dict) -> SamplingParams:
     if unknown:
         raise GenerationError(f"unknown option{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}; "
                               f"allowed: {', '.join(options)}, max_tokens (alias of max_new_tokens), "
-                              "params (a SamplingParams), images, system, chunk_size")
+                              "response_format, json_schema, params (a SamplingParams), images, system, chunk_size")
     if params is None:
         return SamplingParams(**sampling)
     if not isinstance(params, SamplingParams):
@@ -270,7 +312,7 @@ def _params(sampling: dict) -> SamplingParams:
 
 def load(model: str | Path = "demo", *, dtype: str | torch.dtype = "auto", device: str = "auto",
          max_batch_size: int = 16, step_tokens: int = STEP_TOKENS,
-         prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
+         kv_cache_bytes: int | str | None = None, prefix_caching: bool = True,
          progress: Callable[[int, int], None] | None = None, quantize: str | None = None) -> VLModel:
     """Load a checkpoint folder or Hugging Face id (``demo`` = the shipped random model).
 
@@ -278,16 +320,19 @@ def load(model: str | Path = "demo", *, dtype: str | torch.dtype = "auto", devic
     "int4" (routed experts in int4 groups, the rest int8), applied tensor by tensor while
     loading; a checkpoint written by ``dsvl2 quantize`` loads in its own scheme.
 
-    ``max_batch_size``: conversations decoded together (KV-cache rows); ``step_tokens``:
-    the scheduler's per-step token budget (see ``STEP_TOKENS``); ``prefix_cache_bytes``:
-    memory for KV rows kept for follow-up questions (0 = off)."""
+    ``max_batch_size``: conversations decoded together; ``step_tokens``: the scheduler's
+    per-step token budget (see ``STEP_TOKENS``); ``kv_cache_bytes``: the KV cache's memory
+    (bytes, or a size such as "1.5MiB" / "2GiB"; None: 40 % of the memory available after
+    the weights, ``engine.default_kv_cache_bytes``); ``prefix_caching``: share the KV
+    blocks of equal prefixes (a photo, a system prompt, earlier turns) between requests."""
     folder = resolve_model(model)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     net = load_model(folder, dt, dev, progress=progress, quantize=quantize)
     vl = VLModel(net, Processor.from_pretrained(folder), folder, max_batch_size=max_batch_size,
-                 step_tokens=step_tokens, prefix_cache_bytes=prefix_cache_bytes)
+                 step_tokens=step_tokens, kv_cache_bytes=kv_cache_bytes, prefix_caching=prefix_caching)
     # the dtype of vision / prefill products on this machine (model/kernels.py)
     vl.kernels = kernels.choose(dev, dt)
     kernels.apply(vl.kernels)
+    native.prepare(dev)  # build / load the native decode kernels now, not in the first request (model/native)
     return vl

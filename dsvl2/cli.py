@@ -36,6 +36,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import DSVL2Error
+from .sizes import KV_CACHE_HELP, size_argument
 
 # Answer tokens kept free in interactive mode (at most --max-new-tokens): a conversation
 # whose prompt leaves less is trimmed first. 256 is a few paragraphs; asking for room
@@ -46,6 +47,8 @@ EPILOG_CHAT = """examples:
   dsvl2 chat -i photo.jpg "Describe this image."
   dsvl2 chat -m deepseek-ai/deepseek-vl2-tiny -i a.jpg -i b.jpg "What differs?"
   dsvl2 chat -m ./deepseek-vl2-tiny -i street.jpg --draw boxes.png "<|grounding|>Find the <|ref|>red car<|/ref|>."
+  dsvl2 chat -i photo.jpg --json-schema dish.json "Name the dish and its main ingredients."
+  dsvl2 chat -i photo.jpg --choice yes --choice no "Is there a dog?"
   dsvl2 chat -m ./deepseek-vl2-tiny           (interactive: /image PATH, /reset, /quit; Ctrl-C stops an answer)
 
 Without -m the built-in demo checkpoint is used: it has RANDOM weights (gibberish
@@ -95,11 +98,45 @@ class Progress:
         sys.stderr.flush()
 
 
+def _guide(args):
+    """The --json-schema / --regex / --choice constraint as a ``Guide`` (None without one);
+    the schema file is read and parsed here, before the model loads."""
+    from .engine.guided import Guide
+    from .structured import guide_from_schema
+
+    if getattr(args, "json_schema", None):
+        path = Path(args.json_schema).expanduser()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DSVL2Error(f"--json-schema {args.json_schema}: cannot be read ({e})") from None
+        try:
+            schema = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise DSVL2Error(f"--json-schema {args.json_schema}: not valid JSON ({e})") from None
+        if not isinstance(schema, dict):
+            raise DSVL2Error(f"--json-schema {args.json_schema}: a JSON schema is an object ({{...}}), "
+                             f"this file holds a JSON {type(schema).__name__}")
+        return guide_from_schema(schema, "--json-schema")
+    if getattr(args, "regex", None) is not None:
+        if not args.regex:
+            raise DSVL2Error("--regex needs a non-empty pattern")
+        return Guide.regex(args.regex)
+    if getattr(args, "choice", None):
+        if not all(args.choice):
+            raise DSVL2Error("--choice needs a non-empty text")
+        return Guide.choice(args.choice)
+    return None
+
+
 def _sampling(args) -> dict:
     opts = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                 repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens, seed=args.seed)
     if args.stop:
         opts["stop"] = tuple(args.stop)
+    guide = _guide(args)
+    if guide is not None:
+        opts["guide"] = guide
     return opts
 
 
@@ -113,7 +150,7 @@ def _load(args):
               file=sys.stderr)
         name = "demo"
     model = load(name, dtype=args.dtype, device=args.device, progress=Progress("loading"),
-                 quantize=getattr(args, "quantize", None))
+                 quantize=getattr(args, "quantize", None), kv_cache_bytes=getattr(args, "kv_cache_bytes", None))
     if sys.stderr.isatty():
         bars: dict[str, Progress] = {}
 
@@ -433,6 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the most tokens an answer may have")
     g.add_argument("--seed", type=int, default=None, help="seed for sampling (default: a new one each run)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    c = chat.add_argument_group("structured output (one of them; constrained decoding, engine/guided.py)")
+    x = c.add_mutually_exclusive_group()
+    x.add_argument("--json-schema", metavar="FILE", help="the answer is JSON following the JSON schema in FILE")
+    x.add_argument("--regex", metavar="PATTERN", help="the answer matches the regular expression PATTERN")
+    x.add_argument("--choice", action="append", default=[], metavar="TEXT",
+                   help="the answer is one of these texts (repeatable: --choice yes --choice no)")
     r = chat.add_argument_group("runtime")
     r.add_argument("--chunk-size", type=int, default=None, metavar="N",
                    help="prefill in chunks of N tokens, for bounded memory (default: the whole prompt at once)")
@@ -441,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     r.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="quantise the weights while loading (int8: LM linears; int4: routed experts)")
+    r.add_argument("--kv-cache-bytes", type=size_argument, default=None, metavar="SIZE", help=KV_CACHE_HELP)
     chat.set_defaults(func=cmd_chat)
 
     init = sub.add_parser("init-random", help="write a random checkpoint in the official layout",

@@ -13,3 +13,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fp32_big_products():
+    """Every test module starts with vision / prefill products in float32. ``dsvl2.load``
+    applies this machine's kernel choice process-wide (``model/kernels.py``: bf16 products
+    on CPUs with AMX or AVX-512 BF16 where a measurement says they are faster), which would
+    leak from one module into the next and make results depend on the test order. Within a
+    module the choice stays as its own loads set it (a module-scoped fixture's answers and
+    its tests' are computed alike). Restored afterwards."""
+    from dsvl2.model import ops
+
+    before = ops.big_products_in_weights_dtype()
+    ops.set_big_products_in_weights_dtype(False)
+    yield
+    ops.set_big_products_in_weights_dtype(before)

@@ -234,7 +234,7 @@ def test_max_tokens_is_the_openai_alias_of_max_new_tokens():
 
 @pytest.mark.parametrize("kwargs, bad", [(dict(max_length=5), "'max_length'"),
                                          (dict(temprature=0.5, top_p=0.9), "'temprature'"),
-                                         (dict(n=2, logprobs=True), "'n', 'logprobs'")])
+                                         (dict(n=2, best_of=2), "'n', 'best_of'")])
 def test_unknown_options_are_a_one_line_error_naming_the_allowed_ones(kwargs, bad):
     m = model("tiny")
     for call in (lambda: m.chat("hi", **kwargs), lambda: list(m.stream("hi", **kwargs))):
@@ -243,7 +243,8 @@ def test_unknown_options_are_a_one_line_error_naming_the_allowed_ones(kwargs, ba
         msg = str(info.value)
         assert "\n" not in msg and "unknown option" in msg and bad in msg, msg
         for allowed in ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "max_tokens",
-                        "seed", "stop", "stop_token_ids", "params"):
+                        "seed", "stop", "stop_token_ids", "params", "logprobs", "guide", "response_format",
+                        "json_schema"):
             assert allowed in msg, (allowed, msg)
 
 
@@ -344,6 +345,30 @@ def test_answer_fields_and_to_dict():
     batch = proc([{"role": "user", "content": "<image>\n" + PROMPT, "images": [str(SMALL_IMAGE)]}])
     assert a.prompt_tokens == batch.seq_lens[0]
     assert isinstance(d["boxes"], list) and isinstance(d["grounding_problems"], list)
+
+
+def test_logprobs_are_the_model_distribution_before_the_sampling_options():
+    """logprobs=N: each token's log-softmax under the raw logits (no penalty, temperature,
+    top-k), the N most likely first; off by default, and nothing computed then."""
+    m = model("tiny")
+    opts = dict(max_new_tokens=6, temperature=1.5, top_k=3, repetition_penalty=1.3, seed=3)
+    batch, _ = m.process("Tell me a story.")
+    (h,) = m.driver.submit(batch, api._params({**opts, "logprobs": 4}), output_scores=True)
+    out = h.result()
+    lp = torch.log_softmax(out.scores.float(), -1)  # [steps, V] of the raw logits
+    a = api.make_answer(out, [], m.processor.tokenizer, m.engine.eos_ids)
+    assert [e.token_id for e in a.logprobs] == out.ids
+    for i, e in enumerate(a.logprobs):
+        assert e.logprob == pytest.approx(float(lp[i, e.token_id]), abs=1e-5)
+        assert [t.token_id for t in e.top_logprobs] == lp[i].topk(4).indices.tolist()
+        assert [t.logprob for t in e.top_logprobs] == pytest.approx(lp[i].topk(4).values.tolist(), abs=1e-5)
+        assert e.token == m.processor.tokenizer.decode([e.token_id])
+    same_run = m.chat("Tell me a story.", logprobs=4, **opts)
+    assert same_run.text == a.text and [e.to_dict() for e in same_run.logprobs] == [e.to_dict() for e in a.logprobs]
+    assert m.chat("Tell me a story.", **opts).text == a.text  # asking for logprobs changes nothing else
+    assert a.to_dict()["logprobs"][0].keys() == {"token", "logprob", "bytes", "top_logprobs"}
+    (h,) = m.driver.submit(batch, api._params(opts))
+    assert h.result().logprobs is None
 
 
 def test_draw_without_images_is_a_clear_error():

@@ -207,6 +207,52 @@ def test_chat_sampling_options_reach_the_engine(capsys):
     assert sys_["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]
 
 
+@pytest.fixture
+def guides(monkeypatch):
+    """The guides that reach ``Engine.compile_guide`` (the compiler is engine/guided.py's;
+    here every guide is recorded and refused, which the CLI reports as an error)."""
+    from dsvl2.errors import GenerationError
+
+    seen = []
+
+    def compile_guide(self, guide):
+        seen.append(guide)
+        raise GenerationError(f"test compiler: {guide.kind} refused")
+
+    monkeypatch.setattr(engine_mod.Engine, "compile_guide", compile_guide)
+    return seen
+
+
+def test_structured_output_options_reach_the_engine(capsys, guides, tmp_path):
+    from dsvl2.engine.guided import Guide
+
+    schema = {"type": "object", "properties": {"dish": {"type": "string"}}, "required": ["dish"]}
+    path = tmp_path / "dish.json"
+    path.write_text(json.dumps(schema))
+    assert_error(*cli(capsys, "chat", "-m", TINY, "--json-schema", path, "Name the dish.")[::2],
+                 "json_schema refused")
+    assert_error(*cli(capsys, "chat", "-m", TINY, "--regex", "[0-9]+", "How many?")[::2], "regex refused")
+    assert_error(*cli(capsys, "chat", "-m", TINY, "--choice", "yes", "--choice", "no", "A dog?")[::2],
+                 "choice refused")
+    assert guides == [Guide.json_schema(schema), Guide.regex("[0-9]+"), Guide.choice(["yes", "no"])]
+
+
+def test_structured_output_options_are_checked_before_loading(capsys, no_load, tmp_path):
+    missing = tmp_path / "nope.json"
+    assert_error(*cli(capsys, "chat", "--json-schema", missing, "hi")[::2], "--json-schema", "cannot be read")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert_error(*cli(capsys, "chat", "--json-schema", bad, "hi")[::2], "--json-schema", "not valid JSON")
+    arr = tmp_path / "list.json"
+    arr.write_text("[1, 2]")
+    assert_error(*cli(capsys, "chat", "--json-schema", arr, "hi")[::2], "--json-schema", "object")
+    assert_error(*cli(capsys, "chat", "--regex", "", "hi")[::2], "--regex")
+    rc, out, err = cli(capsys, "chat", "--regex", "a", "--choice", "b", "hi")
+    assert rc == 2 and "not allowed with" in err  # one constraint at a time: a usage error
+    rc, out, err = cli(capsys, "chat", "--help")
+    assert rc == 0 and "--json-schema FILE" in out and "--choice yes --choice no" in out
+
+
 # --------------------------------------------------------------------------- grounding
 
 

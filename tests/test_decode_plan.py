@@ -19,7 +19,7 @@ from dsvl2.config import LanguageConfig
 from dsvl2.engine.engine import Engine
 from dsvl2.engine.sampling import SamplingParams
 from dsvl2.model import decode_plan, native, ops
-from dsvl2.model.cache import KVCache
+from dsvl2.model.cache import KVCache, row_tables
 from dsvl2.model.language import LanguageModel
 from dsvl2.model.rope import RotaryEmbedding
 from dsvl2.processing import Processor
@@ -66,7 +66,7 @@ def _step(lm: LanguageModel, cache: KVCache, rows, start, ids, fused: bool) -> t
             mp.setattr(decode_plan.DecodePlan, "run", lambda self, *a: ran.append(1) or real(self, *a))
             mp.setattr(decode_plan, "enabled", fused)
             start = torch.tensor(start)
-            _, ctx = lm.step_context(cache, start, torch.ones_like(start), 1, rows=torch.tensor(rows))
+            _, ctx = lm.step_context(cache, start, torch.ones_like(start), 1, TABLES[torch.tensor(rows)])
             with torch.no_grad(), ops.decoding():
                 out = lm(lm.embed(torch.tensor(ids)[:, None]), ctx, logits="last", output_routing=True)
     finally:
@@ -77,8 +77,12 @@ def _step(lm: LanguageModel, cache: KVCache, rows, start, ids, fused: bool) -> t
     return out.logits[:, 0], seen, bool(ran)
 
 
+# 4 rows of 512 tokens each in 16-token blocks scattered over the pool
+TABLES = row_tables(4, 512, 16, order=torch.randperm(4 * 32, generator=torch.Generator().manual_seed(3)))
+
+
 def _cache(lm: LanguageModel, seed: int) -> KVCache:
-    cache = KVCache(lm.cfg, 4, capacity=512)
+    cache = KVCache(lm.cfg, 1 + 4 * 32, block_size=16)
     g = torch.Generator().manual_seed(seed)
     for pair in cache.layers:  # earlier tokens: any values
         for t in pair:
@@ -153,13 +157,13 @@ def test_a_model_with_a_plan_pickles_and_copies():
 
 
 @needs_native
-def test_plan_rejects_slots_outside_the_cache():
+def test_plan_rejects_positions_outside_the_table():
     lm = _model("dense_first_shared")
-    cache = KVCache(lm.cfg, 2, capacity=8)
+    cache = KVCache(lm.cfg, 3, block_size=4)
     start = torch.tensor([3])
-    _, ctx = lm.step_context(cache, start, torch.ones_like(start), 1, rows=torch.tensor([1]))
-    ctx.write_pos = torch.tensor([[cache.capacity]])  # one slot past the end
-    expected = rf"layer 0: cache rows .* slots in \[0, {cache.capacity}\)"
+    _, ctx = lm.step_context(cache, start, torch.ones_like(start), 1, torch.tensor([[1, 2]]))
+    ctx.write_pos = torch.tensor([[8]])  # one position past the row's two blocks
+    expected = r"layer 0: each row's positions must lie in its block table \(2 blocks of 4\)"
     with torch.no_grad(), ops.decoding(), pytest.raises(ValueError, match=expected):
         lm(lm.embed(torch.tensor([[3]])), ctx, logits="last")
 

@@ -23,8 +23,8 @@ import pytest
 import torch
 
 import dsvl2.engine.engine as engine_mod
-import dsvl2.model.cache as cache_mod
 from dsvl2.engine.engine import Engine, GenerationOutput
+from dsvl2.engine.request import Request
 from dsvl2.engine.sampling import SamplingParams
 from dsvl2.errors import GenerationError
 from dsvl2.engine.runner import ModelRunner
@@ -158,109 +158,115 @@ def decode_sizes(monkeypatch):
 # --------------------------------------------------------------------------- KV cache
 
 
+def prefilled(eng: Engine, conv, params) -> Request:
+    """Submit one conversation and step until its prompt is in the cache (it is running)."""
+    (r,) = eng.submit(batch_of(eng, conv), params)
+    while r not in eng.scheduler.running:
+        eng.step()
+    return r
+
+
+def batch_of(eng: Engine, conv):
+    variant = next(v for v in ("tiny", "small", "base", "dsv2x") if load(v)[0] is eng.model)
+    return batch(variant, [conv])
+
+
+def stored(eng: Engine, r: Request, layer: int) -> tuple[torch.Tensor, ...]:
+    """r's prompt tokens in layer ``layer``'s pools, read through its block table."""
+    bs = eng.cache.block_size
+    slots = torch.tensor([r.blocks[p // bs] * bs + p % bs for p in range(r.prompt_len)])
+    return tuple(t.view(-1, *t.shape[2:])[slots] for t in eng.cache.layers[layer])
+
+
 @pytest.mark.parametrize("variant", ["small", "base", "dsv2x"])
 def test_mla_cache_holds_latent_plus_rope_key(variant):
-    eng = engine(variant, max_batch_size=3)
-    outs = eng.generate(batch(variant, [TEXT, SHORT[1]]), greedy(5))
+    eng = engine(variant, max_batch_size=3, kv_cache_bytes=1 << 22)
     cfg = eng.cfg
     width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
     cache = eng.cache
     assert cache.values_per_token_per_layer == width
     assert len(cache.layers) == cfg.num_hidden_layers
+    nb, bs = cache.num_blocks, cache.block_size
     for layer in cache.layers:
         assert len(layer) == 1, "MLA keeps ONE tensor per layer (latent | k_pe), no k / v"
         (t,) = layer
-        # rows grow with the slots in use (2 conversations), not to max_batch_size (3)
-        assert t.shape == (2, cache.capacity, width) and t.dtype == torch.float32
-    assert cache.nbytes() == cfg.num_hidden_layers * 2 * cache.capacity * width * 4
-    assert cache.capacity >= max(o.prompt_tokens + o.completion_tokens for o in outs)
+        assert t.shape == (nb, bs, width) and t.dtype == torch.float32
+    assert cache.nbytes() == cfg.num_hidden_layers * nb * bs * width * 4 <= 1 << 22
+    r = prefilled(eng, TEXT, greedy(5))  # and its first token decoded
+    L = r.prompt_len
+    assert r.length == L + 1 and len(r.blocks) == -(-(L + 1) // bs) and eng.pool.used == len(r.blocks)
 
-    # Layer 0's cache row holds, per prompt token, the RMS-normalised latent of kv_a_proj
+    # Layer 0's cache holds, per prompt token, the RMS-normalised latent of kv_a_proj
     # followed by the RoPE-rotated shared k_pe.
     model, _ = load(variant)
     lm = model.language
     ids = batch(variant, [TEXT]).input_ids  # [1, L], no padding
-    L = ids.shape[1]
     attn = lm.model.layers[0].self_attn
     kv = attn.kv_a_proj_with_mqa(lm.model.layers[0].input_layernorm(lm.embed(ids)))  # [1, L, r + dr]
     latent = attn.kv_a_layernorm(kv[..., : cfg.kv_lora_rank])  # [1, L, r]
     cos, sin = lm.rotary(torch.arange(L)[None])
     k_pe = apply_rope(kv[:, None, :, cfg.kv_lora_rank:], cos, sin, interleaved=True)[:, 0]  # [1, L, dr]
-    stored = cache.layers[0][0][0, :L]
-    torch.testing.assert_close(stored, torch.cat([latent, k_pe], -1)[0], atol=1e-5, rtol=1e-5)
+    (got,) = stored(eng, r, 0)
+    torch.testing.assert_close(got, torch.cat([latent, k_pe], -1)[0], atol=1e-5, rtol=1e-5)
+    run_to_end(eng)
+    assert eng.pool.used == 0
+    eng.pool.check()
 
 
 def test_mha_cache_holds_k_and_v():
-    eng = engine("tiny", max_batch_size=2)
-    eng.generate(batch("tiny", [TEXT]), greedy(5))
+    eng = engine("tiny", max_batch_size=2, kv_cache_bytes=1 << 22)
     cfg, cache = eng.cfg, eng.cache
     assert cache.values_per_token_per_layer == 2 * cfg.kv_heads * cfg.head_dim
-    for k, v in cache.layers:  # one conversation: one row, whatever max_batch_size
-        assert k.shape == v.shape == (1, cache.capacity, cfg.kv_heads, cfg.head_dim)
-    assert cache.nbytes() == cfg.num_hidden_layers * 1 * cache.capacity * 2 * cfg.kv_heads * cfg.head_dim * 4
+    for k, v in cache.layers:
+        assert k.shape == v.shape == (cache.num_blocks, cache.block_size, cfg.kv_heads, cfg.head_dim)
+    assert cache.nbytes() == cfg.num_hidden_layers * cache.num_blocks * cache.block_size * 2 * cfg.kv_heads \
+        * cfg.head_dim * 4
+    r = prefilled(eng, TEXT, greedy(5))
+    k, v = stored(eng, r, 0)
+    lm = eng.model.language
+    x = lm.model.layers[0].input_layernorm(lm.embed(batch("tiny", [TEXT]).input_ids))  # [1, L, D]
+    attn = lm.model.layers[0].self_attn
+    want_v = attn.v_proj(x).view(r.prompt_len, cfg.kv_heads, cfg.head_dim)
+    torch.testing.assert_close(v, want_v, atol=1e-5, rtol=1e-5)
+    assert k.shape == want_v.shape
 
 
 def test_cache_dtype_is_honoured():
-    eng = engine("small", max_batch_size=1, cache_dtype=torch.bfloat16)
+    eng = engine("small", max_batch_size=1, cache_dtype=torch.bfloat16, kv_cache_bytes=1 << 20)
     out = eng.generate(batch("small", [TEXT]), greedy(3))[0]
     assert len(out.ids) == 3
     assert all(t.dtype == torch.bfloat16 for layer in eng.cache.layers for t in layer)
     width = eng.cfg.kv_lora_rank + eng.cfg.qk_rope_head_dim
-    assert eng.cache.nbytes() == eng.cfg.num_hidden_layers * eng.cache.capacity * width * 2
+    assert eng.cache.nbytes() == eng.cfg.num_hidden_layers * eng.cache.num_blocks * eng.cache.block_size * width * 2
 
 
-def test_cache_grows_in_blocks_without_losing_content(monkeypatch):
-    cfg = load("small")[0].cfg.language
-    monkeypatch.setattr(cache_mod, "BLOCK", 8)
-    cache = KVCache(cfg, rows=2, capacity=5)
-    assert cache.capacity == 8
-    for i, (t,) in enumerate(cache.layers):
-        t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(i)))
-    before = [t.clone() for (t,) in cache.layers]
-    tensors = [t for (t,) in cache.layers]
-    cache.ensure_capacity(8)  # fits: no new allocation
-    assert cache.capacity == 8 and all(t is u for (t,), u in zip(cache.layers, tensors))
-    cache.ensure_capacity(17)
-    assert cache.capacity == 24
-    for (t,), old in zip(cache.layers, before):
-        assert t.shape[1] == 24
-        assert torch.equal(t[:, :8], old)
-        assert not t[:, 8:].any()
+def test_kv_budget_is_the_pool():
+    """The pool is what the budget allows, whatever the requests; a request holds
+    ceil(tokens / block size) blocks and gives them back at the end."""
+    eng = engine("small", max_batch_size=16, kv_cache_bytes=300_000, block_size=8)
+    per_block = 8 * KVCache.bytes_per_token(eng.cfg, eng.cache_dtype)
+    assert eng.cache.num_blocks == 300_000 // per_block and eng.cache.nbytes() <= 300_000
+    r = prefilled(eng, TEXT, greedy(3))
+    assert len(r.blocks) == -(-r.length // 8) == eng.pool.used
+    run_to_end(eng)
+    assert eng.pool.used == 0 and eng.kv_stats()["kv_cache_bytes_peak"] >= len(r.blocks) * per_block
 
 
-def test_cache_grows_rows_without_losing_content():
-    cfg = load("small")[0].cfg.language
-    cache = KVCache(cfg, rows=1, capacity=5)
-    for i, (t,) in enumerate(cache.layers):
-        t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(i)))
-    before = [t.clone() for (t,) in cache.layers]
-    cache.ensure_rows(1)
-    assert cache.rows == 1
-    cache.ensure_rows(3)
-    assert cache.rows == 3
-    for (t,), old in zip(cache.layers, before):
-        assert t.shape[0] == 3 and torch.equal(t[:1], old) and not t[1:].any()
-
-
-def test_one_conversation_allocates_one_cache_row():
-    eng = engine("small", max_batch_size=16)
-    eng.generate(batch("small", [TEXT]), greedy(3))
-    assert eng.cache.rows == 1
+def test_budget_too_small_for_two_blocks_is_refused():
+    with pytest.raises(GenerationError, match="at least 2 are needed"):
+        engine("small", kv_cache_bytes=100)
 
 
 @pytest.mark.parametrize("variant", ["tiny", "small"])
-def test_generation_crosses_blocks(monkeypatch, variant):
-    """With 8-token blocks a 17-token prompt + 20 tokens grows the cache 3 times mid-run;
-    the ids must equal those of a run inside one 256-token block."""
+def test_generation_crosses_blocks(variant):
+    """With 4-token blocks a 17-token prompt + 20 tokens takes a new block every 4 tokens;
+    the ids must equal those of a run with 16-token blocks."""
     want = alone(variant, TEXT)
-    monkeypatch.setattr(cache_mod, "BLOCK", 8)
-    eng = engine(variant, max_batch_size=1)
-    eng.cache = KVCache(eng.cfg, 1, capacity=1, dtype=eng.cache_dtype)  # (the default capacity is bound at import)
-    capacities = []
+    eng = engine(variant, max_batch_size=1, kv_cache_bytes=1 << 22, block_size=4)
+    held = []
     for r, _, _ in iter_steps(eng, batch(variant, [TEXT]), greedy(20)):
-        capacities.append(eng.cache.capacity)
-    assert eng.cache.capacity % 8 == 0 and eng.cache.capacity >= 17 + 19
-    assert len(set(capacities)) >= 3
+        held.append(len(r.blocks))
+    assert held[0] == -(-17 // 4) and max(held) == -(-(17 + 19) // 4)
     assert r.output_ids == want
 
 

@@ -69,8 +69,12 @@ class LiveServer:
 
 
 def post(url: str, body, headers=None, **kw) -> httpx.Response:
+    """POST a chat request; Content-Type application/json unless ``headers`` name one."""
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)  # NaN / Infinity tokens allowed
-    r = httpx.post(url + "/v1/chat/completions", content=content, headers=headers or {}, timeout=WAIT_S, **kw)
+    headers = dict(headers or {})
+    if not any(k.lower() == "content-type" for k in headers):
+        headers["Content-Type"] = "application/json"
+    r = httpx.post(url + "/v1/chat/completions", content=content, headers=headers, timeout=WAIT_S, **kw)
     assert r.status_code < 500, r.text
     return r
 
@@ -143,7 +147,7 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model():
-    return dsvl2.load("demo", prefix_cache_bytes=0)
+    return dsvl2.load("demo", prefix_caching=False)
 
 
 @pytest.fixture(scope="module")
@@ -270,11 +274,16 @@ def test_content_types_a_foreign_page_can_send_are_415(server, ctype, bystander)
     assert_error(post(server.url, ok, headers={"Content-Type": ctype}), 415, "application/json")
 
 
-def test_other_content_types_are_read_as_json(server, bystander):
+def test_only_application_json_is_read(server, bystander):
     ok = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
     assert post(server.url, ok, headers={"Content-Type": "application/json; charset=utf-8"}).status_code == 200
-    assert post(server.url, ok).status_code == 200  # none given (curl -d, httpx content=)
-    assert_error(post(server.url, "a=1&b=2", headers={"Content-Type": "application/xml"}), 400, "not valid JSON")
+    assert post(server.url, ok, headers={"Content-Type": "Application/JSON"}).status_code == 200
+    # none given (httpx content=; curl -d sends a form type): 415, as any other type
+    r = httpx.post(server.url + "/v1/chat/completions", content=ok, timeout=WAIT_S)
+    assert "content-type" not in r.request.headers
+    assert_error(r, 415, "without a Content-Type", "application/json")
+    for ctype in ("application/xml", "application/json-seq", "text/json", "*/*"):
+        assert_error(post(server.url, ok, headers={"Content-Type": ctype}), 415, "application/json")
 
 
 def test_a_million_character_prompt_is_a_400(server, bystander):
@@ -351,6 +360,6 @@ def test_the_bystander_got_every_answer_whole_and_unchanged(server, bystander):
     text = httpx.get(server.url + "/metrics", timeout=WAIT_S).text
     gauges = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
               if line.startswith(("dsvl2_requests_running", "dsvl2_requests_waiting", "dsvl2_requests_admitting",
-                                  "dsvl2_kv_cache_rows_in_use"))}
+                                  "dsvl2_batch_slots_in_use"))}
     assert gauges and all(v == 0 for v in gauges.values()), gauges
     assert 'dsvl2_requests_total{outcome="error"} 0' in text

@@ -20,7 +20,7 @@ from dsvl2.config import (
     load_config,
     yarn_mscale,
 )
-from dsvl2.model.cache import KVCache
+from dsvl2.model.cache import KVCache, row_tables
 from dsvl2.model.moe import Experts, Gate, Routing
 from dsvl2.model.rope import RotaryEmbedding, apply_rope, yarn_inv_freq
 from dsvl2.model.vision import Projector
@@ -536,7 +536,8 @@ def test_chunked_cache_equals_padded_forward(variant):
     with torch.no_grad():
         want = [lm(r[None], lm.padded_context(torch.ones(1, len(r), dtype=torch.bool))[1]).logits[0] for r in rows]
         for chunk in (1, 5, 20):
-            cache = KVCache(lm.cfg, rows=2)
+            cache = KVCache(lm.cfg, 1 + 2 * 2, block_size=16)  # two rows of 32 tokens
+            table = row_tables(2, 32, 16, order=torch.tensor([3, 0, 2, 1]))
             start = torch.zeros(2, dtype=torch.long)
             got: list[list[torch.Tensor]] = [[], []]
             while any(int(start[i]) < lens[i] for i in range(2)):
@@ -544,7 +545,7 @@ def test_chunked_cache_equals_padded_forward(variant):
                 x = torch.zeros(2, chunk, rows[0].shape[-1])
                 for i in range(2):
                     x[i, : n[i]] = rows[i][start[i]: start[i] + n[i]]
-                _, ctx = lm.step_context(cache, start, n, chunk)
+                _, ctx = lm.step_context(cache, start, n, chunk, table)
                 logits = lm(x, ctx).logits  # [2, chunk, V]
                 for i in range(2):
                     got[i].append(logits[i, : n[i]])
@@ -558,17 +559,11 @@ def test_chunked_cache_equals_padded_forward(variant):
 
 
 @pytest.mark.parametrize("variant", ["tiny", "small"])
-def test_cache_growth_keeps_content(variant):
+def test_cache_pool_sizes(variant):
     cfg = golden_model(variant).language.cfg
-    cache = KVCache(cfg, rows=2, capacity=10)
-    assert cache.capacity == 256  # whole blocks
-    layers = [tuple(t.normal_() for t in layer) for layer in cache.layers]
-    before = [tuple(t.clone() for t in layer) for layer in layers]
-    cache.ensure_capacity(300)
-    assert cache.capacity == 512
-    for old, new in zip(before, cache.layers):
-        for o, n in zip(old, new):
-            assert n.shape[1] == 512 and torch.equal(n[:, :256], o)
+    cache = KVCache(cfg, 10, block_size=8)
     per_token = cache.values_per_token_per_layer
     assert per_token == cfg.kv_cache_values_per_token_per_layer
-    assert cache.nbytes() == 2 * 512 * per_token * cfg.num_hidden_layers * 4
+    assert cache.nbytes() == 10 * 8 * per_token * cfg.num_hidden_layers * 4
+    assert KVCache.bytes_per_token(cfg, torch.float32) * 8 == cache.block_bytes
+    assert all(not t[0].any() for layer in cache.layers for t in layer)  # the null block is zero

@@ -20,7 +20,7 @@ from dsvl2.engine.engine import Engine
 from dsvl2.engine.sampling import SamplingParams
 from dsvl2.model import decode_plan, native, ops
 from dsvl2.model.attention import MHA
-from dsvl2.model.cache import KVCache, StepContext
+from dsvl2.model.cache import KVCache, StepContext, row_tables, slots_of
 from dsvl2.model.moe import Gate
 from dsvl2.model.ops import RMSNorm
 from dsvl2.model.rope import RotaryEmbedding
@@ -148,8 +148,11 @@ def test_mha_decode_block_matches_torch_path_and_float64(heads, kv_heads, bias, 
     rows, start = torch.tensor([2, 0, 3]), torch.tensor([300, 0, 129])
     rotary = RotaryEmbedding(cfg)
 
+    # each of 4 rows owns 512 tokens in 16-token blocks scattered over the pool
+    tables = row_tables(4, 512, 16, order=torch.randperm(4 * 32, generator=torch.Generator().manual_seed(7)))
+
     def run(native_block: bool):
-        cache = KVCache(cfg, 4, capacity=512)
+        cache = KVCache(cfg, 1 + 4 * 32, block_size=16)
         for t in cache.layers[0]:  # earlier tokens: any values
             t.copy_(_rand(*t.shape, seed=40))
         x = _rand(3, 1, 64, seed=41)
@@ -158,7 +161,7 @@ def test_mha_decode_block_matches_torch_path_and_float64(heads, kv_heads, bias, 
         s = torch.arange(int(start.max()) + 1)
         mask = torch.zeros(3, 1, 1, len(s)).masked_fill_(~(s[None, None, None] <= positions[:, None, :, None]),
                                                           torch.finfo(torch.float32).min)
-        ctx = StepContext(cos, sin, mask, cache=cache, rows=rows, write_pos=positions, kv_len=len(s))
+        ctx = StepContext(cos, sin, mask, cache=cache, table=tables[rows], write_pos=positions, kv_len=len(s))
         calls = []
         real = native.mha_decode
         monkeypatch.setattr(native, "mha_decode", lambda *a: calls.append(1) or real(*a))
@@ -175,19 +178,26 @@ def test_mha_decode_block_matches_torch_path_and_float64(heads, kv_heads, bias, 
     for a, b in zip(cache_f.layers[0], cache_s.layers[0]):
         assert torch.equal(a, b)  # the same k / v written at the same slots
     assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-6)
-    ref = _ref_attention(m, x[:, 0], *cache_f.layers[0], rows.tolist(), start.tolist())
+    slots = slots_of(tables, torch.arange(512).expand(4, -1), 16)  # [4, 512]: the rows as rectangles
+    rect = [t.view(-1, *t.shape[2:])[slots] for t in cache_f.layers[0]]
+    ref = _ref_attention(m, x[:, 0], *rect, rows.tolist(), start.tolist())
     assert torch.allclose(fast[:, 0].double(), ref, rtol=1e-5, atol=1e-5)
 
 
 @needs_native
-def test_mha_decode_rejects_slots_outside_the_cache():
+@pytest.mark.parametrize("table,pos", [([[1, 2]], 8), ([[1, 2]], -1), ([[1, 5]], 4), ([[-1, 2]], 0)])
+def test_mha_decode_rejects_positions_outside_the_table(table, pos):
+    """A position past the row's table, or a block id outside the pool: an error, nothing written."""
     cfg, m = _mha(4, 4, False)
-    cache = KVCache(cfg, 2, capacity=8)
+    cache = KVCache(cfg, 4, block_size=4)
     k, v = cache.layers[0]
+    k.zero_(), v.zero_()
+    before = [t.clone() for t in (k, v)]
     cos = sin = torch.ones(1, 16)
-    with pytest.raises(ValueError, match="slots in"):
+    with pytest.raises(ValueError, match="block table"):
         native.mha_decode(_rand(1, 64), m.q_proj.weight, m.k_proj.weight, m.v_proj.weight, m.o_proj.weight,
-                          (None,) * 4, 4, 4, cos, sin, k, v, torch.tensor([0]), torch.tensor([cache.capacity]), 0.25)
+                          (None,) * 4, 4, 4, cos, sin, k, v, torch.tensor(table), torch.tensor([pos]), 0.25)
+    assert all(torch.equal(a, b) for a, b in zip(before, (k, v)))
 
 
 @needs_native

@@ -101,6 +101,16 @@ def test_build_app_options_are_checked():
         options({"replicas": 0})
     with pytest.raises(DSVL2Error, match="max_batch_size must be an integer"):
         options({"max_batch_size": "many"})
+    # the security options of `dsvl2 serve` (lists: a YAML list or "a,b" from `serve run`)
+    o = options({"allowed_hosts": "vl.example, gpu1.lan", "allowed_origins": ["https://chat.example.com"],
+                 "allow_fetch_private": "true", "fetch_timeout": "2.5"})
+    assert o["allowed_hosts"] == ["vl.example", "gpu1.lan"] and o["allowed_origins"] == ["https://chat.example.com"]
+    assert o["allow_fetch_private"] is True and o["fetch_timeout"] == 2.5
+    assert options({})["allowed_hosts"] == [] and options({})["fetch_timeout"] == 10.0
+    with pytest.raises(DSVL2Error, match="allowed-origin"):
+        options({"allowed_origins": "chat.example.com/path"})
+    with pytest.raises(DSVL2Error, match="fetch_timeout"):
+        options({"fetch_timeout": 0})
 
 
 @pytest.mark.slow  # a 2-node Ray cluster, Serve and two model replicas: a minute or more here

@@ -1,6 +1,8 @@
 """The server's security defaults, each checked: loopback bind, constant-time API key,
 local images only under the allowed folder, no outbound fetch unless enabled (then only
-what the test serves on loopback), 413 limits, model output never run or parsed as HTML.
+what the test serves on loopback, with allow_fetch_private), 413 limits, model output
+never run or parsed as HTML. The fetch guard and the Host, Origin and Content-Type checks:
+tests/test_server_security.py.
 
 Live servers run on 127.0.0.1 (daemon threads, ports the OS chose) and are marked slow;
 the policy, parser and static checks are not.
@@ -52,7 +54,7 @@ def chat(url: str) -> dict:
 
 @pytest.fixture(scope="module")
 def model(one_thread):
-    return dsvl2.load("demo", prefix_cache_bytes=0)
+    return dsvl2.load("demo", prefix_caching=False)
 
 
 # --------------------------------------------------------------------------- bind address
@@ -195,9 +197,11 @@ def image_host():
 def test_no_fetch_unless_enabled_then_fetched_from_loopback(model, image_host):
     url = image_host + "/cat.png"
     off = LiveServer(create_app(model, served_model_name="demo"))
-    on = LiveServer(create_app(model, served_model_name="demo", allow_fetch=True))
+    public = LiveServer(create_app(model, served_model_name="demo", allow_fetch=True))
+    on = LiveServer(create_app(model, served_model_name="demo", allow_fetch=True, allow_fetch_private=True))
     try:
         assert_error(post(off.url, chat(url)), 400, "does not fetch remote images", "--allow-fetch")
+        assert_error(post(public.url, chat(url)), 400, "loopback", "--allow-fetch-private")
         assert _Serve.hits == []  # not one outbound request
         r = post(on.url, chat(url))
         assert r.status_code == 200, r.text
@@ -206,6 +210,7 @@ def test_no_fetch_unless_enabled_then_fetched_from_loopback(model, image_host):
         assert r.json()["usage"] == post(on.url, chat(data)).json()["usage"]  # the same image
     finally:
         off.close()
+        public.close()
         on.close()
 
 

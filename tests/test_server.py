@@ -8,9 +8,10 @@ Conventions of this file:
   ``slow``; the schema, image-policy and response-builder tests are not.
 * The model is the shipped demo checkpoint in the default dtype ("auto": bf16 weights);
   greedy answers of rows decoded together equal the same conversation alone in it. Its
-  prefix cache is off: a repeated prompt would take over the row its first run left and
-  skip the admission work that the concurrency tests are about (and in bf16 a reused
-  row's answer may differ from a fresh one, see engine/prefix.py).
+  prefix caching is off: a repeated prompt would reuse the KV blocks its first run left
+  and skip the admission work that the concurrency tests are about (and in bf16 an
+  answer over reused blocks may differ from a fresh one, see engine/prefix.py). The
+  cache and the KV budget are tested with the server in tests/test_server_kv.py.
 * "Alone" answers are the server's own answers to one request at a time; the
   concurrency tests compare against them.
 * Scripted answers (grounding): ``dsvl2.engine.engine.sample_next`` is replaced, as in
@@ -133,7 +134,10 @@ def gauge(m: dict, name: str) -> float:
 
 
 def post(url: str, body, headers=AUTH, **kw) -> httpx.Response:
+    """POST a chat request; Content-Type application/json unless ``headers`` name one."""
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    if not any(k.lower() == "content-type" for k in headers):
+        headers = {**headers, "Content-Type": "application/json"}
     return httpx.post(url + "/v1/chat/completions", content=content, headers=headers, timeout=WAIT_S, **kw)
 
 
@@ -173,7 +177,7 @@ async def stream_text(client: httpx.AsyncClient, body: dict, headers=AUTH) -> tu
 
 @pytest.fixture(scope="module")
 def model() -> VLModel:
-    return dsvl2.load("demo", prefix_cache_bytes=0)  # dtype "auto": bf16 weights
+    return dsvl2.load("demo", prefix_caching=False)  # dtype "auto": bf16 weights
 
 
 @pytest.fixture(scope="module")
@@ -186,9 +190,9 @@ def server(model):
 
 @pytest.fixture(scope="module")
 def small(model, tmp_path_factory):
-    """One KV-cache row and a queue of one, on the same weights; reads files under a folder."""
+    """One batch slot and a queue of one, on the same weights; reads files under a folder."""
     folder = tmp_path_factory.mktemp("allowed")
-    one = VLModel(model.model, model.processor, model.folder, max_batch_size=1, prefix_cache_bytes=0)
+    one = VLModel(model.model, model.processor, model.folder, max_batch_size=1, prefix_caching=False)
     s = LiveServer(create_app(one, served_model_name="demo", max_queue=1, allowed_local_dir=folder))
     s.folder = folder
     yield s
@@ -229,7 +233,9 @@ def test_models_health_and_the_demo_flag(server):
     card = server.client().models.list().data
     assert [m.id for m in card] == ["demo"]
     ext = card[0].model_extra["dsvl2"]
+    budget = {k: ext.pop(k) for k in ("kv_cache_bytes", "kv_block_size")}  # tests/test_server_kv.py checks them
     assert ext == {"context_window": 4096, "max_batch_size": 16, "demo": True, "max_queue": 64}
+    assert budget["kv_cache_bytes"] > 0 and budget["kv_block_size"] > 0
     assert server.client().models.retrieve("demo").id == "demo"
     with pytest.raises(openai.NotFoundError):
         server.client().models.retrieve("gpt-4o")
@@ -256,6 +262,7 @@ def test_openai_client_with_an_image_data_url_streaming_and_not(server, model):
     assert sum(batch.num_image_tokens[0]) > 400  # image tokens are counted in prompt_tokens
     assert res.usage.prompt_tokens == text_tokens + sum(batch.num_image_tokens[0])
     assert res.usage.completion_tokens == ref.completion_tokens
+    assert res.usage.prompt_tokens_details.cached_tokens == 0  # prefix caching is off here
     assert res.model == "demo" and res.id.startswith("chatcmpl-")
 
     chunks = list(client.chat.completions.create(model="demo", messages=messages, max_tokens=10, stream=True,
@@ -266,6 +273,7 @@ def test_openai_client_with_an_image_data_url_streaming_and_not(server, model):
     assert finishes == [ref.finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == res.usage.prompt_tokens
     assert chunks[-1].usage.completion_tokens == res.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 0
     assert all(c.usage is None for c in chunks[:-1])
 
 
@@ -367,7 +375,8 @@ BAD_FIELDS = [  # (extra fields, param, words in the message)
     ({"n": 17}, "n", "from 1 to 16"),
     ({"frequency_penalty": 0.5}, "frequency_penalty", "repetition_penalty"),
     ({"tools": [{"type": "function"}]}, "tools", "tool calling"),
-    ({"response_format": {"type": "json_object"}}, "response_format", "text"),
+    ({"response_format": {"type": "xml"}}, "response_format.type", "'json_object'"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "from 0 to 20"),
     ({"model": 5}, "model", "string"),
     ({"messages": "hi"}, "messages", "non-empty list"),
     ({"messages": ["hi"]}, "messages[0]", "object"),
@@ -475,7 +484,7 @@ def test_bad_requests_get_openai_errors_while_a_good_one_completes(server, alone
         ({**bad_body, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": str(FOOD)}}]}]}, AUTH, 400, ("--allowed-local-dir",),
          "messages[0].content[0].image_url.url"),
-        ({**bad_body, "logprobs": True}, AUTH, 400, ("logprobs",), "logprobs"),
+        ({**bad_body, "top_logprobs": 2}, AUTH, 400, ("logprobs",), "top_logprobs"),
         ({**bad_body, "max_tokens": 0}, AUTH, 400, ("max_tokens",), "max_tokens"),
         (bad_body, {}, 401, ("missing API key",), None),
         (bad_body, {"Authorization": "Bearer nope"}, 401, ("invalid API key",), None),
@@ -488,7 +497,8 @@ def test_bad_requests_get_openai_errors_while_a_good_one_completes(server, alone
 
     async def bad(client, body, headers, status, words, param):
         content = body if isinstance(body, bytes) else json.dumps(body)
-        r = await client.post("/v1/chat/completions", content=content, headers=headers)
+        r = await client.post("/v1/chat/completions", content=content,
+                              headers={**headers, "Content-Type": "application/json"})
         assert_openai_error(r, status, *words, param=param)
         if status == 401:
             assert r.headers["www-authenticate"] == "Bearer"
@@ -519,7 +529,7 @@ def test_metrics_parse_and_count(server, alone):
     m = server.metrics()
     assert outcome(m, "length") + outcome(m, "stop") >= len(CONVERSATIONS)
     assert m[("dsvl2_prompt_tokens_total", ())] > 0 and m[("dsvl2_generation_tokens_total", ())] > 0
-    assert gauge(m, "dsvl2_kv_cache_rows_total") == 16 and gauge(m, "dsvl2_model_loaded") == 1
+    assert gauge(m, "dsvl2_batch_slots_capacity") == 16 and gauge(m, "dsvl2_model_loaded") == 1
     for hist in ("dsvl2_time_to_first_token_seconds", "dsvl2_inter_token_latency_seconds",
                  "dsvl2_request_duration_seconds"):
         count = m[(hist + "_count", ())]
@@ -576,7 +586,7 @@ def test_queue_full_disconnect_frees_the_slot_and_metrics_show_it(small, endless
         with a.stream("POST", "/v1/chat/completions", json=long_body) as stream:
             lines = stream.iter_lines()
             assert next(l for l in lines if '"content": "' in l and '"role"' not in l)  # a token arrived
-            assert small.metrics()[("dsvl2_kv_cache_rows_in_use", ())] == 1
+            assert small.metrics()[("dsvl2_batch_slots_in_use", ())] == 1
             result = {}
             waiter = threading.Thread(target=lambda: result.update(r=post(small.url, short, headers={})))
             waiter.start()
@@ -591,8 +601,8 @@ def test_queue_full_disconnect_frees_the_slot_and_metrics_show_it(small, endless
     waiter.join(WAIT_S)
     assert not waiter.is_alive() and result["r"].status_code == 200, result
     assert result["r"].json()["usage"]["completion_tokens"] == 6
-    m = wait_for(lambda: (lambda m: m if gauge(m, "dsvl2_kv_cache_rows_in_use") == 0 else None)(small.metrics()),
-                 "the rows to be free")
+    m = wait_for(lambda: (lambda m: m if gauge(m, "dsvl2_batch_slots_in_use") == 0 else None)(small.metrics()),
+                 "the slots to be free")
     assert outcome(m, "cancelled") - outcome(before, "cancelled") == 1
     assert outcome(m, "queue_full") - outcome(before, "queue_full") == 2
     assert m[("dsvl2_generation_tokens_total", ())] - before[("dsvl2_generation_tokens_total", ())] < 3000
@@ -611,7 +621,7 @@ def test_a_non_streaming_client_that_goes_away_frees_its_slot(small, endless):
     r = post(small.url, {"messages": [user("Hi")], "max_tokens": 3}, headers={})  # the only row is free again
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
     m = small.metrics()
-    assert gauge(m, "dsvl2_kv_cache_rows_in_use") == 0
+    assert gauge(m, "dsvl2_batch_slots_in_use") == 0
     assert m[("dsvl2_generation_tokens_total", ())] - before[("dsvl2_generation_tokens_total", ())] < 3000
 
 
@@ -669,13 +679,17 @@ def test_fetching_follows_the_policy():
         with pytest.raises(APIError) as e:
             ImagePolicy().load(ref)
         assert e.value.status == 400 and "--allow-fetch" in e.value.message
-        assert ImagePolicy(allow_fetch=True).load(ref) == FOOD.read_bytes()
+        with pytest.raises(APIError) as e:  # loopback: only with allow_fetch_private (tests/test_server_security.py)
+            ImagePolicy(allow_fetch=True).load(ref)
+        assert e.value.status == 400 and "loopback" in e.value.message
+        assert ImagePolicy(allow_fetch=True, allow_fetch_private=True).load(ref) == FOOD.read_bytes()
         with pytest.raises(APIError) as e:
-            ImagePolicy(allow_fetch=True, max_image_bytes=1000).load(ref)
+            ImagePolicy(allow_fetch=True, allow_fetch_private=True, max_image_bytes=1000).load(ref)
         assert e.value.status == 413
-        for path, words in (("/missing.png", "HTTP 404"), ("/to-file", "HTTP 302"), ("/to-ftp", "redirect")):
+        for path, words in (("/missing.png", "HTTP 404"), ("/to-file", "only http and https"),
+                            ("/to-ftp", "only http and https")):
             with pytest.raises(APIError) as e:
-                ImagePolicy(allow_fetch=True).load(ImageRef(base + path, "p"))
+                ImagePolicy(allow_fetch=True, allow_fetch_private=True).load(ImageRef(base + path, "p"))
             assert e.value.status == 400 and words in e.value.message, e.value.message
     finally:
         httpd.shutdown()

@@ -20,6 +20,7 @@ Conventions of this file:
 from __future__ import annotations
 
 import base64
+import http.server
 import json
 import re
 import socket
@@ -534,3 +535,61 @@ def test_images_come_by_drop_paste_and_examples_and_clear_starts_over(open_tab, 
     page.click("#clear")
     assert page.locator("#history .exchange").count() == 0 and page.locator("#empty-hint").is_visible()
     assert page.is_disabled("#regenerate")
+
+
+class _Foreign(http.server.BaseHTTPRequestHandler):
+    """A page of another origin (another port of 127.0.0.1), as a site the user visits."""
+
+    def do_GET(self):
+        body = b"<!doctype html><title>another site</title><p>nothing to see"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def completed_count(base_url: str) -> int:
+    text = get(base_url + "/metrics")
+    return sum(int(n) for n in re.findall(r'^dsvl2_requests_total\{outcome="(?:stop|length)"\} (\d+)$', text, re.M))
+
+
+def test_a_page_of_another_origin_cannot_drive_the_api(browser, base_url):
+    """CSRF in the real browser: a page on another origin POSTs to the API the two ways a
+    page can, a body a page may send without asking (text/plain, no-cors) and JSON (which
+    needs a CORS preflight). The server refuses both (403: a foreign Origin), nothing runs,
+    and the page reads nothing."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Foreign)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    ctx = browser.new_context()
+    ctx.set_default_timeout(WAIT_S * 1000)
+    statuses = []
+    try:
+        page = ctx.new_page()
+        page.on("response", lambda r: statuses.append((r.request.method, r.status))
+                if r.url.endswith("/v1/chat/completions") else None)
+        page.goto(f"http://127.0.0.1:{httpd.server_address[1]}/")
+        before = completed_count(base_url)
+        out = page.evaluate("""async (api) => {
+            const body = JSON.stringify({messages: [{role: "user", content: "hi"}], max_tokens: 2});
+            const out = {};
+            const simple = await fetch(api, {method: "POST", mode: "no-cors", body,
+                                             headers: {"Content-Type": "text/plain"}});
+            out.simple = simple.type;  // opaque: the page cannot read it either way
+            try {
+              const r = await fetch(api, {method: "POST", body, headers: {"Content-Type": "application/json"}});
+              out.json = r.status;
+            } catch (e) { out.json = "blocked"; }
+            return out;
+        }""", base_url + "/v1/chat/completions")
+        assert out == {"simple": "opaque", "json": "blocked"}, out
+        assert ("POST", 403) in statuses, statuses  # the no-cors POST reached the server and was refused
+        assert ("POST", 200) not in statuses, statuses
+        assert completed_count(base_url) == before
+    finally:
+        ctx.close()
+        httpd.shutdown()
+        httpd.server_close()

@@ -2,19 +2,45 @@
 
 ``submit``, ``cancel`` and reading events are safe from any thread, from several
 interleaved iterators in one thread, and from asyncio code. Only the driver's own thread
-calls ``Engine.step``; it hands every event to the queue ("sink") of the request it
-belongs to, so no consumer can drop another's events or its finish.
+calls into the engine (``add``, ``cancel``, ``step``, ``result``); it hands every event to
+the queue ("sink") of the request it belongs to, so no consumer can drop another's events
+or its finish.
 
 * The thread starts with the first request and ends after ``idle_exit`` seconds without
   work, so an idle model holds no thread (and can be garbage-collected).
 * A request is checked and tokenised in the caller's thread (errors are raised there);
   the engine sees it at the next step boundary. Cancels also take effect at the next
   step: a client that went away frees its slot within one step.
-* If a step raises (a bug, or memory), the requests in it finish with ``"error"`` and the
-  message; the driver goes on serving the others.
-* Sinks: by default each handle has its own queue (``Handle.events`` / ``result``);
-  several handles may share one (``QueueSink``: a batch streamed in arrival order) or
-  an ``AsyncSink`` that feeds an asyncio queue on the caller's event loop.
+
+Failure isolation: one loop serves every caller, so nothing one request or one consumer
+does may stop it, and no handle may be left without its final event (its reader would
+wait forever).
+
+* A sink whose ``put`` raises is a broken consumer: its request is cancelled, the error
+  is logged once, the others go on. (Sinks must not block: the loop waits in ``put``.)
+* An error in the engine (``step``, ``add``, ``cancel``, ``result``) or in the loop
+  itself finishes the requests it touched with ``finish_reason="error"`` and the message
+  in ``output.error``; the loop goes on. After a failed step that means every request
+  that held a slot, while one that had already finished (in that step or before) still
+  gets its own result; those merely waiting for a slot are not affected.
+* Should the thread die anyway (a ``BaseException``), every request in flight ends with
+  an error and the next ``submit`` starts a fresh thread.
+
+Fault injection for tests (a seam, not a patch: tests never replace engine methods),
+like ``Engine.fault_hook``: ``Driver(engine, fault_hook=f)`` (or ``driver.fault_hook =
+f``) calls ``f(point, requests)`` at these points of the loop, and whatever it raises is
+handled exactly like an error of the code that follows the point:
+
+* ``"add"``     before the new requests are handed to ``Engine.add``;
+* ``"cancel"``  before ``Engine.cancel`` of the requests cancelled since the last step;
+* ``"step"``    before ``Engine.step`` (requests: none; the engine picks them);
+* ``"deliver"`` after a step returned its events, before any of them is delivered (the
+  requests of those events: one may have finished in that step);
+* ``"finish"``  before ``Engine.result`` builds the output of the one request given.
+
+Sinks: by default each handle has its own queue (``Handle.events`` / ``result``);
+several handles may share one (``QueueSink``: a batch streamed in arrival order) or an
+``AsyncSink`` that feeds an asyncio queue on the caller's event loop.
 """
 
 from __future__ import annotations
@@ -26,7 +52,7 @@ import queue
 import threading
 import time
 import weakref
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from ..errors import GenerationError
 from ..processing import BatchInputs
@@ -38,6 +64,9 @@ log = logging.getLogger("dsvl2.driver")
 
 # How often a blocked reader wakes up to let a KeyboardInterrupt through.
 _POLL_S = 0.2
+# Longest pause after repeated unexpected failures of the loop itself (not of a step):
+# a persistent bug must not turn the thread into a busy loop that floods the log.
+_MAX_BACKOFF_S = 1.0
 _LIVE: "weakref.WeakSet[Driver]" = weakref.WeakSet()
 _THREADS: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()  # every driver thread not yet gone
 
@@ -94,15 +123,25 @@ class AsyncSink:
 
 
 class Handle:
-    """One request as its caller sees it."""
+    """One request as its caller sees it.
 
-    def __init__(self, driver: "Driver", req: Request, index: int, sink):
+    ``output`` is set (by the driver thread) just before the final event is put, and stays:
+    a caller who already read that event, or only wants the answer, need not read the
+    queue again."""
+
+    def __init__(self, driver: "Driver", req: Request, index: int, sink, own_sink: bool = True):
         self.driver = driver
         self.req = req
         self.index = index  # row in the submitted batch
         self.sink = sink
+        # events() / result() may read the sink only if it is this handle's alone: reading
+        # a shared one would swallow the other requests' events
+        self.own_sink = own_sink and isinstance(sink, QueueSink)
         self.prompt_tokens = req.prompt_len
         self.output: GenerationOutput | None = None
+        self._final_read = False  # a reader of this handle's own queue took the final event
+        self._streamed = 0        # characters of text delivered in deltas (driver thread)
+        self._sink_broken = False  # its sink's put raised (logged once)
 
     @property
     def rid(self) -> int:
@@ -116,26 +155,46 @@ class Handle:
         self.driver.cancel([self])
 
     def events(self, timeout: float | None = None) -> Iterator[StreamEvent]:
-        """This request's events until its last one (own sink only); cancels it if the
-        iteration stops early (e.g. the consumer breaks out or is interrupted)."""
-        if not isinstance(self.sink, QueueSink):
-            raise TypeError("events() reads the handle's own queue; this handle shares a sink")
-        try:
-            while True:
-                ev = self.sink.get(timeout)
-                yield ev
-                if ev.finish_reason is not None:
-                    return
-        finally:
-            if self.output is None:
-                self.cancel()
+        """This request's events until its last one (own sink only); ends at once if the
+        last one was already read. Cancels the request if the iteration stops early (the
+        consumer breaks out or is interrupted), but not when ``timeout`` seconds pass
+        without an event: that raises ``TimeoutError`` and the request goes on, like a
+        future's ``result(timeout)`` (read on with a new ``events()``)."""
+        return self._read(timeout, per_event=True)
 
     def result(self, timeout: float | None = None) -> GenerationOutput:
-        """Wait for the whole answer; raises ``GenerationError`` if the request failed."""
-        for ev in self.events(timeout):
-            if ev.output is not None:
-                return raise_for_error(ev.output)
-        raise GenerationError("the request ended without a result")
+        """The whole answer, waiting at most ``timeout`` seconds in all (``TimeoutError``;
+        the request goes on). Raises ``GenerationError`` if the request failed. Returns at
+        once once the request has finished, however its events were read."""
+        if self.output is None:
+            for _ in self._read(timeout, per_event=False):
+                pass
+        if self.output is None:  # cannot happen: the final event comes after output is set
+            raise GenerationError(f"request {self.rid} ended without a result")
+        return raise_for_error(self.output)
+
+    def _read(self, timeout: float | None, per_event: bool) -> Iterator[StreamEvent]:
+        if not self.own_sink:
+            raise TypeError("events() / result() read the handle's own queue; this handle shares a sink "
+                            "(read the shared sink; result() works once the request has finished)")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        timed_out = False
+        try:
+            while not self._final_read:
+                wait = timeout if per_event or deadline is None else max(deadline - time.monotonic(), 0.0)
+                try:
+                    ev = self.sink.get(wait)
+                except queue.Empty:
+                    timed_out = True
+                    what = "no event" if per_event else "no result"
+                    raise TimeoutError(f"request {self.rid}: {what} within {timeout} s (it goes on; "
+                                       "cancel() it to stop it)") from None
+                if ev.finish_reason is not None:
+                    self._final_read = True
+                yield ev
+        finally:
+            if self.output is None and not timed_out:
+                self.cancel()
 
 
 def raise_for_error(out: GenerationOutput) -> GenerationOutput:
@@ -144,18 +203,32 @@ def raise_for_error(out: GenerationOutput) -> GenerationOutput:
     return out
 
 
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
 class Driver:
-    def __init__(self, engine: Engine, idle_exit: float = 2.0):
+    """Owns ``engine`` and runs its loop in a thread of its own (see the module docstring).
+
+    ``fault_hook``: for tests, called as ``fault_hook(point, requests)`` at the named
+    points of the loop (module docstring)."""
+
+    def __init__(self, engine: Engine, idle_exit: float = 2.0,
+                 fault_hook: Callable[[str, list[Request]], None] | None = None):
         self.engine = engine
         self.idle_exit = idle_exit
+        self.fault_hook = fault_hook
         self._cv = threading.Condition()
+        # everything below is guarded by _cv
         self._inbox: list[Request] = []
-        self._cancels: list[Request] = []
-        self._handles: dict[int, Handle] = {}
+        # rid -> request; a dict, so that cancelling again (close() in a loop, a consumer
+        # that cancels twice) costs nothing
+        self._cancels: dict[int, Request] = {}
+        self._handles: dict[int, Handle] = {}  # requests without their final event yet
         self._thread: threading.Thread | None = None
         self._last_thread: threading.Thread | None = None
-        self.steps = 0
         self._closing = False
+        self.steps = 0  # written by the driver thread only
         _LIVE.add(self)
 
     # ---- callers (any thread) ----------------------------------------------------------
@@ -164,7 +237,8 @@ class Driver:
         """Queue every row of ``batch``; returns one handle per row. Without ``sink`` each
         handle has its own queue; with one, all rows' events go there (they carry ``index``)."""
         reqs = self.engine.make_requests(batch, params, chunk_size, output_scores)
-        handles = [Handle(self, r, i, sink if sink is not None else QueueSink()) for i, r in enumerate(reqs)]
+        handles = [Handle(self, r, i, QueueSink() if sink is None else sink, own_sink=sink is None)
+                   for i, r in enumerate(reqs)]
         with self._cv:
             for h in handles:
                 self._handles[h.rid] = h
@@ -174,7 +248,7 @@ class Driver:
 
     def cancel(self, handles: Sequence[Handle]) -> None:
         with self._cv:
-            self._cancels.extend(h.req for h in handles if h.output is None)
+            self._cancels.update((h.rid, h.req) for h in handles if h.output is None)
             self._wake()
 
     def stats(self) -> dict:
@@ -184,17 +258,20 @@ class Driver:
             inbox = len(self._inbox)
         return {"running": len(s.running), "admitting": len(s.admitting), "waiting": len(s.waiting) + inbox,
                 "slots_in_use": len(s.running) + len(s.admitting), "slots_total": s.max_batch_size,
-                "prefix_rows": len(s.prefix.rows), "prefix_hits": s.prefix.hits, "steps": self.steps}
+                "steps": self.steps, **self.engine.kv_stats()}
 
     def pending(self) -> int:
-        """Requests not yet holding a cache row."""
+        """Requests not yet holding a seat and KV blocks."""
         with self._cv:
             return len(self._inbox) + len(self.engine.scheduler.waiting)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Cancel everything and stop the thread (a later ``submit`` starts it again)."""
+        """Cancel everything and stop the thread (a later ``submit`` starts it again).
+
+        Requests submitted while it runs are served as usual; the thread then stops at the
+        first moment without work, and ``close`` waits at most ``timeout`` for that."""
         with self._cv:
-            self._cancels.extend(h.req for h in self._handles.values())
+            self._cancels.update((rid, h.req) for rid, h in self._handles.items())
             # the thread, or the last one: one that has just gone idle is still returning
             # and must be joined too (at interpreter exit a daemon thread still inside
             # native code is killed, and torch then aborts the process)
@@ -207,59 +284,212 @@ class Driver:
 
     # ---- the loop (driver thread only) -------------------------------------------------
     def _wake(self) -> None:
+        """(under _cv) Start the thread if there is none, else wake it."""
         if self._thread is None:
             self._thread = self._last_thread = threading.Thread(target=self._run, name="dsvl2-driver", daemon=True)
             _THREADS.add(self._thread)
             self._thread.start()
         self._cv.notify()
 
+    def _fault(self, point: str, reqs: list[Request]) -> None:
+        hook = self.fault_hook
+        if hook is not None:
+            hook(point, reqs)
+
     def _run(self) -> None:
-        eng = self.engine
-        while True:
-            with self._cv:
-                idle_since = time.monotonic()
-                while not (self._inbox or self._cancels or eng.has_work()):
-                    left = self.idle_exit - (time.monotonic() - idle_since)
-                    if left <= 0 or self._closing:
-                        self._thread = None
-                        self._closing = False
+        """The thread: turns until idle. Each turn is guarded, so an error the turn did not
+        attribute itself fails the requests in flight in the engine and the loop goes on;
+        only a BaseException ends the thread, and then nobody is left waiting."""
+        failures = 0
+        try:
+            while True:
+                try:
+                    if not self._turn():
                         return
-                    self._cv.wait(left)
-                new, self._inbox = self._inbox, []
-                cancels, self._cancels = self._cancels, []
-            eng.add(new)
-            if cancels:
-                eng.cancel(cancels)
-                for r in cancels:
-                    self._finish(r)
-            try:
-                events = eng.step()
-            except Exception as e:  # keep serving the others
-                log.exception("engine step failed")
-                self._fail(e)
-                continue
+                    failures = 0
+                except Exception as e:
+                    log.exception("driver loop failed")
+                    self._fail(e)
+                    failures += 1
+                    if failures > 1:
+                        time.sleep(min(0.01 * 2 ** failures, _MAX_BACKOFF_S))
+        except BaseException as e:  # noqa: BLE001 - the thread ends here; re-raising helps nobody
+            log.critical("driver thread died; failing every request in flight", exc_info=True)
+            self._died(e)
+
+    def _turn(self) -> bool:
+        """One step boundary: take new requests and cancels, step, deliver. False: the
+        thread has gone idle and is forgotten (under the lock, so the next ``submit``
+        starts a new one)."""
+        eng = self.engine
+        with self._cv:
+            idle_since = time.monotonic()
+            while not (self._inbox or self._cancels or eng.has_work()):
+                left = self.idle_exit - (time.monotonic() - idle_since)
+                if left <= 0 or self._closing:
+                    self._thread = None
+                    self._closing = False
+                    return False
+                self._cv.wait(left)
+            new, self._inbox = self._inbox, []
+            cancels, self._cancels = list(self._cancels.values()), {}
+        if new:
+            self._add(new)
+        if cancels:
+            self._cancel(cancels)
+        try:
+            self._fault("step", [])
+            events = eng.step()
             self.steps += 1
-            for r, tok, delta in events:
-                h = self._handles.get(r.rid)
-                if h is None:
-                    continue
+            self._fault("deliver", [r for r, _, _ in events])
+        except Exception as e:  # keep serving the others
+            log.exception("engine step failed")
+            self._fail(e)
+            return True
+        self._deliver(events)
+        return True
+
+    def _add(self, new: list[Request]) -> None:
+        try:
+            self._fault("add", new)
+            self.engine.add(new)
+        except Exception as e:
+            log.exception("adding %d request(s) to the engine failed", len(new))
+            self._fail_requests(new, e)
+
+    def _cancel(self, cancels: list[Request]) -> None:
+        try:
+            self._fault("cancel", cancels)
+            self.engine.cancel(cancels)
+        except Exception as e:
+            # one by one, so that one bad request does not keep the others' slots
+            log.exception("cancelling %d request(s) failed", len(cancels))
+            self._fail_requests([r for r in cancels if not r.finished], e)
+        for r in cancels:
+            self._finish(r)
+
+    def _deliver(self, events: list[tuple[Request, int, str]]) -> None:
+        with self._cv:
+            owned = [(self._handles.get(r.rid), r, tok, delta) for r, tok, delta in events]
+        for h, r, tok, delta in owned:
+            if h is None:  # finished already (e.g. cancelled, or failed in an earlier turn)
+                continue
+            try:
                 if r.finished:
                     self._finish(r, tok, delta)
                 elif delta:
-                    h.sink.put(StreamEvent(h.index, delta, tok))
+                    h._streamed += len(delta)
+                    self._put(h, StreamEvent(h.index, delta, tok))
+            except Exception as e:  # a bug about this request only
+                log.exception("delivering an event of request %d failed", r.rid)
+                self._fail_requests([r], e)
 
-    def _finish(self, r: Request, tok: int | None = None, delta: str = "") -> None:
-        h = self._handles.pop(r.rid, None)
+    def _put(self, h: Handle, ev: StreamEvent) -> None:
+        """Hand ``ev`` to the caller's sink; never raises. A sink that raises is a broken
+        consumer: its request is cancelled (at the next step boundary) and logged once."""
+        try:
+            h.sink.put(ev)
+        except Exception:
+            if h._sink_broken:
+                return
+            h._sink_broken = True
+            if ev.finish_reason is not None:
+                log.exception("request %d: its sink's put() raised; its final event is lost", h.rid)
+                return
+            log.exception("request %d: its sink's put() raised; the request is cancelled", h.rid)
+            with self._cv:
+                self._cancels[h.rid] = h.req
+
+    def _finish(self, r: Request, tok: int | None = None, delta: str | None = None, error: str | None = None) -> None:
+        """Give ``r``'s handle its final event (once: the handle leaves ``_handles``).
+
+        ``delta`` None (the final token's delta is unknown, e.g. after a failure): the text
+        not streamed yet, so that the deltas still add up to ``output.text``. ``error``:
+        the request failed although the engine could not finish it; the output says so."""
+        with self._cv:
+            h = self._handles.pop(r.rid, None)
         if h is None:
             return
-        h.output = self.engine.result(r)
-        h.sink.put(StreamEvent(h.index, delta, tok, h.output.finish_reason, h.output))
+        out = self._output(r)
+        if error is not None and not r.finished:  # the engine could not mark it finished
+            out.finish_reason, out.error = "error", error
+        if delta is None:
+            delta = out.text[h._streamed:]
+        h.output = out
+        self._put(h, StreamEvent(h.index, delta, tok, out.finish_reason, out))
 
-    def _fail(self, exc: Exception) -> None:
-        """A step raised: the requests that were in it (holding a slot) end with an error."""
-        eng = self.engine
-        msg = f"{type(exc).__name__}: {exc}"
-        for r in list(eng.active):
-            r.error = msg
-            eng.cancel([r], reason="error")
+    def _output(self, r: Request) -> GenerationOutput:
+        """The engine's result for ``r``; if building it fails, an error output made from
+        what the request holds (the handle must get a final event all the same)."""
+        try:
+            self._fault("finish", [r])
+            return self.engine.result(r)
+        except Exception as e:
+            log.exception("the result of request %d could not be built", r.rid)
+            ids = list(getattr(r, "output_ids", []) or [])
+            return GenerationOutput(ids, getattr(r, "text", "") or "", "error", r.prompt_len, len(ids),
+                                    error=_describe(e))
+
+    def _fail_requests(self, reqs: Sequence[Request], exc: BaseException) -> None:
+        """End ``reqs`` with an error: out of the engine (their slots freed; rows not kept)
+        and their handles finished. A request that had already finished keeps its result."""
+        msg = _describe(exc)
+        for r in reqs:
+            lost = None
+            if not r.finished:
+                r.error = msg
+            try:
+                self.engine.cancel([r], reason="error")
+            except Exception as e:
+                log.exception("request %d could not be taken out of the engine (its slot may be lost)", r.rid)
+                lost = f"{msg}; then cancelling it: {_describe(e)}"
+            self._finish(r, error=lost)
+
+    def _fail(self, exc: BaseException) -> None:
+        """A step (or the loop) raised: end every request it may have touched. Those holding
+        a slot end with the error; those already finished (in that step or earlier, even
+        if the engine lost track of them) get their own result; those still waiting for a
+        slot go on. If the engine cannot even say which requests hold a slot, every
+        request it has been given ends with the error."""
+        try:
+            active = {r.rid for r in self.engine.active}
+        except Exception:
+            log.exception("the engine cannot list its active requests")
+            active = None
+        with self._cv:
+            handles = list(self._handles.values())
+            queued = {r.rid for r in self._inbox}
+        done, failed = [], []
+        for h in handles:
+            r = h.req
+            if r.finished:
+                done.append(r)
+            elif r.rid in queued:
+                continue
+            elif active is None or r.rid in active:
+                failed.append(r)
+        for r in done:
             self._finish(r)
+        self._fail_requests(failed, exc)
+
+    def _died(self, exc: BaseException) -> None:
+        """The thread is ending abnormally: no request in flight may wait for it. They all
+        end with the error; then the thread is forgotten, so that ``submit`` starts a new
+        one (at once if work came in meanwhile)."""
+        me = threading.current_thread()
+        try:
+            with self._cv:
+                handles = list(self._handles.values())
+                self._inbox, self._cancels = [], {}
+            for h in handles:
+                try:
+                    self._fail_requests([h.req], exc)
+                except BaseException:  # noqa: BLE001 - go on with the others
+                    log.exception("request %d could not be failed", h.rid)
+        finally:
+            with self._cv:
+                if self._thread is me:
+                    self._thread = None
+                    self._closing = False
+                    if self._inbox or self._cancels:
+                        self._wake()

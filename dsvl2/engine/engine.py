@@ -2,18 +2,29 @@
 
 Legend: B active rows, T tokens in a step, V vocab, D width.
 
-Layers (STYLE.md habit 8, DESIGN.md "engine"): the pure sampler (``sampling``); the
-``Scheduler`` (queue, slots, per-step token budget); the ``ModelRunner`` (vision, packed
-prefill and decode forwards over one ``KVCache``); the output layer (``output``:
-detokenise, stop strings, finish); this ``Engine``, whose ``step`` ties them together for
-ONE caller; and the ``Driver`` (``driver``), the one loop that owns an engine so that any
-number of threads / iterators can submit, read and cancel. No HTTP, no text formatting.
+Layers: the pure sampler (``sampling``); the ``Scheduler`` (queue, seats, per-step token
+budget, admission by free KV blocks, preemption); the ``KVManager`` over the
+``BlockPool`` (block tables, prefix blocks shared between requests); the ``ModelRunner``
+(vision, packed prefill and decode forwards over one paged ``KVCache``); the output layer
+(``output``: detokenise, stop strings, finish); this ``Engine``, whose ``step`` ties
+them together for ONE caller; and the ``Driver`` (``driver``), the one loop that owns an
+engine so that any number of threads / iterators can submit, read and cancel. No HTTP,
+no text formatting.
 
-* Each request owns one cache row (a "slot"); rows start, advance and finish
-  independently. ``step()`` admits waiting requests into free slots, runs this step's
-  admission work (vision tiles, prefill chunks) within the token budget, samples one
-  token for every running request and runs ONE batched decode forward for the rows that
-  go on. Finished rows leave at once and cost nothing more: continuous batching.
+* Memory is a budget: the KV cache is a pool of ``kv_cache_bytes`` in blocks of
+  ``block_size`` tokens; a request holds the blocks of its tokens and nothing more, and
+  gives them back when it ends. A request that could never fit alone (prompt +
+  ``max_new_tokens`` beyond the pool) is refused at ``submit``; one that does not fit
+  now waits; when running requests need blocks that are not there, the newest is
+  preempted and computed again later.
+* Requests start, advance and finish independently. ``step()`` admits waiting requests,
+  runs this step's admission work (vision tiles, prefill chunks) within the token budget,
+  samples one token for every running request and runs ONE batched decode forward for
+  the rows that go on. Finished rows leave at once and cost nothing more: continuous
+  batching.
+* Failures stay with their request: an error in one request's vision or in a prefill
+  forward ends the requests of that work with "error"; an error in the decode forward
+  ends the rows of that forward; ``step`` returns their final events with the others'.
 * ``submit`` only queues (no model work in the caller's thread): images are encoded by
   ``step``, a few tiles at a time when a budget is set.
 * Stops: eos, ``stop_token_ids``, stop strings (cut before the string), ``max_new_tokens``
@@ -27,6 +38,8 @@ number of threads / iterators can submit, read and cancel. No HTTP, no text form
 from __future__ import annotations
 
 import itertools
+import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -37,14 +50,45 @@ from ..errors import GenerationError
 from ..model.cache import KVCache
 from ..model.vl import DeepseekVL2, num_tiles, used_crops
 from ..processing import BatchInputs, Tokenizer
+from .blocks import BlockPool
+from .kv_manager import KVManager
 from .output import OutputProcessor
-from .prefix import PrefixCache, image_hashes, prompt_keys
+from .prefix import image_hashes, prompt_keys
 from .request import Request, Timings
 from .runner import ModelRunner
 from .sampling import SamplingParams, make_generator, sample_next
 from .scheduler import Prefill, Scheduler, Vision
 
-__all__ = ["Engine", "GenerationOutput", "Request", "StreamEvent", "Timings"]
+__all__ = ["Engine", "GenerationOutput", "Request", "StreamEvent", "Timings", "TokenLogprob",
+           "default_kv_cache_bytes"]
+
+log = logging.getLogger("dsvl2.engine")
+
+BLOCK_SIZE = 16  # tokens per KV block (see README "Memory": chosen by measurement)
+KV_MEMORY_SHARE = 0.4  # default budget: this share of the memory available after the weights
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes the machine can still give (Linux: MemAvailable; CUDA: free device memory)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def default_kv_cache_bytes(device: torch.device | str = "cpu") -> int:
+    """The KV budget when none is given: ``KV_MEMORY_SHARE`` of the memory available now
+    (call it after the weights are loaded), at least 64 MiB."""
+    return max(64 << 20, int(available_memory(torch.device(device)) * KV_MEMORY_SHARE))
 
 
 @dataclass
@@ -59,7 +103,17 @@ class GenerationOutput:
     scores: torch.Tensor | None = None  # [steps, V] raw logits of each decoding step
     timings: dict | None = None         # Timings.to_dict()
     error: str | None = None
-    cached_tokens: int = 0              # prompt tokens reused from the prefix cache
+    cached_tokens: int = 0              # prompt tokens reused from shared KV blocks
+    logprobs: list[TokenLogprob] | None = None  # one per output token, when asked for
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model and its most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log-probability), most likely first
 
 
 @dataclass
@@ -74,34 +128,58 @@ class StreamEvent:
 
 
 class Engine:
-    """Runs many requests over one model with one KV cache of ``max_batch_size`` rows.
+    """Runs many requests over one model with one paged KV cache of ``kv_cache_bytes``.
 
     One caller at a time: ``step`` is not thread-safe. Share an engine between threads or
-    iterators through a ``Driver``. ``step_tokens`` is the per-step token budget of the
-    scheduler (None: admission work is never split, the whole prompt prefills at once).
-    ``prefix_cache_bytes`` > 0 keeps finished rows for follow-ups (``prefix``).
+    iterators through a ``Driver``. ``max_batch_size``: requests admitted at once;
+    ``step_tokens``: the scheduler's per-step token budget (None: admission work is never
+    split, the whole prompt prefills at once); ``kv_cache_bytes``: the KV pool (None:
+    ``default_kv_cache_bytes``); ``block_size``: tokens per block; ``prefix_caching``:
+    share the blocks of equal prefixes between requests (``kv_manager``).
     """
 
     def __init__(self, model: DeepseekVL2, tokenizer: Tokenizer, max_batch_size: int = 16,
                  cache_dtype: torch.dtype | None = None, context_window: int | None = None,
-                 step_tokens: int | None = None, prefix_cache_bytes: int = 0):
+                 step_tokens: int | None = None, kv_cache_bytes: int | None = None,
+                 block_size: int = BLOCK_SIZE, prefix_caching: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = model.cfg.language
         self.max_batch_size = max_batch_size
-        self.runner = ModelRunner(model, cache_dtype)
+        device = model.language.lm_head.weight.device
+        self.dtype = model.compute_dtype
+        self.cache_dtype = cache_dtype or self.dtype
+        if kv_cache_bytes is None:
+            kv_cache_bytes = default_kv_cache_bytes(device)
+        if not isinstance(kv_cache_bytes, int) or isinstance(kv_cache_bytes, bool) or kv_cache_bytes <= 0:
+            raise GenerationError(f"kv_cache_bytes must be a positive number of bytes, got {kv_cache_bytes!r}")
+        if not isinstance(block_size, int) or block_size < 1:
+            raise GenerationError(f"block_size must be a positive integer, got {block_size!r}")
+        block_bytes = block_size * KVCache.bytes_per_token(self.cfg, self.cache_dtype)
+        num_blocks = kv_cache_bytes // block_bytes
+        if num_blocks < 2:
+            raise GenerationError(f"kv_cache_bytes={kv_cache_bytes} holds {num_blocks} block(s) of {block_size} "
+                                  f"tokens ({block_bytes} bytes each); at least 2 are needed "
+                                  f"(>= {2 * block_bytes} bytes)")
+        self.kv_cache_bytes = kv_cache_bytes
+        self.block_size = block_size
+        self.runner = ModelRunner(model, KVCache(self.cfg, num_blocks, block_size, self.cache_dtype, device))
         self.device = self.runner.device
-        self.dtype = self.runner.dtype
-        self.cache_dtype = self.runner.cache_dtype
+        self.pool = BlockPool(num_blocks, block_size, block_bytes)
+        self.kv = KVManager(self.pool, prefix_caching)
         vc = model.cfg.vision
-        self.prefix_cache = PrefixCache(prefix_cache_bytes)
-        self.scheduler = Scheduler(max_batch_size, step_tokens, tile_cost=(vc.image_size // vc.patch_size) ** 2,
-                                   prefix=self.prefix_cache)
+        self.scheduler = Scheduler(max_batch_size, self.kv, step_tokens,
+                                   tile_cost=(vc.image_size // vc.patch_size) ** 2)
         self.output = OutputProcessor(tokenizer.decode)
         self.eos_ids = {i for i in (tokenizer.eos_id, self.cfg.eos_token_id) if i is not None}
         # Optional hook for long work: progress(stage, done, total) with stage "vision"
         # (tiles encoded) or "prefill" (prompt tokens processed), per request.
         self.progress: Callable[[str, int, int], None] | None = None
+        # Fault injection for tests (a seam, not a patch): fault_hook(stage, requests) is
+        # called right before the work of stage "vision", "prefill" or "decode" for those
+        # requests; whatever it raises is treated as that work's failure.
+        self.fault_hook: Callable[[str, list[Request]], None] | None = None
+        self._guides = None  # guided.GuideCompiler, made when a request first has a guide
         self._ids = itertools.count()
         # Prompt + output tokens allowed per request: the model's max_position_embeddings
         # unless the caller knows better (the reference itself does not enforce it).
@@ -109,12 +187,17 @@ class Engine:
 
     # ---- state seen from outside -------------------------------------------------------
     @property
-    def cache(self) -> KVCache | None:
+    def cache(self) -> KVCache:
         return self.runner.cache
 
-    @cache.setter
-    def cache(self, value: KVCache | None) -> None:
-        self.runner.cache = value
+    @property
+    def prefix_caching(self) -> bool:
+        return self.kv.prefix_caching
+
+    @property
+    def max_tokens_held(self) -> int:
+        """Tokens one request may hold at most: the whole pool."""
+        return self.pool.usable * self.block_size
 
     @property
     def free_slots(self) -> list[int]:
@@ -126,11 +209,20 @@ class Engine:
 
     @property
     def active(self) -> list[Request]:
-        """Requests holding a cache row: being admitted or running."""
+        """Requests holding a seat and KV blocks: being admitted or running."""
         return self.scheduler.admitting + self.scheduler.running
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def kv_stats(self) -> dict:
+        """The KV pool and what it saved, for metrics (bytes, counts since start)."""
+        p, bb = self.pool, self.pool.block_bytes
+        return {"kv_cache_bytes_capacity": p.usable * bb, "kv_cache_bytes_used": p.used * bb,
+                "kv_cache_bytes_peak": p.peak * bb, "kv_cache_bytes_cached": p.cached * bb,
+                "kv_block_size": self.block_size, "kv_blocks_total": p.usable, "kv_blocks_used": p.used,
+                "preemptions": self.scheduler.preemptions, "prefix_cache_hit_tokens": self.kv.hit_tokens,
+                "vision_tiles": self.runner.tiles_encoded}
 
     # ---- requests -----------------------------------------------------------------------
     def submit(self, batch: BatchInputs, params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
@@ -155,6 +247,14 @@ class Engine:
             if length >= self.context_window:
                 raise GenerationError(f"conversation {b} has {length} prompt tokens (images included); "
                                       f"the model's context window is {self.context_window} tokens")
+            most = min(length + plist[b].max_new_tokens, self.context_window)
+            if most > self.max_tokens_held:
+                raise GenerationError(
+                    f"conversation {b} needs up to {most} tokens of KV cache ({length} prompt tokens + "
+                    f"max_new_tokens {plist[b].max_new_tokens}), more than the whole KV cache holds "
+                    f"({self.max_tokens_held} tokens in {self.kv_cache_bytes} bytes); lower max_new_tokens "
+                    "or the prompt, or give the cache more memory (kv_cache_bytes / --kv-cache-bytes)")
+        guides = [self.compile_guide(p.guide) if p.guide is not None else None for p in plist]
         reqs = []
         for b in range(n):
             valid = batch.attention_mask[b]
@@ -163,74 +263,101 @@ class Engine:
             tiles = batch.pixel_values[b, :num_tiles(crops)] if crops else None
             seq_mask = batch.images_seq_mask[b][valid]
             keys = None
-            if self.prefix_cache.enabled:
+            if self.kv.prefix_caching:
                 keys = prompt_keys(ids.tolist(), seq_mask.tolist(), batch.num_image_tokens[b],
                                    image_hashes(tiles, crops) if crops else [])
             reqs.append(Request(next(self._ids), ids.tolist(), plist[b], chunk_size, output_scores,
                                 input_ids=ids.to(self.device), seq_mask=seq_mask.to(self.device),
-                                tiles=None if tiles is None else tiles.to(self.device), crops=crops, keys=keys))
+                                tiles=None if tiles is None else tiles.to(self.device), crops=crops, keys=keys,
+                                guide=guides[b]))
         return reqs
+
+    def compile_guide(self, guide):
+        """The compiled form of a ``guided.Guide`` (compiled once per distinct guide; raises
+        ``GenerationError`` naming what is not supported)."""
+        if self._guides is None:
+            from .guided import GuideCompiler  # the grammar library is imported on first use
+
+            self._guides = GuideCompiler(self.tokenizer, self.cfg.vocab_size, self.eos_ids)
+        return self._guides.compile(guide)
 
     def add(self, reqs: Sequence[Request]) -> None:
         for req in reqs:
             self.scheduler.add(req)
 
     def cancel(self, reqs: Sequence[Request], reason: str = "cancelled") -> None:
-        """Drop requests (e.g. a client went away); their slots become free ("error": the
-        row's content is not trusted, so it is not kept for the prefix cache)."""
+        """Drop requests (e.g. a client went away); their seats and blocks are given back
+        ("error": their blocks' content is not trusted, so it is not kept for reuse)."""
         for r in reqs:
             if not r.finished:
                 r.finish_reason = reason
                 r.timings.finished = time.perf_counter()
-            self._release(r, keep=reason != "error")
+            self.scheduler.release(r, keep=reason != "error")
             r.release_inputs()
 
-    def _release(self, r: Request, keep: bool = True) -> None:
-        keys = None
-        if keep and r.keys is not None and self.prefix_cache.enabled and r.length > 0:
-            keys = (r.keys + r.output_ids)[:r.length]  # the tokens whose KV is in the row
-        cache = self.runner.cache
-        row_bytes = cache.nbytes() // max(cache.rows, 1) if cache is not None else 0
-        self.scheduler.release(r, keys, row_bytes)
+    def _fail(self, reqs: Sequence[Request], exc: BaseException, what: str) -> list[tuple[Request, None, str]]:
+        """End ``reqs`` with "error" (``what`` failed); their final events."""
+        log.error("%s failed for request(s) %s", what, [r.rid for r in reqs], exc_info=exc)
+        for r in reqs:
+            r.error = f"{what} failed: {type(exc).__name__}: {exc}"
+        self.cancel(reqs, reason="error")
+        return [(r, None, "") for r in reqs]
 
     def _start(self, req: Request) -> None:
+        """A request got its blocks (first admission, or again after a preemption)."""
         p = req.params
-        req.timings.admitted = time.perf_counter()
-        if req.cached_tokens:  # a kept row holds the first cached_tokens tokens' KV
-            req.prefilled = req.length = req.cached_tokens
+        now = time.perf_counter()
+        first = req.timings.admitted is None
+        if first:
+            req.timings.admitted = now
+            req.cached_tokens = req.length
+        if req.length and req.seq_mask is not None:  # the first length tokens' KV is shared
             slots = req.seq_mask.nonzero()
-            if not slots.numel() or int(slots[-1]) < req.cached_tokens:
+            if not slots.numel() or int(slots[-1]) < req.length:
                 req.tiles_done = req.tiles_total  # every image is inside the prefix: no vision
-        req.generator = None if p.is_greedy else make_generator(p.seed, self.device)
-        if p.repetition_penalty != 1.0:
-            req.seen = torch.zeros(self.cfg.vocab_size, dtype=torch.bool, device=self.device)
-            req.seen[torch.tensor(req.prompt_ids, device=self.device)] = True
-        self.output.start(req)
+        if first:
+            req.generator = None if p.is_greedy else make_generator(p.seed, self.device)
+            if req.guide is not None:
+                req.matcher = req.guide.matcher()
+            if p.logprobs is not None:
+                req.logprobs = []
+            if p.repetition_penalty != 1.0:
+                req.seen = torch.zeros(self.cfg.vocab_size, dtype=torch.bool, device=self.device)
+                req.seen[torch.tensor(req.prompt_ids, device=self.device)] = True
+            self.output.start(req)
 
     # ---- one step ----------------------------------------------------------------------
     @torch.no_grad()
-    def step(self) -> list[tuple[Request, int, str]]:
+    def step(self) -> list[tuple[Request, int | None, str]]:
         """Admission work within the budget, one token per running request, one decode forward.
 
-        Returns (request, token id, text delta) for every token sampled in this step.
+        Returns (request, token id, text delta) for every token sampled in this step, and
+        (request, None, "") for every request that failed in it (finish_reason "error").
         """
         for req in self.scheduler.admit():
             self._start(req)
-        self._admission_work()
+        self.kv.run_copies(self.cache.copy_block)
+        events = self._admission_work()
         reqs = list(self.scheduler.running)
         if not reqs:
-            return []
+            return events
         logits = torch.stack([r.next_logits for r in reqs])  # [B, V]
+        for i, r in enumerate(reqs):
+            if r.matcher is not None:
+                r.matcher.fill_mask(logits[i])  # tokens that cannot continue a valid output: -inf
         seen = None
         if any(r.seen is not None for r in reqs):
             seen = torch.stack([r.seen if r.seen is not None else torch.zeros_like(logits[0], dtype=torch.bool)
                                 for r in reqs])
         tokens = sample_next(logits, [r.params for r in reqs], [r.generator for r in reqs], seen).tolist()
         now = time.perf_counter()
-        events = []
         for r, tok in zip(reqs, tokens):
             if r.output_scores:
                 r.scores.append(r.next_logits)
+            if r.logprobs is not None:
+                r.logprobs.append(token_logprob(r.next_logits, tok, r.params.logprobs))
+            if r.matcher is not None:
+                r.matcher.accept(tok)
             if r.timings.first_token is None:
                 r.timings.first_token = now
             r.timings.token_times.append(now)
@@ -238,11 +365,29 @@ class Engine:
         for r in reqs:
             if r.finished:
                 r.timings.finished = now
-                self._release(r)
-        going = [r for r in reqs if not r.finished]
+                self.scheduler.release(r)
+                r.release_inputs()
+        going = self._make_room([r for r in reqs if not r.finished])
         if going:
-            self.runner.decode(going)
+            try:
+                if self.fault_hook is not None:
+                    self.fault_hook("decode", going)
+                self.runner.decode(going)
+            except Exception as e:  # the rows of this forward end; the others go on
+                return events + self._fail(going, e, "decode step")
+            for r in going:
+                self.kv.computed(r)
         return events
+
+    def _make_room(self, going: list[Request]) -> list[Request]:
+        """A block for every going row's next token, oldest first; where the pool is empty
+        the newest active request is preempted (maybe one of these). Returns those left."""
+        for r in sorted(going, key=lambda r: r.rid):
+            while r in self.scheduler.running and not self.kv.grow(r):
+                victim = self.scheduler.preempt_newest()
+                log.info("KV cache full: request %d preempted (%d tokens given back), recomputed later",
+                         victim.rid, victim.prefill_len)
+        return [r for r in going if r in self.scheduler.running]
 
     def _verdict(self, r: Request, tok: int) -> str | None:
         """What the ids alone decide: record ``tok``; "stop" (eos / stop id), "length" or None."""
@@ -251,31 +396,56 @@ class Engine:
             r.seen[tok] = True
         if tok in self.eos_ids or tok in r.params.stop_token_ids:
             return "stop"
+        if r.matcher is not None and r.matcher.done():
+            return "done"  # the guided output is complete: nothing but the end may follow
         if len(r.output_ids) >= r.params.max_new_tokens or r.length + 1 >= self.context_window:
             return "length"
         return None
 
-    def _admission_work(self) -> None:
+    def _admission_work(self) -> list[tuple[Request, None, str]]:
+        """This step's vision and prefill work; returns the final events of the requests
+        whose work failed (a tile batch fails its request, a prefill forward its chunks')."""
         hook = self.progress
+        failed: list = []
         for work in self.scheduler.plan():
             if isinstance(work, Vision):
                 r = work.req
-                if hook is not None and r.tiles_done == 0:
-                    hook("vision", 0, r.tiles_total)
-                self.runner.vision(r, work.k)
-                if hook is not None:
-                    hook("vision", r.tiles_done, r.tiles_total)
+                if r.finished:
+                    continue
+                try:
+                    if hook is not None and r.tiles_done == 0:
+                        hook("vision", 0, r.tiles_total)
+                    if self.fault_hook is not None:
+                        self.fault_hook("vision", [r])
+                    self.runner.vision(r, work.k)
+                    if hook is not None:
+                        hook("vision", r.tiles_done, r.tiles_total)
+                except Exception as e:
+                    failed += self._fail([r], e, "image encoding")
             elif isinstance(work, Prefill):
-                if hook is not None:
-                    for r, _ in work.chunks:
-                        if r.prefilled == 0:
-                            hook("prefill", 0, r.prompt_len)
-                for r in self.runner.prefill(work.chunks):
-                    r.release_inputs()
+                chunks = [(r, n) for r, n in work.chunks if not r.finished]
+                if not chunks:
+                    continue
+                try:
+                    if hook is not None:
+                        for r, _ in chunks:
+                            if r.prefilled == 0:
+                                hook("prefill", 0, r.prefill_len)
+                    if self.fault_hook is not None:
+                        self.fault_hook("prefill", [r for r, _ in chunks])
+                    done = self.runner.prefill(chunks)
+                except Exception as e:
+                    failed += self._fail([r for r, _ in chunks], e, "prefill")
+                    continue
+                for r, _ in chunks:
+                    self.kv.computed(r)
+                for r in done:
+                    r.drop_prefill_state()
                     self.scheduler.start_running(r)
                 if hook is not None:
-                    for r, _ in work.chunks:
-                        hook("prefill", r.prefilled, r.prompt_len)
+                    for r, _ in chunks:
+                        hook("prefill", r.prefilled, r.prefill_len)
+        return failed
 
     # ---- plain calls (one caller) ------------------------------------------------------
     def stream(self, batch: BatchInputs, params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
@@ -309,4 +479,15 @@ class Engine:
     def result(self, r: Request) -> GenerationOutput:
         scores = torch.stack(r.scores) if r.output_scores and r.scores else None
         return GenerationOutput(list(r.output_ids), r.text, r.finish_reason or "length", len(r.prompt_ids),
-                                len(r.output_ids), scores, r.timings.to_dict(), r.error, r.cached_tokens)
+                                len(r.output_ids), scores, r.timings.to_dict(), r.error, r.cached_tokens,
+                                None if r.logprobs is None else list(r.logprobs))
+
+
+def token_logprob(logits: torch.Tensor, tok: int, top: int) -> TokenLogprob:
+    """``tok``'s log-probability under raw ``logits`` [V] and the ``top`` most likely tokens'."""
+    lp = torch.log_softmax(logits.float(), -1)  # [V]
+    alts = []
+    if top:
+        vals, ids = lp.topk(top)
+        alts = list(zip(ids.tolist(), vals.tolist()))
+    return TokenLogprob(tok, float(lp[tok]), alts)

@@ -26,10 +26,17 @@ class OutputProcessor:
 
     def process(self, r: Request, tok: int, verdict: str | None) -> str:
         """Record sampled ``tok`` (the core's ``verdict``: None, "stop" for eos / stop ids,
-        "length"); returns the new text and sets ``r.finish_reason`` when it is finished."""
+        "done" for a token that completes a guided output, "length"); returns the new text
+        and sets ``r.finish_reason`` when it is finished."""
         if verdict == "stop":  # eos / stop id: the token itself is not text
             r.finish_reason = "stop"
             return self._finish_text(r)
+        if verdict == "done":  # the token is text, and the last one
+            delta = self.process(r, tok, None)
+            if r.finish_reason is None:
+                r.finish_reason = "stop"
+                delta += self._finish_text(r)
+            return delta
         delta = r.decoder.push(tok)
         if r.stopper is not None:
             delta, stopped = r.stopper.feed(delta)

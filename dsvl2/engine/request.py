@@ -2,11 +2,15 @@
 
 Legend: L prompt tokens, N tiles, S tile side, D width, V vocab.
 
-* waiting: queued, no cache row yet;
-* admitting: holds a cache row (slot); its image tiles go through the vision tower a few
-  at a time, then its prompt is prefilled chunk by chunk (both under the per-step token
-  budget, so running streams keep getting tokens meanwhile);
-* running: has ``next_logits``; one token per step;
+* waiting: queued, no KV blocks yet;
+* admitting: holds a seat (``slot``) and the KV blocks for its tokens (``blocks``, its
+  block table); its image tiles go through the vision tower a few at a time, then its
+  prompt is prefilled chunk by chunk (both under the per-step token budget, so running
+  streams keep getting tokens meanwhile);
+* running: has ``next_logits``; one token per step, a new block every block-size tokens;
+* preempted (memory ran short): back to waiting with no blocks; when admitted again,
+  its prompt and the output so far are computed again (shared blocks permitting) and it
+  goes on where it stopped: its sampler state and text are kept;
 * done: ``finish_reason`` set ("stop" | "length" | "cancelled" | "error").
 
 The output layer's state (detokeniser, stop-string matcher, text) lives here too, so one
@@ -29,7 +33,7 @@ class Timings:
     """perf_counter() stamps of one request (the benchmark and the server's metrics read them)."""
 
     submitted: float = field(default_factory=time.perf_counter)
-    admitted: float | None = None        # got a cache row
+    admitted: float | None = None        # first got its seat and KV blocks
     vision_s: float = 0.0                # time spent in the vision tower + projector
     prefill_s: float = 0.0               # time spent prefilling its prompt
     first_token: float | None = None
@@ -68,10 +72,15 @@ class Request:
     tiles_done: int = 0
     embeds: torch.Tensor | None = None      # [L, D] prompt embeddings, once the images are in
     prefilled: int = 0                      # prompt tokens already in the cache
-    keys: list | None = None                # prefix-cache keys of the prompt (prefix.py)
-    cached_tokens: int = 0                  # prompt tokens reused from a kept row
+    keys: list | None = None                # prefix keys of the prompt (prefix.py); None: no sharing
+    cached_tokens: int = 0                  # prompt tokens reused from shared blocks (first admission)
+    # KV blocks (kv_manager.py)
+    blocks: list[int] = field(default_factory=list)  # the block table
+    hashes: list[bytes] = field(default_factory=list)  # chain hash of each full block of its tokens
+    registered: int = 0                     # leading blocks known to the pool (full, final)
+    preemptions: int = 0
     # decoding
-    slot: int = -1
+    slot: int = -1                          # seat among the engine's max_batch_size
     length: int = 0                         # tokens in the cache
     output_ids: list[int] = field(default_factory=list)
     next_logits: torch.Tensor | None = None  # [V] float32, logits for the next token
@@ -80,6 +89,9 @@ class Request:
     finish_reason: str | None = None
     error: str | None = None
     scores: list[torch.Tensor] = field(default_factory=list)
+    logprobs: list | None = None             # TokenLogprob per output token, when asked for
+    guide: object | None = None              # the compiled guide (params.guide), if any
+    matcher: object | None = None            # its per-request state: masks, accepts tokens
     timings: Timings = field(default_factory=Timings)
     # output layer
     decoder: StreamDecoder | None = None
@@ -95,10 +107,30 @@ class Request:
         return len(self.prompt_ids)
 
     @property
+    def prefill_len(self) -> int:
+        """Tokens to compute before the next token can be sampled: the prompt, and after a
+        preemption the output tokens too (the last one sampled included)."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
     def tiles_total(self) -> int:
         return 0 if self.tiles is None else self.tiles.shape[0]
 
+    def preempt(self) -> None:
+        """Its blocks were taken back: start admission again (sampler and text state stay)."""
+        self.preemptions += 1
+        self.slot = -1
+        self.length = self.prefilled = self.tiles_done = 0
+        self.next_logits = None
+        self.drop_prefill_state()
+
+    def drop_prefill_state(self) -> None:
+        """The prompt is in the cache: its embeddings and image features are not needed any
+        more (the inputs stay until the end: a preempted request computes them again)."""
+        self.embeds = None
+        self.projected = []
+
     def release_inputs(self) -> None:
-        """The prompt is in the cache: its embeddings and pixels are not needed any more."""
+        """The request is over: drop its inputs."""
         self.input_ids = self.seq_mask = self.tiles = self.embeds = None
         self.projected = []

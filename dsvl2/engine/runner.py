@@ -1,14 +1,15 @@
-"""The model runner: the forwards of one step over the KV cache, nothing else.
+"""The model runner: the forwards of one step over the paged KV cache, nothing else.
 
-Legend: B rows in a forward, T tokens per row, D width, V vocab, N tiles.
+Legend: B rows in a forward, T tokens per row, D width, V vocab, N tiles, W blocks per row.
 
 * ``vision(req, k)``: the next k tiles of a request through the tower and projector (in
   batches of ``tile_batch``, bounded memory); when its last tile is done the prompt
   embeddings are assembled (text embeddings with the image tokens scattered in).
 * ``prefill(chunks)``: one packed forward of prompt chunks, each row at its own true
-  positions in its own cache row, so any chunking of a row equals its whole prefill
-  (the reference's ``incremental_prefilling`` gets left-padded rows wrong); rows whose
-  prompt is complete get ``next_logits``.
+  positions through its own block table, so any chunking of a row equals its whole
+  prefill (the reference's ``incremental_prefilling`` gets left-padded rows wrong); rows
+  whose prompt is complete get ``next_logits``. After a preemption the "prompt" is the
+  prompt followed by the output so far.
 * ``decode(reqs)``: one token per row, one batched forward, inside ``ops.decoding()``
   (products with bf16 weights compute in bf16 whatever the number of rows, so a row's
   numbers do not depend on its batch).
@@ -21,26 +22,23 @@ import time
 import torch
 
 from ..model import ops
-from ..model.cache import KVCache
+from ..model.cache import KVCache, block_table
 from ..model.vl import DeepseekVL2
 from .request import Request
 
 
 class ModelRunner:
-    def __init__(self, model: DeepseekVL2, cache_dtype: torch.dtype | None = None, tile_batch: int = 4):
+    def __init__(self, model: DeepseekVL2, cache: KVCache, tile_batch: int = 4):
         self.model = model
         self.cfg = model.cfg.language
-        self.device = model.language.lm_head.weight.device
+        self.device = cache.device
         self.dtype = model.compute_dtype
-        self.cache_dtype = cache_dtype or self.dtype
+        self.cache = cache
         self.tile_batch = tile_batch
-        self.cache: KVCache | None = None
+        self.tiles_encoded = 0  # since start (metrics)
 
-    def ensure_cache(self, rows: int = 1) -> KVCache:
-        if self.cache is None:
-            self.cache = KVCache(self.cfg, 1, dtype=self.cache_dtype, device=self.device)
-        self.cache.ensure_rows(rows)
-        return self.cache
+    def _table(self, reqs) -> torch.Tensor:
+        return block_table([r.blocks for r in reqs], device=self.device)  # [B, W]
 
     # ---- admission --------------------------------------------------------------------
     def vision(self, req: Request, k: int) -> None:
@@ -50,15 +48,20 @@ class ModelRunner:
             j = min(i + self.tile_batch, end)
             req.projected.append(self.model.tile_features(req.tiles[i:j]))  # [n, h*w, D]
             req.tiles_done = j
+            self.tiles_encoded += j - i
         req.timings.vision_s += time.perf_counter() - t0
 
     def ensure_embeds(self, req: Request) -> torch.Tensor:
-        """The prompt embeddings [L, D], built once the request's tiles are all encoded."""
+        """The embeddings [L, D] of the tokens to prefill (prompt, then any output tokens
+        computed again after a preemption), built once the request's tiles are all encoded."""
         if req.embeds is None:
-            embeds = self.model.language.embed(req.input_ids, self.dtype)  # [L, D]
+            ids = req.input_ids
+            if req.output_ids:
+                ids = torch.cat([ids, torch.tensor(req.output_ids, dtype=ids.dtype, device=ids.device)])
+            embeds = self.model.language.embed(ids, self.dtype)  # [L, D]
             if req.projected:
                 feats = self.model.assemble_images(torch.cat(req.projected), req.crops)
-                slots = req.seq_mask.nonzero().squeeze(-1)
+                slots = req.seq_mask.nonzero().squeeze(-1)  # image slots: all in the prompt
                 if feats.shape[0] != slots.numel():
                     raise ValueError(f"{slots.numel()} image slots in the prompt but "
                                      f"{feats.shape[0]} image tokens from the images")
@@ -71,16 +74,15 @@ class ModelRunner:
         """Run the chunks in one packed forward; returns the requests whose prompt is complete."""
         t0 = time.perf_counter()
         lm = self.model.language
-        cache = self.ensure_cache(max(r.slot for r, _ in chunks) + 1)
         t = max(n for _, n in chunks)
         x = torch.zeros(len(chunks), t, self.cfg.hidden_size, dtype=self.dtype, device=self.device)  # [B, T, D]
         for i, (r, n) in enumerate(chunks):
             x[i, :n] = self.ensure_embeds(r)[r.prefilled:r.prefilled + n]
-        rows = torch.tensor([r.slot for r, _ in chunks], device=self.device)
         start = torch.tensor([r.prefilled for r, _ in chunks])
-        _, ctx = lm.step_context(cache, start, torch.tensor([n for _, n in chunks]), t, rows=rows, dtype=self.dtype)
+        _, ctx = lm.step_context(self.cache, start, torch.tensor([n for _, n in chunks]), t,
+                                 self._table([r for r, _ in chunks]), dtype=self.dtype)
         out = lm(x, ctx, logits="none")
-        done = [(i, r, n) for i, (r, n) in enumerate(chunks) if r.prefilled + n == r.prompt_len]
+        done = [(i, r, n) for i, (r, n) in enumerate(chunks) if r.prefilled + n == r.prefill_len]
         if done:
             h = torch.stack([out.last_hidden[i, n - 1] for i, _, n in done])  # [b, D]
             logits = lm.lm_head(h).float()  # [b, V]
@@ -96,14 +98,10 @@ class ModelRunner:
     # ---- decode -----------------------------------------------------------------------
     def decode(self, reqs: list[Request]) -> None:
         lm = self.model.language
-        # in cache-row order: consecutive slots are read through a view, scattered ones are
-        # gathered (copied) in every layer; a row's numbers do not depend on its position
-        reqs = sorted(reqs, key=lambda r: r.slot)
         ids = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)  # [B, 1]
         x = lm.embed(ids, self.dtype)  # [B, 1, D]
         start = torch.tensor([r.length for r in reqs])
-        rows = torch.tensor([r.slot for r in reqs], device=self.device)
-        _, ctx = lm.step_context(self.ensure_cache(), start, torch.ones_like(start), 1, rows=rows, dtype=self.dtype)
+        _, ctx = lm.step_context(self.cache, start, torch.ones_like(start), 1, self._table(reqs), dtype=self.dtype)
         with ops.decoding():
             logits = lm(x, ctx, logits="last").logits[:, 0]  # [B, V]
         for i, r in enumerate(reqs):

@@ -60,6 +60,8 @@ __all__ = [
     "sample_next",
 ]
 
+# Most alternatives a request may ask for with each token's log-probability (OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
 # Cumulative probabilities within this of top_p count as having reached it (see docstring).
 _TOP_P_TOLERANCE = 1e-6
 # Temperatures below this are greedy (see the module docstring).
@@ -90,6 +92,11 @@ class SamplingParams:
     seed: seeds the request's own generator; None draws a nondeterministic seed.
     stop: strings that end the generation (not included in the output).
     stop_token_ids: ids that end the generation (in addition to the tokenizer's eos).
+    logprobs: None (off), or how many of the most likely alternatives (0..20) to report
+        with each generated token's log-probability; the model's own distribution (a
+        log-softmax of its logits before penalties, temperature and any guide's mask).
+    guide: a ``guided.Guide`` (JSON schema, regex, choices, grammar) the output must
+        follow: tokens that cannot continue a valid output are masked before sampling.
 
     Values are checked on construction (``validate``); lists given for ``stop`` and
     ``stop_token_ids`` are stored as tuples, and a single string as a one-string tuple.
@@ -103,6 +110,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None
+    guide: object | None = None
 
     def __post_init__(self):
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
@@ -139,6 +148,8 @@ class SamplingParams:
         if not (isinstance(self.stop_token_ids, tuple)
                 and all(_is_int(i) and i >= 0 for i in self.stop_token_ids)):
             bad("stop_token_ids", "a tuple of integers >= 0")
+        if not (self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS)):
+            bad("logprobs", f"None (off) or an integer from 0 to {MAX_TOP_LOGPROBS} (alternatives per token)")
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:

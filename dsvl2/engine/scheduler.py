@@ -1,6 +1,18 @@
-"""The scheduler: queue, cache slots, and which admission work runs in a step.
+"""The scheduler: queue, seats, KV blocks, and which admission work runs in a step.
 
-It knows requests, slots and token counts only; no tensors, no model.
+It knows requests, seats, blocks and token counts only; no tensors, no model.
+
+Admission: first come, first served, while a seat is free (``max_batch_size`` requests
+at most hold one) and the KV manager can give the request blocks for all its tokens
+(keeping one block per active request in reserve for their next decode tokens). A
+request whose prefix another request is computing right now waits for it and is passed
+over meanwhile (``KVManager.match``); the first one that does not fit stops admission
+(no overtaking by smaller requests: a big one is not starved).
+
+Preemption: when a running request needs a block for its next token and none is left,
+the newest active request gives its blocks back and goes to the front of the queue, to
+be computed again later (vLLM's recompute policy); the oldest request therefore always
+progresses, and a request that fits the pool alone always finishes.
 
 Per-step token budget (``step_tokens``): every running row costs 1 (its decode token);
 what is left goes to requests being admitted, first come first served: a vision tile
@@ -23,7 +35,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from .prefix import PrefixCache
+from .kv_manager import KVManager
 from .request import Request
 
 
@@ -43,18 +55,18 @@ class Prefill:
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int, step_tokens: int | None = None, tile_cost: int = 729,
-                 prefix: PrefixCache | None = None):
+    def __init__(self, max_batch_size: int, kv: KVManager, step_tokens: int | None = None, tile_cost: int = 729):
         if step_tokens is not None and (not isinstance(step_tokens, int) or step_tokens < 1):
             raise ValueError(f"step_tokens must be a positive integer or None, got {step_tokens!r}")
         self.max_batch_size = max_batch_size
+        self.kv = kv
         self.step_tokens = step_tokens
         self.tile_cost = max(1, tile_cost)
         self.free_slots: list[int] = list(range(max_batch_size))
         self.waiting: deque[Request] = deque()
         self.admitting: list[Request] = []
         self.running: list[Request] = []
-        self.prefix = prefix or PrefixCache(0)
+        self.preemptions = 0
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.admitting) + len(self.running)
@@ -66,34 +78,39 @@ class Scheduler:
         self.waiting.append(req)
 
     def admit(self) -> list[Request]:
-        """Give slots to waiting requests (in order); returns the newly admitted.
-
-        A request whose prompt starts like a kept row takes that row (``req.cached_tokens``
-        set); else a free slot; else the least recently used kept row is given up."""
+        """Give seats and blocks to waiting requests (in order); returns the newly admitted
+        (``req.length`` = tokens reused from shared blocks)."""
         new = []
-        while self.waiting:
-            req = self.waiting[0]
-            hit = self.prefix.take(req.keys) if self.prefix.enabled and req.keys else None
-            if hit is not None:
-                req.slot, req.cached_tokens = hit
-            elif self.free_slots:
-                req.slot = self.free_slots.pop(0)
-            else:
-                slot = self.prefix.evict_lru()
-                if slot is None:
-                    break
-                req.slot = slot
-            self.waiting.popleft()
+        for req in list(self.waiting):
+            if not self.free_slots:
+                break
+            m = self.kv.match(req)
+            if m.wait:
+                continue  # another request is computing its prefix: take it when done
+            if not self.kv.admit(req, m, reserve=len(self.running) + len(self.admitting)):
+                break
+            req.slot = self.free_slots.pop(0)
+            self.waiting.remove(req)
             self.admitting.append(req)
             new.append(req)
         return new
+
+    def preempt_newest(self) -> Request:
+        """The newest active request gives its blocks and seat back and waits again (first
+        in line); returns it."""
+        victim = max(self.running + self.admitting, key=lambda r: r.rid)
+        self._leave(victim, keep=True)
+        victim.preempt()
+        self.preemptions += 1
+        self.waiting.appendleft(victim)
+        return victim
 
     def plan(self) -> list[Vision | Prefill]:
         """The admission work of this step, in order, within the token budget."""
         left = math.inf if self.step_tokens is None else self.step_tokens - len(self.running)
         forced = True  # nothing done yet: one unit runs even without budget
         tiles = {r.rid: r.tiles_total - r.tiles_done for r in self.admitting}
-        toks = {r.rid: r.prompt_len - r.prefilled for r in self.admitting}
+        toks = {r.rid: r.prefill_len - r.prefilled for r in self.admitting}
         work: list[Vision | Prefill] = []
         blocked = False
         while not blocked:
@@ -132,17 +149,18 @@ class Scheduler:
         self.admitting.remove(req)
         self.running.append(req)
 
-    def release(self, req: Request, keep: list | None = None, row_bytes: int = 0) -> None:
-        """Take a finished or cancelled request out, wherever it is; its slot becomes free,
-        or is kept for the prefix cache with ``keep`` (the keys of the tokens in its row)."""
+    def release(self, req: Request, keep: bool = True) -> None:
+        """Take a finished or cancelled request out, wherever it is; its seat and blocks are
+        given back (``keep``: its blocks' content is trusted and stays known for reuse)."""
+        if not self._leave(req, keep) and req in self.waiting:
+            self.waiting.remove(req)
+
+    def _leave(self, req: Request, keep: bool) -> bool:
         for group in (self.running, self.admitting):
             if req in group:
                 group.remove(req)
-                freed = [req.slot]
-                if keep and self.prefix.enabled:
-                    freed = self.prefix.keep(req.slot, keep, row_bytes)
-                self.free_slots.extend(freed)
+                self.kv.release(req, keep)
+                self.free_slots.append(req.slot)
                 self.free_slots.sort()
-                return
-        if req in self.waiting:
-            self.waiting.remove(req)
+                return True
+        return False

@@ -48,12 +48,11 @@ class MHA(nn.Module):
         b, t, _ = x.shape
         if t == 1 and self._native_decode(x, ctx):
             k_cache, v_cache = ctx.cache.layers[self.layer]
-            rows = ctx.rows if ctx.rows is not None else torch.arange(b)
             out = native.mha_decode(x.view(b, -1), self.q_proj.weight, self.k_proj.weight, self.v_proj.weight,
                                     self.o_proj.weight, (self.q_proj.bias, self.k_proj.bias, self.v_proj.bias,
                                                          self.o_proj.bias),
-                                    self.h, self.hk, ctx.cos, ctx.sin, k_cache, v_cache, rows, ctx.write_pos[:, 0],
-                                    self.scale)
+                                    self.h, self.hk, ctx.cos, ctx.sin, k_cache, v_cache, ctx.table,
+                                    ctx.write_pos[:, 0], self.scale)
             return out.view(b, 1, -1)
         q = self.q_proj(x).view(b, t, self.h, self.hd).transpose(1, 2)  # [B, H, T, hd]
         k = self.k_proj(x).view(b, t, self.hk, self.hd).transpose(1, 2)  # [B, Hk, T, hd]

@@ -48,6 +48,12 @@ class DecodePlan:
     def __init__(self, lm):
         cfg = lm.cfg
         self.cfg = cfg
+        # the sizes step.c indexes every layer's weights with, checked against each weight here
+        d, h, hk, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
+        self.d, self.h, self.hk, self.hd = d, h, hk, hd
+        if not (d > 0 and hk > 0 and h > 0 and h % hk == 0 and 0 < hd <= 1024):
+            raise _NotNative(f"heads {h} / kv heads {hk} / head size {hd} have no native version")
+        k = cfg.num_experts_per_tok
         # (module._parameters, name, tensor, its address, its version): what must not change
         self.refs: list[tuple[dict, str, torch.Tensor, int, int]] = []
         self.keep: list[torch.Tensor] = []  # float32 bias copies the pointers refer to
@@ -58,40 +64,50 @@ class DecodePlan:
         for i, layer in enumerate(layers):
             att = layer.self_attn
             e = self.table[i]
-            e.ln1 = self._weight(layer.input_layernorm, "weight")
-            e.ln2 = self._weight(layer.post_attention_layernorm, "weight")
-            for name in ("q", "k", "v", "o"):
+            e.ln1 = self._weight(layer.input_layernorm, "weight", (d,))
+            e.ln2 = self._weight(layer.post_attention_layernorm, "weight", (d,))
+            for name, shape in (("q", (h * hd, d)), ("k", (hk * hd, d)), ("v", (hk * hd, d)), ("o", (d, h * hd))):
                 proj = getattr(att, f"{name}_proj")
-                setattr(e, f"w{name}", self._weight(proj, "weight"))
+                setattr(e, f"w{name}", self._weight(proj, "weight", shape))
                 bias = proj._parameters.get("bias")
                 if bias is not None:
+                    if bias.shape != shape[:1] or not bias.dtype.is_floating_point:
+                        raise _NotNative(f"{name}_proj.bias is {list(bias.shape)}, not {list(shape[:1])}")
                     self.refs.append((proj._parameters, "bias", bias, bias.data_ptr(), bias._version))
                     self.keep.append(bias.detach().float().contiguous().clone())
                     setattr(e, f"b{name}", self.keep[-1].data_ptr())
             mlp = layer.mlp
             if isinstance(mlp, MoE):
                 ex = mlp.experts
-                e.gate = self._weight(mlp.gate, "weight")
-                e.mg, e.mu, e.md = (self._weight(ex, n) for n in ("gate_proj", "up_proj", "down_proj"))
-                e.E, e.F = ex.gate_proj.shape[0], ex.gate_proj.shape[1]
+                ne, f = ex.gate_proj.shape[0], ex.gate_proj.shape[1]
+                if not (ne > 0 and f > 0 and 0 < k <= ne):
+                    raise _NotNative(f"{k} of {ne} experts of width {f} has no native version")
+                e.gate = self._weight(mlp.gate, "weight", (ne, d))
+                e.mg, e.mu, e.md = (self._weight(ex, n, shape) for n, shape in
+                                    (("gate_proj", (ne, f, d)), ("up_proj", (ne, f, d)), ("down_proj", (ne, d, f))))
+                e.E, e.F = ne, f
                 if mlp.shared_experts is not None:
                     s = mlp.shared_experts
-                    e.sg, e.su, e.sd = (self._weight(getattr(s, n), "weight")
-                                        for n in ("gate_proj", "up_proj", "down_proj"))
-                    e.Fs = s.gate_proj.weight.shape[0]
+                    fs = s.gate_proj.weight.shape[0]
+                    e.sg, e.su, e.sd = (self._weight(getattr(s, n), "weight", shape) for n, shape in
+                                        (("gate_proj", (fs, d)), ("up_proj", (fs, d)), ("down_proj", (d, fs))))
+                    e.Fs = fs
                 self.moe_layers.append(i)
             else:
-                e.mg, e.mu, e.md = (self._weight(getattr(mlp, n), "weight")
-                                    for n in ("gate_proj", "up_proj", "down_proj"))
-                e.E, e.F = 1, mlp.gate_proj.weight.shape[0]
+                f = mlp.gate_proj.weight.shape[0]
+                e.mg, e.mu, e.md = (self._weight(getattr(mlp, n), "weight", shape) for n, shape in
+                                    (("gate_proj", (f, d)), ("up_proj", (f, d)), ("down_proj", (d, f))))
+                e.E, e.F = 1, f
             emax, fmax = max(emax, e.E), max(fmax, e.F, e.Fs)
         self.emax, self.fmax = emax, fmax
         self.nl = len(layers)
 
-    def _weight(self, module, name: str) -> int:
+    def _weight(self, module, name: str, shape: tuple[int, ...]) -> int:
         t = module._parameters.get(name)
         if not native.bf16_weight(t):
             raise _NotNative(f"{type(module).__name__}.{name} is not a contiguous bf16 CPU tensor")
+        if t.shape != shape or not all(shape):
+            raise _NotNative(f"{type(module).__name__}.{name} is {list(t.shape)}, not {list(shape)}")
         self.refs.append((module._parameters, name, t, t.data_ptr(), -1))
         return t.data_ptr()
 
@@ -119,31 +135,44 @@ class DecodePlan:
     def run(self, x: torch.Tensor, ctx) -> tuple[torch.Tensor, dict[int, Routing]]:
         """x float32 [B, 1, D] embeddings -> (last layer's output [B, 1, D], routing per MoE layer)."""
         cfg = self.cfg
-        b, _, d = x.shape
+        d, h, hk, hd = self.d, self.h, self.hk, self.hd
+        if not (x.dtype is torch.float32 and x.is_cpu and x.ndim == 3 and x.shape[1] == 1 and x.shape[2] == d):
+            raise ValueError(f"decode plan: x must be float32 [B, 1, {d}] on the CPU, got {native._describe(x)}")
+        b = x.shape[0]
+        layers = ctx.cache.layers
+        if len(layers) != self.nl:
+            raise ValueError(f"decode plan: the cache has {len(layers)} layers, the model {self.nl}")
+        shape = layers[0][0].shape
+        if not (len(shape) == 4 and shape[2] == hk and shape[3] == hd and shape[0] and shape[1]):
+            raise ValueError(f"decode plan: the KV pools must be [NB, BS, {hk}, {hd}] (NB, BS > 0), got {list(shape)}")
+        for i, pair in enumerate(layers):  # step.c indexes every layer's pools with layer 0's sizes
+            if len(pair) != 2:
+                raise ValueError(f"decode plan: layer {i}'s cache must be (keys, values), got {len(pair)} tensors")
+            for t in pair:
+                if not (t.dtype is torch.float32 and t.is_cpu and t.is_contiguous() and t.shape == shape):
+                    raise ValueError(f"decode plan: layer {i}'s KV pools must be contiguous float32 {list(shape)} "
+                                     f"(layer 0's shape) on the CPU, got {native._describe(t)}")
         lib = native._require()
-        cache = ctx.cache
-        k_cache = cache.layers[0][0]
-        r, s, hk, hd = k_cache.shape
-        h = cfg.num_attention_heads
+        nb, bs = shape[0], shape[1]
         k = cfg.num_experts_per_tok
-        rows = ctx.rows if ctx.rows is not None else torch.arange(b)
-        cos, sin, rows, pos = native.step_rows(b, hd, ctx.cos, ctx.sin, rows, ctx.write_pos[:, 0])
+        cos, sin, table, pos = native.step_rows(b, hd, ctx.cos, ctx.sin, ctx.table, ctx.write_pos[:, 0])
+        w = table.shape[1]
         out = x.reshape(b, d).clone(memory_format=torch.contiguous_format)
-        caches = (_P * (2 * self.nl))(*[t.data_ptr() for pair in cache.layers for t in pair])
+        caches = (_P * (2 * self.nl))(*[t.data_ptr() for pair in layers for t in pair])
         idx = torch.empty(self.nl, b, k, dtype=torch.int64)
         wt = torch.empty(self.nl, b, k, dtype=torch.float32)
-        scratch = native._scratch(lib.dsvl2_decode_scratch(b, d, h, hk, hd, s, k, self.emax, self.fmax),
+        scratch = native._scratch(lib.dsvl2_decode_scratch(b, d, h, hk, hd, w * bs, k, self.emax, self.fmax),
                                   torch.float32)
         order = native._scratch(lib.dsvl2_decode_order(b, k, self.emax), torch.int64)
         failed = ctypes.c_int64(-1)
         rc = lib.dsvl2_decode_layers(out.data_ptr(), b, d, self.table, self.nl, caches, h, hk, hd,
                                      float(cfg.rms_norm_eps), float(cfg.softmax_scale), k,
                                      int(cfg.scoring_func == "sigmoid"), int(bool(cfg.norm_topk_prob)),
-                                     float(cfg.routed_scaling_factor), cos.data_ptr(), sin.data_ptr(), r, s,
-                                     rows.data_ptr(), pos.data_ptr(), idx.data_ptr(), wt.data_ptr(), self.emax,
+                                     float(cfg.routed_scaling_factor), cos.data_ptr(), sin.data_ptr(), nb, bs,
+                                     table.data_ptr(), w, pos.data_ptr(), idx.data_ptr(), wt.data_ptr(), self.emax,
                                      scratch.data_ptr(), order.data_ptr(), ctypes.byref(failed))
         if rc != 0:
-            raise native.decode_error(rc, r, s, rows, pos, hd=hd, heads=h, kv_heads=hk, layer=failed.value)
+            raise native.decode_error(rc, nb, bs, table, pos, hd=hd, heads=h, kv_heads=hk, layer=failed.value)
         routing = {i: Routing(idx[i].view(b, 1, k), wt[i].view(b, 1, k)) for i in self.moe_layers}
         return out.view(b, 1, d), routing
 

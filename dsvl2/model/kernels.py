@@ -13,8 +13,10 @@ AVX-512 BF16 and AMX CPUs it is several times faster than fp32 (AMX: ~1.9 TFLOP/
 * any other CPU: fp32 (weights upcast a layer at a time), without measuring.
 
 ``DSVL2_BIG_PRODUCTS=fp32|bf16`` overrides the choice. A measurement is cached per
-machine (CPU model, flags, torch version, threads) in ``~/.cache/dsvl2/kernels.json``
-(``DSVL2_CACHE_DIR`` moves it). Decode steps read the weights in their own dtype
+machine (CPU model, flags, torch version, threads) in ``kernels.json`` in dsvl2's cache
+directory (``dsvl2/cachedir.py``: ``$DSVL2_CACHE_DIR``, else ``$XDG_CACHE_HOME/dsvl2``, else
+``~/.cache/dsvl2``); a file there that is not ours alone (another owner, group / other
+writable, a symlink) is ignored, and the measurement made again. Decode steps read the weights in their own dtype
 (``ops.decoding``, ``native``), whatever is chosen here; either way a row's numbers do not depend
 on its batch.
 """
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from .. import cachedir
 from . import ops
 
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -76,9 +79,21 @@ def _gflops(dtype: torch.dtype, m: int = 256, k: int = 2048, n: int = 2048, reps
     return 2 * m * k * n / best / 1e9
 
 
+CACHE_NAME = "kernels.json"
+
+
 def _cache_file() -> Path:
-    root = Path(os.environ.get("DSVL2_CACHE_DIR") or Path.home() / ".cache" / "dsvl2")
-    return root / "kernels.json"
+    return cachedir.root() / CACHE_NAME
+
+
+def _read_cache() -> dict:
+    """The cached measurements, or {} (none, unreadable, or not ours alone: see ``cachedir``)."""
+    raw = cachedir.read_file(CACHE_NAME)
+    try:
+        data = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def choose(device: torch.device | str, weight_dtype: torch.dtype, flags: set[str] | None = None,
@@ -101,27 +116,22 @@ def choose(device: torch.device | str, weight_dtype: torch.dtype, flags: set[str
         return KernelChoice("fp32", "no native bf16 matrix units (no amx_bf16 / avx512_bf16): bf16 GEMMs "
                                     "are slower than fp32 here, weights are upcast", name)
     key = hashlib.sha1(f"{name}|{sorted(flags)}|{torch.__version__}|{torch.get_num_threads()}".encode()).hexdigest()
-    path = _cache_file()
     if use_cache:
         try:
-            cached = json.loads(path.read_text()).get(key)
+            cached = _read_cache().get(key)
             if cached:
                 return KernelChoice(**cached)
-        except (OSError, ValueError, TypeError):
+        except (ValueError, TypeError):
             pass
     measure = measure or _gflops
     speeds = {"fp32_gflops": round(measure(torch.float32), 1), "bf16_gflops": round(measure(torch.bfloat16), 1)}
     pick = "bf16" if speeds["bf16_gflops"] > speeds["fp32_gflops"] else "fp32"
     choice = KernelChoice(pick, f"{'/'.join(native)} present; measured bf16 {speeds['bf16_gflops']} vs fp32 "
                                 f"{speeds['fp32_gflops']} GFLOP/s", name, speeds)
-    if use_cache:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            data = json.loads(path.read_text()) if path.exists() else {}
-            data[key] = choice.to_dict()
-            path.write_text(json.dumps(data, indent=1))
-        except (OSError, ValueError):
-            pass  # a read-only home only costs a measurement next time
+    if use_cache:  # atomically, into a checked directory; a read-only home only costs a measurement next time
+        data = _read_cache()
+        data[key] = choice.to_dict()
+        cachedir.write_file(CACHE_NAME, json.dumps(data, indent=1).encode())
     return choice
 
 

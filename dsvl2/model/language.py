@@ -100,19 +100,20 @@ class LanguageModel(nn.Module):
         return positions, StepContext(cos, sin, _additive(visible, dtype))
 
     def step_context(self, cache: KVCache, start: torch.Tensor, n: torch.Tensor, t: int,
-                     rows: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
-        """Rows continuing in ``cache``: start [B] tokens already cached, n [B] real tokens of T."""
+                     table: torch.Tensor, dtype: torch.dtype = torch.float32):
+        """Rows continuing in ``cache``: start [B] tokens already cached, n [B] real tokens of
+        T, table [B, W] each row's block table (``cache.block_table``)."""
         dev = cache.device
         start, n = start.to(dev), n.to(dev)
         offs = torch.arange(t, device=dev)
         positions = start[:, None] + offs[None]  # [B, T]
         kv_len = int((start + t).max())
-        cache.ensure_capacity(kv_len)
         s = torch.arange(kv_len, device=dev)
         visible = (s[None, None] <= positions[:, :, None]) & (s[None, None] < (start + n)[:, None, None])
         cos, sin = self.rotary(positions)
-        ctx = StepContext(cos, sin, _additive(visible, dtype), cache=cache, rows=rows,
-                          write_pos=positions, kv_len=kv_len)
+        real = offs[None] < n[:, None]  # [B, T]
+        ctx = StepContext(cos, sin, _additive(visible, dtype), cache=cache, table=table.to(dev),
+                          write_pos=positions, real=real, kv_len=kv_len, valid=start + n)
         return positions, ctx
 
     # ---- forward ----------------------------------------------------------------------

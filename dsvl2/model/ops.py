@@ -87,6 +87,11 @@ def set_big_products_in_weights_dtype(flag: bool) -> None:
     _big_in_weights = bool(flag)
 
 
+def big_products_in_weights_dtype() -> bool:
+    """The policy ``set_big_products_in_weights_dtype`` set (False: vision / prefill in float32)."""
+    return _big_in_weights
+
+
 def decoding_active() -> bool:
     """Inside ``decoding()`` on this thread (an engine decode step)."""
     return getattr(_mode, "decoding", False)

@@ -3,6 +3,9 @@
 * ``app``: ``create_app(model, ...)`` -> FastAPI app; the request flow and endpoints
 * ``schema``: the chat request, checked field by field (OpenAI names, dsvl2 extensions)
 * ``images``: where ``image_url`` images may come from (data URLs; files and fetches by flag)
+* ``fetch``: fetching an image URL safely (public addresses only, the address checked is
+  the one connected to, one deadline, redirects checked)
+* ``guard``: the Host allow-list (DNS rebinding) and the Origin check (CSRF) of every request
 * ``submit``: processing off the event loop, context fitting, ``n`` choices
 * ``responses``: completion / chunk objects, the ``grounding`` and ``dropped_turns`` extensions
 * ``metrics``: the Prometheus text exposition

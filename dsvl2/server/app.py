@@ -10,12 +10,21 @@ require ``Authorization: Bearer KEY`` when an API key is set; the others never d
 
 How a chat request flows, and why:
 
-1. On the event loop, cheap checks only: API key (``hmac.compare_digest``), model
-   loaded (else 503), queue room (else 429 with ``Retry-After``), body size (413, read
-   incrementally so an over-long body is never held whole), JSON and schema (400).
+0. Every request, every route: ``Host`` (DNS rebinding, 421) and ``Origin`` (cross-site
+   requests, 403), in ``guard.RequestGuard``.
+1. On the event loop, cheap checks only: API key (``hmac.compare_digest``), Content-Type
+   (``application/json``, else 415: what a foreign page could send without a preflight),
+   model loaded (else 503), queue room (else 429 with ``Retry-After``), body size (413,
+   read incrementally so an over-long body is never held whole), JSON and schema (400).
+1b. ``http(s)`` image URLs (``--allow-fetch``) are fetched in their own pool
+   (``FETCH_WORKERS`` threads, each fetch bounded by ``--fetch-timeout`` as a whole, see
+   ``fetch.py``), all of a request's at once, so that slow URLs never hold the workers
+   of step 2 and a request without fetched images never waits behind them.
 2. In a small worker pool (2 threads, so a flood of big images cannot take every core's
    memory at once): images resolved, decoded and tiled, prompt tokenised and checked
-   against the context window, then queued on the driver (``submit.py``). The request's
+   against the context window, then queued on the driver (``submit.py``), which refuses
+   (400) a request whose prompt + ``max_tokens`` could never fit the whole KV-cache
+   budget (``--kv-cache-bytes``). The request's
    ``AsyncSink`` is created on the loop beforehand, so the driver thread can hand it
    events from then on.
 3. The driver (one thread for all requests) admits it at a step boundary, interleaving
@@ -23,7 +32,7 @@ How a chat request flows, and why:
 4. Events arrive on the loop; a stream sends one SSE chunk per text delta. When the
    client goes away (the stream's send is cancelled, or a non-streaming client is seen
    disconnected while waiting) every handle of the request is cancelled, which frees its
-   KV-cache row at the driver's next step.
+   batch slot and KV-cache blocks at the driver's next step.
 
 Failure isolation: input errors are answered before the request reaches the driver; an
 engine step that raises fails only the requests in that step (the driver goes on), and
@@ -44,7 +53,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Iterable, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -54,10 +63,14 @@ from ..api import VLModel, make_answer
 from ..engine.driver import AsyncSink
 from ..errors import DSVL2Error
 from ..hub import DEMO
+from ..structured import LogprobStream
 from .errors import APIError, from_dsvl2
+from .fetch import DEFAULT_TIMEOUT_S
+from .guard import RequestGuard
 from .images import ImagePolicy
+from .memory import DEFAULT_TRIM_INTERVAL_S, trim_while_busy
 from .metrics import Metrics
-from .responses import SSE_DONE, chunk, completion, grounding_field, new_id, sse, usage
+from .responses import SSE_DONE, cached_tokens, chunk, completion, grounding_field, new_id, sse, usage
 from .schema import ChatRequest, parse_chat_request, parse_json
 from .submit import Submission, submit
 
@@ -66,6 +79,7 @@ log = logging.getLogger("dsvl2.server")
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_MAX_BODY_BYTES = 64 << 20  # base64 inflates images by 4/3: room for a few big photos
 PREP_WORKERS = 2
+FETCH_WORKERS = 8  # image fetches at once (each holds at most --fetch-timeout and max_image_bytes)
 _DISCONNECT_POLL_S = 0.5
 _LOADING_RETRY_S = 5
 
@@ -100,14 +114,23 @@ class ServerState:
         self.preparing = 0  # requests (choices) in the worker pool, not yet on the driver
         self.runs: set[Run] = set()
         self.pool: ThreadPoolExecutor | None = None
+        self.fetch_pool: ThreadPoolExecutor | None = None
         self.load_thread: threading.Thread | None = None
+        self.requests_received = 0  # chat requests, any outcome (memory.py: work since the last trim)
+        self.trim_interval_s: float | None = DEFAULT_TRIM_INTERVAL_S
+        self.trim_task: asyncio.Task | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
+        """Called on the server's event loop (the app's lifespan)."""
         self.pool = ThreadPoolExecutor(PREP_WORKERS, thread_name_prefix="dsvl2-prep")
+        self.fetch_pool = ThreadPoolExecutor(FETCH_WORKERS, thread_name_prefix="dsvl2-fetch")
         if self.model is None and self.loader is not None:
             self.load_thread = threading.Thread(target=self._load, name="dsvl2-load", daemon=True)
             self.load_thread.start()
+        # freed memory back to the OS while there is work (memory.py)
+        activity = lambda: (self.requests_received, bool(self.runs or self.preparing))  # noqa: E731
+        self.trim_task = asyncio.get_running_loop().create_task(trim_while_busy(self.trim_interval_s or 0, activity))
 
     def _load(self) -> None:
         t0 = time.perf_counter()
@@ -122,10 +145,13 @@ class ServerState:
         log.info("model loaded in %.1f s; serving it as %r", time.perf_counter() - t0, self.served_model_name)
 
     def stop(self) -> None:
+        if self.trim_task is not None:
+            self.trim_task.cancel()
         for run in list(self.runs):
             run.close()
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self.pool, self.fetch_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- checks -------------------------------------------------------------------------
     def check_auth(self, request: Request) -> None:
@@ -147,12 +173,12 @@ class ServerState:
                        headers={"Retry-After": str(_LOADING_RETRY_S)})
 
     def check_queue(self, model: VLModel, n: int) -> None:
-        """429 if ``n`` more requests would leave more than ``max_queue`` waiting for a row.
-        Requests being prepared count as waiting unless a free row awaits them, so a burst
+        """429 if ``n`` more requests would leave more than ``max_queue`` waiting for a slot.
+        Requests being prepared count as waiting unless a free slot awaits them, so a burst
         on an idle server is not refused."""
         stats = model.driver.stats()
         free = stats["slots_total"] - stats["slots_in_use"]
-        ahead = model.driver.pending() + self.preparing  # they take the free rows first
+        ahead = model.driver.pending() + self.preparing  # they take the free slots first
         if ahead + n - free <= self.max_queue:
             return
         waiting = max(0, ahead - free)
@@ -167,16 +193,16 @@ class ServerState:
         return folder is not None and Path(folder).resolve() == DEMO.resolve()
 
 
-# The types a browser page of any origin may POST without a CORS preflight: refusing them
-# keeps a web page the user visits from driving a server on their loopback (CSRF).
-_SIMPLE_TYPES = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
-
-
 def check_content_type(request: Request) -> None:
+    """``application/json`` only (parameters such as charset allowed). A page of any
+    origin may POST text/plain, form or multipart bodies without a CORS preflight, and
+    curl -d sends a form type; only JSON proves a client that meant to call this API
+    (a browser must ask first, and a foreign page is refused then)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype in _SIMPLE_TYPES:
-        raise APIError(415, f"Content-Type {ctype!r} is not accepted; send the JSON body as application/json",
-                       code="unsupported_media_type")
+    if ctype != "application/json":
+        shown = f"Content-Type {ctype!r} is" if ctype else "a body without a Content-Type is"
+        raise APIError(415, f"{shown} not accepted; send the JSON body with 'Content-Type: application/json' "
+                       "(curl: -H 'Content-Type: application/json')", code="unsupported_media_type")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -227,6 +253,8 @@ class Run:
         self.outputs: dict = {}
         self.done = False
         self.next_check = time.monotonic() + _DISCONNECT_POLL_S
+        # ids that end an answer without being text (no logprobs entry)
+        self.stops = model.engine.eos_ids | set(req.sampling.get("stop_token_ids", ()))
         state.runs.add(self)
 
     # ---- ending -------------------------------------------------------------------------
@@ -293,10 +321,11 @@ class Run:
             failure = self._failure()
             if failure is not None:
                 return error_response(failure)
-            answers = [make_answer(self.outputs[i], self.sub.images) for i in range(self.req.n)]
+            answers = [make_answer(self.outputs[i], self.sub.images, self.model.processor.tokenizer, self.stops)
+                       for i in range(self.req.n)]
             self._end(self._outcome())
             return JSONResponse(completion(self.rid, self.state.served_model_name, answers, self.sub.prompt_tokens,
-                                           self.sub.dropped_turns))
+                                           self.sub.dropped_turns, cached_tokens(self.outputs.values())))
         finally:
             for f in pending:
                 f.cancel()
@@ -305,16 +334,23 @@ class Run:
     async def events(self):
         name, extra = self.state.served_model_name, ({"usage": None} if self.req.include_usage else {})
 
-        def piece(index: int, delta: dict, finish: str | None = None, **more) -> str:
-            return sse(chunk(self.rid, name, self.created, index, delta, finish, **extra, **more))
+        def piece(index: int, delta: dict, finish: str | None = None, logprobs=None, **more) -> str:
+            return sse(chunk(self.rid, name, self.created, index, delta, finish, logprobs, **extra, **more))
+
+        lps = None  # per choice: the logprobs entries to send with each chunk (structured.LogprobStream)
+        if self.req.logprobs:
+            lps = [LogprobStream(lambda h=h: h.req.logprobs, self.model.processor.tokenizer, self.stops)
+                   for h in self.sub.handles]
 
         first = {} if self.sub.dropped_turns is None else {"dropped_turns": self.sub.dropped_turns}
         for i in range(self.req.n):
             yield piece(i, {"role": "assistant", "content": ""}, **(first if i == 0 else {}))
         while len(self.outputs) < self.req.n:
             ev = await self.sink.get()
+            entries = None if lps is None else lps[ev.index].take(ev.delta, ev.output)
             if ev.delta:
-                yield piece(ev.index, {"content": ev.delta})
+                yield piece(ev.index, {"content": ev.delta}, logprobs=entries)
+                entries = None
             if ev.output is None:
                 continue
             self.outputs[ev.index] = ev.output
@@ -324,25 +360,42 @@ class Run:
                 yield SSE_DONE
                 return
             g = grounding_field(make_answer(ev.output, self.sub.images))
-            yield piece(ev.index, {} if g is None else {"grounding": g}, ev.output.finish_reason)
+            yield piece(ev.index, {} if g is None else {"grounding": g}, ev.output.finish_reason, entries or None)
         self._end(self._outcome())
         if self.req.include_usage:
             done = sum(o.completion_tokens for o in self.outputs.values())
             yield sse({"id": self.rid, "object": "chat.completion.chunk", "created": self.created, "model": name,
-                       "choices": [], "usage": usage(self.sub.prompt_tokens, done)})
+                       "choices": [], "usage": usage(self.sub.prompt_tokens, done,
+                                                     cached_tokens(self.outputs.values()))})
         yield SSE_DONE
 
 
-async def _prepare(state: ServerState, model: VLModel, req: ChatRequest, sink: AsyncSink) -> Submission:
-    """``submit`` in the worker pool; if this coroutine is cancelled meanwhile, whatever the
-    worker queues is cancelled as soon as it is queued."""
+async def _fetch_images(state: ServerState, req: ChatRequest) -> dict:
+    """The request's http(s) images, fetched at once in the fetch pool: ``id(ref)`` -> bytes.
+    The first failure is the request's answer; the other fetches end by their deadline."""
+    refs = [r for r in req.image_refs if state.policy.fetches(r)]
+    if not refs:
+        return {}
     loop = asyncio.get_running_loop()
-    fut = loop.run_in_executor(state.pool, functools.partial(submit, model, req, state.policy, sink, state.chunk_size))
+    data = await asyncio.gather(*(loop.run_in_executor(state.fetch_pool, state.policy.fetch, r) for r in refs))
+    return {id(r): d for r, d in zip(refs, data)}
+
+
+async def _prepare(state: ServerState, model: VLModel, req: ChatRequest, sink: AsyncSink) -> Submission:
+    """Fetch (``_fetch_images``), then ``submit`` in the worker pool; if this coroutine is
+    cancelled meanwhile, whatever the worker queues is cancelled as soon as it is queued."""
+    loop = asyncio.get_running_loop()
+    fut = None
     state.preparing += req.n
     try:
+        fetched = await _fetch_images(state, req)
+        fut = loop.run_in_executor(state.pool, functools.partial(submit, model, req, state.policy, sink,
+                                                                 state.chunk_size, fetched))
         return await asyncio.shield(fut)
     except asyncio.CancelledError:
-        fut.add_done_callback(lambda f: None if f.cancelled() or f.exception() else model.driver.cancel(f.result().handles))
+        if fut is not None:
+            fut.add_done_callback(lambda f: None if f.cancelled() or f.exception()
+                                  else model.driver.cancel(f.result().handles))
         raise
     finally:
         state.preparing -= req.n
@@ -350,6 +403,7 @@ async def _prepare(state: ServerState, model: VLModel, req: ChatRequest, sink: A
 
 async def chat_completions(state: ServerState, request: Request) -> Response:
     received = time.perf_counter()
+    state.requests_received += 1
     try:
         state.check_auth(request)
         check_content_type(request)
@@ -380,19 +434,30 @@ async def chat_completions(state: ServerState, request: Request) -> Response:
 
 
 def create_app(model: ModelSource, *, served_model_name: str, api_key: str | None = None,
-               max_queue: int = DEFAULT_MAX_QUEUE, allow_fetch: bool = False,
+               max_queue: int = DEFAULT_MAX_QUEUE, allow_fetch: bool = False, allow_fetch_private: bool = False,
+               fetch_timeout_s: float = DEFAULT_TIMEOUT_S,
                allowed_local_dir: str | Path | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                max_image_pixels: int | None = None, chunk_size: int | None = None,
-               on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
+               allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = (),
+               on_load_error: Callable[[BaseException], None] | None = None,
+               memory_trim_s: float | None = DEFAULT_TRIM_INTERVAL_S) -> FastAPI:
     """The server for ``model``: a loaded ``VLModel``, or a function that loads one (called
-    in a background thread at startup; requests get 503 until it returns)."""
-    policy = ImagePolicy(allow_fetch=allow_fetch,
+    in a background thread at startup; requests get 503 until it returns).
+    ``memory_trim_s``: seconds between two returns of freed memory to the OS while there is
+    work (``memory.py``; 0 / None: never).
+    ``allowed_hosts`` / ``allowed_origins``: beyond loopback names and the server's own
+    origin (``guard.py``); ``allow_fetch_private``, ``fetch_timeout_s``: ``fetch.py``."""
+    if not fetch_timeout_s > 0:
+        raise ValueError(f"fetch_timeout_s must be > 0, got {fetch_timeout_s}")
+    policy = ImagePolicy(allow_fetch=allow_fetch, allow_fetch_private=allow_fetch_private,
+                         fetch_timeout_s=fetch_timeout_s,
                          allowed_local_dir=None if allowed_local_dir is None else Path(allowed_local_dir))
     if max_image_pixels is not None:
         policy.max_image_pixels = max_image_pixels
     state = ServerState(model, served_model_name=served_model_name, api_key=api_key, max_queue=max_queue,
                         policy=policy, max_body_bytes=max_body_bytes, chunk_size=chunk_size,
                         on_load_error=on_load_error)
+    state.trim_interval_s = memory_trim_s
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -402,6 +467,9 @@ def create_app(model: ModelSource, *, served_model_name: str, api_key: str | Non
 
     app = FastAPI(title="dsvl2", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.dsvl2 = state
+    allowed_hosts, allowed_origins = list(allowed_hosts), list(allowed_origins)
+    RequestGuard(None, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)  # a bad entry: ValueError now
+    app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -418,10 +486,13 @@ def create_app(model: ModelSource, *, served_model_name: str, api_key: str | Non
 
     def model_card() -> dict:
         m = state.model
+        stats = m.driver.stats()  # the KV budget: its capacity in bytes and tokens per block
         return {"id": state.served_model_name, "object": "model", "created": state.created, "owned_by": "dsvl2",
                 "max_model_len": m.engine.context_window,
                 "dsvl2": {"context_window": m.engine.context_window, "max_batch_size": m.engine.max_batch_size,
-                          "demo": state.is_demo(), "max_queue": state.max_queue}}
+                          "demo": state.is_demo(), "max_queue": state.max_queue,
+                          "kv_cache_bytes": stats.get("kv_cache_bytes_capacity"),
+                          "kv_block_size": stats.get("kv_block_size")}}
 
     @app.get("/v1/models")
     async def _models(request: Request) -> dict:

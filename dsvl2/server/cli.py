@@ -15,6 +15,7 @@ visible to every user of the machine in ``ps``).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import socket
@@ -22,17 +23,20 @@ import sys
 from pathlib import Path
 
 from ..errors import DSVL2Error
+from ..sizes import KV_CACHE_HELP, size_argument
 
 EPILOG = """examples:
   dsvl2 serve                                    (the built-in demo model, http://127.0.0.1:8000)
   dsvl2 serve -m deepseek-ai/deepseek-vl2-tiny --api-key s3cret --max-batch-size 8
-  dsvl2 serve -m ./deepseek-vl2-tiny --host 0.0.0.0 --port 8080 --allowed-local-dir ./photos
+  dsvl2 serve -m ./deepseek-vl2-tiny --kv-cache-bytes 4GiB      (a fixed KV-cache budget)
+  dsvl2 serve -m ./deepseek-vl2-tiny --host 0.0.0.0 --port 8080 --allowed-host vl.lan --allowed-local-dir ./photos
 
 then, e.g.:
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}'
 
-Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics."""
+Endpoints: POST /v1/chat/completions (Content-Type: application/json only), GET /v1/models,
+GET /health, GET /metrics, and the chat page at /."""
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -55,9 +59,14 @@ def add_parser(sub) -> None:
                    help="the model name clients send and /v1/models shows (default: the -m value)")
     r = p.add_argument_group("capacity")
     r.add_argument("--max-batch-size", type=int, default=16, metavar="N",
-                   help="conversations decoded together (KV-cache rows)")
+                   help="conversations decoded together (batch slots)")
     r.add_argument("--max-queue", type=int, default=64, metavar="N",
-                   help="requests allowed to wait for a row; beyond it: 429 with Retry-After")
+                   help="requests allowed to wait for a slot; beyond it: 429 with Retry-After")
+    r.add_argument("--kv-cache-bytes", type=size_argument, default=None, metavar="SIZE",
+                   help=KV_CACHE_HELP)
+    r.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="do not reuse the KV blocks of a prompt's start that an earlier request computed "
+                   "(default: reuse them; usage.prompt_tokens_details.cached_tokens counts them)")
     r.add_argument("--chunk-size", type=int, default=None, metavar="N",
                    help="prefill prompts in chunks of at most N tokens (default: as the per-step budget allows)")
     r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -65,10 +74,29 @@ def add_parser(sub) -> None:
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     r.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="quantise the weights while loading (int8: LM linears; int4: routed experts)")
+    r.add_argument("--memory-trim-interval", type=float, default=2.0, metavar="S",
+                   help="while requests run, give the allocator's freed memory back to the OS every S seconds "
+                   "(glibc malloc_trim; 0: never)")
+    a = p.add_argument_group("browsers and host names (every request's Host and Origin are checked)")
+    a.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host header is NAME (or NAME:PORT); repeatable. Loopback "
+                   "names and the address a request came to are always answered; others get 421, which "
+                   "stops DNS rebinding (a web page pointing its own name at this server). '*' answers any "
+                   "Host: UNSAFE, any web page the user visits can then read this server")
+    a.add_argument("--allowed-origin", dest="allowed_origins", action="append", default=[], metavar="ORIGIN",
+                   help="also accept browser requests from pages of ORIGIN (scheme://host[:port]); repeatable. "
+                   "Others carrying an Origin header get 403; the server's own chat page is always accepted")
     i = p.add_argument_group("images")
     i.add_argument("--allow-fetch", action="store_true",
-                   help="fetch http(s) image URLs (off: only data: URLs; the server can then be made to "
-                   "request any URL it can reach)")
+                   help="fetch http(s) image URLs, from public addresses only (off: only data: URLs). The "
+                   "server then requests URLs its clients choose")
+    i.add_argument("--allow-fetch-private", action="store_true",
+                   help="with --allow-fetch, also fetch from loopback and private networks (10/8, 172.16/12, "
+                   "192.168/16, fc00::/7): a client can then make the server request this machine's and its "
+                   "network's services. Link-local and cloud metadata addresses stay refused")
+    i.add_argument("--fetch-timeout", type=float, default=10.0, metavar="S",
+                   help="the most seconds one fetched image may take in all (lookup, connects, redirects, "
+                   "every read)")
     i.add_argument("--allowed-local-dir", metavar="DIR",
                    help="allow image_url paths / file:// URLs of files under DIR (symlinks resolved)")
     i.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
@@ -91,8 +119,20 @@ def _check(args: argparse.Namespace) -> None:
         v = getattr(args, name)
         if v is not None and v < lo:
             raise DSVL2Error(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
+    if not 0 <= args.memory_trim_interval <= 3600:
+        raise DSVL2Error(f"--memory-trim-interval must be from 0 to 3600 seconds, got {args.memory_trim_interval}")
     if not 0 <= args.port <= 65535:
         raise DSVL2Error(f"--port must be from 0 to 65535, got {args.port}")
+    if not 0 < args.fetch_timeout <= 600:
+        raise DSVL2Error(f"--fetch-timeout must be more than 0 and at most 600 seconds, got {args.fetch_timeout}")
+    if args.allow_fetch_private and not args.allow_fetch:
+        raise DSVL2Error("--allow-fetch-private needs --allow-fetch")
+    from .guard import RequestGuard
+
+    try:
+        RequestGuard(None, allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins)
+    except ValueError as e:
+        raise DSVL2Error(str(e)) from None
     if args.allowed_local_dir is not None and not Path(args.allowed_local_dir).expanduser().is_dir():
         raise DSVL2Error(f"--allowed-local-dir {args.allowed_local_dir!r} is not a directory")
     if args.api_key is not None and not args.api_key.strip():
@@ -118,6 +158,13 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if getattr(args, "ray", False):
         try:
@@ -134,7 +181,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise DSVL2Error(f"dsvl2 serve needs the server extra ({e.name} is missing): "
                          "pip install 'dsvl2[server]'") from None
     from .. import api
-
     sock = _bind(args.host, args.port)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     if args.model == "demo":
@@ -145,7 +191,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def load():
         return api.load(args.model, dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size,
-                        quantize=args.quantize)
+                        quantize=args.quantize, kv_cache_bytes=args.kv_cache_bytes,
+                        prefix_caching=args.prefix_caching)
 
     def load_failed(exc: BaseException) -> None:
         failure.append(exc)
@@ -154,9 +201,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     app = create_app(load, served_model_name=args.served_model_name or args.model, api_key=args.api_key,
                      max_queue=args.max_queue, allow_fetch=args.allow_fetch,
+                     allow_fetch_private=args.allow_fetch_private, fetch_timeout_s=args.fetch_timeout,
+                     allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins,
                      allowed_local_dir=None if args.allowed_local_dir is None else Path(args.allowed_local_dir).expanduser(),
                      max_body_bytes=args.max_body_bytes, max_image_pixels=args.max_image_pixels,
-                     chunk_size=args.chunk_size, on_load_error=load_failed)
+                     chunk_size=args.chunk_size, on_load_error=load_failed,
+                     memory_trim_s=args.memory_trim_interval)
     # A few seconds for running streams to end on Ctrl-C; then they are cancelled.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=3)
@@ -165,6 +215,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     shown = f"[{host}]" if ":" in host else host
     print(f"dsvl2: serving {app.state.dsvl2.served_model_name!r} on http://{shown}:{port} (Ctrl-C to stop); "
           "the model loads in the background, GET /health answers 200 once it is ready", file=sys.stderr)
+    if not _is_loopback(host) and not args.allowed_hosts:
+        print(f"dsvl2: note: requests are answered when their Host is a loopback name or an address of this "
+              f"machine; for a host name clients use (http://NAME:{port}), add --allowed-host NAME",
+              file=sys.stderr)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:

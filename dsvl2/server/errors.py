@@ -5,9 +5,12 @@ Every refusal is ``{"error": {"message", "type", "param", "code"}}`` (what the o
 at fault where one is (``temperature``, ``messages[1].content[0].image_url.url``), so a
 client can point at it.
 
-Status by cause: 400 bad JSON / schema / values / images / context length, 401 missing
-or wrong API key, 404 unknown model or route, 413 body or image too large, 415 a
-text/plain or form body (what a page of another origin can send without a preflight),
+Status by cause: 400 bad JSON / schema / values / images / context length / more KV
+cache than the whole budget (``GenerationError`` from the driver's ``submit``), 401 missing
+or wrong API key, 403 a browser request from a web page of another origin (``Origin``),
+404 unknown model or route, 413 body or image too large, 415 a body that is not
+``application/json`` (text/plain and form bodies are what a page of another origin can
+send without a preflight), 421 a ``Host`` the server does not answer to (DNS rebinding),
 429 queue full (with ``Retry-After``), 503 model still loading (with ``Retry-After``),
 500 only for a fault of the server itself (logged with its traceback, never sent to the
 client).
@@ -17,8 +20,9 @@ from __future__ import annotations
 
 from ..errors import ConversationError, DSVL2Error, GenerationError, ImageError, ImageTooLargeError
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+          415: "invalid_request_error", 421: "invalid_request_error", 429: "rate_limit_error",
           500: "server_error", 503: "service_unavailable"}
 
 

@@ -3,10 +3,12 @@
 An ``image_url`` is turned into encoded image bytes here, before the processor sees it:
 
 * ``data:image/<format>;base64,...``: decoded (bad base64 -> 400). Always allowed.
-* ``http(s)://``: refused unless the server runs with ``--allow-fetch``; then fetched
-  with a timeout and a size limit, following redirects to http(s) only. Fetching lets a
-  client make the server request any URL it can reach (its own network included), which
-  is why it is off by default.
+* ``http(s)://``: refused unless the server runs with ``--allow-fetch``; then fetched by
+  ``fetch.Fetcher``: public addresses only (``--allow-fetch-private`` adds loopback and
+  private networks; link-local and cloud metadata never), the address checked is the one
+  connected to, one deadline for the whole image (``--fetch-timeout``), a size limit, at
+  most 3 redirects, each checked the same way. The server fetches in its own thread pool
+  (``app.py``), so slow URLs never hold the workers that prepare other requests.
 * a local path (absolute, or relative to the directory) or ``file://`` URL: only under
   ``--allowed-local-dir``; symlinks are resolved first, so neither ``..`` nor a link can
   leave the directory.
@@ -22,9 +24,7 @@ import base64
 import binascii
 import io
 import re
-import urllib.error
 import urllib.parse
-import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from .errors import APIError, bad_request
+from .fetch import DEFAULT_TIMEOUT_S, MAX_REDIRECTS, Connector, Fetcher, FetchError, Resolver
 from .schema import ImageRef
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
@@ -43,50 +44,47 @@ class ImagePolicy:
     allowed_local_dir: Path | None = None
     max_image_pixels: int = 2 * Image.MAX_IMAGE_PIXELS
     max_image_bytes: int = 32 << 20  # of one fetched or local file
-    fetch_timeout_s: float = 10.0
+    fetch_timeout_s: float = DEFAULT_TIMEOUT_S  # the whole fetch of one image, redirects included
+    allow_fetch_private: bool = False  # loopback and private networks too
+    max_redirects: int = MAX_REDIRECTS
+    resolve: Resolver | None = None    # tests inject these; None: the system's lookup / connect
+    connect: Connector | None = None
 
-    def load(self, ref: ImageRef) -> bytes:
-        """The encoded image of one ``image_url``, checked against the pixel limit."""
-        url = ref.url
-        m = _SCHEME.match(url)
-        scheme = m.group(1).lower() if m else ""
-        if scheme == "data":
-            data = _data_url(ref)
-        elif scheme in ("http", "https"):
-            data = self._fetch(ref)
-        elif scheme in ("file", "") or len(scheme) == 1:  # a path (a one-letter scheme: a Windows drive)
-            data = self._local(ref)
-        else:
-            raise bad_request(f"{ref.param}: URL scheme {scheme!r} is not supported; send the image as a "
-                              "data:image/<format>;base64,... URL", param=ref.param, code="invalid_image_url")
+    def load(self, ref: ImageRef, data: bytes | None = None) -> bytes:
+        """The encoded image of one ``image_url`` (``data``: its bytes, already fetched),
+        checked against the pixel limit."""
+        if data is None:
+            scheme = url_scheme(ref.url)
+            if scheme == "data":
+                data = _data_url(ref)
+            elif scheme in ("http", "https"):
+                data = self.fetch(ref)
+            elif scheme in ("file", "") or len(scheme) == 1:  # a path (a one-letter scheme: a Windows drive)
+                data = self._local(ref)
+            else:
+                raise bad_request(f"{ref.param}: URL scheme {scheme!r} is not supported; send the image as a "
+                                  "data:image/<format>;base64,... URL", param=ref.param, code="invalid_image_url")
         self._check_pixels(data, ref)
         return data
 
-    def _fetch(self, ref: ImageRef) -> bytes:
+    def fetches(self, ref: ImageRef) -> bool:
+        """Whether ``ref`` is one this policy would fetch over the network."""
+        return self.allow_fetch and url_scheme(ref.url) in ("http", "https")
+
+    def fetch(self, ref: ImageRef) -> bytes:
+        """The bytes at an http(s) ``ref``, or the 400 / 413 that says why not."""
         if not self.allow_fetch:
             raise bad_request(f"{ref.param}: this server does not fetch remote images ({ref.url[:80]!r}); send "
                               "the image as a data:image/<format>;base64,... URL, or start the server with "
                               "--allow-fetch", param=ref.param, code="invalid_image_url")
-        opener = urllib.request.build_opener(_HTTPOnlyRedirects)
-        req = urllib.request.Request(ref.url, headers={"User-Agent": "dsvl2-server"})
+        fetcher = Fetcher(allow_private=self.allow_fetch_private, timeout_s=self.fetch_timeout_s,
+                          max_bytes=self.max_image_bytes, max_redirects=self.max_redirects,
+                          resolve=self.resolve, connect=self.connect)
         try:
-            with opener.open(req, timeout=self.fetch_timeout_s) as resp:
-                declared = resp.headers.get("Content-Length")
-                if declared and declared.isdigit() and int(declared) > self.max_image_bytes:
-                    raise self._too_big(ref, int(declared))
-                data = resp.read(self.max_image_bytes + 1)
-        except APIError:
-            raise
-        except urllib.error.HTTPError as e:
-            raise bad_request(f"{ref.param}: fetching {ref.url[:80]!r} failed with HTTP {e.code}",
-                              param=ref.param, code="image_fetch_failed") from None
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", e)
-            raise bad_request(f"{ref.param}: fetching {ref.url[:80]!r} failed ({reason})",
-                              param=ref.param, code="image_fetch_failed") from None
-        if len(data) > self.max_image_bytes:
-            raise self._too_big(ref, len(data))
-        return data
+            return fetcher.fetch(ref.url)
+        except FetchError as e:
+            raise APIError(e.status, f"{ref.param}: fetching {ref.url[:80]!r} failed: {e}", param=ref.param,
+                           code=e.code) from None
 
     def _local(self, ref: ImageRef) -> bytes:
         if self.allowed_local_dir is None:
@@ -137,6 +135,11 @@ class ImagePolicy:
                            "are allowed", param=ref.param, code="image_too_large")
 
 
+def url_scheme(url: str) -> str:
+    m = _SCHEME.match(url)
+    return m.group(1).lower() if m else ""
+
+
 def _data_url(ref: ImageRef) -> bytes:
     head, sep, payload = ref.url.partition(",")
     if not sep or not head.lower().startswith("data:image/") or not head.lower().endswith(";base64"):
@@ -147,12 +150,3 @@ def _data_url(ref: ImageRef) -> bytes:
     except (binascii.Error, ValueError) as e:
         raise bad_request(f"{ref.param}: the data URL's payload is not valid base64 ({e})",
                           param=ref.param, code="invalid_image") from None
-
-
-class _HTTPOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow redirects to http(s) only (urllib also follows ftp://)."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if urllib.parse.urlparse(newurl).scheme not in ("http", "https"):
-            raise urllib.error.URLError(f"redirect to a non-http URL {newurl[:80]!r} refused")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)

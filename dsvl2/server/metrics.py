@@ -12,10 +12,17 @@ counters, ``_seconds`` histograms, ``dsvl2_`` prefix):
   ``loading`` (503).
 * ``dsvl2_prompt_tokens_total`` (image tokens included), ``dsvl2_generation_tokens_total``.
 * ``dsvl2_requests_running`` / ``_admitting`` (vision + prefill under way) /
-  ``_waiting`` (no KV-cache row yet), ``dsvl2_kv_cache_rows_in_use`` /
-  ``dsvl2_kv_cache_rows_total``, ``dsvl2_prefix_cache_rows`` (finished rows kept for
-  follow-ups; they are given up whenever a request needs a row) and
-  ``dsvl2_prefix_cache_hits_total``: read from the driver at scrape time.
+  ``_waiting`` (no batch slot yet), ``dsvl2_batch_slots_in_use`` /
+  ``dsvl2_batch_slots_capacity`` (the concurrency limit, ``--max-batch-size``): read from
+  the driver at scrape time. Gauges of a capacity end in ``_capacity``, not ``_total``
+  (Prometheus keeps ``_total`` for counters).
+* The KV cache, a pool of fixed-size blocks under a byte budget (``--kv-cache-bytes``),
+  also read at scrape time: ``dsvl2_kv_cache_bytes_capacity`` / ``_used`` / ``_peak``
+  (high-water mark since start), ``dsvl2_kv_cache_blocks_capacity`` / ``_used``;
+  ``dsvl2_preemptions_total`` (running requests put back to wait because the pool was
+  full), ``dsvl2_prefix_cache_hit_tokens_total`` (prompt tokens reused from shared blocks
+  instead of prefilled), ``dsvl2_vision_tiles_total`` (image tiles the vision tower
+  actually encoded: tiles of a reused prefix are not).
 * Histograms ``dsvl2_time_to_first_token_seconds`` (request received -> first token,
   image decoding included), ``dsvl2_inter_token_latency_seconds`` (every gap between two
   tokens of a request, from the engine's own stamps) and
@@ -120,16 +127,30 @@ class Metrics:
                 out += h.lines()
         out += metric("dsvl2_model_loaded", "gauge", "1 once the model is loaded.", [("", stats is not None)])
         for key, help in (("running", "Requests decoding."),
-                          ("admitting", "Requests holding a KV-cache row whose images / prompt are being processed."),
-                          ("waiting", "Requests waiting for a KV-cache row.")):
+                          ("admitting", "Requests holding a batch slot whose images / prompt are being processed."),
+                          ("waiting", "Requests waiting for a batch slot or KV-cache blocks.")):
             out += metric(f"dsvl2_requests_{key}", "gauge", help, [("", s.get(key, 0))])
-        out += metric("dsvl2_kv_cache_rows_in_use", "gauge", "KV-cache rows (batch slots) held by requests.",
+        out += metric("dsvl2_batch_slots_in_use", "gauge", "Batch slots held by requests (running or admitting).",
                       [("", s.get("slots_in_use", 0))])
-        out += metric("dsvl2_kv_cache_rows_total", "gauge", "KV-cache rows (the maximum batch size).",
+        out += metric("dsvl2_batch_slots_capacity", "gauge",
+                      "Batch slots: requests decoded together at most (the maximum batch size).",
                       [("", s.get("slots_total", 0))])
-        out += metric("dsvl2_prefix_cache_rows", "gauge", "Rows of finished requests kept for follow-ups.",
-                      [("", s.get("prefix_rows", 0))])
-        out += metric("dsvl2_prefix_cache_hits_total", "counter",
-                      "Requests that took over a kept row and prefilled only the rest of their prompt.",
-                      [("", s.get("prefix_hits", 0))])
+        for name, key, help in (
+                ("kv_cache_bytes_capacity", None, "Bytes of the KV-cache block pool (the budget)."),
+                ("kv_cache_bytes_used", None, "Bytes of KV-cache blocks in use."),
+                ("kv_cache_bytes_peak", None, "Most KV-cache bytes in use at once since the start."),
+                ("kv_cache_bytes_cached", None,
+                 "Bytes of KV-cache blocks no request holds, kept for reuse (evicted when blocks run short)."),
+                ("kv_cache_blocks_capacity", "kv_blocks_total", "KV-cache blocks in the pool."),
+                ("kv_cache_blocks_used", "kv_blocks_used", "KV-cache blocks in use.")):
+            out += metric("dsvl2_" + name, "gauge", help, [("", s.get(key or name, 0))])
+        out += metric("dsvl2_preemptions_total", "counter",
+                      "Running requests put back to wait (their KV blocks freed) because the pool was full.",
+                      [("", s.get("preemptions", 0))])
+        out += metric("dsvl2_prefix_cache_hit_tokens_total", "counter",
+                      "Prompt tokens reused from cached KV blocks instead of being prefilled.",
+                      [("", s.get("prefix_cache_hit_tokens", 0))])
+        out += metric("dsvl2_vision_tiles_total", "counter",
+                      "Image tiles encoded by the vision tower (tiles of a reused prefix are not).",
+                      [("", s.get("vision_tiles", 0))])
         return "\n".join(out) + "\n"

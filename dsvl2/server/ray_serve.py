@@ -20,7 +20,7 @@ Notable choices:
   until its constructor returns, so clients never see the single server's 503 "loading"
   answers, and a restarted replica rejoins only when it can answer.
 * Back-pressure stays the replica's: Serve may give a replica one request more than it
-  holds (``max_batch_size`` rows + ``max_queue`` waiting), so a full replica answers that
+  holds (``max_batch_size`` slots + ``max_queue`` waiting), so a full replica answers that
   one with the single server's 429 and ``Retry-After`` instead of Serve queueing it
   silently or answering a plain-text 503.
 * Balance over locality: Serve's proxy normally sends every request to a replica on its
@@ -51,6 +51,7 @@ import time
 from ray import serve
 
 from ..errors import DSVL2Error
+from ..sizes import parse_size
 
 APP_NAME = "dsvl2"
 REPLICA_HEADER = b"x-dsvl2-replica"
@@ -62,12 +63,32 @@ OPTIONS = {
     "dtype": (str, "auto"), "device": (str, "auto"), "max_batch_size": (int, 16), "max_queue": (int, 64),
     "chunk_size": (int, None), "api_key": (str, None), "allow_fetch": (bool, False),
     "allowed_local_dir": (str, None), "max_body_bytes": (int, 64 << 20), "max_image_pixels": (int, None),
+    "kv_cache_bytes": (parse_size, None), "prefix_caching": (bool, True),
+    "allow_fetch_private": (bool, False), "fetch_timeout": (float, 10.0),
+    "allowed_hosts": (list, []), "allowed_origins": (list, []),
 }
 
 
 def _typed(name: str, value):
     """``serve run ... key=value`` passes strings; a YAML config passes typed values."""
     kind = OPTIONS[name][0]
+    if kind is list:  # a YAML list, or "a,b" from the command line
+        if value is None:
+            return []
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+            raise DSVL2Error(f"{name} must be a list of strings or a comma-separated string, got {value!r}")
+        return [v.strip() for v in items if v.strip()]
+    if kind is parse_size:  # a byte size: 4294967296, "4GiB", "512 MB"
+        if value is None:
+            return None
+        try:
+            n = parse_size(value)
+        except ValueError as e:
+            raise DSVL2Error(f"{name}: {e}") from None
+        if n <= 0:
+            raise DSVL2Error(f"{name} must be more than 0 bytes, got {value!r}")
+        return n
     if value is None or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     if kind is bool:
@@ -93,6 +114,14 @@ def options(args: dict) -> dict:
                      ("gpus_per_replica", 0)):
         if opts[name] < lo:
             raise DSVL2Error(f"{name} must be >= {lo}, got {opts[name]}")
+    if not 0 < opts["fetch_timeout"] <= 600:
+        raise DSVL2Error(f"fetch_timeout must be more than 0 and at most 600 seconds, got {opts['fetch_timeout']}")
+    from .guard import RequestGuard
+
+    try:
+        RequestGuard(None, allowed_hosts=opts["allowed_hosts"], allowed_origins=opts["allowed_origins"])
+    except ValueError as e:
+        raise DSVL2Error(str(e)) from None
     return opts
 
 
@@ -157,7 +186,8 @@ class DSVL2Server:
             torch.set_num_threads(max(1, int(opts["cpus_per_replica"])))  # this replica's CPUs, not the node's
         self.opts = opts
         self.model = api.load(opts["model"], dtype=opts["dtype"], device=opts["device"],
-                              max_batch_size=opts["max_batch_size"])
+                              max_batch_size=opts["max_batch_size"], kv_cache_bytes=opts["kv_cache_bytes"],
+                              prefix_caching=opts["prefix_caching"])
 
     def __serve_build_asgi_app__(self):
         from pathlib import Path
@@ -167,6 +197,8 @@ class DSVL2Server:
         o = self.opts
         app = create_app(self.model, served_model_name=o["served_model_name"] or o["model"], api_key=o["api_key"],
                          max_queue=o["max_queue"], allow_fetch=o["allow_fetch"],
+                         allow_fetch_private=o["allow_fetch_private"], fetch_timeout_s=o["fetch_timeout"],
+                         allowed_hosts=o["allowed_hosts"], allowed_origins=o["allowed_origins"],
                          allowed_local_dir=None if o["allowed_local_dir"] is None else Path(o["allowed_local_dir"]),
                          max_body_bytes=o["max_body_bytes"], max_image_pixels=o["max_image_pixels"],
                          chunk_size=o["chunk_size"])

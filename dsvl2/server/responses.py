@@ -10,6 +10,13 @@ Extension fields (ignored by OpenAI clients, readable from their ``model_extra``
   message text keeps the markup.
 * ``dropped_turns`` (top level; streaming: the first chunk): how many messages
   ``truncate_history`` left out, when the request asked for it.
+
+Logprobs (``logprobs: true``): ``choices[i].logprobs = {"content": [{"token", "logprob",
+"bytes", "top_logprobs": [{"token", "logprob", "bytes"}, ...]}, ...]}``, null when not
+asked for (``structured.py`` says what each field holds). Streaming: each chunk that
+carries text carries the entries of the tokens whose text ends in it (``{"content": []}``
+when none does); the role chunk has null; the last chunk of a choice carries the entries
+left (tokens of a stop string, held text flushed at the end), or null when none is left.
 """
 
 from __future__ import annotations
@@ -33,9 +40,25 @@ def grounding_field(answer: Answer) -> list[dict] | None:
             for b in answer.boxes]
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's ``usage``; ``cached_tokens``: prompt tokens whose KV came from the cache
+    (shared blocks of an earlier request) instead of being prefilled."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def cached_tokens(outputs) -> int:
+    """The ``cached_tokens`` of a request's choices (engine outputs), counted like its
+    prompt: once. The smallest over the choices: each choice is its own engine request
+    and may reuse the blocks a sibling choice has just prefilled, which is this request's
+    own work, not a cache hit; the minimum is what every choice found already cached."""
+    return min((o.cached_tokens for o in outputs), default=0)
+
+
+def logprobs_field(entries: list | None) -> dict | None:
+    """A choice's ``logprobs``: ``{"content": [...]}`` of ``structured.Logprob`` entries, or None."""
+    return None if entries is None else {"content": [e.to_dict() for e in entries]}
 
 
 def message(answer: Answer) -> dict:
@@ -47,13 +70,14 @@ def message(answer: Answer) -> dict:
 
 
 def completion(rid: str, model: str, answers: list[Answer], prompt_tokens: int,
-               dropped_turns: int | None = None) -> dict:
-    """A whole ``chat.completion``; ``prompt_tokens`` counts image tokens (once for all choices)."""
+               dropped_turns: int | None = None, cached: int = 0) -> dict:
+    """A whole ``chat.completion``; ``prompt_tokens`` counts image tokens, and ``cached``
+    the prompt tokens reused from the KV cache (both once for all choices)."""
     body = {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "message": message(a), "finish_reason": a.finish_reason, "logprobs": None}
-                    for i, a in enumerate(answers)],
-        "usage": usage(prompt_tokens, sum(a.completion_tokens for a in answers)),
+        "choices": [{"index": i, "message": message(a), "finish_reason": a.finish_reason,
+                     "logprobs": logprobs_field(a.logprobs)} for i, a in enumerate(answers)],
+        "usage": usage(prompt_tokens, sum(a.completion_tokens for a in answers), cached),
     }
     if dropped_turns is not None:
         body["dropped_turns"] = dropped_turns
@@ -61,9 +85,11 @@ def completion(rid: str, model: str, answers: list[Answer], prompt_tokens: int,
 
 
 def chunk(rid: str, model: str, created: int, index: int, delta: dict, finish_reason: str | None = None,
-          **extra) -> dict:
+          logprobs: list | None = None, **extra) -> dict:
+    """One ``chat.completion.chunk``; ``logprobs``: the ``structured.Logprob`` entries it carries."""
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason,
+                         "logprobs": logprobs_field(logprobs)}],
             **extra}
 
 

@@ -15,11 +15,21 @@ Accepted (everything else of OpenAI's schema that cannot change the answer, such
 * ``model`` (optional: the served model when absent), ``n`` (1..16), ``stream``,
   ``stream_options.include_usage``, ``max_tokens`` / ``max_completion_tokens``,
   ``temperature`` (0..2), ``top_p``, ``seed``, ``stop`` (a string or up to 16 strings).
+* ``logprobs`` (true / false) and ``top_logprobs`` (0..20, only with ``logprobs: true``):
+  each answer token's log-probability under the model's own distribution (before
+  temperature, penalties and masks, as vLLM gives them) and its most likely alternatives.
+* ``response_format``: ``{"type": "text"}``, ``{"type": "json_object"}`` or ``{"type":
+  "json_schema", "json_schema": {"name", "schema", "strict", "description"}}``; vLLM's
+  extensions ``guided_json`` (a schema object, or its JSON text), ``guided_regex`` (a
+  pattern, Rust ``regex`` syntax), ``guided_choice`` (a list of strings) and
+  ``guided_grammar`` (llguidance's Lark dialect, or llama.cpp GBNF; ``engine/guided.py``
+  says what each kind accepts). One guide per request; ``guided_decoding_backend`` and
+  ``guided_whitespace_pattern`` are refused when set (one backend, fixed whitespace).
 * Extensions: ``top_k``, ``repetition_penalty``, ``stop_token_ids`` and
   ``truncate_history`` (drop the oldest turns until the prompt fits).
 * Fields the model cannot honour are refused rather than silently ignored when set to a
-  non-default value: ``logprobs``, ``tools`` / ``functions``, ``response_format`` other
-  than text, ``frequency_penalty`` / ``presence_penalty``, ``logit_bias``.
+  non-default value: ``tools`` / ``functions``, ``frequency_penalty`` /
+  ``presence_penalty``, ``logit_bias``.
 
 Defaults are the Python API's: greedy (``temperature`` 0) and at most 512 new tokens,
 not the model's whole context window.
@@ -30,12 +40,17 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..structured import ShapeError, guide_from_response_format, guide_from_schema
 from .errors import bad_request
+
+if TYPE_CHECKING:
+    from ..engine.guided import Guide
 
 MAX_N = 16
 MAX_STOP = 16
+MAX_TOP_LOGPROBS = 20  # SamplingParams' limit (engine/sampling.py; not imported: no torch here)
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -56,6 +71,11 @@ class ChatRequest:
     include_usage: bool = False
     sampling: dict = field(default_factory=dict)  # SamplingParams fields
     truncate_history: bool = False
+
+    @property
+    def logprobs(self) -> bool:
+        """Were logprobs asked for (``logprobs: true``)?"""
+        return self.sampling.get("logprobs") is not None
 
     @property
     def image_refs(self) -> list[ImageRef]:
@@ -195,17 +215,75 @@ def _refuse_unsupported(data: dict) -> None:
         if v is not None and v != 0:
             raise bad_request(f"{name} is not supported (only 0); use the repetition_penalty extension "
                               "(> 0, 1 = off) instead", param=name)
-    if data.get("logprobs") not in (None, False) or data.get("top_logprobs") not in (None, 0):
-        raise bad_request("logprobs are not supported by this server", param="logprobs")
     for name in ("tools", "functions"):
         if data.get(name):
             raise bad_request(f"{name} are not supported: this model has no tool calling", param=name)
     if data.get("logit_bias"):
         raise bad_request("logit_bias is not supported", param="logit_bias")
-    fmt = data.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise bad_request(f"response_format {_show(fmt)} is not supported; only {{\"type\": \"text\"}}",
-                          param="response_format")
+    for name in ("guided_decoding_backend", "guided_whitespace_pattern"):
+        if data.get(name) is not None:
+            raise bad_request(f"{name} is not supported: this server has one guided-decoding backend "
+                              "(engine/guided.py) and chooses the whitespace itself", param=name)
+
+
+def _logprobs(data: dict) -> int | None:
+    """``logprobs`` / ``top_logprobs`` -> SamplingParams.logprobs (None: off)."""
+    on = _boolean(data, "logprobs")
+    top = _integer(data, "top_logprobs", 0, MAX_TOP_LOGPROBS, f"an integer from 0 to {MAX_TOP_LOGPROBS}")
+    if top is not None and not on:
+        raise bad_request("top_logprobs needs \"logprobs\": true", param="top_logprobs")
+    return (top or 0) if on else None
+
+
+def _guide(data: dict) -> Guide | None:
+    """``response_format`` and vLLM's ``guided_*`` -> at most one Guide (``engine.guided``,
+    imported only for a request that has one: this module imports no torch)."""
+    found: dict[str, Guide] = {}
+    try:
+        g = guide_from_response_format(data.get("response_format"))
+    except ShapeError as e:
+        raise bad_request(str(e), param=e.param) from None
+    if g is not None:
+        found["response_format"] = g
+    if all(data.get(k) is None for k in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")):
+        return g
+    from ..engine.guided import Guide
+
+    v = data.get("guided_json")
+    if v is not None:
+        if isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except (json.JSONDecodeError, RecursionError):
+                raise bad_request("guided_json must be a JSON schema (an object, or its JSON text), got text that "
+                                  "is not JSON", param="guided_json") from None
+        try:
+            found["guided_json"] = guide_from_schema(v, "guided_json")
+        except ShapeError as e:
+            raise bad_request(str(e), param=e.param) from None
+    v = data.get("guided_regex")
+    if v is not None:
+        if not isinstance(v, str) or not v:
+            raise bad_request(f"guided_regex must be a non-empty regular expression string, got {_show(v)}",
+                              param="guided_regex")
+        found["guided_regex"] = Guide.regex(v)
+    v = data.get("guided_choice")
+    if v is not None:
+        if not isinstance(v, list) or not v or not all(isinstance(c, str) and c for c in v):
+            raise bad_request(f"guided_choice must be a non-empty list of non-empty strings, got {_show(v)}",
+                              param="guided_choice")
+        found["guided_choice"] = Guide.choice(v)
+    v = data.get("guided_grammar")
+    if v is not None:
+        if not isinstance(v, str) or not v.strip():
+            raise bad_request(f"guided_grammar must be a non-empty grammar string, got {_show(v)}",
+                              param="guided_grammar")
+        found["guided_grammar"] = Guide.grammar(v)
+    if len(found) > 1:
+        names = list(found)
+        raise bad_request(f"{', '.join(names)} each constrain the answer; give only one of them",
+                          param=names[1])
+    return next(iter(found.values()), None)
 
 
 def parse_chat_request(data: dict) -> ChatRequest:
@@ -249,6 +327,12 @@ def parse_chat_request(data: dict) -> ChatRequest:
             raise bad_request(f"stop_token_ids must be a list of integers >= 0, got {_show(ids)}",
                               param="stop_token_ids")
         sampling["stop_token_ids"] = tuple(ids)
+    lp = _logprobs(data)
+    if lp is not None:
+        sampling["logprobs"] = lp
+    guide = _guide(data)
+    if guide is not None:
+        sampling["guide"] = guide
 
     n = _integer(data, "n", 1, MAX_N, f"an integer from 1 to {MAX_N}")
     stream = _boolean(data, "stream")

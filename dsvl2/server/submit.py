@@ -2,13 +2,13 @@
 
 Everything slow that a request needs before the driver takes it happens here, off the
 event loop, so that a big image does not stall the other clients' streams: resolving
-``image_url`` parts (base64, files, fetches), decoding and tiling the images, tokenising,
+``image_url`` parts (base64, files; fetched URLs arrive already fetched, see app.py), decoding and tiling the images, tokenising,
 the context-window check and ``truncate_history``.
 
 Notable choices
 
 * ``n`` choices: the conversation is processed ONCE and its batch submitted ``n`` times
-  (one engine request, one KV-cache row, one handle each); events are re-labelled with
+  (one engine request, one batch slot, one handle each); events are re-labelled with
   the choice index on the way to the request's shared sink. Choice ``i`` samples with
   ``seed + i`` when a seed is given, so the choices differ but the response is
   reproducible; with temperature 0 they are equal.
@@ -56,14 +56,16 @@ class _ChoiceSink:
         self.target.put(ev)
 
 
-def resolve_images(req: ChatRequest, policy: ImagePolicy) -> list[dict]:
-    """The request's messages in the processor's format, each image as encoded bytes."""
+def resolve_images(req: ChatRequest, policy: ImagePolicy, fetched: dict | None = None) -> list[dict]:
+    """The request's messages in the processor's format, each image as encoded bytes;
+    ``fetched``: ``id(ImageRef)`` -> the bytes already fetched (off the worker pool)."""
+    fetched = fetched or {}
     out = []
     for m in req.messages:
         content = m["content"]
         if isinstance(content, list):
-            content = [{"type": "image", "image": policy.load(p["image"])} if p["type"] == "image" else p
-                       for p in content]
+            content = [{"type": "image", "image": policy.load(p["image"], fetched.get(id(p["image"])))}
+                       if p["type"] == "image" else p for p in content]
         out.append({"role": m["role"], "content": content})
     return out
 
@@ -104,9 +106,10 @@ def fit_context(model: VLModel, messages: list[dict], truncate: bool) -> tuple[B
     return batch, dropped
 
 
-def submit(model: VLModel, req: ChatRequest, policy: ImagePolicy, sink, chunk_size: int | None) -> Submission:
+def submit(model: VLModel, req: ChatRequest, policy: ImagePolicy, sink, chunk_size: int | None,
+           fetched: dict | None = None) -> Submission:
     """Resolve, process and queue ``req.n`` engine requests feeding ``sink``."""
-    messages = resolve_images(req, policy)
+    messages = resolve_images(req, policy, fetched)
     batch, dropped = fit_context(model, messages, req.truncate_history)
     sampling = dict(req.sampling)
     seed = sampling.pop("seed", None)

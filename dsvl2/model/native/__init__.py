@@ -18,20 +18,38 @@ result is closer to the float32 reference than the torch bf16 path's; a row's bi
 not depend on the other rows (see ``bf16.c``). ``tests/test_native.py`` checks both
 against the float32 reference and the torch path.
 
-Build: on first use, with the system C compiler (``$CC`` or ``cc``; ``-O3 -mavx2 -mfma
--fopenmp``), into ``~/.cache/dsvl2/native`` (``DSVL2_CACHE_DIR`` moves it), keyed by the
-source's hash; linked against ``libgomp.so.1``, which torch has already loaded, so the
-kernels share torch's thread team. Where there is no such CPU or compiler, or
-``DSVL2_NATIVE=0``, ``available()`` is False and the model uses torch's kernels;
-``status()`` says which and why (``dsvl2 info`` prints it).
+Build: when a model loads (``dsvl2.load`` calls ``prepare``; else on first use), with the
+system C compiler (``$CC`` or ``cc``; ``-O3 -mavx2 -mfma -fopenmp``), into
+``<cache>/native/bf16-<hash>.so`` (``dsvl2/cachedir.py``: ``$DSVL2_CACHE_DIR``, else
+``$XDG_CACHE_HOME/dsvl2``, else ``~/.cache/dsvl2``), keyed by the sources' hash; linked
+against ``libgomp.so.1``, which torch has already loaded, so the kernels share torch's
+thread team. The library is code run in this process, so it is loaded only from a cache
+that no one else can write (``cachedir``: folders 0700, ours, not group / other-writable,
+no symlinks; the ``.so`` likewise, a regular file), through the descriptor that was
+checked (``/proc/self/fd/N``). Where the cache fails those checks the kernels are built
+for this process alone in a private temporary directory, with one warning (a compile of a
+few seconds in every process until the cache is fixed). Where there is no such CPU or
+compiler, or ``DSVL2_NATIVE=0``, ``available()`` is False and the model uses torch's
+kernels (decode several times slower), with one warning; ``status()`` says which and why
+(``dsvl2 info`` prints it).
+
+Checks: every wrapper below checks its arguments' dtypes, devices, contiguity and the
+sizes the C code indexes with, and raises ``ValueError`` naming the argument before any C
+runs (attribute comparisons only: they run a few hundred times per decode step).
+Activations (x) and per-row inputs (idx, wt, cos, sin, block tables, positions) may be
+non-contiguous (then copied); weights and KV pools must be contiguous; index tensors may
+have any integer dtype (widened to int64).
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
+import secrets
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -39,23 +57,23 @@ from pathlib import Path
 
 import torch
 
+from ... import cachedir
+
 HERE = Path(__file__).parent
 SOURCES = (HERE / "bf16.c", HERE / "layers.c", HERE / "step.c")  # + products.h, which all include
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared")
+log = logging.getLogger("dsvl2.native")
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _status: str | None = None
 _local = threading.local()
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("DSVL2_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dsvl2")
-    return Path(base) / "native"
-
-
 def _cpu_ok() -> tuple[bool, str]:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False, f"not an x86-64 CPU ({platform.machine()})"
+    if not cachedir.POSIX:
+        return False, "not a POSIX system"
     from ..kernels import cpu_info
 
     _, flags = cpu_info()
@@ -65,33 +83,151 @@ def _cpu_ok() -> tuple[bool, str]:
     return True, ""
 
 
+def _spec() -> tuple[str, str]:
+    """(compiler, the library's file name: keyed by the sources, the compiler and its flags)."""
+    src = b"".join(p.read_bytes() for p in (*SOURCES, HERE / "products.h"))
+    cc = os.environ.get("CC", "cc")
+    key = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    return cc, f"bf16-{key}.so"
+
+
+def cache_path() -> Path:
+    """The path the kernels are cached at (and loaded from, once checked) with this
+    environment (``DSVL2_CACHE_DIR``, ``XDG_CACHE_HOME``, ``CC``)."""
+    return cachedir.root() / "native" / _spec()[1]
+
+
+class _CompileError(Exception):
+    pass
+
+
+def _compile(cc: str, into: str) -> str:
+    """Build the library in the private folder ``into``; its path (mode 0700 whatever the
+    umask). Raises ``_CompileError``: no compiler, or it failed."""
+    part = os.path.join(into, "kernels.so")
+    try:
+        r = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", part, "-lm"],
+                           capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise _CompileError(f"no C compiler usable ({cc}): {e}") from None
+    if r.returncode != 0:
+        raise _CompileError(f"compiling {' + '.join(p.name for p in SOURCES)} with {cc} failed: "
+                            f"{(r.stderr or r.stdout).strip()[:300]}")
+    os.chmod(part, 0o700)
+    return part
+
+
+def _install(part: str, dfd: int, name: str) -> None:
+    """Copy the built library into the checked cache folder open at ``dfd`` as ``name``:
+    written to a new file there (O_EXCL, 0700) and renamed over ``name`` (atomic: a
+    concurrent build just replaces the same file), both relative to ``dfd``, so no path
+    outside that folder is involved."""
+    tmp = f".{name}.{secrets.token_hex(8)}.part"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o700, dir_fd=dfd)
+    try:
+        with open(fd, "wb") as dst, open(part, "rb") as src:
+            shutil.copyfileobj(src, dst)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dfd)
+        except OSError:
+            pass
+        raise
+
+
+def _dlopen(fd: int, path: Path) -> ctypes.CDLL:
+    """Load the checked library open at ``fd``: through ``/proc/self/fd``, i.e. the very
+    file that was checked; without /proc, by its path if that is still the same file."""
+    proc = f"/proc/self/fd/{fd}"
+    try:
+        if os.path.exists(proc):
+            return ctypes.CDLL(proc)
+        st, now = os.fstat(fd), os.lstat(path)
+        if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
+            raise OSError("it changed while it was being loaded")
+        return ctypes.CDLL(str(path))
+    except OSError as e:
+        raise OSError(f"loading {path} failed: {e}") from None
+
+
+def _load_checked(dfd: int, folder: Path, name: str) -> ctypes.CDLL:
+    """Load ``name`` from the folder open at ``dfd`` if it is a regular file (not a symlink)
+    of ours that group / others cannot write; ``FileNotFoundError`` / ``cachedir.Untrusted``."""
+    fd = cachedir.open_file(dfd, folder, name)
+    try:
+        return _dlopen(fd, folder / name)
+    finally:
+        os.close(fd)
+
+
 def _build() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get("DSVL2_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None, "disabled by DSVL2_NATIVE=0"
     ok, why = _cpu_ok()
     if not ok:
         return None, why
-    src = b"".join(p.read_bytes() for p in (*SOURCES, HERE / "products.h"))
-    cc = os.environ.get("CC", "cc")
-    flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared"]
-    key = hashlib.sha256(src + " ".join([cc, *flags]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"bf16-{key}.so"
-    if not out.is_file():
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-                part = Path(tmp) / out.name
-                r = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(part), "-lm"],
-                                   capture_output=True, text=True, timeout=120)
-                if r.returncode != 0:
-                    return None, f"compiling {' + '.join(p.name for p in SOURCES)} with {cc} failed: {(r.stderr or r.stdout).strip()[:300]}"
-                os.replace(part, out)  # atomic: a concurrent build just replaces the same file
-        except (OSError, subprocess.SubprocessError) as e:
-            return None, f"no C compiler usable ({cc}): {e}"
+    cc, name = _spec()
+    refused: Exception | None = None  # why the cache is not used
+    dfd = -1
     try:
-        lib = ctypes.CDLL(str(out))
-    except OSError as e:
-        return None, f"loading {out} failed: {e}"
+        dfd, folder = cachedir.open_dir("native")  # created 0700, or checked: ours, not group / other-writable
+    except (cachedir.Untrusted, OSError) as e:
+        refused = e
+    try:
+        if refused is None:
+            try:
+                return _ready(_load_checked(dfd, folder, name), name, f"cached in {folder}")
+            except FileNotFoundError:
+                pass
+            except (cachedir.Untrusted, OSError) as e:  # a symlink, not ours, writable by others, not loadable
+                refused = e
+        tmp = tempfile.mkdtemp(prefix="dsvl2-native-")  # 0700, ours: the compiler's output stays private
+        try:
+            try:
+                part = _compile(cc, tmp)
+            except _CompileError as e:
+                return None, str(e)
+            if refused is None:
+                try:
+                    _install(part, dfd, name)
+                    return _ready(_load_checked(dfd, folder, name), name, f"built into {folder}")
+                except (cachedir.Untrusted, OSError) as e:  # read-only, full, ...
+                    refused = e
+            log.warning("not using the native kernel cache: %s. The decode kernels were built in a private "
+                        "temporary directory for this process instead, so every process that loads a model compiles "
+                        "them again (a few seconds each) until the cache is fixed: make it a directory of yours that "
+                        "group and others cannot write (chmod go-w), remove it, or set DSVL2_CACHE_DIR", refused)
+            try:
+                tfd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    why = cachedir.why_untrusted(os.fstat(tfd), "dir")
+                    if why:
+                        raise cachedir.Untrusted(f"{tmp} is {why}")
+                    lib = _load_checked(tfd, Path(tmp), os.path.basename(part))
+                finally:
+                    os.close(tfd)
+            except (cachedir.Untrusted, OSError) as e:
+                return None, f"loading the kernels built in a private temporary directory failed: {e}"
+            return _ready(lib, name, f"built for this process only: {refused}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # a loaded library stays mapped
+    finally:
+        if dfd >= 0:
+            os.close(dfd)
+
+
+def _ready(lib: ctypes.CDLL, name: str, where: str) -> tuple[ctypes.CDLL | None, str]:
+    try:
+        _declare(lib)
+    except AttributeError as e:  # a library of that name without our functions
+        return None, f"{name} ({where}) is not a build of these kernels: {e}"
+    return lib, f"AVX2 bf16 decode kernels ({name}, {where})"
+
+
+def _declare(lib: ctypes.CDLL) -> None:
     i64, p = ctypes.c_int64, ctypes.c_void_p
     lib.dsvl2_linear.argtypes = [p, i64, i64, p, i64, p, p]
     lib.dsvl2_linear.restype = None
@@ -105,18 +241,17 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib.dsvl2_route_greedy.argtypes = [p, i64, i64, i64, ctypes.c_int, ctypes.c_int, f32, p, p]
     lib.dsvl2_route_greedy.restype = None
     lib.dsvl2_mha_decode.argtypes = [p, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, p, p, i64, i64,
-                                     p, p, f32, p, p]
+                                     p, i64, p, f32, p, p]
     lib.dsvl2_mha_decode.restype = ctypes.c_int
     lib.dsvl2_mha_scratch.argtypes = [i64] * 5
     lib.dsvl2_mha_scratch.restype = i64
     lib.dsvl2_decode_layers.argtypes = [p, i64, i64, p, i64, p, i64, i64, i64, f32, f32, i64, ctypes.c_int,
-                                        ctypes.c_int, f32, p, p, i64, i64, p, p, p, p, i64, p, p, p]
+                                        ctypes.c_int, f32, p, p, i64, i64, p, i64, p, p, p, i64, p, p, p]
     lib.dsvl2_decode_layers.restype = ctypes.c_int
     lib.dsvl2_decode_scratch.argtypes = [i64] * 9
     lib.dsvl2_decode_scratch.restype = i64
     lib.dsvl2_decode_order.argtypes = [i64] * 3
     lib.dsvl2_decode_order.restype = i64
-    return lib, f"AVX2 bf16 decode kernels ({out.name})"
 
 
 def _load() -> ctypes.CDLL | None:
@@ -125,7 +260,19 @@ def _load() -> ctypes.CDLL | None:
         with _lock:
             if _status is None:
                 _lib, _status = _build()
+                if _lib is None:  # once per decision (``reset`` forgets it)
+                    log.warning("native decode kernels unavailable (%s): decode steps with bf16 or int8 weights on "
+                                "the CPU run torch's kernels instead, several times slower", _status)
     return _lib
+
+
+def prepare(device: torch.device | str = "cpu") -> bool:
+    """Build or load the kernels now (``dsvl2.load`` calls this, so the compile happens
+    while the model loads, not inside the first request); whether they are available.
+    Nothing to do for a model on another device (they are CPU kernels)."""
+    if torch.device(device).type != "cpu":
+        return False
+    return available()
 
 
 def available() -> bool:
@@ -168,7 +315,7 @@ def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
 
 def usable_int8(x: torch.Tensor, *weights) -> bool:
     """Float32 CPU activations against int8 ``QuantWeight`` s, and kernels built."""
-    return (x.dtype == torch.float32 and x.device.type == "cpu"
+    return (x.dtype == torch.float32 and x.is_cpu
             and all(getattr(w, "kind", None) == "int8" for w in weights) and available())
 
 
@@ -183,7 +330,30 @@ def _scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 # The wrappers below run a few hundred times per decode step: they avoid torch calls that
-# are not needed (a reshape or a view costs 2-4 us, as much as the call into C).
+# are not needed (a reshape or a view costs 2-4 us, as much as the call into C), and check
+# their arguments with attribute comparisons only (50-150 ns each); a message is built
+# only when a check fails. Every size the C code indexes with is checked here, before C
+# runs (block ids and positions, and expert ids, are checked in C: their values).
+
+_F32, _BF16, _I8, _I64 = torch.float32, torch.bfloat16, torch.int8, torch.int64
+_NORM_WEIGHT = (torch.float32, torch.bfloat16)
+_INTS = frozenset((torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8))
+
+
+def _describe(t) -> str:
+    """A tensor's dtype, shape, device and layout, for error messages."""
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    s = f"{str(t.dtype).replace('torch.', '')} {list(t.shape)}"
+    if t.device.type != "cpu":
+        s += f" on {t.device}"
+    if not t.is_contiguous():
+        s += ", not contiguous"
+    return s
+
+
+def _bad(fn: str, name: str, t, expected: str) -> ValueError:
+    return ValueError(f"native.{fn}: {name} must be {expected}, got {_describe(t)}")
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -191,99 +361,163 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x if x.is_contiguous() else x.contiguous()
 
 
+def _as_i64(t: torch.Tensor) -> torch.Tensor:
+    """An integer tensor as contiguous int64 (itself when it is)."""
+    if t.dtype is not _I64:
+        t = t.to(_I64)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _as_f32(t: torch.Tensor) -> torch.Tensor:
+    """A floating tensor as contiguous float32 (itself when it is)."""
+    if t.dtype is not _F32:
+        t = t.float()
+    return t if t.is_contiguous() else t.contiguous()
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ w.T + bias``: x float32 [..., K], w bf16 [N, K] -> float32 [..., N]."""
+    """``x @ w.T + bias``: x float32 [..., K], w bf16 [N, K] contiguous, bias [N] (any float
+    dtype) or None -> float32 [..., N]."""
+    if not (x.dtype is _F32 and x.is_cpu and x.ndim):
+        raise _bad("linear", "x", x, "float32 [..., K] on the CPU")
     *lead, k = x.shape
+    if not (w.dtype is _BF16 and w.is_cpu and w.ndim == 2 and w.is_contiguous() and w.shape[1] == k and k):
+        raise _bad("linear", "w", w, f"contiguous bf16 [N, {k}] (K = x's last size, > 0) on the CPU")
     n = w.shape[0]
-    x = _flat(x)
-    y = torch.empty((*lead, n), dtype=torch.float32)
     b = None
     if bias is not None:
-        b = bias.float().contiguous()
-    _require().dsvl2_linear(x.data_ptr(), x.numel() // k, k, w.data_ptr(), n, None if b is None else b.data_ptr(),
-                            y.data_ptr())
+        if not (bias.is_cpu and bias.dtype.is_floating_point and bias.shape == (n,)):
+            raise _bad("linear", "bias", bias, f"a float tensor [{n}] (N = w's rows) on the CPU")
+        b = _as_f32(bias)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    y = torch.empty((*lead, n), dtype=_F32)
+    lib = _lib or _require()
+    lib.dsvl2_linear(x.data_ptr(), x.numel() // k, k, w.data_ptr(), n, None if b is None else b.data_ptr(),
+                     y.data_ptr())
     return y
 
 
 def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x @ (scale[:, None] * q).T``: x float32 [..., K], q int8 [N, K], scale bf16 [N] -> float32 [..., N]."""
-    if q.dtype != torch.int8 or scale.dtype != torch.bfloat16 or not (q.is_contiguous() and scale.is_contiguous()):
-        raise TypeError("linear_int8 takes contiguous int8 values and bf16 scales")
-    lead, k = x.shape[:-1], x.shape[-1]
+    """``x @ (scale[:, None] * q).T``: x float32 [..., K], q int8 [N, K], scale bf16 [N]
+    (both contiguous) -> float32 [..., N]."""
+    if not (x.dtype is _F32 and x.is_cpu and x.ndim):
+        raise _bad("linear_int8", "x", x, "float32 [..., K] on the CPU")
+    *lead, k = x.shape
+    if not (q.dtype is _I8 and q.is_cpu and q.ndim == 2 and q.is_contiguous() and q.shape[1] == k and k):
+        raise _bad("linear_int8", "q", q, f"contiguous int8 [N, {k}] (K = x's last size, > 0) on the CPU")
     n = q.shape[0]
-    x2 = x.reshape(-1, k).to(torch.float32).contiguous()
-    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    _require().dsvl2_linear_i8(x2.data_ptr(), x2.shape[0], k, q.data_ptr(), scale.data_ptr(), n, y.data_ptr())
-    return y.view(*lead, n)
+    if not (scale.dtype is _BF16 and scale.is_cpu and scale.is_contiguous() and scale.shape == (n,)):
+        raise _bad("linear_int8", "scale", scale, f"contiguous bf16 [{n}] (N = q's rows) on the CPU")
+    x = _flat(x)
+    y = torch.empty((*lead, n), dtype=_F32)
+    lib = _lib or _require()
+    lib.dsvl2_linear_i8(x.data_ptr(), x.numel() // k, k, q.data_ptr(), scale.data_ptr(), n, y.data_ptr())
+    return y
 
 
-def _moe(x: torch.Tensor, idx: torch.Tensor | None, wt: torch.Tensor | None, gate, up, down,
+def _moe(fn: str, x: torch.Tensor, idx: torch.Tensor | None, wt: torch.Tensor | None, gate, up, down,
          scales: tuple | None = None) -> torch.Tensor:
     """x [..., D]; gate / up / down: [E, F, D] / [E, D, F] stacks, or one MLP's [F, D] / [D, F]
-    (E = 1), bf16 or int8 values with ``scales`` = their bf16 per-row scales."""
+    (E = 1), bf16, or int8 values with ``scales`` = their bf16 per-row scales ([E, F] / [E, D],
+    or [F] / [D]); idx [T, k] (any integer dtype) and wt [T, k] (any float dtype), or None
+    for one dense MLP. ``fn``: the public name, for errors."""
+    wdtype, wname = (_BF16, "bf16") if scales is None else (_I8, "int8")
+    if not (x.dtype is _F32 and x.is_cpu and x.ndim and x.shape[-1]):
+        raise _bad(fn, "x", x, "float32 [..., D] (D > 0) on the CPU")
     d = x.shape[-1]
+    if gate.ndim == 3:
+        e, f = gate.shape[0], gate.shape[1]
+        shapes = ((e, f, d), (e, f, d), (e, d, f))
+    elif gate.ndim == 2:
+        e, f = 1, gate.shape[0]
+        shapes = ((f, d), (f, d), (d, f))
+    else:
+        raise _bad(fn, "gate", gate, f"contiguous {wname} [E, F, {d}] or [F, {d}] (D = x's width) on the CPU")
+    for name, t, shape in zip(("gate", "up", "down"), (gate, up, down), shapes):
+        if not (t.dtype is wdtype and t.is_cpu and t.is_contiguous() and t.shape == shape and f):
+            raise _bad(fn, name, t, f"contiguous {wname} {list(shape)} on the CPU (gate / up [E, F, D], down "
+                                    "[E, D, F], or [F, D] / [D, F]; D = x's width; F > 0)")
+    gs = us = ds = None
+    if scales is not None:
+        for name, t, shape in zip(("gate scale", "up scale", "down scale"), scales, shapes):
+            if not (t.dtype is _BF16 and t.is_cpu and t.is_contiguous() and t.shape == shape[:-1]):
+                raise _bad(fn, name, t, f"contiguous bf16 {list(shape[:-1])} (one per weight row) on the CPU")
+        gs, us, ds = (sc.data_ptr() for sc in scales)
     t = x.numel() // d
-    e, f = (1, gate.shape[0]) if gate.dim() == 2 else gate.shape[:2]
-    k = 1 if idx is None else idx.shape[1]
+    k = 1
+    if idx is not None:
+        if not (idx.is_cpu and idx.ndim == 2 and idx.shape[0] == t and idx.shape[1] and
+                (idx.dtype is _I64 or idx.dtype in _INTS)):
+            raise _bad(fn, "idx", idx, f"integer expert ids [{t}, k] (T = x's tokens, k > 0) on the CPU")
+        k = idx.shape[1]
+        if not (wt.is_cpu and wt.dtype.is_floating_point and wt.shape == (t, k)):
+            raise _bad(fn, "wt", wt, f"float weights [{t}, {k}] (idx's shape) on the CPU")
+        idx, wt = _as_i64(idx), _as_f32(wt)
     p = t * k
     x = _flat(x)
-    out = torch.empty(x.shape, dtype=torch.float32)
-    scratch = _scratch(p * (2 * d + 2 * f), torch.float32)
-    order = _scratch(p + 2 * e + 1, torch.int64)
-    gs = us = ds = None
-    esize = 2
-    if scales is not None:
-        gs, us, ds = (sc.data_ptr() for sc in scales)
-        esize = 1
-    rc = _require().dsvl2_moe(x.data_ptr(), t, d, None if idx is None else idx.data_ptr(),
-                              None if wt is None else wt.data_ptr(), k, gate.data_ptr(), up.data_ptr(),
-                              down.data_ptr(), e, f, out.data_ptr(), scratch.data_ptr(), order.data_ptr(),
-                              esize, gs, us, ds)
+    out = torch.empty(x.shape, dtype=_F32)
+    scratch = _scratch(p * (2 * d + 2 * f), _F32)
+    order = _scratch(p + 2 * e + 1, _I64)
+    lib = _lib or _require()
+    rc = lib.dsvl2_moe(x.data_ptr(), t, d, None if idx is None else idx.data_ptr(),
+                       None if wt is None else wt.data_ptr(), k, gate.data_ptr(), up.data_ptr(),
+                       down.data_ptr(), e, f, out.data_ptr(), scratch.data_ptr(), order.data_ptr(),
+                       2 if scales is None else 1, gs, us, ds)
     if rc != 0:
         raise ValueError(f"expert ids must be in [0, {e}), got {idx.min().item()}..{idx.max().item()}")
     return out
 
 
+def _int8(fn: str, ws: tuple) -> tuple[tuple, tuple]:
+    """The values and the scales of int8 ``QuantWeight`` s (checked in ``_moe``)."""
+    for name, w in zip(("gate", "up", "down"), ws):
+        if getattr(w, "kind", None) != "int8":
+            raise ValueError(f"native.{fn}: {name} must be an int8 QuantWeight, got "
+                             f"{getattr(w, 'kind', None) or type(w).__name__}")
+    return tuple(w.data for w in ws), tuple(w.scale for w in ws)
+
+
 def experts_int8(x: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, gate, up, down) -> torch.Tensor:
     """``experts`` for int8 ``QuantWeight`` stacks (values [E, N, K] int8, scales [E, N] bf16)."""
-    ws = (gate, up, down)
-    if any(w.kind != "int8" or not (w.data.is_contiguous() and w.scale.is_contiguous()) for w in ws):
-        raise TypeError("experts_int8 takes contiguous int8 QuantWeights")
-    return _moe(x, idx.to(torch.int64).contiguous(), wt.to(torch.float32).contiguous(),
-                gate.data, up.data, down.data, tuple(w.scale for w in ws))
+    (g, u, dn), scales = _int8("experts_int8", (gate, up, down))
+    return _moe("experts_int8", x, idx, wt, g, u, dn, scales)
 
 
 def experts(x: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
             down: torch.Tensor) -> torch.Tensor:
     """SiLU-gated experts: x float32 [T, D], idx [T, k], wt [T, k]; gate / up [E, F, D], down [E, D, F]."""
-    return _moe(x, _flat(idx.to(torch.int64)), _flat(wt.to(torch.float32)), gate, up, down)
+    return _moe("experts", x, idx, wt, gate, up, down)
 
 
 def gated_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """``down(silu(gate(x)) * up(x))`` for one MLP: gate / up [F, D], down [D, F]; x [..., D]."""
-    return _moe(x, None, None, gate, up, down)
+    return _moe("gated_mlp", x, None, None, gate, up, down)
 
 
 def gated_mlp_int8(x: torch.Tensor, gate, up, down) -> torch.Tensor:
     """``gated_mlp`` for int8 ``QuantWeight`` s (values [N, K] int8, scales [N] bf16)."""
-    ws = (gate, up, down)
-    if any(w.kind != "int8" or not (w.data.is_contiguous() and w.scale.is_contiguous()) for w in ws):
-        raise TypeError("gated_mlp_int8 takes contiguous int8 QuantWeights")
-    return _moe(x.to(torch.float32), None, None, gate.data, up.data, down.data, tuple(w.scale for w in ws))
+    (g, u, dn), scales = _int8("gated_mlp_int8", (gate, up, down))
+    return _moe("gated_mlp_int8", x, None, None, g, u, dn, scales)
 
 
 # ---- the small parts of a decode step (layers.c) ---------------------------------------
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of float32 x [..., D] with a float32 or bf16 weight [D] -> float32."""
-    if weight.dtype not in (torch.float32, torch.bfloat16) or not weight.is_contiguous():
-        raise TypeError("rmsnorm takes a contiguous float32 or bf16 weight")
-    x = _flat(x)
-    y = torch.empty_like(x)
+    """RMSNorm of float32 x [..., D] with a contiguous float32 or bf16 weight [D] -> float32."""
+    if not (x.dtype is _F32 and x.is_cpu and x.ndim):
+        raise _bad("rmsnorm", "x", x, "float32 [..., D] on the CPU")
     d = x.shape[-1]
-    _require().dsvl2_rmsnorm(x.data_ptr(), x.numel() // d, d, weight.data_ptr(), weight.dtype == torch.bfloat16,
-                             eps, y.data_ptr())
+    if not (weight.dtype in _NORM_WEIGHT and weight.is_cpu and weight.is_contiguous() and weight.shape == (d,)
+            and d):
+        raise _bad("rmsnorm", "weight", weight, f"contiguous float32 or bf16 [{d}] (D = x's last size, > 0) "
+                                                "on the CPU")
+    if not x.is_contiguous():
+        x = x.contiguous()
+    y = torch.empty_like(x)
+    lib = _lib or _require()
+    lib.dsvl2_rmsnorm(x.data_ptr(), x.numel() // d, d, weight.data_ptr(), weight.dtype is _BF16, eps, y.data_ptr())
     return y
 
 
@@ -291,59 +525,98 @@ def route_greedy(x: torch.Tensor, gate: torch.Tensor, k: int, sigmoid: bool, nor
                  scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy top-k routing of float32 x [T, D] by a bf16 gate [E, D]: (idx int64 [T, k]
     in descending score order, weights float32 [T, k])."""
-    logits = linear(x, gate)  # [T, E], overwritten with the scores
-    t, e = logits.shape
+    if not (x.dtype is _F32 and x.is_cpu and x.ndim == 2):
+        raise _bad("route_greedy", "x", x, "float32 [T, D] on the CPU")
+    d = x.shape[1]
+    if not (gate.dtype is _BF16 and gate.is_cpu and gate.ndim == 2 and gate.is_contiguous() and gate.shape[1] == d
+            and d):
+        raise _bad("route_greedy", "gate", gate, f"contiguous bf16 [E, {d}] (D = x's width, > 0) on the CPU")
+    t, e = x.shape[0], gate.shape[0]
     if not 0 < k <= e:
-        raise ValueError(f"experts per token must be in [1, {e}], got {k}")
-    idx = torch.empty(t, k, dtype=torch.int64)
-    wt = torch.empty(t, k, dtype=torch.float32)
-    _require().dsvl2_route_greedy(logits.data_ptr(), t, e, k, int(sigmoid), int(norm), scaling,
-                                  idx.data_ptr(), wt.data_ptr())
+        raise ValueError(f"native.route_greedy: experts per token must be in [1, {e}], got {k}")
+    logits = linear(x, gate)  # [T, E], overwritten with the scores
+    idx = torch.empty(t, k, dtype=_I64)
+    wt = torch.empty(t, k, dtype=_F32)
+    lib = _lib or _require()
+    lib.dsvl2_route_greedy(logits.data_ptr(), t, e, k, int(sigmoid), int(norm), scaling, idx.data_ptr(),
+                           wt.data_ptr())
     return idx, wt
 
 
 def mha_decode(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor,
                biases: tuple, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
-               k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, pos: torch.Tensor,
                scale: float) -> torch.Tensor:
-    """One MHA decode step: x float32 [B, D] (normalised), bf16 weights, float32 cache
-    [R, S, Hk, hd] written at (rows[b], pos[b]) and attended over slots 0..pos[b];
-    cos / sin float32 [B, hd]. Returns the attention block's output [B, D]."""
-    *lead, d = x.shape
-    b = x.numel() // d
-    hd = k_cache.shape[-1]
-    r, s = k_cache.shape[:2]
-    cos, sin, rows, pos = step_rows(b, hd, cos, sin, rows, pos)
+    """One MHA decode step: x float32 [B, D] (normalised), bf16 weights (wq [H hd, D], wk / wv
+    [Hk hd, D], wo [D, H hd]; biases (bq, bk, bv, bo), each None or of the matching size),
+    float32 block pools [NB, BS, Hk, hd] (contiguous, the same shape) written at row b's
+    position pos[b] through its block table (table [B, W] int64) and attended over its
+    positions 0..pos[b]; cos / sin float32 [B, hd]. Returns the attention block's output [B, D]."""
+    fn = "mha_decode"
+    if not (k_cache.dtype is _F32 and k_cache.is_cpu and k_cache.ndim == 4 and k_cache.is_contiguous()):
+        raise _bad(fn, "k_cache", k_cache, "a contiguous float32 block pool [NB, BS, Hk, hd] on the CPU")
+    nb, bs, hk, hd = k_cache.shape
+    if not (v_cache.dtype is _F32 and v_cache.is_cpu and v_cache.is_contiguous() and v_cache.shape == k_cache.shape):
+        raise _bad(fn, "v_cache", v_cache, f"contiguous float32 {list(k_cache.shape)} (k_cache's shape) on the CPU")
+    if not (0 < kv_heads == hk and 0 < heads and heads % kv_heads == 0 and 0 < hd <= 1024 and nb and bs):
+        raise ValueError(f"native.{fn}: heads must be a positive multiple of kv_heads, kv_heads the pools' kv heads, "
+                         f"the head size in [1, 1024] and the pools not empty; got heads {heads}, kv_heads {kv_heads},"
+                         f" pools [NB, BS, Hk, hd] = {list(k_cache.shape)}")
+    if not (x.dtype is _F32 and x.is_cpu and x.ndim == 2):
+        raise _bad(fn, "x", x, "float32 [B, D] on the CPU")
+    b, d = x.shape
+    nq, nkv = heads * hd, hk * hd
+    for name, w, shape in (("wq", wq, (nq, d)), ("wk", wk, (nkv, d)), ("wv", wv, (nkv, d)), ("wo", wo, (d, nq))):
+        if not (w.dtype is _BF16 and w.is_cpu and w.is_contiguous() and w.shape == shape):
+            raise _bad(fn, name, w, f"contiguous bf16 {list(shape)} (H = {heads}, Hk = {hk}, hd = {hd}, D = x's "
+                                    f"width {d}) on the CPU")
+    if len(biases) != 4:
+        raise ValueError(f"native.{fn}: biases must be (bq, bk, bv, bo), got {len(biases)} entries")
+    keep = []  # float32 copies, alive for the call
+    for name, t, n in zip(("bq", "bk", "bv", "bo"), biases, (nq, nkv, nkv, d)):
+        if t is not None:
+            if not (t.is_cpu and t.dtype.is_floating_point and t.shape == (n,)):
+                raise _bad(fn, name, t, f"None or a float tensor [{n}] on the CPU")
+            t = _as_f32(t)
+        keep.append(t)
+    cos, sin, table, pos = step_rows(b, hd, cos, sin, table, pos)
     x = _flat(x)
-    lib = _require()
-    scratch = _scratch(lib.dsvl2_mha_scratch(b, heads, kv_heads, hd, s), torch.float32)
-    out = torch.empty((*lead, d), dtype=torch.float32)
-    biases = [None if t is None else t.float().contiguous() for t in biases]  # kept alive for the call
-    ptrs = [None if t is None else t.data_ptr() for t in biases]
+    lib = _lib or _require()
+    w = table.shape[1]
+    scratch = _scratch(lib.dsvl2_mha_scratch(b, heads, kv_heads, hd, w * bs), _F32)
+    out = torch.empty((b, d), dtype=_F32)
+    ptrs = [None if t is None else t.data_ptr() for t in keep]
     rc = lib.dsvl2_mha_decode(x.data_ptr(), b, d, heads, kv_heads, hd, wq.data_ptr(), wk.data_ptr(),
                               wv.data_ptr(), wo.data_ptr(), *ptrs, cos.data_ptr(), sin.data_ptr(),
-                              k_cache.data_ptr(), v_cache.data_ptr(), r, s, rows.data_ptr(), pos.data_ptr(),
+                              k_cache.data_ptr(), v_cache.data_ptr(), nb, bs, table.data_ptr(), w, pos.data_ptr(),
                               scale, out.data_ptr(), scratch.data_ptr())
     if rc != 0:
-        raise decode_error(rc, r, s, rows, pos, hd=hd, heads=heads, kv_heads=kv_heads)
+        raise decode_error(rc, nb, bs, table, pos, hd=hd, heads=heads, kv_heads=kv_heads)
     return out
 
 
-def step_rows(b: int, hd: int, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor,
+def step_rows(b: int, hd: int, cos: torch.Tensor, sin: torch.Tensor, table: torch.Tensor,
               pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """A decode step's per-row inputs as the C side takes them: cos / sin float32 [B, hd]
-    (checked), cache rows / slots int64 [B], all contiguous."""
-    if cos.numel() != b * hd or sin.numel() != b * hd:
-        raise ValueError(f"cos / sin must hold {b} x {hd} values, got {tuple(cos.shape)} / {tuple(sin.shape)}")
-    return _flat(cos), _flat(sin), _flat(rows.to(torch.int64)), _flat(pos.to(torch.int64))
+    (checked), block tables int64 [B, W] and positions int64 [B], all contiguous. Raises
+    ``ValueError`` for other dtypes / sizes, or tensors not on the CPU."""
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not (t.dtype is _F32 and t.is_cpu and t.ndim and t.shape[-1] == hd and t.numel() == b * hd):
+            raise _bad("step_rows", name, t, f"float32 [{b}, {hd}] (B rows x head size) on the CPU")
+    if not (table.is_cpu and table.ndim == 2 and table.shape[0] == b and table.shape[1] and
+            (table.dtype is _I64 or table.dtype in _INTS)):
+        raise _bad("step_rows", "table", table, f"integer block tables [{b}, W] (B rows, W > 0) on the CPU")
+    if not (pos.is_cpu and pos.numel() == b and (pos.dtype is _I64 or pos.dtype in _INTS)):
+        raise _bad("step_rows", "pos", pos, f"integer positions [{b}] (B rows) on the CPU")
+    return _flat(cos), _flat(sin), _as_i64(table), _as_i64(pos)
 
 
-def decode_error(rc: int, r: int, s: int, rows: torch.Tensor, pos: torch.Tensor, *, hd: int | None = None,
+def decode_error(rc: int, nb: int, bs: int, table: torch.Tensor, pos: torch.Tensor, *, hd: int | None = None,
                  heads: int | None = None, kv_heads: int | None = None, layer: int | None = None) -> ValueError:
     """The error for a non-zero return of ``dsvl2_mha_decode`` / ``dsvl2_decode_layers``."""
     where = "" if layer is None or layer < 0 else f"layer {layer}: "
     if rc == -2:
         return ValueError(f"{where}head size must be <= 1024 and heads a multiple of kv heads, got "
                           f"{hd} / {heads} / {kv_heads}")
-    return ValueError(f"{where}cache rows must be in [0, {r}) and slots in [0, {s}), got rows "
-                      f"{rows.tolist()} and slots {pos.tolist()}")
+    return ValueError(f"{where}each row's positions must lie in its block table ({table.shape[1]} blocks of "
+                      f"{bs}) and block ids in [0, {nb}), got positions {pos.tolist()} and tables {table.tolist()}")

@@ -22,37 +22,32 @@
 #include "products.h"
 
 /* sum of a[0..n) * b[0..n) in a fixed order: 8 lanes over blocks of 8, lanes added
-   (hsum8), then the tail in order. ahead > 0: b (a cached key, streamed from memory) is
-   prefetched that many floats ahead, one prefetch per cache line (the same operations). */
-static inline float dot_ahead(const float *a, const float *b, int64_t n, int64_t ahead) {
+   (hsum8), then the tail in order. pf: memory to prefetch alongside (the same offsets of
+   the next cached key, one prefetch per cache line), or NULL; the same operations. */
+static inline float dot_pf(const float *a, const float *b, const float *pf, int64_t n) {
     __m256 acc = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        if (ahead && !(i & 15)) _mm_prefetch((const char *)(b + i + ahead), _MM_HINT_T0);
+        if (pf && !(i & 15)) _mm_prefetch((const char *)(pf + i), _MM_HINT_T0);
         acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
     }
     float s = hsum8(acc);
     for (; i < n; i++) s = fmaf(a[i], b[i], s);
     return s;
 }
-static inline float dot(const float *a, const float *b, int64_t n) { return dot_ahead(a, b, n, 0); }
+static inline float dot(const float *a, const float *b, int64_t n) { return dot_pf(a, b, NULL, n); }
 
-/* y[0..n) += a * x[0..n), one FMA per element; x prefetched as in dot_ahead */
-static inline void axpy_ahead(float a, const float *x, float *y, int64_t n, int64_t ahead) {
+/* y[0..n) += a * x[0..n), one FMA per element; pf prefetched as in dot_pf */
+static inline void axpy_pf(float a, const float *x, const float *pf, float *y, int64_t n) {
     const __m256 va = _mm256_set1_ps(a);
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        if (ahead && !(i & 15)) _mm_prefetch((const char *)(x + i + ahead), _MM_HINT_T0);
+        if (pf && !(i & 15)) _mm_prefetch((const char *)(pf + i), _MM_HINT_T0);
         _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
     }
     for (; i < n; i++) y[i] = fmaf(a, x[i], y[i]);
 }
-static inline void axpy(float a, const float *x, float *y, int64_t n) { axpy_ahead(a, x, y, n, 0); }
-
-/* how far ahead the attention prefetches the cached keys / values (floats: 4 KB). Measured
-   over 1.4k cached slots: the cache read at ~1.1x the rate without (the hardware
-   prefetcher stops at 4 KB pages) */
-#define KV_AHEAD 1024
+static inline void axpy(float a, const float *x, float *y, int64_t n) { axpy_pf(a, x, NULL, y, n); }
 
 /* y [M, D] = weight * (x * rsqrt(mean(x^2) + eps)), weight float32 or bf16 (wbf16 = 1) */
 void dsvl2_rmsnorm(const float *x, int64_t M, int64_t D, const void *weight, int wbf16, float eps, float *y) {
@@ -119,51 +114,73 @@ static void rope_half(float *x, const float *cos, const float *sin, int64_t d) {
 
 #define CHUNK 128 /* cached slots per attention work unit */
 
-/* Heads 0..H of one row over cached slots [s0, s1): per head the largest score m, the sum l
-   of exp(score - m) and the unnormalised o = sum of exp(score - m) v (sc: H x CHUNK scores) */
-static void attend_chunk(const float *q, const float *kb, const float *vb, int64_t nkv, int64_t H, int64_t group,
-                         int64_t hd, float scale, int64_t s0, int64_t s1, float *sc, float *m, float *l, float *o) {
+/* Heads 0..H of one row over its cached positions [s0, s1): per head the largest score m,
+   the sum l of exp(score - m) and the unnormalised o = sum of exp(score - m) v (sc: H x
+   CHUNK scores). Position s lives in block tab[s / BS], slot s % BS of the pools kc / vc
+   (nkv floats a slot); the next position's key / value are prefetched while one is used
+   (the hardware prefetcher does not cross from one block to another). */
+static void attend_chunk(const float *q, const float *kc, const float *vc, const int64_t *tab, int64_t BS,
+                         int64_t nkv, int64_t H, int64_t group, int64_t hd, float scale, int64_t s0, int64_t s1,
+                         float *sc, float *m, float *l, float *o) {
+#define SLOT(s) ((tab[(s) / BS] * BS + (s) % BS) * nkv)
     for (int64_t h = 0; h < H; h++) m[h] = -INFINITY, l[h] = 0.0f;
-    for (int64_t s = s0; s < s1; s++)
+    for (int64_t s = s0; s < s1; s++) {
+        const float *ks = kc + SLOT(s), *kn = s + 1 < s1 ? kc + SLOT(s + 1) : ks;
         for (int64_t h = 0; h < H; h++) {
-            float v = dot_ahead(q + h * hd, kb + s * nkv + (h / group) * hd, hd, KV_AHEAD) * scale;
+            float v = dot_pf(q + h * hd, ks + (h / group) * hd, kn + (h / group) * hd, hd) * scale;
             sc[h * CHUNK + s - s0] = v;
             m[h] = v > m[h] ? v : m[h];
         }
+    }
     for (int64_t h = 0; h < H; h++) {
         for (int64_t s = 0; s < s1 - s0; s++) l[h] += (sc[h * CHUNK + s] = expf(sc[h * CHUNK + s] - m[h]));
         for (int64_t i = 0; i < hd; i++) o[h * hd + i] = 0.0f;
     }
-    for (int64_t s = s0; s < s1; s++)
+    for (int64_t s = s0; s < s1; s++) {
+        const float *vs = vc + SLOT(s), *vn = s + 1 < s1 ? vc + SLOT(s + 1) : vs;
         for (int64_t h = 0; h < H; h++)
-            axpy_ahead(sc[h * CHUNK + s - s0], vb + s * nkv + (h / group) * hd, o + h * hd, hd, KV_AHEAD);
+            axpy_pf(sc[h * CHUNK + s - s0], vs + (h / group) * hd, vn + (h / group) * hd, o + h * hd, hd);
+    }
+#undef SLOT
 }
 
-/* float32 scratch that dsvl2_mha_decode needs for B rows, H / Hk heads of hd, S slots */
+/* float32 scratch that dsvl2_mha_decode needs for B rows, H / Hk heads of hd, S positions */
 int64_t dsvl2_mha_scratch(int64_t B, int64_t H, int64_t Hk, int64_t hd, int64_t S) {
     return B * (2 * H + 2 * Hk) * hd + B * ((S + CHUNK - 1) / CHUNK) * H * (CHUNK + hd + 2);
 }
 
+/* Check a decode step's block tables before anything is read or written: row b's
+   positions 0 .. pos[b] must lie in its W table entries, each a block of the pool. */
+int dsvl2_check_tables(int64_t B, int64_t NB, int64_t BS, const int64_t *table, int64_t W, const int64_t *pos) {
+    if (BS < 1 || W < 1) return -1;
+    for (int64_t b = 0; b < B; b++) {
+        if (pos[b] < 0 || pos[b] / BS >= W) return -1;
+        for (int64_t j = 0; j <= pos[b] / BS; j++)
+            if (table[b * W + j] < 0 || table[b * W + j] >= NB) return -1;
+    }
+    return 0;
+}
+
 /* One MHA decode step for B rows (one new token each):
      q, k, v = x Wq^T (+bq), x Wk^T (+bk), x Wv^T (+bv)      x [B, D], bf16 weights
-     RoPE (half-split, cos / sin [B, hd]) on q and k; k, v written into the float32 cache
-     (kc / vc [R, S, Hk, hd]) at row rows[b], slot pos[b]
-     head h of row b attends over slots 0 .. pos[b] of kv head h / (H / Hk):
+     RoPE (half-split, cos / sin [B, hd]) on q and k; k, v written into the float32 block
+     pools (kc / vc [NB, BS, Hk, hd]) at row b's position pos[b], i.e. block
+     table[b, pos[b] / BS], slot pos[b] % BS (table [B, W] int64)
+     head h of row b attends over its positions 0 .. pos[b] of kv head h / (H / Hk):
        softmax(q . k_s * scale) . v_s
      out [B, D] = attn Wo^T (+bo)
-   Attention in units of CHUNK slots (any thread), merged per row in slot order: a row's
-   result depends on its length, never on the other rows.
-   scratch: dsvl2_mha_scratch(B, H, Hk, hd, S) floats.
-   Returns -1 when a row or slot is out of range, -2 for hd > 1024 or H not a multiple of
-   Hk (nothing is written then). */
+   Attention in units of CHUNK positions (any thread), merged per row in position order:
+   a row's result depends on its length, never on the other rows or on where its blocks lie.
+   scratch: dsvl2_mha_scratch(B, H, Hk, hd, W * BS) floats.
+   Returns -1 when a position or block id is out of range, -2 for hd > 1024 or H not a
+   multiple of Hk (nothing is written then). */
 int dsvl2_mha_decode(const float *x, int64_t B, int64_t D, int64_t H, int64_t Hk, int64_t hd,
                      const uint16_t *wq, const uint16_t *wk, const uint16_t *wv, const uint16_t *wo,
                      const float *bq, const float *bk, const float *bv, const float *bo,
-                     const float *cos, const float *sin, float *kc, float *vc, int64_t R, int64_t S,
-                     const int64_t *rows, const int64_t *pos, float scale, float *out, float *scratch) {
+                     const float *cos, const float *sin, float *kc, float *vc, int64_t NB, int64_t BS,
+                     const int64_t *table, int64_t W, const int64_t *pos, float scale, float *out, float *scratch) {
     if (hd > 1024 || H % Hk) return -2;
-    for (int64_t b = 0; b < B; b++)
-        if (rows[b] < 0 || rows[b] >= R || pos[b] < 0 || pos[b] >= S) return -1;
+    if (dsvl2_check_tables(B, NB, BS, table, W, pos)) return -1;
     const int64_t nq = H * hd, nkv = Hk * hd, group = H / Hk, per_unit = H * (CHUNK + hd + 2);
     float *q = scratch, *k = q + B * nq, *v = k + B * nkv, *att = v + B * nkv, *parts = att + B * nq;
     int64_t ustart[B + 1]; /* row b's units: ustart[b] .. ustart[b + 1] - 1 */
@@ -183,22 +200,22 @@ int dsvl2_mha_decode(const float *x, int64_t B, int64_t D, int64_t H, int64_t Hk
             for (int64_t i = 0; bv && i < nkv; i++) vb[i] += bv[i];
             for (int64_t h = 0; h < H; h++) rope_half(qb + h * hd, cos + b * hd, sin + b * hd, hd);
             for (int64_t h = 0; h < Hk; h++) rope_half(kb + h * hd, cos + b * hd, sin + b * hd, hd);
-            int64_t at = (rows[b] * S + pos[b]) * nkv;
+            int64_t at = (table[b * W + pos[b] / BS] * BS + pos[b] % BS) * nkv;
             memcpy(kc + at, kb, nkv * sizeof(float));
             memcpy(vc + at, vb, nkv * sizeof(float));
         }
         /* implicit barrier */
-        /* work unit: CHUNK consecutive cached slots of one row, all heads (the slots of a
-           row are contiguous in the cache, so a unit streams one block); the units of a
-           row are merged afterwards in slot order */
+        /* work unit: CHUNK consecutive positions of one row, all heads (whole blocks of
+           the pools when BS divides CHUNK); the units of a row are merged afterwards in
+           position order */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t u = 0; u < ustart[B]; u++) {
             int64_t b = 0;
             while (ustart[b + 1] <= u) b++;
             const int64_t c = u - ustart[b], s0 = c * CHUNK, n = pos[b] + 1, s1 = s0 + CHUNK < n ? s0 + CHUNK : n;
             float *part = parts + u * per_unit;
-            attend_chunk(q + b * nq, kc + rows[b] * S * nkv, vc + rows[b] * S * nkv, nkv, H, group, hd, scale,
-                         s0, s1, part, part + H * CHUNK, part + H * CHUNK + H, part + H * CHUNK + 2 * H);
+            attend_chunk(q + b * nq, kc, vc, table + b * W, BS, nkv, H, group, hd, scale, s0, s1, part,
+                         part + H * CHUNK, part + H * CHUNK + H, part + H * CHUNK + 2 * H);
         }
         /* implicit barrier */
 #pragma omp for schedule(static)

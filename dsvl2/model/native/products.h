@@ -43,6 +43,7 @@ int64_t dsvl2_mha_scratch(int64_t B, int64_t H, int64_t Hk, int64_t hd, int64_t 
 int dsvl2_mha_decode(const float *x, int64_t B, int64_t D, int64_t H, int64_t Hk, int64_t hd,
                      const uint16_t *wq, const uint16_t *wk, const uint16_t *wv, const uint16_t *wo,
                      const float *bq, const float *bk, const float *bv, const float *bo,
-                     const float *cos, const float *sin, float *kc, float *vc, int64_t R, int64_t S,
-                     const int64_t *rows, const int64_t *pos, float scale, float *out, float *scratch);
+                     const float *cos, const float *sin, float *kc, float *vc, int64_t NB, int64_t BS,
+                     const int64_t *table, int64_t W, const int64_t *pos, float scale, float *out, float *scratch);
+int dsvl2_check_tables(int64_t B, int64_t NB, int64_t BS, const int64_t *table, int64_t W, const int64_t *pos);
 #endif

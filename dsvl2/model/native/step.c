@@ -27,8 +27,8 @@ typedef struct {
     int64_t E, F, Fs;                  /* dense layer: E = 1, F its width; Fs = 0 without shared experts */
 } dsvl2_layer;
 
-/* float32 scratch of dsvl2_decode_layers for B rows (Emax, Fmax: the largest E and F of
-   any layer, shared experts' Fs included in Fmax) */
+/* float32 scratch of dsvl2_decode_layers for B rows reading up to S positions (Emax,
+   Fmax: the largest E and F of any layer, shared experts' Fs included in Fmax) */
 int64_t dsvl2_decode_scratch(int64_t B, int64_t D, int64_t H, int64_t Hk, int64_t hd, int64_t S, int64_t k,
                              int64_t Emax, int64_t Fmax) {
     int64_t p = B * (k > 1 ? k : 1);
@@ -40,17 +40,17 @@ int64_t dsvl2_decode_scratch(int64_t B, int64_t D, int64_t H, int64_t Hk, int64_
 int64_t dsvl2_decode_order(int64_t B, int64_t k, int64_t Emax) { return B * (k > 1 ? k : 1) + 2 * Emax + 1; }
 
 /* x [B, D] (float32, in place): the embeddings in, the last layer's output out.
-   caches: 2 nl pointers, layer i's float32 key / value cache [R, S, Hk, hd] at 2i / 2i + 1;
-   cos / sin [B, hd], rows / pos [B]: as dsvl2_mha_decode. Greedy routing with k experts
-   per token (sigmoid / norm / scaling as dsvl2_route_greedy); layer i's choices go to
-   idx / wt [nl, B, k] (dense layers' entries are left as they are).
-   Returns 0, or what dsvl2_mha_decode / dsvl2_moe returned (-1 / -2: rows or slots out
-   of range, bad head sizes) with the layer in *failed. */
+   caches: 2 nl pointers, layer i's float32 key / value block pools [NB, BS, Hk, hd] at 2i /
+   2i + 1; cos / sin [B, hd], table [B, W], pos [B]: as dsvl2_mha_decode. Greedy routing
+   with k experts per token (sigmoid / norm / scaling as dsvl2_route_greedy); layer i's
+   choices go to idx / wt [nl, B, k] (dense layers' entries are left as they are).
+   Returns 0, or what dsvl2_mha_decode / dsvl2_moe returned (-1 / -2: positions or
+   block ids out of range, bad head sizes) with the layer in *failed. */
 int dsvl2_decode_layers(float *x, int64_t B, int64_t D, const dsvl2_layer *layers, int64_t nl, float *const *caches,
                         int64_t H, int64_t Hk, int64_t hd, float eps, float scale, int64_t k, int sigmoid, int norm,
-                        float scaling, const float *cos, const float *sin, int64_t R, int64_t S, const int64_t *rows,
-                        const int64_t *pos, int64_t *idx, float *wt, int64_t Emax, float *scratch, int64_t *order,
-                        int64_t *failed) {
+                        float scaling, const float *cos, const float *sin, int64_t NB, int64_t BS,
+                        const int64_t *table, int64_t W, const int64_t *pos, int64_t *idx, float *wt, int64_t Emax,
+                        float *scratch, int64_t *order, int64_t *failed) {
     float *h = scratch, *a = h + B * D, *sh = a + B * D, *logits = sh + B * D, *rest = logits + B * Emax;
     for (int64_t i = 0; i < nl; i++) {
         const dsvl2_layer *L = layers + i;
@@ -58,7 +58,7 @@ int dsvl2_decode_layers(float *x, int64_t B, int64_t D, const dsvl2_layer *layer
         *failed = i;
         dsvl2_rmsnorm(x, B, D, L->ln1, 1, eps, h);
         rc = dsvl2_mha_decode(h, B, D, H, Hk, hd, L->wq, L->wk, L->wv, L->wo, L->bq, L->bk, L->bv, L->bo, cos, sin,
-                              caches[2 * i], caches[2 * i + 1], R, S, rows, pos, scale, a, rest);
+                              caches[2 * i], caches[2 * i + 1], NB, BS, table, W, pos, scale, a, rest);
         if (rc) return rc;
         for (int64_t j = 0; j < B * D; j++) x[j] = x[j] + a[j];
         dsvl2_rmsnorm(x, B, D, L->ln2, 1, eps, h);

@@ -1,0 +1,93 @@
+"""The ``dsvl2 batch`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import GenerationError
+from ..sizes import KV_CACHE_HELP, size_argument
+from .pipeline import run_batch
+from .readers import DEFAULT_PROMPT, SAMPLING_KEYS
+
+EPILOG = """examples:
+  dsvl2 batch -m ./deepseek-vl2-tiny photos/ captions.jsonl
+  dsvl2 batch -m ./deepseek-vl2-tiny --prompt "List the objects." photos/ objects.parquet
+  dsvl2 batch -m ./deepseek-vl2-tiny requests.jsonl out.jsonl --actors 4 --address auto
+
+INPUT rows (JSONL, or Parquet with the same columns):
+  {"id": "a1", "images": ["a1.jpg"], "prompt": "What is this?", "sampling": {"max_new_tokens": 64}}
+or an OpenAI batch file (JSONL; OUT then gets OpenAI's batch output lines):
+  {"custom_id": "a1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "any",
+   "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a1.jpg"}},
+   {"type": "text", "text": "What is this?"}]}], "max_tokens": 64}}
+Re-running the same command skips the ids / custom_ids already in OUT (resume after a crash or Ctrl-C)."""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``dsvl2 batch`` on the CLI's subparsers."""
+    p = subparsers.add_parser("batch", help="answer every image / row of a dataset on Ray (resumable)",
+                              description="Answer every image of a folder, every row of a JSONL/Parquet file, or "
+                              "every request of an OpenAI batch file, on Ray Data actors; results go to OUT "
+                              "(JSONL or Parquet) as they finish.",
+                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", metavar="INPUT",
+                   help="a folder of images, a .jsonl/.parquet file of rows, or an OpenAI batch file (.jsonl)")
+    p.add_argument("out", metavar="OUT", help="result file (.jsonl or .parquet); requests already in it are skipped")
+    p.add_argument("-m", "--model", required=True, help="checkpoint folder, Hugging Face id, or 'demo'")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"prompt for rows without one (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--format", choices=["jsonl", "parquet"], help="OUT's format (default: from its extension)")
+    r = p.add_argument_group("Ray")
+    r.add_argument("--actors", type=int, default=1, help="model copies answering in parallel (default 1)")
+    r.add_argument("--batch-size", type=int, default=4, help="rows / requests per Ray batch, written together (default 4)")
+    r.add_argument("--rows-per-call", type=int, default=1,
+                   help="rows (or OpenAI requests) the engine answers together (default 1: exactly the answers of "
+                   "one chat call each)")
+    r.add_argument("--cpus-per-actor", type=float, default=1, help="CPUs (and torch threads) per actor (default 1)")
+    r.add_argument("--gpus-per-actor", type=float, default=0, help="GPUs per actor (default 0)")
+    r.add_argument("--address", help="join this Ray cluster (auto, HOST:PORT, ray://HOST:10001); "
+                   "default: start a local Ray instance")
+    g = p.add_argument_group("sampling (default: greedy; a row's 'sampling', or an OpenAI body's fields, "
+                             "override these)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    g.add_argument("--max-new-tokens", type=int, default=512)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    t = p.add_argument_group("runtime")
+    t.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto = bf16 weights, fp32 compute on CPU")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (on each actor)")
+    t.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="quantize the language model's weights while loading (less memory per actor)")
+    t.add_argument("--kv-cache-bytes", type=size_argument, default=None, metavar="SIZE",
+                   help=KV_CACHE_HELP.replace("memory for the KV cache", "memory for each actor's KV cache"))
+    p.set_defaults(func=cmd_batch)
+    return p
+
+
+def cmd_batch(args) -> int:
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                    repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if args.stop:
+        sampling["stop"] = tuple(args.stop)
+    try:
+        summary = run_batch(args.model, args.input, args.out, prompt=args.prompt, sampling=sampling,
+                            actors=args.actors, batch_size=args.batch_size, rows_per_call=args.rows_per_call,
+                            cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
+                            dtype=args.dtype, device=args.device, quantize=args.quantize,
+                            kv_cache_bytes=args.kv_cache_bytes, address=args.address, fmt=args.format)
+    except GenerationError as e:  # name the command-line flag, not the dataclass field
+        msg = str(e)
+        for name in SAMPLING_KEYS:
+            msg = msg.replace(f"SamplingParams.{name}", "--" + name.replace("_", "-"))
+        raise GenerationError(msg) from None
+    except KeyboardInterrupt:
+        print(f"\ndsvl2 batch: the results so far are in {args.out}; run the same command again to continue",
+              file=sys.stderr)
+        raise
+    print(f"dsvl2 batch: wrote {summary.written} new row(s) ({summary.errors} with errors) to {summary.out} "
+          f"in {summary.seconds:.1f} s; {summary.skipped} were already there", file=sys.stderr)
+    return 0

@@ -8,7 +8,7 @@ Runs a golden case's conversation (images + text; default c01_single_image: one 
 vision, prefill, time to first token, decode tokens/s at batch 1, 4 and 16, and the
 time to first token of a follow-up question in the same chat (prefix cache), plus peak
 RSS. Every engine figure comes from the per-request timings the engine records
-(``GenerationOutput.timings``, the ones the server's metrics use); nothing in the engine
+(``Answer.timings``, the ones the server's metrics use); nothing in the engine
 is patched. Beside them, measured in the same run: memory read bandwidth, fp32 and bf16
 matrix-product peaks, and the kernel choice for this machine (``model/kernels.py``).
 

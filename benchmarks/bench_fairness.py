@@ -10,7 +10,7 @@ A's longest gap between two tokens while B is admitted, for the scheduler's per-
 token budget off (``step_tokens`` None: B's vision and whole prefill run in one step, as
 the engine did before the budget) and on (the default, 512), with B's time to first
 token in both runs. The gap is read from A's per-token timestamps
-(``GenerationOutput.timings``), which the engine records for every request.
+(``Handle.req.timings``), which the engine records for every request.
 """
 
 from __future__ import annotations

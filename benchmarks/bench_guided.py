@@ -229,7 +229,7 @@ class GreedyTokenizer(Tokenizer):
 
     greedy = None
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, image_tag_is_text: bool = False) -> list[int]:  # no special tokens here anyway
         return self.greedy(text.encode("utf-8"))
 
 

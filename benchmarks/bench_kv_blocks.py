@@ -64,7 +64,12 @@ def main() -> None:
     ap.add_argument("--blocks", default="8,16,32,64,128")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--layers", type=int, default=12, help="layers timed together (the real tiny has 12)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads (default: torch's); 1 is steadier on a machine shared with other jobs, where "
+                         "the kernels' barriers wait for a core")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not native.available():
         sys.exit(f"native kernels unavailable: {native.status()['reason']}")
     heads, hd = 10, 128

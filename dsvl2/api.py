@@ -6,10 +6,13 @@
 
 ``chat`` takes a prompt string (with ``images``), one conversation (reference format with
 ``<|User|>`` / ``<|Assistant|>`` roles, or OpenAI-style messages with ``image_url`` /
-``image`` parts), or a list of conversations (answered as one batch). Images may be
-paths, PIL images, bytes or ``data:`` URLs. Sampling options are those of
-``SamplingParams``; the default is greedy decoding. An ``Answer`` carries the text, the
-finish reason, token counts and the grounding boxes in pixels of the original image.
+``image`` parts, where an ``<image>`` typed in the text is text), or a list of
+conversations (answered as one batch). Images may be paths, PIL images, bytes or
+``data:`` URLs. Sampling options are those of ``SamplingParams``; the default is greedy
+decoding. An ``Answer`` carries the text, the
+finish reason, token counts (``usage``), the token ids, the grounding boxes in pixels of
+the original image, the engine's timings and the prompt tokens found in the prefix cache;
+``chat``, ``stream`` (its last ``Delta``) and ``submit(...)[i].result()`` all give one.
 ``logprobs=N`` (0..20 alternatives, or True) fills ``Answer.logprobs``;
 ``response_format={...}`` (OpenAI's shape) or ``json_schema={...}`` constrain the answer
 (``structured.py``).
@@ -23,6 +26,10 @@ float32 numbers (the oracle's setting).
 
 from __future__ import annotations
 
+import functools
+import sys
+import threading
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -35,7 +42,7 @@ from .engine.engine import Engine, GenerationOutput
 from .engine.sampling import SamplingParams
 from .errors import ConversationError, DSVL2Error, GenerationError
 from .grounding import GroundingResult, draw_grounding, grounding_to_json, parse_grounding
-from .hub import resolve_model
+from .hub import DEMO, resolve_model
 from .model import kernels, native
 from .model.vl import DeepseekVL2
 from .processing import BatchInputs, Processor
@@ -77,19 +84,43 @@ def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
 
 @dataclass
 class Answer:
-    """One model answer."""
+    """One model answer: what ``chat`` returns, what ``stream``'s last ``Delta`` carries and
+    what ``result()`` of a handle made by ``VLModel.submit`` returns (one type on every
+    path; the engine's own ``GenerationOutput`` stays on ``Handle.output``)."""
 
     text: str
-    finish_reason: str  # "stop" (eos, stop id or stop string) | "length"
-    prompt_tokens: int
+    # "stop" (eos, stop id or stop string) | "length"; a failed request raises in chat /
+    # result(), and an Answer made from its output (make_answer) has "error" / "cancelled"
+    finish_reason: str
+    prompt_tokens: int  # image tokens included
     completion_tokens: int
-    token_ids: list[int]
+    token_ids: list[int]  # the answer's ids (an ending eos / stop id included)
     grounding: GroundingResult
     boxes: list[dict] = field(default_factory=list)  # label, box_norm (0..999), box_px, image_index
     images: list[Image.Image] = field(default_factory=list, repr=False)  # the conversation's images
     # one per answer token when asked for (``logprobs=N``): token, logprob, bytes, top_logprobs
     # (``structured.Logprob``; an ending eos / stop id has none); None otherwise
     logprobs: list[Logprob] | None = field(default=None, repr=False)
+    # the engine's per-request timings (seconds): queue_s, vision_s, prefill_s,
+    # first_token_s, total_s, max_inter_token_s, mean_inter_token_s (``Timings.to_dict``)
+    timings: dict | None = field(default=None, repr=False)
+    cached_tokens: int = 0  # prompt tokens whose KV was reused from the prefix cache
+    error: str | None = None  # why the request failed (finish_reason "error"), else None
+
+    @property
+    def ids(self) -> list[int]:
+        """``token_ids`` under the engine's name (``GenerationOutput.ids``)."""
+        return self.token_ids
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def usage(self) -> dict:
+        """OpenAI's ``usage``: prompt / completion / total tokens and the cached prompt tokens."""
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.total_tokens, "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
     def draw(self, image_index: int = -1) -> Image.Image:
         """The conversation's image (default: the last one) with the boxes drawn on it."""
@@ -98,9 +129,12 @@ class Answer:
         return draw_grounding(self.images, self.grounding, image_index=image_index)
 
     def to_dict(self) -> dict:
+        """The answer as a JSON record (the CLI's ``--json``, the batch job's results): only
+        what the request decides, so equal requests give equal records (no timings, no
+        cache hits: read those from the attributes)."""
         return {"text": self.text, "finish_reason": self.finish_reason,
                 "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                          "total_tokens": self.prompt_tokens + self.completion_tokens},
+                          "total_tokens": self.total_tokens},
                 "boxes": self.boxes, "grounding_problems": self.grounding.problems,
                 **({} if self.logprobs is None else {"logprobs": [e.to_dict() for e in self.logprobs]})}
 
@@ -119,7 +153,8 @@ def make_answer(out: GenerationOutput, images: list[Image.Image], tokenizer=None
                 stop_ids: Iterable[int] = ()) -> Answer:
     """An engine result as an ``Answer``: grounding parsed, boxes in pixels of the last image;
     with ``tokenizer``, the tokens' logprobs (when asked for) as ``structured.Logprob``
-    entries, the ending eos / stop id (one of ``stop_ids``) left out."""
+    entries, the ending eos / stop id (one of ``stop_ids``) left out; timings, cached
+    tokens and error as the engine gave them."""
     g = parse_grounding(out.text)
     boxes = []
     if images and g.refs:
@@ -128,8 +163,8 @@ def make_answer(out: GenerationOutput, images: list[Image.Image], tokenizer=None
             boxes.append({**b, "image_index": len(images) - 1})
     elif g.refs:
         boxes = [{"label": lab, "box_norm": list(box), "box_px": None, "image_index": None} for lab, box in g.boxes]
-    return Answer(out.text, out.finish_reason, out.prompt_tokens, out.completion_tokens, out.ids, g, boxes, images,
-                  content_logprobs(out, tokenizer, stop_ids))
+    return Answer(out.text, out.finish_reason, out.prompt_tokens, out.completion_tokens, out.ids, g, boxes,
+                  images, content_logprobs(out, tokenizer, stop_ids), out.timings, out.cached_tokens, out.error)
 
 
 def user_turn(text: str, images: Sequence | None = None) -> dict:
@@ -233,13 +268,17 @@ class VLModel:
     def submit(self, messages: Any, images: Sequence | None = None, *, system: str | None = None,
                chunk_size: int | None = None, sink=None, **sampling) -> list[Handle]:
         """Queue a conversation (or a batch) and return at once: one ``Handle`` per
-        conversation (``.events()``, ``.result()``, ``.cancel()``; ``.images`` holds its
-        loaded images for ``make_answer``). Input errors are raised here, in the caller."""
+        conversation (``.events()``, ``.result()``, ``.cancel()``). ``result()`` gives the
+        same ``Answer`` as ``chat`` (timings and cached tokens included); ``.output`` holds
+        the engine's raw ``GenerationOutput`` once finished and ``.images`` the loaded
+        images. Input errors are raised here, in the caller."""
         params = _params(sampling)
         batch, _ = self.process(messages, images, system)
         handles = self.driver.submit(batch, params, chunk_size=chunk_size, sink=sink)
+        tok, stops = self.processor.tokenizer, self.engine.eos_ids | set(params.stop_token_ids)
         for h in handles:
             h.images = batch.images[h.index]
+            h.make_result = functools.partial(make_answer, images=h.images, tokenizer=tok, stop_ids=stops)
         return handles
 
     def _deltas(self, batch: BatchInputs, params: SamplingParams, chunk_size: int | None) -> Iterator[Delta]:
@@ -310,11 +349,45 @@ def _params(sampling: dict) -> SamplingParams:
     return params
 
 
+# What ``load`` says, once per process, when it loads the shipped demo checkpoint; the CLI
+# and the server say it in their own words (``demo_note_given``).
+DEMO_WARNING = ("the built-in demo checkpoint has RANDOM weights (answers are gibberish); load "
+                "deepseek-ai/deepseek-vl2-tiny (or a checkpoint folder) for a real model")
+_demo_said = False
+_demo_lock = threading.Lock()
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def demo_note_given() -> None:
+    """The caller has told the user that the demo's weights are random (the CLI and the
+    server print their own note): ``load("demo")`` does not warn again."""
+    global _demo_said
+    _demo_said = True
+
+
+def _warn_demo(folder: Path) -> None:
+    global _demo_said
+    try:
+        demo = folder.resolve() == DEMO
+    except OSError:
+        return
+    with _demo_lock:
+        if not demo or _demo_said:
+            return
+        _demo_said = True
+    # pointed at the first caller outside this package (dsvl2.load wraps api.load)
+    level, frame = 2, sys._getframe(1)  # stacklevel 2: the caller of this function
+    while frame is not None and Path(frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(DEMO_WARNING, UserWarning, stacklevel=level)
+
+
 def load(model: str | Path = "demo", *, dtype: str | torch.dtype = "auto", device: str = "auto",
          max_batch_size: int = 16, step_tokens: int = STEP_TOKENS,
          kv_cache_bytes: int | str | None = None, prefix_caching: bool = True,
          progress: Callable[[int, int], None] | None = None, quantize: str | None = None) -> VLModel:
-    """Load a checkpoint folder or Hugging Face id (``demo`` = the shipped random model).
+    """Load a checkpoint folder or Hugging Face id (``demo`` = the shipped random model,
+    which warns once per process that its answers are gibberish: ``DEMO_WARNING``).
 
     ``quantize``: None, "int8" (every language-model linear layer, per output channel) or
     "int4" (routed experts in int4 groups, the rest int8), applied tensor by tensor while
@@ -326,6 +399,7 @@ def load(model: str | Path = "demo", *, dtype: str | torch.dtype = "auto", devic
     the weights, ``engine.default_kv_cache_bytes``); ``prefix_caching``: share the KV
     blocks of equal prefixes (a photo, a system prompt, earlier turns) between requests."""
     folder = resolve_model(model)
+    _warn_demo(folder)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     net = load_model(folder, dt, dev, progress=progress, quantize=quantize)

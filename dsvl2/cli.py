@@ -141,13 +141,14 @@ def _sampling(args) -> dict:
 
 
 def _load(args):
-    from .api import load
+    from .api import demo_note_given, load
 
     name = args.model
     if name is None:
         print("dsvl2: note: no -m given, using the built-in demo checkpoint with RANDOM weights "
               "(answers are gibberish); pass -m FOLDER or -m deepseek-ai/deepseek-vl2-tiny for a real model",
               file=sys.stderr)
+        demo_note_given()  # said once is enough: load() does not warn again
         name = "demo"
     model = load(name, dtype=args.dtype, device=args.device, progress=Progress("loading"),
                  quantize=getattr(args, "quantize", None), kv_cache_bytes=getattr(args, "kv_cache_bytes", None))

@@ -15,9 +15,11 @@ Conventions of this file:
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import io
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -422,3 +424,117 @@ def test_malformed_grounding_is_reported_never_raised(markup, monkeypatch, tmp_p
         assert all(0 <= v <= 999 for v in b["box_norm"])
     assert a.draw().size == (450, 308)
     assert not (tmp_path / "PWNED").exists()
+
+
+# --------------------------------------------------------------------------- one result type
+
+
+def test_chat_stream_and_submit_give_the_same_answer():
+    """chat, stream's last Delta and submit(...)[0].result() are ONE type with every field
+    (timings and cached tokens included) and equal values for the same greedy request."""
+    base = model("tiny")
+    m = VLModel(base.model, base.processor, base.folder, prefix_caching=False)  # no cache hit between the runs
+    opts = dict(images=[SMALL_IMAGE], max_new_tokens=6, logprobs=2)
+    chat = m.chat(PROMPT, **opts)
+    streamed = [d for d in m.stream(PROMPT, **opts) if d.answer is not None][0].answer
+    (h,) = m.submit(PROMPT, **opts)
+    submitted = h.result(timeout=120)
+    assert h.result() is submitted  # made once
+    assert type(h.output).__name__ == "GenerationOutput" and h.output.ids == submitted.ids  # the raw output stays
+    names = [f.name for f in dataclasses.fields(Answer)]
+    assert {"text", "finish_reason", "prompt_tokens", "completion_tokens", "token_ids", "grounding", "boxes",
+            "images", "logprobs", "timings", "cached_tokens", "error"} <= set(names)
+    for other in (streamed, submitted):
+        assert type(other) is Answer
+        for name in names:
+            if name == "timings":
+                assert other.timings.keys() == chat.timings.keys()
+            elif name == "logprobs":
+                assert [e.to_dict() for e in other.logprobs] == [e.to_dict() for e in chat.logprobs]
+            elif name == "images":
+                assert [i.size for i in other.images] == [i.size for i in chat.images] == [(450, 308)]
+            else:
+                assert getattr(other, name) == getattr(chat, name), name
+        assert other.to_dict() == chat.to_dict()
+    for a in (chat, streamed, submitted):
+        t = a.timings
+        assert t["total_s"] >= t["first_token_s"] >= t["queue_s"] >= 0 and t["vision_s"] > 0 and t["prefill_s"] > 0
+        assert a.cached_tokens == 0 and a.error is None and a.ids == a.token_ids
+        assert a.usage == {"prompt_tokens": a.prompt_tokens, "completion_tokens": 6,
+                           "total_tokens": a.prompt_tokens + 6, "prompt_tokens_details": {"cached_tokens": 0}}
+        assert a.total_tokens == a.prompt_tokens + 6
+
+
+def test_cached_tokens_reach_the_answer_on_every_path():
+    base = model("tiny")
+    m = VLModel(base.model, base.processor, base.folder)  # prefix caching on
+    first = m.chat("Tell me a story about a cat.", max_new_tokens=2)
+    again = m.chat("Tell me a story about a cat.", max_new_tokens=2)
+    (h,) = m.submit("Tell me a story about a cat.", max_new_tokens=2)
+    third = h.result(timeout=120)
+    assert first.cached_tokens == 0 < again.cached_tokens == third.cached_tokens <= first.prompt_tokens
+    assert again.usage["prompt_tokens_details"]["cached_tokens"] == again.cached_tokens
+    assert again.token_ids == third.token_ids == first.token_ids
+
+
+def test_engine_handles_keep_their_raw_output_and_a_failure_has_its_error():
+    from dsvl2.engine.engine import GenerationOutput
+
+    m = model("tiny")
+    batch, _ = m.process("Hello")
+    (h,) = m.driver.submit(batch, api._params({"max_new_tokens": 2}))
+    out = h.result(timeout=120)
+    assert isinstance(out, GenerationOutput) and out is h.output  # the engine-level API is unchanged
+    a = api.make_answer(out, [])
+    assert (a.ids, a.timings, a.cached_tokens) == (out.ids, out.timings, out.cached_tokens)
+    failed = api.make_answer(GenerationOutput([5], "x", "error", 3, 1, error="RuntimeError: boom"), [])
+    assert failed.finish_reason == "error" and failed.error == "RuntimeError: boom"
+
+
+# --------------------------------------------------------------------------- text stays text
+
+
+def test_image_tag_typed_in_an_openai_message_is_answered_as_text():
+    m = model("tiny")
+    tok = m.processor.tokenizer
+    literal = "look at <image> here"
+    for messages in ([{"role": "user", "content": [{"type": "text", "text": literal}]}],
+                     [{"role": "user", "content": literal}]):
+        batch, _ = m.process(messages)
+        ids = batch.input_ids[0].tolist()
+        assert tok.image_id not in ids and literal in tok.decode(ids)
+        a = m.chat(messages, max_new_tokens=3)
+        assert a.completion_tokens == 3 and a.prompt_tokens == len(ids) and a.images == []
+    # the reference's format (a prompt string is one of its user turns) keeps its tags
+    with pytest.raises(DSVL2Error, match="1 '<image>' tag.*0 image"):
+        m.chat(literal, max_new_tokens=1)
+    assert m.chat(literal, images=[SMALL_IMAGE], max_new_tokens=1).prompt_tokens > 200
+
+
+@pytest.mark.parametrize("messages", ["", "  \n", [{"role": "user", "content": ""}],
+                                      [{"role": "user", "content": [{"type": "text", "text": " "}]}]])
+def test_an_empty_prompt_is_an_error(messages):
+    from dsvl2.errors import ConversationError
+
+    m = model("tiny")
+    with pytest.raises(ConversationError, match="nothing to answer"):
+        m.chat(messages, max_new_tokens=2)
+    with pytest.raises(ConversationError, match="nothing to answer"):
+        m.submit(messages, max_new_tokens=2)
+
+
+def test_loading_the_demo_warns_once_that_its_weights_are_random(monkeypatch):
+    monkeypatch.setattr(api, "_demo_said", False)
+    with pytest.warns(UserWarning, match="RANDOM weights") as seen:
+        load("demo", device="cpu")
+    assert len(seen) == 1 and "deepseek-ai/deepseek-vl2-tiny" in str(seen[0].message)
+    assert seen[0].filename == __file__  # pointed at the caller of load
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load("demo", device="cpu")  # once per process
+        load(GOLDEN / "tiny", device="cpu")  # not the demo: never
+    monkeypatch.setattr(api, "_demo_said", False)
+    api.demo_note_given()  # the CLI / server said it in their words
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load("demo", device="cpu")

@@ -208,7 +208,7 @@ def prop_conversation(messages, images) -> None:
     assert set(roles) <= {"system", "user", "assistant"} and "system" not in roles[1:]
     for t in turns:
         assert isinstance(t.text, str)
-        assert t.text.count(IMAGE_TAG) == len(t.images)
+        assert t.tag_count() == len(t.images)  # tags, not typed "<image>" text of OpenAI messages
         assert t.role == "user" or not t.images
     pieces = prompt_pieces(turns)
     assert pieces[0] is Special.BOS and all(isinstance(p, (str, Special)) for p in pieces)

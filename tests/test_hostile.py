@@ -322,6 +322,8 @@ def cli_argv(item: Item, corpus: Path) -> list[str] | None:
         if len(images) + len(texts) != len(parts) or len(texts) != 1 or parts[-1].get("type") != "text":
             return None
         prompt = texts[0]
+        if "<image>" in prompt:  # text in a message part, but a tag in the CLI's (reference-format) prompt
+            return None
     argv = ["chat", "-m", "demo"]
     for path in images:
         argv += ["-i", path]

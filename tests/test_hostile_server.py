@@ -46,6 +46,11 @@ SERVER_OUTCOME = {
     "stop_100_long": (400, "at most 16 stop strings over HTTP"),
     "stop_100_last_matches": (400, "at most 16 stop strings over HTTP"),
     "bare_image_part_without_image": (400, "{'type': 'image'} is not an OpenAI part type"),
+    # OpenAI messages take their images from image_url parts only: an <image> typed in the
+    # text is text, so the reference format's tag / image mismatch cannot be written over HTTP
+    "tags_more_than_images": (200, "the typed <image> tags are text: one image part, answered"),
+    "images_more_than_tags": (200, "the typed <image> tag is text: two image parts, answered"),
+    "prompt_tag_mismatch": (200, "the typed <image> tag is text: two image parts, answered"),
 }
 
 
@@ -114,7 +119,7 @@ def to_http(item: Item, corpus: Path) -> dict:
         images = m.pop("images", None)
         if isinstance(m.get("content"), list):
             m["content"] = [part(p) for p in m["content"]]
-        if images:  # reference style: the images, then the text with its <image> tags
+        if images:  # reference style: the images, then the text (an <image> in it is text over HTTP)
             m["content"] = [part({"type": "image", "image": n}) for n in images] + [
                 {"type": "text", "text": m["content"]}]
         return m

@@ -174,8 +174,11 @@ def test_api_logprobs_non_streaming_and_streamed(model):
     (h,) = model.submit(HI, max_tokens=5)
     assert h.result().logprobs is None  # zero cost: no TokenLogprob was computed
     (h,) = model.submit(HI, max_tokens=5, logprobs=2)
-    out = h.result()
-    assert len(out.logprobs) == out.completion_tokens and all(len(t.top) == 2 for t in out.logprobs)
+    out = h.result()  # the Answer chat gives; the engine's raw entries stay on h.output
+    assert len(out.logprobs) == out.completion_tokens - (out.finish_reason == "stop")
+    assert all(len(e.top_logprobs) == 2 for e in out.logprobs)
+    raw = h.output.logprobs
+    assert len(raw) == out.completion_tokens and all(len(t.top) == 2 for t in raw)
 
 
 def test_split_characters_held_whitespace_and_eos(model, script):

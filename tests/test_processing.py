@@ -624,11 +624,97 @@ def test_prompt_ids_layout(processor, tokenizer):
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "an answer"}], None,
      "ends with a non-empty assistant message"),
     ({"role": "user", "content": "hi"}, None, "list of messages"),
+    # an empty prompt: nothing to answer (not a whole answer of max_new_tokens to nothing)
+    ([{"role": "user", "content": ""}], None, "no text and no image"),
+    ([{"role": "<|User|>", "content": " \n ", "images": []}], None, "no text and no image"),
+    ([{"role": "user", "content": [{"type": "text", "text": ""}]}], None, "no text and no image"),
+    ([{"role": "system", "content": ""}, {"role": "user", "content": [" "]}, {"role": "assistant", "content": ""}],
+     None, "no text and no image"),
 ])
 def test_conversation_errors(messages, images, pattern):
     with pytest.raises(ConversationError, match=pattern) as info:
         normalize_conversation(messages, images)
     assert isinstance(info.value, ValueError)
+
+
+def test_an_image_alone_or_a_system_message_alone_is_a_prompt(processor):
+    img = Image.new("RGB", (20, 20))
+    assert processor([{"role": "user", "content": [{"type": "image", "image": img}]}]).seq_lens[0] > 421
+    assert len(normalize_conversation([{"role": "system", "content": "Be brief."}, {"role": "user", "content": ""}])) == 3
+
+
+LITERAL = "look at <image> here"
+
+
+def _text_ids(tokenizer, text: str) -> list[int]:
+    return [tokenizer.bos_id] + tokenizer.encode(f"<|User|>: {text}\n\n<|Assistant|>:", image_tag_is_text=True)
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": [{"type": "text", "text": LITERAL}]}],
+    [{"role": "user", "content": LITERAL}],  # a string in an OpenAI-style conversation
+    [{"role": "system", "content": "Say <image>."}, {"role": "user", "content": LITERAL},
+     {"role": "assistant", "content": "An <image> tag."}, {"role": "user", "content": [LITERAL]}],
+])
+def test_image_tag_typed_in_openai_messages_is_text(processor, tokenizer, messages):
+    """OpenAI-style messages take images from image parts only: an ``<image>`` in their
+    text is those characters, tokenised as text (not the image token, not an error)."""
+    turns = normalize_conversation(messages)
+    assert all(t.tag_count() == 0 and not t.images for t in turns)
+    out = processor(messages)
+    ids = out.input_ids[0].tolist()
+    assert tokenizer.image_id not in ids and not out.images_seq_mask.any()
+    assert LITERAL in tokenizer.decode(ids) and tokenizer.decode(ids).count("<image>") == str(messages).count("<image>")
+    if len(messages) == 1:
+        assert ids == _text_ids(tokenizer, LITERAL)
+        assert tokenizer.decode(ids) == f"{tokenizer.bos_token}<|User|>: {LITERAL}\n\n<|Assistant|>:"
+
+
+def test_image_parts_are_tags_and_typed_tags_stay_text(processor, tokenizer):
+    img = Image.new("RGB", (20, 20))
+    msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": " a <image> b"}]}]
+    (turn, _) = normalize_conversation(msgs)
+    assert turn.text == "<image>\n a <image> b" and turn.tags == [0] and turn.images == [img]
+    pieces = prompt_pieces(normalize_conversation(msgs))
+    assert pieces[1] == "<|User|>: <image>\n a <image> b\n\n<|Assistant|>:" and pieces[1].split_tags() == [
+        "<|User|>: ", "\n a <image> b\n\n<|Assistant|>:"]
+    out = processor(msgs)
+    ids = out.input_ids[0].tolist()
+    n = out.num_image_tokens[0][0]
+    first = ids.index(tokenizer.image_id)
+    assert ids.count(tokenizer.image_id) == n == int(out.images_seq_mask.sum())
+    assert ids[1:first] == tokenizer.encode("<|User|>: ")
+    assert ids[first + n:] == tokenizer.encode("\n a <image> b\n\n<|Assistant|>:", image_tag_is_text=True)
+    assert tokenizer.decode(ids[first + n:]) == "\n a <image> b\n\n<|Assistant|>:"
+    # a bare image part served by the images argument: the conversation stays OpenAI-style
+    bare = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": LITERAL}]}]
+    assert processor(bare, images=[img]).input_ids[0].tolist() == ids[:first + n] + tokenizer.encode(
+        f"\n{LITERAL}\n\n<|Assistant|>:", image_tag_is_text=True)
+
+
+@pytest.mark.parametrize("messages, images", [
+    ([{"role": "<|User|>", "content": LITERAL, "images": ["IMG"]}], None),  # the reference's format
+    ([{"role": "user", "content": LITERAL, "images": ["IMG"]}], None),  # an images key: tags
+    ([{"role": "user", "content": LITERAL}], ["IMG"]),  # images passed for tags
+])
+def test_reference_format_keeps_its_tags(processor, tokenizer, messages, images):
+    img = Image.new("RGB", (20, 20))
+    swap = [{**m, "images": [img]} if "images" in m else m for m in messages]
+    out = processor(swap, images=None if images is None else [img])
+    assert out.input_ids[0].tolist().count(tokenizer.image_id) == out.num_image_tokens[0][0] > 0
+    with pytest.raises(ConversationError, match="1 '<image>' tag.*0 image"):
+        normalize_conversation([{"role": "<|User|>", "content": LITERAL}])
+
+
+def test_encode_image_tag_as_text(tokenizer):
+    for text in ("plain text", "a <|ref|>cat<|/ref|> b", "<|grounding|>x\n<|User|>"):
+        assert tokenizer.encode(text, image_tag_is_text=True) == tokenizer.encode(text)  # no <image>: the same
+    text = "<|ref|>a<|/ref|> <image><image> x <|grounding|><image>"
+    ids = tokenizer.encode(text, image_tag_is_text=True)
+    assert tokenizer.image_id not in ids and tokenizer.decode(ids) == text
+    ref, grounding = tokenizer.token_to_id("<|ref|>"), tokenizer.token_to_id("<|grounding|>")
+    assert ids[0] == ref and ids.count(grounding) == 1  # the other special tokens are still recognised
+    assert ids[:3] == tokenizer.encode("<|ref|>a<|/ref|>")
 
 
 def test_processor_image_errors(processor, tmp_path):

@@ -278,6 +278,38 @@ def test_openai_client_with_an_image_data_url_streaming_and_not(server, model):
 
 
 @slow
+def test_image_tag_typed_as_text_is_text(server, model):
+    """In OpenAI messages images come only from image_url parts: an "<image>" in the text
+    is those characters (not a 400 about a tag without an image, not the image token)."""
+    literal = "look at <image> here"
+    client = server.client()
+    tok = model.processor.tokenizer
+    for content in ([{"type": "text", "text": literal}], literal):
+        msgs = [{"role": "user", "content": content}]
+        res = client.chat.completions.create(model="demo", messages=msgs, max_tokens=4)
+        batch, _ = model.process(msgs)
+        ids = batch.input_ids[0].tolist()
+        assert tok.image_id not in ids and tok.decode(ids) == f"{tok.bos_token}<|User|>: {literal}\n\n<|Assistant|>:"
+        assert res.usage.prompt_tokens == len(ids)
+        assert res.choices[0].message.content == model.chat(msgs, max_new_tokens=4).text
+    # beside a real image: one image's tokens, the typed tag still text
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(FOOD)}},
+                                         {"type": "text", "text": literal}]}]
+    res = client.chat.completions.create(model="demo", messages=msgs, max_tokens=2)
+    local = [{"role": "user", "content": [{"type": "image", "image": str(FOOD)}, {"type": "text", "text": literal}]}]
+    batch, _ = model.process(local)
+    assert res.usage.prompt_tokens == batch.seq_lens[0]
+    assert batch.input_ids[0].tolist().count(tok.image_id) == sum(batch.num_image_tokens[0])
+
+
+@slow
+def test_an_empty_prompt_is_a_400(server):
+    for content in ("", "  ", [{"type": "text", "text": ""}]):
+        r = post(server.url, {"messages": [{"role": "user", "content": content}], "max_tokens": 4})
+        assert_openai_error(r, 400, "nothing to answer", param="messages")
+
+
+@slow
 def test_sampling_options_and_n_choices(server, model):
     client = server.client()
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story."}]

@@ -170,4 +170,4 @@ class _ChatAnswerer(_Loaded):
         stops = self.model.engine.eos_ids | set(req.sampling.get("stop_token_ids", ()))
         answers = [make_answer(outputs[i], sub.images, self.model.processor.tokenizer, stops) for i in range(req.n)]
         return response_record(cid, 200, completion(new_id(), self.served_model_name, answers, sub.prompt_tokens,
-                                                     sub.dropped_turns, cached_tokens(outputs.values())))
+                                                     sub.dropped_turns, cached_tokens(answers)))

@@ -52,7 +52,7 @@ import queue
 import threading
 import time
 import weakref
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import GenerationError
 from ..processing import BatchInputs
@@ -127,10 +127,15 @@ class Handle:
 
     ``output`` is set (by the driver thread) just before the final event is put, and stays:
     a caller who already read that event, or only wants the answer, need not read the
-    queue again."""
+    queue again. It is always the engine's ``GenerationOutput``; ``result()`` returns
+    ``make_result(output)`` when the submitter set one (``VLModel.submit`` does: an
+    ``api.Answer``), else that output itself."""
 
-    def __init__(self, driver: "Driver", req: Request, index: int, sink, own_sink: bool = True):
+    def __init__(self, driver: "Driver", req: Request, index: int, sink, own_sink: bool = True,
+                 make_result: Callable[[GenerationOutput], Any] | None = None):
         self.driver = driver
+        self.make_result = make_result
+        self._result = None  # make_result's value, made once
         self.req = req
         self.index = index  # row in the submitted batch
         self.sink = sink
@@ -162,16 +167,22 @@ class Handle:
         future's ``result(timeout)`` (read on with a new ``events()``)."""
         return self._read(timeout, per_event=True)
 
-    def result(self, timeout: float | None = None) -> GenerationOutput:
+    def result(self, timeout: float | None = None):
         """The whole answer, waiting at most ``timeout`` seconds in all (``TimeoutError``;
-        the request goes on). Raises ``GenerationError`` if the request failed. Returns at
-        once once the request has finished, however its events were read."""
+        the request goes on): the ``GenerationOutput``, or what ``make_result`` makes of it
+        (the same object on every call). Raises ``GenerationError`` if the request failed.
+        Returns at once once the request has finished, however its events were read."""
         if self.output is None:
             for _ in self._read(timeout, per_event=False):
                 pass
         if self.output is None:  # cannot happen: the final event comes after output is set
             raise GenerationError(f"request {self.rid} ended without a result")
-        return raise_for_error(self.output)
+        out = raise_for_error(self.output)
+        if self.make_result is None:
+            return out
+        if self._result is None:
+            self._result = self.make_result(out)
+        return self._result
 
     def _read(self, timeout: float | None, per_event: bool) -> Iterator[StreamEvent]:
         if not self.own_sink:

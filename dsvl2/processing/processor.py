@@ -4,7 +4,8 @@ Per conversation (``Processor._process_one``):
   messages -> ``normalize_conversation`` -> ``prompt_pieces`` -> each text piece split at
   ``<image>``, every sub-piece encoded on its own (so BPE never merges across an image and
   a space before an image stays its own token) -> one run of ``num_image_tokens`` image
-  ids per tag. Images are tiled with cropping only if the conversation holds <= 2 images
+  ids per tag. In an OpenAI-style message an ``<image>`` typed as text is no tag: it is
+  encoded as its characters (``conversation.Text``, ``Tokenizer.encode``). Images are tiled with cropping only if the conversation holds <= 2 images
   in total; otherwise every image uses (S, S): one local tile duplicating the global view.
 
 Limits, checked before any pixel is tiled: at most ``max_images`` (16) images per
@@ -38,7 +39,7 @@ from PIL import Image
 
 from ..config import ProcessorConfig, load_processor_config
 from ..errors import CheckpointError, ConfigError, ConversationError, ImageError, ImageTooLargeError
-from .conversation import IMAGE_TAG, Special, normalize_conversation, prompt_pieces
+from .conversation import IMAGE_TAG, Special, Text, normalize_conversation, prompt_pieces
 from .image import (image_to_tiles, load_image, normalize_tiles, num_image_tokens, pad_color,
                     select_best_resolution, tokens_per_tile_side)
 from .tokenizer import Tokenizer
@@ -68,7 +69,7 @@ class BatchInputs:
     best_resolutions: list[list[tuple[int, int]]]        # local canvas (w, h) per image
     image_sizes: list[list[tuple[int, int]]]             # original (w, h) per image
     images: list[list[Image.Image]]                      # the loaded RGB originals
-    prompts: list[str]                                   # tokenized text, one <image> per image
+    prompts: list[str]                                   # tokenized text, one <image> per image (and any typed as text)
 
     _TENSORS = ("input_ids", "attention_mask", "images_seq_mask", "images_spatial_crop",
                 "pixel_values", "tile_is_real")
@@ -175,13 +176,14 @@ class Processor:
                 prompt.append(tok.bos_token if piece is Special.BOS else tok.eos_token)
                 continue
             prompt.append(piece)
-            parts = piece.split(IMAGE_TAG)
+            literal = isinstance(piece, Text)  # its other <image> are text (an OpenAI-style message)
+            parts = piece.split_tags() if literal else piece.split(IMAGE_TAG)
             for j, part in enumerate(parts):
                 if j > 0:  # an image sits between parts j-1 and j
                     ids.extend([tok.image_id] * n_tokens[k])
                     seq_mask.extend([True] * n_tokens[k])
                     k += 1
-                text_ids = tok.encode(part)
+                text_ids = tok.encode(part, image_tag_is_text=literal)
                 ids.extend(text_ids)
                 seq_mask.extend([False] * len(text_ids))
         assert k == len(loaded)

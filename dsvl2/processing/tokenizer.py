@@ -9,7 +9,9 @@ Notable choices:
 
 * ``encode`` never adds special tokens (the processor places bos / eos itself, as the
   reference does with ``add_special_tokens=False``). Special tokens written in the text
-  (``<|ref|>``, ``<|grounding|>`` ...) are still recognised as single ids.
+  (``<|ref|>``, ``<|grounding|>`` ...) are still recognised as single ids, except, with
+  ``image_tag_is_text``, ``<image>``: then it is its characters' ids (an OpenAI-style
+  message's text, ``processing/conversation.py``).
 * ``decode`` drops ids outside ``[0, len(tokenizer))`` silently: the model's vocabulary
   (129280 real, 2688 golden) is larger than the tokenizer's, and a random or badly
   trained model can emit those ids. They decode to nothing, as in the reference.
@@ -21,6 +23,7 @@ Notable choices:
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Iterable
 
@@ -87,7 +90,11 @@ class Tokenizer:
         self.pad_id: int = hf_tokenizer.token_to_id(pad_token)
         self.image_id: int = hf_tokenizer.token_to_id(image_token)
         self._len = hf_tokenizer.get_vocab_size(with_added_tokens=True)
-        self.special_ids: set[int] = {i for i, t in hf_tokenizer.get_added_tokens_decoder().items() if t.special}
+        added = hf_tokenizer.get_added_tokens_decoder()
+        self.special_ids: set[int] = {i for i, t in added.items() if t.special}
+        self._added_ids = frozenset(added)
+        self._plain: _HFTokenizer | None = None  # special tokens off (encode_special_tokens), made when needed
+        self._plain_lock = threading.Lock()
 
     @classmethod
     def from_dir(cls, path: str | Path, *, image_token: str = "<image>", pad_token: str | None = None) -> "Tokenizer":
@@ -114,9 +121,38 @@ class Tokenizer:
     def __len__(self) -> int:
         return self._len
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; no bos / eos added."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, image_tag_is_text: bool = False) -> list[int]:
+        """Token ids of ``text``; no bos / eos added. ``image_tag_is_text``: an ``<image>``
+        in ``text`` is encoded as the characters it is made of, not as the image token (the
+        other special tokens are still recognised)."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        if not image_tag_is_text or self.image_id not in enc.ids:
+            return enc.ids
+        # The added tokens cut the text into stretches that are encoded on their own. Each
+        # stretch between two other added tokens that holds an <image> is encoded again with
+        # the special tokens off: it holds no other added token, so that turns only the
+        # <image> into text, and its neighbours keep their ids.
+        ids, offsets = enc.ids, enc.offsets
+        out: list[int] = []
+        start_tok, start_char = 0, 0
+        for k in [k for k, i in enumerate(ids) if i in self._added_ids and i != self.image_id] + [len(ids)]:
+            end_char = offsets[k][0] if k < len(ids) else len(text)
+            stretch = ids[start_tok:k]
+            if self.image_id in stretch:
+                stretch = self._plain_tokenizer().encode(text[start_char:end_char], add_special_tokens=False).ids
+            out.extend(stretch)
+            if k < len(ids):
+                out.append(ids[k])
+                start_tok, start_char = k + 1, offsets[k][1]
+        return out
+
+    def _plain_tokenizer(self) -> _HFTokenizer:
+        with self._plain_lock:
+            if self._plain is None:
+                plain = _HFTokenizer.from_str(self._tok.to_str())
+                plain.encode_special_tokens = True
+                self._plain = plain
+            return self._plain
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``; ids outside the tokenizer (model-only vocabulary rows) are dropped."""

@@ -325,7 +325,7 @@ class Run:
                        for i in range(self.req.n)]
             self._end(self._outcome())
             return JSONResponse(completion(self.rid, self.state.served_model_name, answers, self.sub.prompt_tokens,
-                                           self.sub.dropped_turns, cached_tokens(self.outputs.values())))
+                                           self.sub.dropped_turns, cached_tokens(answers)))
         finally:
             for f in pending:
                 f.cancel()

@@ -186,6 +186,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.model == "demo":
         print("dsvl2: note: serving the built-in demo checkpoint with RANDOM weights (gibberish answers); "
               "pass -m deepseek-ai/deepseek-vl2-tiny (or a checkpoint folder) for a real model", file=sys.stderr)
+        api.demo_note_given()  # said once is enough: load() does not warn again
     failure: list[BaseException] = []
     server: uvicorn.Server | None = None
 

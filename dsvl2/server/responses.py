@@ -49,7 +49,7 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 
 
 def cached_tokens(outputs) -> int:
-    """The ``cached_tokens`` of a request's choices (engine outputs), counted like its
+    """The ``cached_tokens`` of a request's choices (``Answer`` or engine outputs), counted like its
     prompt: once. The smallest over the choices: each choice is its own engine request
     and may reuse the blocks a sibling choice has just prefilled, which is this request's
     own work, not a cache hit; the minimum is what every choice found already cached."""

@@ -10,8 +10,9 @@ Accepted (everything else of OpenAI's schema that cannot change the answer, such
 * ``messages``: roles ``system`` (``developer`` is its newer name), ``user``,
   ``assistant``; ``content`` a string or a list of ``text`` / ``image_url`` parts
   (``image_url`` either ``{"url": ...}`` or the URL string); assistant ``content`` may be
-  null. The conversation rules themselves (system first, images only from the user...)
-  are the processor's (``dsvl2.processing.conversation``).
+  null. Images come from ``image_url`` parts only: an ``<image>`` typed in a text is
+  text. The conversation rules themselves (system first, images only from the user, not
+  empty...) are the processor's (``dsvl2.processing.conversation``).
 * ``model`` (optional: the served model when absent), ``n`` (1..16), ``stream``,
   ``stream_options.include_usage``, ``max_tokens`` / ``max_completion_tokens``,
   ``temperature`` (0..2), ``top_p``, ``seed``, ``stop`` (a string or up to 16 strings).

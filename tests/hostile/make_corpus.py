@@ -358,8 +358,14 @@ def _request_items() -> list[Item]:
     add("no_alternation", "ok", "two user messages in a row: accepted, like the reference (no alternation check)",
         messages=[_user("hi"), _user("again")], check="answers")
     add("empty_conversation", "ConversationError", "an empty message list", match=r"got list \[\]", messages=[])
-    add("empty_prompt", "ok", "an empty prompt: the user turn is '<|User|>: \\n\\n<|Assistant|>:', answered",
-        prompt="", check="answers")
+    add("empty_prompt", "ConversationError",
+        "an empty prompt (no text, no image): nothing to answer, refused (not max_new_tokens of output to nothing)",
+        match="no text and no image", prompt="")
+    add("blank_messages", "ConversationError", "messages whose text is only whitespace and no image: refused",
+        match="no text and no image", messages=[{"role": "system", "content": " "}, _user("\n", " ")])
+    add("image_tag_typed_as_text", "ok",
+        "'<image>' typed in an OpenAI text part with no image part: text (its characters' ids), answered",
+        messages=[_user("look at <image> here")], check="answers")
     add("text_over_window", "GenerationError", "5000 words (> 4096 tokens) of text: refused before the model runs",
         match="prompt tokens.*context window is 4096", prompt="word " * 5000)
 

@@ -38,7 +38,8 @@ Measured per library (xgrammar, llguidance, outlines-core), all on this CPU:
   them (a document that satisfies the keyword accepted, one that violates only it
   refused), raises, or ignores them silently (unacceptable: guided output must never be
   silently unconstrained);
-* ``engine`` (``--engine``): dsvl2's ``GuideCompiler`` on the same vocabulary: its
+* ``engine`` (``--engine``): dsvl2's ``GuideCompiler`` on the same vocabulary
+  (``step_overhead_ms``: what guiding adds to a decode step of 1 and 16 rows): its
   one-time setup, compile time per guide kind and ``fill_mask`` per step (mask + apply).
 
 JSON whitespace: xgrammar and outlines-core get compact separators, llguidance dsvl2's
@@ -549,6 +550,35 @@ def bench_engine(tok) -> dict:
             m.fill_mask(row)
             ts.append(time.perf_counter() - t0)
         out["fill_mask_us"][kind] = round(statistics.median(ts) * 1e6, 1)
+    out["step_overhead_ms"] = step_overhead(gc)
+    return out
+
+
+def step_overhead(gc, steps: int = 24) -> dict:
+    """What guiding adds to one decode step of B rows, each with its own matcher (a JSON
+    schema): every row's ``fill_mask`` on its [V] logits, then ``accept`` of the token a
+    greedy pick among the allowed ones gives (the sampling itself not counted: it is
+    paid unguided too). Median over ``steps`` steps, B = 1 and 16."""
+    out = {}
+    c = gc.compile(guided.Guide.json_schema(SCHEMAS["grounding"][0]))
+    for b in (1, 16):
+        ms = [c.matcher() for _ in range(b)]
+        g = torch.Generator().manual_seed(b)
+        ts = []
+        for _ in range(steps):
+            logits = torch.randn(b, V_LOGITS, generator=g)
+            t0 = time.perf_counter()
+            for i, m in enumerate(ms):
+                m.fill_mask(logits[i])
+            t1 = time.perf_counter()
+            toks = logits.argmax(-1).tolist()  # the sampler's work: not counted
+            t2 = time.perf_counter()
+            for m, t in zip(ms, toks):
+                m.accept(t)
+            ts.append(t1 - t0 + time.perf_counter() - t2)
+            if any(m.done() for m in ms):
+                break
+        out[str(b)] = round(statistics.median(ts) * 1e3, 3)
     return out
 
 

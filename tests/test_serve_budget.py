@@ -13,25 +13,16 @@ another and then 8 at once: every request after the first reuses the image's blo
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from types import SimpleNamespace
 
-import httpx
-import openai
 import pytest
 
 import torch
 from PIL import Image
 
-from test_server import KEY, WAIT_S, LiveServer, assert_openai_error, gauge, png_url, post, user, wait_for
+from test_server import assert_openai_error, gauge, png_url, post, serve_command, user, wait_for
 from _paths import IMAGES
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -40,31 +31,10 @@ FOOD, DOG = IMAGES / "multi_image_2.jpeg", IMAGES / "visual_grounding_2.jpg"
 
 @pytest.fixture(scope="module")
 def server():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "DSVL2_API_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "dsvl2", "serve", "-m", "demo", "--dtype", "float32",
-                             "--kv-cache-bytes", "1.5MiB", "--port", str(port), "--log-level", "warning"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def up():
-        try:
-            return httpx.get(url + "/health", timeout=5).status_code == 200
-        except httpx.TransportError:
-            assert proc.poll() is None, proc.communicate()
-            return False
-
-    try:
-        wait_for(up, "dsvl2 serve --kv-cache-bytes 1.5MiB to be ready", timeout=120)
-        yield SimpleNamespace(url=url, client=openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0,
-                                                            timeout=600),
-                              metrics=lambda: LiveServer.metrics(SimpleNamespace(url=url)))
-    finally:
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=WAIT_S)
-        assert proc.returncode == 0 and "Traceback" not in err, err
+    with serve_command("-m", "demo", "--dtype", "float32", "--kv-cache-bytes", "1.5MiB", "--log-level", "warning",
+                       what="dsvl2 serve --kv-cache-bytes 1.5MiB") as srv:
+        yield srv
+    assert srv.rc == 0 and "Traceback" not in srv.err, srv.err
 
 
 def stream_text(client: openai.OpenAI, messages: list[dict], max_tokens: int = 64) -> tuple[str, str, object]:

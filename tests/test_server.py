@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import http.server
 import io
 import json
@@ -34,6 +35,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -774,26 +776,43 @@ def test_a_failed_load_is_reported(model):
 # --------------------------------------------------------------------------- the command
 
 
-@slow
-def test_dsvl2_serve_command(model, tmp_path):
+@contextlib.contextmanager
+def serve_command(*args: str, what: str = "dsvl2 serve"):
+    """The real ``python -m dsvl2 serve ARGS`` on a free loopback port, ready (``/health``):
+    yields its url, port, an ``openai`` client and ``metrics()``; stopped with SIGINT after,
+    its exit status, stdout and stderr then in ``.rc``, ``.out``, ``.err``."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DSVL2_API_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "dsvl2", "serve", "--port", str(port), "--log-level", "info"],
+    proc = subprocess.Popen([sys.executable, "-m", "dsvl2", "serve", "--port", str(port), *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        def up():
-            try:
-                return httpx.get(url + "/health", timeout=5).status_code == 200
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.communicate()
-                return False
+    run = SimpleNamespace(url=url, port=port, proc=proc,
+                          client=openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=600),
+                          metrics=lambda: LiveServer.metrics(SimpleNamespace(url=url)))
 
-        wait_for(up, "dsvl2 serve to be ready", timeout=120)
-        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=WAIT_S)
-        # two different prompts: a repeated one would be answered from the prefix cache
+    def up():
+        try:
+            return httpx.get(url + "/health", timeout=5).status_code == 200
+        except httpx.TransportError:
+            assert proc.poll() is None, proc.communicate()
+            return False
+
+    try:
+        wait_for(up, f"{what} to be ready", timeout=120)
+        yield run
+    finally:
+        proc.send_signal(signal.SIGINT)
+        run.out, run.err = proc.communicate(timeout=WAIT_S)
+        run.rc = proc.returncode
+
+
+@slow
+def test_dsvl2_serve_command(model, tmp_path):
+    with serve_command("--log-level", "info") as srv:
+        client = srv.client
+        # two different prompts: a repeated one would be answered from shared KV blocks
         image, text = [user("What food is this?", FOOD)], [user("Hello, how are you today?")]
         res = client.chat.completions.create(model="demo", messages=image, max_tokens=8)
         assert res.choices[0].message.content == model.chat(image, max_new_tokens=8).text
@@ -801,10 +820,8 @@ def test_dsvl2_serve_command(model, tmp_path):
             model="demo", messages=text, max_tokens=8, stream=True) if c.choices)
         assert streamed == model.chat(text, max_new_tokens=8).text
         with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
-    finally:
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=WAIT_S)
-    assert proc.returncode == 0, err
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    port, err = srv.port, srv.err
+    assert srv.rc == 0, err
     assert f"on http://127.0.0.1:{port}" in err  # the default host is loopback
     assert "RANDOM" in err and "Traceback" not in err

@@ -14,13 +14,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import signal
-import socket
-import subprocess
-import sys
 from types import SimpleNamespace
 
-import httpx
 import openai
 import pytest
 
@@ -31,8 +26,8 @@ from dsvl2.server import create_app
 from dsvl2.server.metrics import Metrics
 from dsvl2.server.responses import cached_tokens, completion, usage
 from dsvl2.sizes import format_size
-from test_server import (FOOD, KEY, WAIT_S, LiveServer, assert_openai_error, data_url, gauge, outcome, post, user,
-                         wait_for)
+from test_server import (FOOD, KEY, LiveServer, assert_openai_error, data_url, gauge, outcome, post, serve_command,
+                         user, wait_for)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 slow = pytest.mark.slow
@@ -293,31 +288,10 @@ def test_a_second_identical_request_reuses_the_prompt(server):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """``python -m dsvl2 serve --kv-cache-bytes 64KiB`` (the demo model: a few hundred tokens)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DSVL2_API_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "dsvl2", "serve", "--port", str(port), "--log-level", "warning",
-                             "--kv-cache-bytes", "64KiB"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def up():
-        try:
-            return httpx.get(url + "/health", timeout=5).status_code == 200
-        except httpx.TransportError:
-            assert proc.poll() is None, proc.communicate()
-            return False
-
-    try:
-        wait_for(up, "dsvl2 serve --kv-cache-bytes 64KiB to be ready", timeout=120)
-        yield SimpleNamespace(url=url, proc=proc, client=openai.OpenAI(base_url=url + "/v1", api_key=KEY,
-                                                                         max_retries=0, timeout=WAIT_S),
-                              metrics=lambda: LiveServer.metrics(SimpleNamespace(url=url)))
-    finally:
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=WAIT_S)
-        assert proc.returncode == 0 and "Traceback" not in err, err
+    with serve_command("--log-level", "warning", "--kv-cache-bytes", "64KiB",
+                       what="dsvl2 serve --kv-cache-bytes 64KiB") as srv:
+        yield srv
+    assert srv.rc == 0 and "Traceback" not in srv.err, srv.err
 
 
 @slow

@@ -7,6 +7,7 @@ The truth for answers is the same request alone on an engine with plenty of memo
 from __future__ import annotations
 
 import functools
+import os
 import random
 
 import pytest
@@ -241,3 +242,27 @@ def test_a_failing_decode_step_still_ends_the_request_that_finished_in_it():
     assert short.output_ids == alone("small", conv("Hi."), SamplingParams(max_new_tokens=3))
     assert "decode step failed: MemoryError: no room" in long.error
     assert eng.pool.used == 0 and not eng.active
+
+
+def _committed_kib() -> int:
+    for line in open("/proc/meminfo"):
+        if line.startswith("Committed_AS:"):
+            return int(line.split()[1])
+    raise AssertionError("no Committed_AS in /proc/meminfo")
+
+
+def test_an_unused_pool_costs_no_memory_and_fork_still_works():
+    """A 16 GiB pool (more than this machine's free memory): the kernel charges none of it
+    to the commit limit until blocks are written, and the process can still fork (a plain
+    malloc'd pool of that size made Ray's subprocess start fail with ENOMEM)."""
+    cfg = model("small").model.cfg.language
+    per_block = 16 * KVCache.bytes_per_token(cfg, torch.float32)
+    before = _committed_kib()
+    cache = KVCache(cfg, (16 << 30) // per_block, block_size=16)
+    assert cache.nbytes() > 15 << 30
+    assert _committed_kib() - before < 1 << 20  # < 1 GiB of 16 charged
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert all(not t[0].any() for layer in cache.layers for t in layer)  # the null block reads as zeros

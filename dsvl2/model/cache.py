@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import math
 import mmap
+import platform
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -94,10 +96,20 @@ class KVCache:
                 t[dst].copy_(t[src])
 
 
+def _noreserve_flag() -> int:
+    """Linux's MAP_NORESERVE (Python's mmap module exposes it only from 3.13): 0x4000 on
+    x86-64 and arm64, the architectures checked here; 0 (no such path) elsewhere."""
+    flag = getattr(mmap, "MAP_NORESERVE", 0)
+    if not flag and sys.platform.startswith("linux") and platform.machine().lower() in (
+            "x86_64", "amd64", "aarch64", "arm64"):
+        flag = 0x4000
+    return flag
+
+
 def _pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised tensor whose pages are committed only when written (see the module
     docstring); zeros where never written, on the anonymous-mapping path."""
-    flags = getattr(mmap, "MAP_NORESERVE", 0)
+    flags = _noreserve_flag()
     if device.type != "cpu" or not flags or not hasattr(mmap, "MAP_ANONYMOUS"):
         return torch.empty(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()

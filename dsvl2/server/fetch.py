@@ -80,7 +80,10 @@ class FetchRefused(FetchError):
 def address_class(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     """The class of a non-public address (``"loopback"``, ``"private"``, ``"link-local"``,
     ``"multicast"``, ``"unspecified"``, ``"reserved"``, ``"cloud metadata"``), None for
-    a public one. IPv6 forms that carry an IPv4 address take that address's class."""
+    a public one. IPv6 forms that carry an IPv4 address take that address's class; a zone
+    (``fe80::1%eth0``) does not change the class."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
+        ip = ipaddress.IPv6Address(int(ip))  # compared without its zone (fd00:ec2::254%eth0 is metadata)
     if ip in METADATA:
         return "cloud metadata"
     if isinstance(ip, ipaddress.IPv6Address):
@@ -263,6 +266,8 @@ class Fetcher:
     # ---- one GET -------------------------------------------------------------------------
     def _get(self, scheme: str, host: str, port: int, target: str, ips: list[str],
              deadline: float) -> tuple[int, str | None, bytes]:
+        if any(c.isspace() or not c.isprintable() for c in host):  # http.client would raise InvalidURL
+            raise FetchError(f"a URL whose host has a space or a control character ({host[:80]!r})")
         connect = self.connect or system_connect
         dog = _Watchdog(deadline)
 

@@ -1206,6 +1206,9 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
         ("http://[fd00:ec2::254%eth0]/latest/meta-data/", _NO_NAMES, [], True, 32 << 20, 3),
         # a zone with a space: http.client.InvalidURL escaped fetch() (a 500, not a 400)
         ("http://[2606:4700::1%25a b]/", _NO_NAMES, [], False, 32 << 20, 3),
+        # a redirect to a malformed bracketed host: urljoin's ValueError escaped fetch()
+        ("http://img.test/", {**_NO_NAMES, "img.test": ["8.8.8.8"]}, [(301, "http://[::1", None, b"")], False,
+         32 << 20, 3),
     )),
     Target("sizes", sizes_args, prop_sizes, 300),
 )}

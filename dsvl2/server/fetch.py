@@ -189,7 +189,10 @@ class Fetcher:
             if status in REDIRECTS:
                 if not location:
                     raise FetchError(f"HTTP {status} without a Location header")
-                url = urllib.parse.urljoin(url, location)
+                try:
+                    url = urllib.parse.urljoin(url, location)
+                except ValueError as e:  # e.g. "http://[::1" (an unclosed bracket)
+                    raise FetchError(f"HTTP {status} to a malformed Location ({e})") from None
                 continue
             if status != 200:
                 raise FetchError(f"HTTP {status}")

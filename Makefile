@@ -4,7 +4,7 @@
 #               headless Chromium and a local Ray cluster included)
 #   make test-fast   the quick subset (no tests marked slow)
 # Both install the package into the active Python environment (activate a virtualenv
-# first if you want one), so `dsvl2 ...` and `python -m dsvl2.oracle ...` work afterwards.
+# first if you want one), so `dsvl2 ...` and `python -m dsvl2.commands.oracle ...` work afterwards.
 PY ?= python3
 # torch is an ordinary dependency (pyproject: torch>=2.1). Where pip's find-links offer a
 # local CPU build (these machines ship torch 2.13.0+cpu in /opt/wheels), install that file:

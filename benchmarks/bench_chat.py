@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 
 import dsvl2
-from dsvl2.info import describe
+from dsvl2.commands.info import describe
 from dsvl2.model import native
-from dsvl2.model.kernels import _gflops
+from dsvl2.model.native.policy import _gflops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import ExpertCounter, bandwidth, cpu_name, peak_rss, read_gbps  # noqa: E402

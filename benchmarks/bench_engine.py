@@ -8,7 +8,7 @@ and decode against the memory-bandwidth roofline. Prints ONE JSON object on stdo
         --tiles 1 --prompt-tokens 64 --new-tokens 8 --batch 1,4
 
 What is measured (see benchmarks/README.md for how to read it):
-* ``load_s``: ``dsvl2.weights.load_model`` of the written checkpoint (the real loader).
+* ``load_s``: ``dsvl2.checkpoint.load.load_model`` of the written checkpoint (the real loader).
 * ``vision``: tower + projector on ``--tiles`` random 384 px tiles, in batches of 16 as
   ``DeepseekVL2.encode_images`` does; seconds per tile and achieved GFLOP/s.
 * ``prefill``: one text prompt of ``--prompt-tokens`` tokens through ``Engine``, whole and
@@ -48,14 +48,14 @@ from pathlib import Path
 
 import torch
 
-from dsvl2.checkpoint import preset_config, write_random_checkpoint
+from dsvl2.checkpoint.random_checkpoint import preset_config, write_random_checkpoint
 from dsvl2.engine.engine import Engine
 from dsvl2.model.cache import KVCache
 from dsvl2.engine.sampling import SamplingParams
 from dsvl2.model import ops
 from dsvl2.model.moe import MoE
 from dsvl2.processing import Processor
-from dsvl2.weights import load_model
+from dsvl2.checkpoint.load import load_model
 
 DESIGN_BANDWIDTH_GBPS = 25.0
 MARKER = "bench_config.json"  # the config a kept checkpoint folder was written from

@@ -35,7 +35,7 @@ from dsvl2.engine.engine import Engine
 from dsvl2.engine.sampling import SamplingParams
 from dsvl2.model.quant import QuantWeight
 from dsvl2.processing import Processor
-from dsvl2.weights import load_model
+from dsvl2.checkpoint.load import load_model
 
 
 def read_bandwidth(mib: int = 512, reps: int = 5) -> float:

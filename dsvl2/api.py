@@ -42,13 +42,15 @@ from .engine.engine import Engine, GenerationOutput
 from .engine.sampling import SamplingParams
 from .errors import ConversationError, DSVL2Error, GenerationError
 from .grounding import GroundingResult, draw_grounding, grounding_to_json, parse_grounding
-from .hub import DEMO, resolve_model
-from .model import kernels, native
+from .checkpoint.hub import DEMO, resolve_model
+from .model import native, ops
+from .model.native import policy
 from .model.vl import DeepseekVL2
 from .processing import BatchInputs, Processor
 from .sizes import parse_size
-from .structured import Logprob, LogprobStream, content_logprobs, guide_from_response_format, guide_from_schema
-from .weights import load_model
+from .structured import (Logprob, LogprobStream, content_logprobs, guide_from_response_format,
+    guide_from_schema)
+from .checkpoint.load import load_model
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -405,8 +407,8 @@ def load(model: str | Path = "demo", *, dtype: str | torch.dtype = "auto", devic
     net = load_model(folder, dt, dev, progress=progress, quantize=quantize)
     vl = VLModel(net, Processor.from_pretrained(folder), folder, max_batch_size=max_batch_size,
                  step_tokens=step_tokens, kv_cache_bytes=kv_cache_bytes, prefix_caching=prefix_caching)
-    # the dtype of vision / prefill products on this machine (model/kernels.py)
-    vl.kernels = kernels.choose(dev, dt)
-    kernels.apply(vl.kernels)
+    # the dtype of vision / prefill products on this machine (model/native/policy.py)
+    vl.kernels = policy.choose(dev, dt)
+    ops.apply_kernel_choice(vl.kernels)
     native.prepare(dev)  # build / load the native decode kernels now, not in the first request (model/native)
     return vl

@@ -36,7 +36,7 @@ from typing import Iterable, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from dsvl2.errors import ImageError
+from .errors import ImageError
 
 Box = tuple[int, int, int, int]
 

@@ -40,7 +40,7 @@ import ray
 
 from dsvl2.batch import (BatchInputError, JsonlResults, ParquetResults, Row, _Answerer, _ChatAnswerer, answer_record,
                          error_record, is_openai_batch, out_format, read_openai_batch, read_rows, run_batch)
-from dsvl2.cli import main
+from dsvl2.commands.main import main
 from _paths import IMAGES
 from _ray_cluster import raylet_pids, ray_workers, watchdog as ray_watchdog
 from _ray_cluster import two_node_cluster as cluster_of_two

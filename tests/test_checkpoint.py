@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dsvl2 import checkpoint as ck
-from dsvl2.checkpoint import (DEMO_DIR, PRESETS, official_tensor_specs, preset_config, random_tensor,
+from dsvl2.checkpoint import random_checkpoint as ck
+from dsvl2.checkpoint.random_checkpoint import (DEMO_DIR, PRESETS, official_tensor_specs, preset_config, random_tensor,
                               write_random_checkpoint)
 from dsvl2.config import ModelConfig, load_config
 from dsvl2.errors import CheckpointError, ConfigError
-from dsvl2.weights import load_model
+from dsvl2.checkpoint.load import load_model
 from _paths import CONFIGS, GOLDEN
 
 REAL = {"tiny": CONFIGS / "tiny/config.reconstructed.json",

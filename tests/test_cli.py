@@ -2,7 +2,7 @@
 interactive chat over piped stdin, init-random, info, and every error a user can cause.
 
 Conventions of this file:
-* Most tests call ``dsvl2.cli.main([...])`` in-process (capsys captures its output): a
+* Most tests call ``dsvl2.commands.main.main([...])`` in-process (capsys captures its output): a
   subprocess costs several seconds of torch import on a busy 2-core machine. A few tests
   at the end run the installed ``dsvl2`` console script (and ``python -m dsvl2``) to
   prove the real entry point, its exit codes and that stderr carries no traceback.
@@ -36,9 +36,9 @@ from PIL import Image
 import dsvl2
 import dsvl2.api as api
 import dsvl2.engine.engine as engine_mod
-from dsvl2.checkpoint import PRESETS, preset_config
-from dsvl2.cli import main
-from dsvl2.info import _n, describe
+from dsvl2.checkpoint.random_checkpoint import PRESETS, preset_config
+from dsvl2.commands.main import main
+from dsvl2.commands.info import _n, describe
 from dsvl2.processing import Processor, Tokenizer
 from _paths import GOLDEN, IMAGES
 

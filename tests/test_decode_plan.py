@@ -23,7 +23,7 @@ from dsvl2.model.cache import KVCache, row_tables
 from dsvl2.model.language import LanguageModel
 from dsvl2.model.rope import RotaryEmbedding
 from dsvl2.processing import Processor
-from dsvl2.weights import load_model
+from dsvl2.checkpoint.load import load_model
 
 needs_native = pytest.mark.skipif(not native._cpu_ok()[0], reason=f"CPU: {native._cpu_ok()[1]}")
 

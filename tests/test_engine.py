@@ -31,7 +31,7 @@ from dsvl2.engine.runner import ModelRunner
 from dsvl2.model.cache import KVCache
 from dsvl2.model.rope import apply_rope
 from dsvl2.processing import Processor
-from dsvl2.weights import load_model
+from dsvl2.checkpoint.load import load_model
 from _paths import GOLDEN, IMAGES
 
 CASES = GOLDEN / "processor" / "official"

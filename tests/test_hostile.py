@@ -8,7 +8,7 @@ Conventions of this file:
 * One demo model for the module, ONE torch thread, answers of 2 tokens (12 where the
   text matters): the point is the input path, not the model.
 * Every item goes through ``VLModel.chat``; every item the CLI can express (images,
-  a prompt, sampling flags) also goes through ``dsvl2.cli.main`` in-process (its loader
+  a prompt, sampling flags) also goes through ``dsvl2.commands.main.main`` in-process (its loader
   patched to hand back the module's model), and the few marked ``cli`` through a real
   ``python -m dsvl2`` process (each costs seconds of imports), run side by side.
 * Memory is bounded by behaviour, not by timing: the decompression bombs must fail
@@ -36,7 +36,7 @@ import dsvl2.errors as errors
 import dsvl2.processing.image as image_mod
 import dsvl2.processing.processor as processor_mod
 from dsvl2.api import Answer
-from dsvl2.cli import main
+from dsvl2.commands.main import main
 from dsvl2.grounding import draw_grounding, grounding_to_json, parse_grounding
 from dsvl2.processing import normalize_conversation, num_image_tokens
 from hostile.make_corpus import SMALL, Item, build, items, resolve, table

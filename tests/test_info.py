@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from dsvl2.checkpoint import DEMO_DIR, preset_config, write_random_checkpoint
+from dsvl2.checkpoint.random_checkpoint import DEMO_DIR, preset_config, write_random_checkpoint
 from dsvl2.config import load_config
-from dsvl2.info import describe, format_info
+from dsvl2.commands.info import describe, format_info
 from _paths import CONFIGS, GOLDEN
 
 REAL = {"tiny": CONFIGS / "tiny/config.reconstructed.json",

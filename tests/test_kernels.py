@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsvl2.model import kernels, ops
-from dsvl2.weights import load_model
+from dsvl2.model import ops
+from dsvl2.model.native import policy as kernels
+from dsvl2.checkpoint.load import load_model
 from _paths import GOLDEN
 
 
@@ -84,7 +85,7 @@ def test_bf16_big_products_agree_with_the_fp32_path():
             return feats, model.language(x, ctx).logits
 
     f32_feats, f32_logits = run()
-    kernels.apply(kernels.KernelChoice("bf16", "test"))
+    ops.apply_kernel_choice(kernels.KernelChoice("bf16", "test"))
     bf_feats, bf_logits = run()
     assert not torch.equal(bf_feats, f32_feats)  # the bf16 path really ran
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731

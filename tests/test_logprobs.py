@@ -231,7 +231,7 @@ def test_logprob_stream_alone():
         finish_reason = "stop"
 
     from dsvl2.processing import Tokenizer
-    from dsvl2.hub import DEMO
+    from dsvl2.checkpoint.hub import DEMO
 
     tok = Tokenizer.from_dir(DEMO)
     ids = tok.encode("a") + tok.encode("中") + tok.encode(" ") + [tok.eos_id]

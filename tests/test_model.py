@@ -25,7 +25,7 @@ from dsvl2.model.moe import Experts, Gate, Routing
 from dsvl2.model.rope import RotaryEmbedding, apply_rope, yarn_inv_freq
 from dsvl2.model.vision import Projector
 from dsvl2.model.vl import DeepseekVL2
-from dsvl2.weights import load_model
+from dsvl2.checkpoint.load import load_model
 from _paths import GOLDEN
 
 _MODELS: dict[str, DeepseekVL2] = {}

@@ -25,7 +25,7 @@ from dsvl2.model.moe import Gate
 from dsvl2.model.ops import RMSNorm
 from dsvl2.model.rope import RotaryEmbedding
 from dsvl2.processing import Processor
-from dsvl2.weights import load_model
+from dsvl2.checkpoint.load import load_model
 
 needs_native = pytest.mark.skipif(not native._cpu_ok()[0], reason=f"CPU: {native._cpu_ok()[1]}")
 

@@ -30,7 +30,8 @@ import torch
 
 from dsvl2 import cachedir
 from dsvl2.config import LanguageConfig
-from dsvl2.model import decode_plan, kernels, native
+from dsvl2.model import decode_plan, native
+from dsvl2.model.native import policy as kernels
 from dsvl2.model.cache import KVCache, row_tables
 from dsvl2.model.language import LanguageModel
 from dsvl2.model.quant import QuantWeight

@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsvl2 import oracle
+from dsvl2.commands import oracle
+from dsvl2.commands.oracle import checks
 from _paths import GOLDEN, IMAGES
 
 VARIANTS = [v.name for v in oracle.discover(GOLDEN)]
@@ -119,9 +120,9 @@ def test_argmax_accepts_float32_near_ties_only():
     logits[0, 2, 0] = 2.0
     use = torch.ones(1, 3, dtype=torch.bool)
     tol = torch.tensor([oracle.TOL["logits"]])
-    name, ok, detail = oracle._argmax_check(logits[:, :2], torch.tensor([[4, 1]]), use[:, :2], tol)
+    name, ok, detail = checks.argmax_check(logits[:, :2], torch.tensor([[4, 1]]), use[:, :2], tol)
     assert ok and "1/2 equal" in detail and "1 near-tie" in detail
-    name, ok, detail = oracle._argmax_check(logits, torch.tensor([[4, 1, 0]]), use, tol)
+    name, ok, detail = checks.argmax_check(logits, torch.tensor([[4, 1, 0]]), use, tol)
     assert not ok and "1 DIFFER" in detail
 
 

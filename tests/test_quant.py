@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from _paths import GOLDEN
-from dsvl2.cli import main as cli_main
+from dsvl2.commands.main import main as cli_main
 from dsvl2.errors import CheckpointError
 from dsvl2.model import ops, quant
-from dsvl2.quantize import quantize_checkpoint
-from dsvl2.weights import SCALE_SUFFIX, load_model
+from dsvl2.checkpoint.quantised import quantize_checkpoint
+from dsvl2.checkpoint.load import SCALE_SUFFIX, load_model
 
 VARIANTS = ["tiny", "small", "base", "dsv2x"]
 
@@ -205,7 +205,7 @@ def test_init_random_quantised_equals_quantising_the_bf16_one(tmp_path, scheme):
 # ---- --quantize on `dsvl2 info` and `dsvl2 serve` ---------------------------------------------
 
 def _tensor_bytes(folder) -> int:
-    from dsvl2.weights import read_header, weight_files
+    from dsvl2.checkpoint.load import read_header, weight_files
 
     return sum(t.nbytes for f in weight_files(folder) for t in read_header(f))
 
@@ -236,10 +236,10 @@ def test_info_quantize_predicts_the_written_bytes(tmp_path, capsys, bits):
 
 def test_info_quantize_of_a_real_config_without_weights():
     """A config alone (no weight files): the bytes of the official bf16 tensors, quantised."""
-    from dsvl2.checkpoint import official_tensor_specs, preset_config
+    from dsvl2.checkpoint.random_checkpoint import official_tensor_specs, preset_config
     from dsvl2.config import ModelConfig
-    from dsvl2.info import describe
-    from dsvl2.quantize import entries_for
+    from dsvl2.commands.info import describe
+    from dsvl2.checkpoint.quantised import entries_for
 
     cfg = ModelConfig.from_hf(preset_config("tiny"))
     d8, d4 = describe(cfg, quantize="int8"), describe(cfg, quantize="int4")

@@ -29,7 +29,7 @@ from PIL import Image
 
 import dsvl2
 import dsvl2.server.app as app_mod
-from dsvl2.cli import build_parser
+from dsvl2.commands.main import build_parser
 from dsvl2.server import create_app
 from dsvl2.server.errors import APIError
 from dsvl2.server.images import ImagePolicy

@@ -21,7 +21,7 @@ import pytest
 
 import dsvl2
 from dsvl2 import api
-from dsvl2.cli import build_parser, main
+from dsvl2.commands.main import build_parser, main
 from dsvl2.server import create_app
 from dsvl2.server.metrics import Metrics
 from dsvl2.server.responses import cached_tokens, completion, usage
@@ -125,7 +125,7 @@ def test_serve_passes_the_budget_and_prefix_caching_to_load(load_kwargs, capsys)
 
 def test_batch_passes_the_budget_to_each_actors_load(load_kwargs, monkeypatch):
     from dsvl2 import batch
-    from dsvl2.batch import command
+    from dsvl2.commands import batch as command
 
     seen = {}
 

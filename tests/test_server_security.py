@@ -41,11 +41,11 @@ from PIL import Image
 
 import dsvl2
 import dsvl2.server.fetch as fetch_mod
-from dsvl2.cli import build_parser
+from dsvl2.commands.main import build_parser
 from dsvl2.errors import DSVL2Error
 from dsvl2.server import create_app
 from dsvl2.server.app import PREP_WORKERS
-from dsvl2.server.cli import _check
+from dsvl2.commands.serve import _check
 from dsvl2.server.errors import APIError
 from dsvl2.server.fetch import Fetcher, FetchError, FetchRefused, address_class
 from dsvl2.server.guard import RequestGuard, is_loopback_host, parse_host, parse_origin

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dsvl2.errors import CheckpointError
-from dsvl2.weights import load_model, sanitize_key
+from dsvl2.checkpoint.load import load_model, sanitize_key
 from _paths import GOLDEN
 
 VARIANTS = ["tiny", "small", "base", "dsv2x"]

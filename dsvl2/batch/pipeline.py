@@ -70,7 +70,7 @@ def _openai_job(path: Path, out: str | Path, fmt: str, model: str | Path, sampli
 def _model_for_actors(model: str | Path) -> str:
     """A local folder is checked here and passed as an absolute path (actors do not run in
     our working directory); 'demo' and Hugging Face ids are resolved by each actor."""
-    from ..hub import resolve_model
+    from ..checkpoint.hub import resolve_model
 
     text = str(model)
     if text == "demo":

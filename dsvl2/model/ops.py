@@ -32,14 +32,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native
+from .native import policy
 from .quant import QuantWeight
+from .scratch import upcast  # noqa: F401  (ops.upcast: the name callers use)
 
 # Output rows upcast at a time: bounds the fp32 temporary (an lm_head upcast whole would
 # be 420 MB) and keeps it in cache while it is used.
 BLOCK_ROWS = 2048
 
 
-_scratch = threading.local()
 _mode = threading.local()
 
 
@@ -55,29 +56,7 @@ def decoding():
         _mode.decoding = before
 
 
-def upcast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``weight.to(dtype)`` written into a reused per-thread buffer (CPU).
-
-    A fresh multi-MB tensor per call costs page faults on first touch: upcasting a
-    4096 x 4096 bf16 matrix takes 32 ms into a new tensor and 4.5 ms into a reused one
-    on this machine. The result is only valid until the next ``upcast`` on this thread,
-    so callers use it immediately (every caller below does).
-    """
-    if weight.device.type != "cpu":
-        return weight.to(dtype)
-    bufs = getattr(_scratch, "bufs", None)
-    if bufs is None:
-        bufs = _scratch.bufs = {}
-    n = weight.numel()
-    buf = bufs.get(dtype)
-    if buf is None or buf.numel() < n:
-        buf = bufs[dtype] = torch.empty(n, dtype=dtype)
-    out = buf[:n].view(weight.shape)
-    out.copy_(weight)
-    return out
-
-
-# Vision / prefill products in the weights' dtype too: set by ``kernels.apply`` on CPUs
+# Vision / prefill products in the weights' dtype too: set by ``apply_kernel_choice`` on CPUs
 # that multiply bf16 natively (AMX, AVX-512 BF16); process-wide, never per row count.
 _big_in_weights = False
 
@@ -85,6 +64,13 @@ _big_in_weights = False
 def set_big_products_in_weights_dtype(flag: bool) -> None:
     global _big_in_weights
     _big_in_weights = bool(flag)
+
+
+def apply_kernel_choice(choice: "policy.KernelChoice") -> None:
+    """Make a ``native.policy.choose`` result this process's policy. "weights" changes
+    nothing: float32 weights and GPUs never cast, whatever the policy."""
+    if choice.big_products in ("fp32", "bf16"):
+        set_big_products_in_weights_dtype(choice.big_products == "bf16")
 
 
 def big_products_in_weights_dtype() -> bool:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
+from .scratch import upcast  # the per-thread reused buffer
 
 INT4_GROUPS = (128, 64, 32)  # preferred first: 128 measured fastest on the real shapes
 BLOCK_ROWS = 2048
@@ -172,8 +173,6 @@ class QuantWeight:
         return y.to(x.dtype).reshape(*lead, self.shape[-2])
 
     def _dequant_gemm(self, x: torch.Tensor) -> torch.Tensor:
-        from .ops import upcast  # the per-thread reused buffer
-
         n = self.shape[-2]
         xf = x.float()
         parts = []

@@ -41,7 +41,7 @@ from ..config import ProcessorConfig, load_processor_config
 from ..errors import CheckpointError, ConfigError, ConversationError, ImageError, ImageTooLargeError
 from .conversation import IMAGE_TAG, Special, Text, normalize_conversation, prompt_pieces
 from .image import (image_to_tiles, load_image, normalize_tiles, num_image_tokens, pad_color,
-                    select_best_resolution, tokens_per_tile_side)
+    select_best_resolution, tokens_per_tile_side)
 from .tokenizer import Tokenizer
 
 __all__ = ["Processor", "BatchInputs"]

@@ -62,7 +62,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..api import VLModel, make_answer
 from ..engine.driver import AsyncSink
 from ..errors import DSVL2Error
-from ..hub import DEMO
+from ..checkpoint.hub import DEMO
 from ..structured import LogprobStream
 from .errors import APIError, from_dsvl2
 from .fetch import DEFAULT_TIMEOUT_S

@@ -1,7 +1,7 @@
 """Replicated serving on Ray Serve: N copies of the OpenAI-compatible server, one endpoint.
 
-    python -m dsvl2.server.ray_serve -m ./deepseek-vl2-tiny --replicas 2      # local Ray, 127.0.0.1:8000
-    python -m dsvl2.server.ray_serve -m ./deepseek-vl2-tiny --replicas 8 --address auto --host 0.0.0.0
+    dsvl2 serve --ray -m ./deepseek-vl2-tiny --replicas 2      # local Ray, 127.0.0.1:8000
+    dsvl2 serve --ray -m ./deepseek-vl2-tiny --replicas 8 --address auto --host 0.0.0.0
     serve run dsvl2.server.ray_serve:build_app model=./deepseek-vl2-tiny replicas=2   # Serve's own CLI
     serve run examples/serve_ray.yaml                                                 # or a config file
 
@@ -226,20 +226,8 @@ def build_app(args: dict | None = None):
 
 
 # ---------------------------------------------------------------------------------------
-# the command
+# `dsvl2 serve --ray` (dsvl2/commands/serve.py parses the options)
 # ---------------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    """``dsvl2 serve``'s options plus the Ray ones."""
-    from .cli import add_parser
-
-    root = argparse.ArgumentParser(prog="python -m dsvl2.server.ray_serve")
-    sub = root.add_subparsers(dest="command")
-    add_parser(sub)
-    p = sub.choices["serve"]  # its "Ray Serve" group holds --replicas, --address, ...
-    p.prog = "python -m dsvl2.server.ray_serve"
-    return p
-
 
 def run(args: argparse.Namespace, ready=None) -> int:
     """Serve until Ctrl-C; ``ready(url)`` is called once every replica answers."""
@@ -270,16 +258,3 @@ def run(args: argparse.Namespace, ready=None) -> int:
             serve.delete(APP_NAME)
             serve.shutdown()
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except DSVL2Error as e:
-        print(f"dsvl2: error: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

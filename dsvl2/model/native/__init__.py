@@ -58,6 +58,7 @@ from pathlib import Path
 import torch
 
 from ... import cachedir
+from .cpu import cpu_info
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "bf16.c", HERE / "layers.c", HERE / "step.c")  # + products.h, which all include
@@ -74,8 +75,6 @@ def _cpu_ok() -> tuple[bool, str]:
         return False, f"not an x86-64 CPU ({platform.machine()})"
     if not cachedir.POSIX:
         return False, "not a POSIX system"
-    from ..kernels import cpu_info
-
     _, flags = cpu_info()
     missing = [f for f in ("avx2", "fma", "f16c") if f not in flags]
     if missing:

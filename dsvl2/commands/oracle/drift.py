@@ -1,6 +1,6 @@
 """The oracle's quantised mode: how far int8 / int4 weights move a golden tree's numbers.
 
-    python -m dsvl2.oracle GOLDEN --images DIR --quantize int8 [--quantize int4]
+    python -m dsvl2.commands.oracle GOLDEN --images DIR --quantize int8 [--quantize int4]
 
 Quantisation cannot meet the float32 tolerances, so nothing passes or fails here: per
 variant x case it reports, against the reference's float32 outputs,
@@ -23,16 +23,16 @@ from typing import Callable, Iterable
 
 import torch
 
-from .errors import DSVL2Error
-from .processing import Processor
-from .weights import load_model
+from ...errors import DSVL2Error
+from ...processing import Processor
+from ...checkpoint.load import load_model
+from .checks import discover, generate, load_case, run_processor
 
 COLUMNS = ("variant", "case", "scheme", "logits_last_maxd", "logits_last_rel", "logsumexp_maxd",
            "prefill_top1", "greedy_prefix", "greedy_all")
 
 
 def drift_case(c, scheme: str, image_dirs: list[Path]) -> dict:
-    from .oracle import _generate, run_processor  # the oracle's own input building and engine call
 
     run_processor(c, image_dirs)
     i, ref = c.inputs, c.ref
@@ -51,7 +51,7 @@ def drift_case(c, scheme: str, image_dirs: list[Path]) -> dict:
     if "gen_ids" in ref:
         ref_ids = ref["gen_ids"]
         eos = c.processor.tokenizer.eos_id
-        outs = _generate(c, c.batch, ref_ids.shape[1], None)
+        outs = generate(c, c.batch, ref_ids.shape[1], None)
         n, prefix, equal = 0, 0, 0
         for b, o in enumerate(outs):
             want = ref_ids[b].tolist()
@@ -82,8 +82,6 @@ HEADER = (f"{'variant':<8} {'case':<24} {'bits':<5} {'|d logit|':>10} {'rel':>9}
 
 def run_drift(golden: Path, image_dirs: list[Path], schemes: Iterable[str], variants: Iterable[str] = (),
               cases: Iterable[str] = (), emit: Callable[[str], None] = print) -> list[dict]:
-    from .oracle import discover, load_case
-
     golden = Path(golden)
     want_v, want_c = set(variants), set(cases)
     found = discover(golden)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..errors import DSVL2Error
 from ..sizes import KV_CACHE_HELP, size_argument
+from .common import HelpFormatter
 
 EPILOG = """examples:
   dsvl2 serve                                    (the built-in demo model, http://127.0.0.1:8000)
@@ -43,8 +44,6 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 def add_parser(sub) -> None:
     """Register ``serve`` on the ``dsvl2`` command's subparsers (imports nothing heavy)."""
-    from ..cli import HelpFormatter
-
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                        description="Serve one model to many clients at once through an OpenAI-compatible API "
                        "(chat completions with images, streaming, grounding boxes).",
@@ -127,7 +126,7 @@ def _check(args: argparse.Namespace) -> None:
         raise DSVL2Error(f"--fetch-timeout must be more than 0 and at most 600 seconds, got {args.fetch_timeout}")
     if args.allow_fetch_private and not args.allow_fetch:
         raise DSVL2Error("--allow-fetch-private needs --allow-fetch")
-    from .guard import RequestGuard
+    from ..server.guard import RequestGuard
 
     try:
         RequestGuard(None, allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins)
@@ -139,7 +138,7 @@ def _check(args: argparse.Namespace) -> None:
         raise DSVL2Error("--api-key is empty; give a key or leave the option out")
     name = args.model
     if name == "demo" or name.startswith((".", "/", "~")) or Path(name).expanduser().exists():
-        from ..hub import resolve_model
+        from ..checkpoint.hub import resolve_model
 
         resolve_model(name)  # a local folder: checked now (no network); a hub id is fetched while serving
 
@@ -168,7 +167,7 @@ def _is_loopback(address: str) -> bool:
 def cmd_serve(args: argparse.Namespace) -> int:
     if getattr(args, "ray", False):
         try:
-            from .ray_serve import run
+            from ..server.ray_serve import run
         except ImportError as e:
             raise DSVL2Error(f"--ray needs Ray Serve: pip install 'dsvl2[ray]' ({e})") from None
         return run(args)
@@ -176,7 +175,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .app import create_app
+        from ..server.app import create_app
     except ImportError as e:
         raise DSVL2Error(f"dsvl2 serve needs the server extra ({e.name} is missing): "
                          "pip install 'dsvl2[server]'") from None

@@ -1,40 +1,10 @@
-"""Verify an installation against a golden oracle tree produced by the official reference.
+"""The oracle's checks: golden cases found on disk, each output of ours compared with the
+reference's at the tolerances of ``dsvl2/commands/oracle/__init__.py``."""
 
-    python -m dsvl2.oracle GOLDEN_DIR --images DIR [--images DIR ...] [--variant V ...] [--case C ...]
-
-Everything is discovered, nothing is hard-coded: variants and their processor sets from
-``GOLDEN_DIR/manifest.json`` (or, without one, every folder holding a ``config.json``),
-cases from ``processor/<set>/<case>/case.json`` that also have
-``<variant>/outputs/<case>.safetensors``. Each variant's checkpoint, tokenizer and
-``processor_config.json`` are loaded from its own folder; images are looked up by name in
-the ``--images`` folders.
-
-Per variant x case it prints one line per check and ends with ``N passed, M failed``;
-the exit status is 0 only if nothing failed. Tolerances are the ones the golden README
-recommends (float32):
-
-* processor: ids, masks, crops exactly equal; pixels bit-exact;
-* vision / projector outputs: atol = rtol = 1e-4; per-tile sums within 1e-5 of the
-  tile's absolute sum;
-* ``inputs_embeds``: atol 1e-5;
-* routing: chosen experts equal wherever the reference's decision margin >= 1e-5
-  (closer decisions are "either answer"); weights atol 1e-5 where the experts agree;
-* prefill logits / hidden states: atol = rtol = 1e-4 at every valid position, except
-  positions whose near-tie routing decision went the other way here (those, and the
-  rest of their row at 1e-3, are reported but not failed: a flipped near-tie moves that
-  token's logits by up to ~0.5 and later ones by ~1e-4);
-* prefill top-1 (``logits.argmax``): equal at every position, except float32 near-ties:
-  where the reference's token scores within the logits tolerance of our maximum (e.g.
-  3.6079900 vs 3.6079910), either token is right; such ties are counted in the line;
-* generation: greedy ids equal; decode-step scores atol 1e-4; chunked prefill (chunk
-  128) and every batch row run alone give the same ids as the reference's ``gen_ids``.
-"""
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,12 +14,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from .errors import DSVL2Error
-from .model.vl import DeepseekVL2
-from .engine.engine import Engine
-from .engine.sampling import SamplingParams
-from .processing import BatchInputs, Processor
-from .weights import load_model
+from ...errors import DSVL2Error
+from ...model.vl import DeepseekVL2
+from ...engine.engine import Engine
+from ...engine.sampling import SamplingParams
+from ...processing import BatchInputs, Processor
+from ...checkpoint.load import load_model
 
 FRAGILE = 1e-5
 TOL = {
@@ -330,7 +300,7 @@ def check_prefill(c: CaseData) -> list[tuple[str, bool, str]]:
                        torch.ones_like(flipped[:, -1:]), flipped[:, -1:])[:3])
     res.append(rowwise("logits.logsumexp", logits.logsumexp(-1), ref["logits_logsumexp"], am, flipped)[:3])
     res.append(rowwise("logits.norm", logits.norm(dim=-1), ref["logits_norm"], am, flipped)[:3])
-    res.append(_argmax_check(logits, ref["logits_argmax"], am & ~flipped, tol_row))
+    res.append(argmax_check(logits, ref["logits_argmax"], am & ~flipped, tol_row))
     # hidden states: L + 1 entries (embeds, inputs of layers 1.., final-norm output)
     hs = torch.stack(out.hidden_states)  # [L+1, B, T, D]
     hn = hs.norm(dim=-1)
@@ -347,7 +317,7 @@ def check_prefill(c: CaseData) -> list[tuple[str, bool, str]]:
     return res
 
 
-def _argmax_check(logits: torch.Tensor, ref_argmax: torch.Tensor, use: torch.Tensor,
+def argmax_check(logits: torch.Tensor, ref_argmax: torch.Tensor, use: torch.Tensor,
                   tol_row: torch.Tensor) -> tuple[str, bool, str]:
     """Top-1 equal at every used position [B, T], except float32 near-ties: where the
     reference's token scores within the logits tolerance (atol = rtol) of our maximum,
@@ -368,7 +338,7 @@ def _argmax_check(logits: torch.Tensor, ref_argmax: torch.Tensor, use: torch.Ten
 
 
 # ---- checks: generation ---------------------------------------------------------------
-def _generate(c: CaseData, batch_inputs: BatchInputs, n_new: int, chunk: int | None):
+def generate(c: CaseData, batch_inputs: BatchInputs, n_new: int, chunk: int | None):
     # The reference does not enforce max_position_embeddings (a golden case may exceed it).
     engine = Engine(c.model, c.processor.tokenizer, max_batch_size=max(len(batch_inputs), 1), context_window=1 << 30)
     return engine.generate(batch_inputs, SamplingParams(max_new_tokens=n_new), chunk_size=chunk, output_scores=True)
@@ -394,7 +364,7 @@ def check_generation(c: CaseData) -> list[tuple[str, bool, str]]:
     eos = c.processor.tokenizer.eos_id
     batch = c.batch
     res = []
-    outs = _generate(c, batch, n_new, None)
+    outs = generate(c, batch, n_new, None)
     res.append(("gen.greedy_ids", *_ids_equal(outs, ref_ids, eos)))
     # decode-step scores: [steps, B, V] raw logits of each step (step 0 = the prompt pass)
     worst, ok, notes = 0.0, True, []
@@ -428,14 +398,14 @@ def check_generation(c: CaseData) -> list[tuple[str, bool, str]]:
     res.append(("gen.scores", ok, f"max|d|={worst:.2e} (atol=rtol={TOL['scores']:g})"
                 + (f"; bad: {', '.join(notes)}" if notes else "")))
     # chunked prefill: chunks of 128 tokens, then greedy = the reference's standard gen_ids
-    chunked = _generate(c, batch, n_new, 128)
+    chunked = generate(c, batch, n_new, 128)
     res.append(("gen.chunked_prefill_128", *_ids_equal(chunked, ref_ids, eos)))
     # every row of a batch equals the same conversation run alone
     if len(batch) > 1:
         alone = []
         for b in range(len(batch)):
             single = c.processor([c.cache["conversations"][b]])
-            alone += _generate(c, single, n_new, None)
+            alone += generate(c, single, n_new, None)
         same = [a.ids == o.ids for a, o in zip(alone, outs)]
         res.append(("gen.batch_rows_vs_alone", all(same),
                     f"{sum(same)}/{len(same)} rows equal their conversation run alone"))
@@ -484,46 +454,3 @@ def run(golden: Path, image_dirs: list[Path], variants: Iterable[str] = (), case
                 emit(chk.line())
         emit(f"# {v.name}: {time.perf_counter() - t0:.1f} s")
     return results
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dsvl2.oracle", description=__doc__.split("\n\n")[0])
-    ap.add_argument("golden", type=Path, help="golden oracle folder (with manifest.json, processor/, <variant>/)")
-    ap.add_argument("--images", type=Path, action="append", required=True, help="folder with the input images (repeatable)")
-    ap.add_argument("--variant", action="append", default=[], help="only this variant (repeatable)")
-    ap.add_argument("--case", action="append", default=[], help="only this case (repeatable)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--quantize", action="append", choices=["int8", "int4"], default=[],
-                    help="quantised mode: report the drift of these weights against the reference (repeatable)")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not args.golden.is_dir():
-        print(f"error: {args.golden}: golden folder not found", file=sys.stderr)
-        return 2
-    if args.quantize:  # a report, not a verification: see dsvl2.oracle_quant
-        from .oracle_quant import run_drift
-        try:
-            rows = run_drift(args.golden, args.images, args.quantize, args.variant, args.case)
-        except DSVL2Error as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return 0 if rows else 1
-    t0 = time.perf_counter()
-    try:
-        results = run(args.golden, args.images, args.variant, args.case)
-    except DSVL2Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    passed = sum(r.ok for r in results)
-    failed = len(results) - passed
-    print(f"# total {time.perf_counter() - t0:.1f} s")
-    if not results:
-        print("error: no check ran (no variant x case matched)", file=sys.stderr)
-        return 1
-    print(f"{passed} passed, {failed} failed")
-    return 0 if failed == 0 else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -47,9 +47,9 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 
-from .config import LanguageConfig, ModelConfig, VisionConfig
-from .errors import CheckpointError, ConfigError
-from .weights import KEEP_FP32, build_empty
+from ..config import LanguageConfig, ModelConfig, VisionConfig
+from ..errors import CheckpointError, ConfigError
+from .load import KEEP_FP32, build_empty
 
 __all__ = [
     "ASSETS",
@@ -64,7 +64,7 @@ __all__ = [
     "main",
 ]
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEMO_DIR = ASSETS / "demo"
 DEMO_PRESET = "golden-small"
 DEMO_SEED = 2024

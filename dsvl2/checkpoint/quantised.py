@@ -23,10 +23,10 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .errors import CheckpointError
-from .model import quant
-from .weights import (QUANT_SCHEMES, SCALE_SUFFIX, iter_stored, quant_bits, read_header, read_tensor,
-                      sanitize_key, stored_scheme, weight_files)
+from ..errors import CheckpointError
+from ..model import quant
+from .load import (QUANT_SCHEMES, SCALE_SUFFIX, iter_stored, quant_bits, read_header, read_tensor,
+    sanitize_key, stored_scheme, weight_files)
 
 _ST_NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int8: "I8", torch.uint8: "U8"}
 SCHEME_OF_BITS = {8: "int8", 4: "int4"}
@@ -161,28 +161,6 @@ def quantize_checkpoint(src: str | Path, out: str | Path, bits: int, *, overwrit
 
 # ---- command line ----------------------------------------------------------------------------
 
-def cmd_quantize(args) -> int:
-    from .cli import Progress
-    from .hub import resolve_model
-
-    src = resolve_model(args.model)
-    out = quantize_checkpoint(src, args.out, args.bits, overwrite=args.overwrite, progress=Progress("quantising"))
-    size = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
-    print(f"wrote {SCHEME_OF_BITS[args.bits]} checkpoint {out} ({size / 1e9:.2f} GB of weights)")
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("quantize", help="write an int8 / int4 copy of a checkpoint",
-                       description="Quantise a checkpoint tensor by tensor (bounded memory): int8 per output "
-                       "channel for every language-model linear layer; --bits 4 also stores the routed experts "
-                       "in int4 groups. The result loads directly (dsvl2 chat -m OUT).")
-    p.add_argument("model", metavar="MODEL", help="float checkpoint folder or Hugging Face id")
-    p.add_argument("out", metavar="OUT", help="output folder")
-    p.add_argument("--bits", type=int, choices=[8, 4], required=True, help="8 = int8, 4 = int4 experts")
-    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT")
-    p.set_defaults(func=cmd_quantize)
-
 
 # ---- quantised random checkpoints (dsvl2 init-random --quantize) ------------------------------
 
@@ -196,9 +174,9 @@ def write_random_quantised(out_dir: str | Path, config: dict, scheme: str, seed:
     is never held nor written: one tensor at a time is drawn, quantised and written, so
     memory stays at the largest tensor (the lm_head, a few GB as float32 for base).
     """
-    from .checkpoint import (ASSETS, INDEX_NAME, TOKENIZER_FILES, _plan_shards, _TORCH_DTYPE_NAMES,
-                             official_tensor_specs, random_tensor, random_tensor_chunks)
-    from .config import ModelConfig
+    from .random_checkpoint import (ASSETS, INDEX_NAME, TOKENIZER_FILES, _plan_shards, _TORCH_DTYPE_NAMES,
+        official_tensor_specs, random_tensor, random_tensor_chunks)
+    from ..config import ModelConfig
 
     if scheme not in QUANT_SCHEMES:
         raise CheckpointError(f"quantize must be one of {', '.join(QUANT_SCHEMES)}, got {scheme!r}")

@@ -26,11 +26,13 @@ Counting conventions:
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import ModelConfig
-from .errors import CheckpointError
+from ..config import ModelConfig
+from ..errors import CheckpointError
+from .common import HelpFormatter
 
 __all__ = ["describe", "format_info"]
 
@@ -50,7 +52,7 @@ def _signature(cfg: ModelConfig) -> tuple:
 
 def guess_variant(cfg: ModelConfig) -> str:
     """'tiny' / 'small' / 'base' when hidden size, depth, expert count and attention kind match, else 'custom'."""
-    from .checkpoint import preset_config  # the real configs live with the presets
+    from ..checkpoint.random_checkpoint import preset_config  # the real configs live with the presets
 
     sig = _signature(cfg)
     for name in _VARIANTS:
@@ -73,7 +75,7 @@ def _read_header(path: Path) -> dict:
 
 
 def _weights_on_disk(folder: Path) -> dict:
-    from .weights import weight_files
+    from ..checkpoint.load import weight_files
 
     files = weight_files(folder)
     by_dtype: dict[str, int] = {}  # dtype -> bytes
@@ -114,8 +116,8 @@ def quantization_facts(specs, folder: Path | None, quantize: str | None) -> dict
     ``specs``: the official tensors of the config (bf16), used when there are no weight
     files; with a float folder its own tensors (names, shapes, dtypes) are counted.
     """
-    from .quantize import entries_for
-    from .weights import read_header, stored_scheme, weight_files
+    from ..checkpoint.quantised import entries_for
+    from ..checkpoint.load import read_header, stored_scheme, weight_files
 
     stored = stored_scheme(folder) if folder is not None else None
     if stored is not None:
@@ -142,8 +144,8 @@ def describe(config: ModelConfig | Mapping[str, Any], folder: str | Path | None 
 
     ``quantize`` ("int8" / "int4"): also the bytes the weights take in that scheme
     (``quantization``); a quantised folder reports its own scheme whatever this is."""
-    from .checkpoint import official_tensor_specs
-    from .weights import build_empty
+    from ..checkpoint.random_checkpoint import official_tensor_specs
+    from ..checkpoint.load import build_empty
 
     cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_hf(config)
     lang, vis = cfg.language, cfg.vision
@@ -312,3 +314,38 @@ def format_info(d: Mapping[str, Any]) -> str:
         rows.append(("decode products", f"{how} ({nd['reason']})"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}} : {val}" for k, val in rows)
+
+
+# ---- the command ----
+
+def cmd_info(args) -> int:
+    from ..config import load_config
+    from ..checkpoint.hub import resolve_model
+    
+    if args.model is None:
+        print("dsvl2: note: no MODEL given, showing the built-in demo checkpoint (random weights); "
+              "pass a folder or an id such as deepseek-ai/deepseek-vl2-tiny", file=sys.stderr)
+    folder = resolve_model("demo" if args.model is None else args.model)
+    has_weights = (folder / "model.safetensors.index.json").is_file() or any(folder.glob("*.safetensors"))
+    # config only: no weights section; --quantize: the bytes after quantisation (nothing is loaded)
+    d = describe(load_config(folder), folder if has_weights else None, quantize=args.quantize)
+    import torch
+    from ..model.native import policy as kernels
+    d["kernels"] = kernels.choose("cpu", torch.bfloat16).to_dict()  # what bf16 weights would run with here
+    from ..model import native
+    d["native_decode"] = native.status()  # decode-step products with bf16 weights (model/native)
+    print(json.dumps(d, indent=2, default=str) if args.json else format_info(d))
+    return 0
+
+
+def add_parser(sub) -> None:
+    info = sub.add_parser("info", help="show a model's architecture in one screen",
+                          description="Architecture, parameter counts and memory of a checkpoint (or of a config "
+                          "alone).", formatter_class=HelpFormatter)
+    info.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                      help="checkpoint folder, Hugging Face id, or 'demo' (default: the built-in demo)")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                      help="also show the weights' bytes after quantisation (a quantised folder shows its own)")
+    info.set_defaults(func=cmd_info)
+

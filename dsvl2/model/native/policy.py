@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from .. import cachedir
-from . import ops
+from ... import cachedir
+from .cpu import cpu_info
 
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
@@ -47,23 +47,6 @@ class KernelChoice:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def cpu_info() -> tuple[str, set[str]]:
-    """(model name, flags) from /proc/cpuinfo; ("", {}) where there is none (macOS, Windows)."""
-    name, flags = "", set()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return name, flags
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and not name:
-            name = value.strip()
-        elif key == "flags" and not flags:
-            flags = set(value.split())
-    return name, flags
 
 
 def _gflops(dtype: torch.dtype, m: int = 256, k: int = 2048, n: int = 2048, reps: int = 3) -> float:
@@ -133,10 +116,3 @@ def choose(device: torch.device | str, weight_dtype: torch.dtype, flags: set[str
         data[key] = choice.to_dict()
         cachedir.write_file(CACHE_NAME, json.dumps(data, indent=1).encode())
     return choice
-
-
-def apply(choice: KernelChoice) -> None:
-    """Make the choice the ops layer's policy (process-wide). "weights" changes nothing:
-    float32 weights and GPUs never cast, whatever the policy."""
-    if choice.big_products in ("fp32", "bf16"):
-        ops.set_big_products_in_weights_dtype(choice.big_products == "bf16")

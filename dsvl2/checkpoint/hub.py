@@ -13,9 +13,9 @@ import re
 import socket
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
-DEMO = Path(__file__).resolve().parent / "assets" / "demo"
+DEMO = Path(__file__).resolve().parent.parent / "assets" / "demo"
 KNOWN = ("deepseek-ai/deepseek-vl2-tiny", "deepseek-ai/deepseek-vl2-small", "deepseek-ai/deepseek-vl2")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]

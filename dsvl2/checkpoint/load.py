@@ -33,10 +33,10 @@ from typing import Callable, Iterator
 
 import torch
 
-from .config import ModelConfig, load_config
-from .errors import CheckpointError
-from .model import quant
-from .model.vl import DeepseekVL2
+from ..config import ModelConfig, load_config
+from ..errors import CheckpointError
+from ..model import quant
+from ..model.vl import DeepseekVL2
 
 _EXPERT = re.compile(r"^(language\.model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 KEEP_FP32 = ("e_score_correction_bias",)

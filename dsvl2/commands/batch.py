@@ -6,9 +6,10 @@ import argparse
 import sys
 
 from ..errors import GenerationError
-from ..sizes import KV_CACHE_HELP, size_argument
-from .pipeline import run_batch
-from .readers import DEFAULT_PROMPT, SAMPLING_KEYS
+from ..sizes import KV_CACHE_HELP
+from ..batch.pipeline import run_batch
+from ..batch.readers import DEFAULT_PROMPT, SAMPLING_KEYS
+from .common import HelpFormatter, add_runtime_options, add_sampling_options, sampling_options
 
 EPILOG = """examples:
   dsvl2 batch -m ./deepseek-vl2-tiny photos/ captions.jsonl
@@ -30,7 +31,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description="Answer every image of a folder, every row of a JSONL/Parquet file, or "
                               "every request of an OpenAI batch file, on Ray Data actors; results go to OUT "
                               "(JSONL or Parquet) as they finish.",
-                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("input", metavar="INPUT",
                    help="a folder of images, a .jsonl/.parquet file of rows, or an OpenAI batch file (.jsonl)")
     p.add_argument("out", metavar="OUT", help="result file (.jsonl or .parquet); requests already in it are skipped")
@@ -47,32 +48,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--gpus-per-actor", type=float, default=0, help="GPUs per actor (default 0)")
     r.add_argument("--address", help="join this Ray cluster (auto, HOST:PORT, ray://HOST:10001); "
                    "default: start a local Ray instance")
-    g = p.add_argument_group("sampling (default: greedy; a row's 'sampling', or an OpenAI body's fields, "
-                             "override these)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
-    g.add_argument("--max-new-tokens", type=int, default=512)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    add_sampling_options(p, "sampling (default: greedy; a row's 'sampling', or an OpenAI body's fields, "
+                            "override these)")
     t = p.add_argument_group("runtime")
-    t.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="auto = bf16 weights, fp32 compute on CPU")
-    t.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (on each actor)")
-    t.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="quantize the language model's weights while loading (less memory per actor)")
-    t.add_argument("--kv-cache-bytes", type=size_argument, default=None, metavar="SIZE",
-                   help=KV_CACHE_HELP.replace("memory for the KV cache", "memory for each actor's KV cache"))
+    add_runtime_options(t, device_help="auto, cpu, cuda or mps (on each actor)",
+                        kv_help=KV_CACHE_HELP.replace("memory for the KV cache", "memory for each actor's KV cache"))
     p.set_defaults(func=cmd_batch)
     return p
 
 
 def cmd_batch(args) -> int:
-    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                    repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens, seed=args.seed)
-    if args.stop:
-        sampling["stop"] = tuple(args.stop)
+    sampling = sampling_options(args)
     try:
         summary = run_batch(args.model, args.input, args.out, prompt=args.prompt, sampling=sampling,
                             actors=args.actors, batch_size=args.batch_size, rows_per_call=args.rows_per_call,

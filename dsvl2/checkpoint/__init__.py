@@ -1,0 +1,1 @@
+"""Checkpoints: reading the official layout, writing random and quantised ones, finding them."""

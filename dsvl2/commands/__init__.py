@@ -1,0 +1,1 @@
+"""The `dsvl2` command and its subcommands: thin layers over the library."""

@@ -32,6 +32,7 @@ demo: install
 
 test: install-test
 	@# the browser tests drive Debian's Chromium (installed once; nothing downloads a browser build)
+	@if [ ! -x /usr/bin/chromium ]; then echo "make test: installing Debian's chromium package (needs apt-get, and sudo unless root; used by tests/test_web.py) ..."; fi
 	bash tests/browser/install.sh
 	$(PY) -m pytest -q
 

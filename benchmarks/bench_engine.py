@@ -12,21 +12,29 @@ What is measured (see benchmarks/README.md for how to read it):
 * ``vision``: tower + projector on ``--tiles`` random 384 px tiles, in batches of 16 as
   ``DeepseekVL2.encode_images`` does; seconds per tile and achieved GFLOP/s.
 * ``prefill``: one text prompt of ``--prompt-tokens`` tokens through ``Engine``, whole and
-  in chunks of ``--chunk``; only ``ModelRunner.prefill`` is timed.
+  in chunks of ``--chunk``; the engine's prefill stage is timed (its step observer's
+  ``StepReport.timings``, summed over the forwards of one prompt).
 * ``decode``: for each ``--batch`` size, that many prompts generated together for
-  ``--new-tokens`` greedy tokens. ``ModelRunner.decode`` (one batched forward) is timed per
-  call; ``step_ms`` also includes sampling and detokenising. Medians, so that a stray
-  process on a shared machine moves them less.
+  ``--new-tokens`` greedy tokens. The decode stage of each step (one batched forward and
+  the blocks for its tokens) is timed by the step observer; ``step_ms`` is the whole step
+  (sampling and detokenising too) of the steps that only decode. Medians, so that a stray
+  process on a shared machine moves them less. Engines run without prefix caching, so
+  that a repeated prompt is computed again.
 * ``roofline``: weight bytes a decode step must read (attention + dense MLPs + router +
   shared experts + the routed experts actually chosen, counted per step from the router's
   output: K per layer at batch 1, the union over the rows beyond + one embedding row per
   row + final norm + lm_head), divided by the measured forward time, against the memory
-  bandwidth measured here (a large float32 sum) and the 25 GB/s of DESIGN.md. KV-cache
+  bandwidth measured here (a large float32 sum) and a fixed 25 GB/s (``DESIGN_BANDWIDTH_GBPS``: the
+  bandwidth the project's speed targets assume; not measured). KV-cache
   bytes read are reported beside it.
 * ``kv_cache``: from the engine's cache tensors after a run (not from the config).
-* ``profile_decode_step``: one decode step (batch 1 and the largest batch) under
-  ``torch.profiler``: self time of matrix products vs other ops, and Python time (the
-  profiled wall time minus the time inside top-level torch ops).
+* ``profile_decode_step``: one engine step in which every row decodes (batch 1 and the
+  largest batch: sampling and the decode forward) under ``torch.profiler``: self time of
+  matrix products vs other ops, and Python time (the profiled wall time minus the time
+  inside top-level torch ops).
+
+Everything is read through the engine's public seams (``Engine.add_step_observer``,
+``LanguageModel.routing_observers``); nothing of the engine is replaced.
 """
 
 from __future__ import annotations
@@ -49,11 +57,10 @@ from pathlib import Path
 import torch
 
 from dsvl2.checkpoint.random_checkpoint import preset_config, write_random_checkpoint
-from dsvl2.engine.engine import Engine
+from dsvl2.engine.engine import Engine, StepReport
 from dsvl2.model.cache import KVCache
 from dsvl2.engine.sampling import SamplingParams
 from dsvl2.model import ops
-from dsvl2.model.moe import MoE
 from dsvl2.processing import Processor
 from dsvl2.checkpoint.load import load_model
 
@@ -211,14 +218,16 @@ def weight_bytes(model) -> dict:
 
 class ExpertCounter:
     """Counts the distinct routed experts each MoE layer uses while ``on`` (and, with
-    ``decode_only``, only inside an engine decode step): per step in ``steps`` (after
-    ``start_step``), and as (rows, distinct experts) per layer call in ``calls``."""
+    ``decode_only``, only inside an engine decode step): per layer call as (rows,
+    distinct experts) in ``calls``, and per step ({layer: distinct experts}) in ``steps``,
+    one entry per ``end_step(keep=True)``."""
 
     def __init__(self, model, decode_only: bool = False):
         self.on = False
         self.decode_only = decode_only
         self.steps: list[dict[int, int]] = []
         self.calls: list[tuple[int, int]] = []
+        self.current: dict[int, int] = {}
         self.observers = model.language.routing_observers
         self.observers.append(self._observe)
 
@@ -226,11 +235,13 @@ class ExpertCounter:
         if self.on and (not self.decode_only or ops.decoding_active()):
             n = int(routing.idx.unique().numel())
             self.calls.append((routing.idx[..., 0].numel(), n))
-            if self.steps:
-                self.steps[-1][i] = n
+            self.current[i] = n
 
-    def start_step(self) -> None:
-        self.steps.append({})
+    def end_step(self, keep: bool = True) -> None:
+        """A step is over: what it counted goes to ``steps`` (``keep``) or is dropped."""
+        if keep:
+            self.steps.append(self.current)
+        self.current = {}
 
     def close(self) -> None:
         if self._observe in self.observers:
@@ -246,18 +257,11 @@ def prompt_conversation(tok, n_tokens: int, row: int) -> list[dict]:
     return [{"role": "<|User|>", "content": tok.decode(ids)}, {"role": "<|Assistant|>", "content": ""}]
 
 
-def timed(obj, name: str, record: list):
-    """Shadow ``obj.name`` (a bound method) with a version that appends its wall time."""
-    original = getattr(obj, name)
-
-    def wrapper(*a, **kw):
-        t = time.perf_counter()
-        out = original(*a, **kw)
-        record.append(time.perf_counter() - t)
-        return out
-
-    setattr(obj, name, wrapper)
-    return original
+def observed(eng: Engine) -> list[StepReport]:
+    """The engine's step reports from now on, in a list."""
+    reports: list[StepReport] = []
+    eng.add_step_observer(reports.append)
+    return reports
 
 
 # ---- measurements -------------------------------------------------------------------------
@@ -287,51 +291,49 @@ def bench_prefill(model, proc, n_tokens: int, chunk: int, repeat: int) -> dict:
     tokens = b.seq_lens[0]
     out = {"tokens": tokens}
     for label, cs in (("whole", None), ("chunked", chunk)):
-        eng = Engine(model, proc.tokenizer, max_batch_size=1)
-        times: list[float] = []
-        timed(eng.runner, "prefill", times)
+        eng = Engine(model, proc.tokenizer, max_batch_size=1, prefix_caching=False)
+        reports = observed(eng)
+        times: list[float] = []  # seconds of the prompt's prefill forwards, per run
         for _ in range(repeat):
+            reports.clear()
             eng.generate(b, SamplingParams(max_new_tokens=1), chunk_size=cs)
+            times.append(sum(rep.timings["prefill"] for rep in reports))
+        forwards = sum(len(rep.prefill) for rep in reports)
         best = min(times)
-        out[label] = {"chunk_size": cs, "s": round(best, 3), "tok_per_s": round(tokens / best, 1)}
+        out[label] = {"chunk_size": cs, "forwards": forwards, "s": round(best, 3),
+                      "tok_per_s": round(tokens / best, 1)}
     return out
 
 
 def bench_decode(model, proc, batch: int, prompt_tokens: int, new_tokens: int, wb: dict, bw_gbps: float,
                  gemv_gbps: float, cache_dtype) -> dict:
-    eng = Engine(model, proc.tokenizer, max_batch_size=batch, cache_dtype=cache_dtype)
+    eng = Engine(model, proc.tokenizer, max_batch_size=batch, cache_dtype=cache_dtype, prefix_caching=False)
     b = proc([prompt_conversation(proc.tokenizer, prompt_tokens, r) for r in range(batch)])
-    fwd: list[float] = []
-    rows: list[int] = []
-    kv_read: list[int] = []
-    counter = ExpertCounter(model)
-    original = eng.runner.decode
+    counter = ExpertCounter(model, decode_only=True)  # the experts of the decode forwards only
+    counter.on = True
+    reports: list[StepReport] = []
 
-    def decode(reqs):
-        counter.start_step()
-        rows.append(len(reqs))
-        kv_len = max(r.length for r in reqs) + 1
-        kv_read.append(len(reqs) * kv_len * KVCache.bytes_per_token(eng.cfg, eng.cache.dtype))
-        counter.on = True
-        t = time.perf_counter()
-        try:
-            original(reqs)
-        finally:
-            fwd.append(time.perf_counter() - t)
-            counter.on = False
+    def observe(rep: StepReport) -> None:
+        counter.end_step(keep=bool(rep.decode))
+        reports.append(rep)
 
-    eng.runner.decode = decode
-    prefill: list[float] = []
-    timed(eng.runner, "prefill", prefill)
+    eng.add_step_observer(observe)
     reqs = eng.submit(b, SamplingParams(max_new_tokens=new_tokens))
-    steps = []
-    while not all(r.finished for r in reqs):
-        t = time.perf_counter()
-        eng.step()
-        steps.append(time.perf_counter() - t)
-    counter.close()
-    if not fwd:
+    try:
+        while not all(r.finished for r in reqs):
+            eng.step()
+    finally:
+        counter.close()
+    decodes = [rep for rep in reports if rep.decode]
+    if not decodes:
         return {"batch": batch, "error": "no decode step ran (new_tokens must be >= 2)"}
+    fwd = [rep.timings["decode"] for rep in decodes]
+    rows = [len(rep.decode) for rep in decodes]
+    per_token = KVCache.bytes_per_token(eng.cfg, eng.cache.dtype)
+    # each row reads its cache up to the position it writes; the padded batch reads the longest
+    kv_read = [len(rep.decode) * (max(pos for _, pos in rep.decode) + 1) * per_token for rep in decodes]
+    only_decode = [rep for rep in decodes if not (rep.prefill or rep.vision)]  # the first step also prefilled
+    later = [rep.timings["total"] for rep in only_decode]
     med = statistics.median(fwd)
     mean_rows = sum(rows) / len(rows)
     # weights read per step: everything but the routed experts and the embedding table,
@@ -340,7 +342,7 @@ def bench_decode(model, proc, batch: int, prompt_tokens: int, new_tokens: int, w
                 for used, r in zip(counter.steps, rows)]
     step_bytes = statistics.median(per_step)
     experts_per_layer = statistics.mean(statistics.mean(u.values()) for u in counter.steps if u) if wb["expert"] else 0
-    later = steps[1:]  # the first step also prefilled
+    prefill_s = sum(rep.timings["prefill"] for rep in reports)
     return {
         "batch": batch,
         "prompt_tokens_min_max": [min(b.seq_lens), max(b.seq_lens)],
@@ -351,8 +353,9 @@ def bench_decode(model, proc, batch: int, prompt_tokens: int, new_tokens: int, w
         "step_ms_median": round(statistics.median(later) * 1e3, 2) if later else None,
         "per_row_tok_per_s": round(1 / med, 2),
         "aggregate_tok_per_s": round(mean_rows / med, 2),
-        "aggregate_tok_per_s_end_to_end": round(sum(rows) / sum(later), 2) if later else None,
-        "prefill_s": round(prefill[0], 3) if prefill else None,
+        "aggregate_tok_per_s_end_to_end": round(sum(len(rep.decode) for rep in only_decode) / sum(later), 2)
+        if later else None,
+        "prefill_s": round(prefill_s, 3),
         "routed_experts_per_moe_layer": round(experts_per_layer, 2),
         "weight_bytes_per_step": int(step_bytes),
         "kv_bytes_read_per_step": int(statistics.median(kv_read)),
@@ -370,34 +373,31 @@ def bench_decode(model, proc, batch: int, prompt_tokens: int, new_tokens: int, w
 
 
 def profile_decode(model, proc, prompt_tokens: int, batch: int) -> dict:
-    """One decode step of ``batch`` rows: where its wall time goes.
+    """One engine step in which every row decodes (sampling and the decode forward): where
+    its wall time goes.
 
     ``python_ms`` is the profiled wall time minus the time inside top-level torch ops (what
-    the Python code of the modules costs between ops); ``matmul_ms`` / ``other_ops_ms``
-    split the ops' self time. The profiler adds a little to every op, so the parts add up
-    to somewhat more than the unprofiled ``step_wall_ms``."""
+    the Python code of the engine and the modules costs between ops); ``matmul_ms`` /
+    ``other_ops_ms`` split the ops' self time. The profiler adds a little to every op, so
+    the parts add up to somewhat more than the unprofiled ``step_wall_ms`` (of which
+    ``decode_forward_ms`` is the decode stage, from the step observer)."""
     from torch.profiler import ProfilerActivity, profile
 
-    eng = Engine(model, proc.tokenizer, max_batch_size=batch)
+    eng = Engine(model, proc.tokenizer, max_batch_size=batch, prefix_caching=False)
     b = proc([prompt_conversation(proc.tokenizer, prompt_tokens, r) for r in range(batch)])
+    reports = observed(eng)
     reqs = eng.submit(b, SamplingParams(max_new_tokens=10_000))
     for _ in range(4):  # prefill, then warm decode steps
         eng.step()
-
-    def one_step():
-        eng.runner.decode(reqs)
-        for r in reqs:  # run the same step again next time (it rewrites the same cache slots)
-            r.length -= 1
-
-    walls = []
     for _ in range(5):
-        t = time.perf_counter()
-        one_step()
-        walls.append(time.perf_counter() - t)
+        eng.step()
+    walls = [rep.timings["total"] for rep in reports[-5:]]
+    forwards = [rep.timings["decode"] for rep in reports[-5:]]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t = time.perf_counter()
-        one_step()
+        eng.step()
         profiled = time.perf_counter() - t
+    rows = len(reports[-1].decode)  # a random model may end a row with eos: say how many ran
     eng.cancel(reqs)
     events = [e for e in prof.events() if e.name.startswith("aten::")]
     top_level = sum(e.cpu_time_total for e in events if e.cpu_parent is None) / 1e3  # ms
@@ -415,7 +415,9 @@ def profile_decode(model, proc, prompt_tokens: int, batch: int) -> dict:
     top = sorted(self_ms.items(), key=lambda kv: kv[1][1], reverse=True)[:10]
     return {
         "batch": batch,
+        "rows_profiled": rows,
         "step_wall_ms": round(statistics.median(walls) * 1e3, 2),
+        "decode_forward_ms": round(statistics.median(forwards) * 1e3, 2),
         "profiled_wall_ms": round(profiled * 1e3, 2),
         "matmul_ms": round(mm, 2),
         "other_ops_ms": round(ops - mm, 2),
@@ -498,7 +500,7 @@ def main(argv=None) -> int:
         cache_dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.cache_dtype]
 
         log("warming up ...")
-        warm = Engine(model, proc.tokenizer, max_batch_size=1)
+        warm = Engine(model, proc.tokenizer, max_batch_size=1, prefix_caching=False)
         warm.generate(proc([prompt_conversation(proc.tokenizer, 16, 0)]), SamplingParams(max_new_tokens=3))
         if args.tiles:
             log(f"vision: {args.tiles} tile(s) ...")

@@ -1,21 +1,37 @@
-"""Micro-benchmark of the candidate kernels for quantised weights on this CPU (prints JSON).
+"""Micro-benchmark of the products with quantised weights at the real small / base sizes (prints JSON).
 
-Shapes are those of the real tiny model: a routed expert's gate/up ([896, 1280]) and down
-([1280, 896]) projections, an attention projection ([1280, 1280]) and the lm_head
-([129280, 1280]). For each: decode (M = 1, 4 and 16 rows) and prefill (M = 512 rows).
+Decode (``ops.decoding()``; rows B = 1, 4, 16):
+* one product of a base routed expert's gate / up ([1536, 2560]) and down ([2560, 1536])
+  projection in int4 (group 128): ``native_int4`` (dsvl2's ``native.linear_int4``: the
+  stored format, dequantised in registers) against ``int4pack`` (torch's
+  ``_weight_int4pack_mm_for_cpu``, bf16 activations: the int4 path before the native
+  kernel); and a small expert's ([1408, 2048], [2048, 1408]) in int8: ``native_int8``
+  against ``int8pack`` (``torch._weight_int8pack_mm``);
+* a whole MoE layer: base (72 experts of D 2560, F 1536, top-6) in int4, ``native_int4``
+  (``native.experts_int4``, one call) against ``int4pack`` (the per-expert loop of
+  ``Experts.forward`` over int4pack weights); small (64 experts of D 2048, F 1408, top-6)
+  in int8, ``native_int8`` (``native.experts_int8``). Routing is random, one new draw per call.
+Each weight is read from memory, not cache: products rotate over copies whose total
+exceeds the L3. Reported: ms per call, best and median; ``GB_s`` (weight bytes the call
+reads over its best time: for a layer, the experts that the routing chose) and
+``of_read_bw`` (that over the read bandwidth measured in the same run, before and after: a
+float32 sum of 512 MiB, best of 5, the higher of the two). Best, not median: on a shared
+machine a 2-thread call of ~0.1 ms often waits milliseconds for its second thread.
 
-Candidates:
-* ``bf16``: the bf16 weight, torch's decode path (bf16 GEMV, ``F.linear``);
-* ``native_bf16`` / ``native_int8``: dsvl2's native decode kernels (``dsvl2/model/native``),
-  float32 activations, where they are built;
-* ``int8pack``: ``torch._weight_int8pack_mm`` (int8 weight, per-row scale), bf16 and fp32 activations;
-* ``int8_deq_bf16``: dequantise the int8 weight to bf16, then the bf16 GEMV;
-* ``int4pack_gG``: ``torch._weight_int4pack_mm_for_cpu`` with group size G;
-* prefill: ``fp32_upcast`` (bf16 -> fp32 then fp32 GEMM, today's prefill), ``int8_deq_fp32``
-  (int8 * scale -> fp32 then fp32 GEMM), ``int8pack`` and ``int4pack`` directly.
+Prefill (1431 rows, a c01 prompt with an image): a base expert's gate projection in int4
+and the small dense layer's gate ([10944, 2048]) in int8, ``before`` (int4: the int4pack
+mm; int8: 2048 rows at a time dequantised to float32, float32 GEMMs) against ``after``
+(``QuantWeight.block_gemm``: dequantise a block into the reused buffer in the dtype the
+kernel policy chose for this machine, one GEMM per block), and the other dtype for
+reference; and a whole base MoE layer's routed experts on those tokens (random top-6 of
+72, ``Experts.forward``'s per-expert loop, three products per expert): int4pack before,
+the dequantise-then-GEMM products after. GFLOP/s = 2 M N K / best time.
 
-Usage: ``python benchmarks/bench_quant_kernels.py [--quick]``. Reports the median time per
-call (ms), effective weight GB/s and GFLOP/s, plus lscpu's SIMD flags.
+``--tiny`` adds the real tiny model's expert products with one weight called repeatedly
+(read from cache): torch's bf16 product against the native bf16 / int8 / int4 kernels.
+
+Usage: ``python benchmarks/bench_quant_kernels.py [--quick] [--tiny]`` (``--quick``: fewer
+repeats, B = 1 and 16 only). About 35 s on 2 quiet Zen 4 threads.
 """
 
 from __future__ import annotations
@@ -24,101 +40,269 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import time
 
 import torch
 import torch.nn.functional as F
 
-from dsvl2.model import native
+from dsvl2.model import native, ops, quant
+from dsvl2.model.native import policy
+from dsvl2.model.native.cpu import cpu_info
+from dsvl2.model.scratch import upcast
+
+L3_BYTES = 64 << 20  # rotate over at least this many weight bytes (above this machine's 32 MiB L3)
 
 
-def cpu_flags() -> list[str]:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    flags = next((l.split(":", 1)[1].split() for l in out.splitlines() if l.startswith("Flags")), [])
-    return sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
-
-
-def timeit(fn, reps: int) -> float:
+def times(fn, reps: int) -> tuple[float, float]:
+    """(best, median) seconds of ``reps`` calls after one warm-up call."""
     fn()
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return min(ts), statistics.median(ts)
 
 
-def int4_pack(n: int, k: int, group: int):
-    q = torch.randint(0, 16, (n, k), dtype=torch.int32)
-    packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
-    sz = torch.zeros(k // group, n, 2, dtype=torch.bfloat16)
-    sz[..., 0] = 0.01
-    return packed, sz
+def read_gbps(nbytes: int = 512 << 20) -> float:
+    """Read bandwidth: a float32 sum of ``nbytes`` (best of 5)."""
+    src = torch.ones(nbytes // 4)
+    return nbytes / times(src.sum, 5)[0] / 1e9
 
 
-def bench_shape(name: str, n: int, k: int, reps: int, prefill_m: int) -> dict:
-    wb = (torch.randn(n, k) * k ** -0.5).to(torch.bfloat16)
-    w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
-    s8 = torch.rand(n, dtype=torch.bfloat16) * 0.01
-    s8f = s8.float()
-    res: dict = {"shape": [n, k]}
-    buf32 = torch.empty(n, k)
-    for m in (1, 4, 16):
-        xb = torch.randn(m, k, dtype=torch.bfloat16)
-        xf = xb.float()
-        cands = {
-            "bf16": (lambda: F.linear(xb, wb), 2),
-            "int8pack_bf16x": (lambda: torch._weight_int8pack_mm(xb, w8, s8), 1),
-            "int8pack_fp32x": (lambda: torch._weight_int8pack_mm(xf, w8, s8f), 1),
-            "int8_deq_bf16": (lambda: F.linear(xb, w8.to(torch.bfloat16) * s8[:, None]), 1),
-        }
-        if native.available():  # dsvl2/model/native: float32 activations, weights read once for all rows
-            cands["native_bf16"] = (lambda: native.linear(xf, wb), 2)
-            cands["native_int8"] = (lambda: native.linear_int8(xf, w8, s8), 1)
-        for g in (32, 64, 128, 256):
-            if k % g == 0:
-                p, sz = int4_pack(n, k, g)
-                cands[f"int4pack_g{g}"] = ((lambda p=p, sz=sz, g=g: torch._weight_int4pack_mm_for_cpu(xb, p, g, sz)), 0.5)
-        row = {}
-        for c, (fn, bpe) in cands.items():
-            t = timeit(fn, reps)
-            row[c] = {"ms": round(t * 1e3, 4), "weight_GB_s": round(n * k * bpe / t / 1e9, 2),
-                      "GFLOP_s": round(2 * m * n * k / t / 1e9, 2)}
-        res[f"decode_m{m}"] = row
-    xb = torch.randn(prefill_m, k, dtype=torch.bfloat16)
-    xf = xb.float()
-    p, sz = int4_pack(n, k, 64)
-    cands = {
-        "fp32_upcast": lambda: F.linear(xf, buf32.copy_(wb)),
-        "int8_deq_fp32": lambda: F.linear(xf, torch.mul(w8, s8f[:, None], out=buf32)),
-        "int8pack_bf16x": lambda: torch._weight_int8pack_mm(xb, w8, s8),
-        "int8pack_fp32x": lambda: torch._weight_int8pack_mm(xf, w8, s8f),
-        "int4pack_g64": lambda: torch._weight_int4pack_mm_for_cpu(xb, p, 64, sz),
-    }
-    row = {}
-    for c, fn in cands.items():
-        t = timeit(fn, max(3, reps // 10))
-        row[c] = {"ms": round(t * 1e3, 3), "GFLOP_s": round(2 * prefill_m * n * k / t / 1e9, 2)}
-    res[f"prefill_m{prefill_m}"] = row
+def int4_weight(e: int, n: int, k: int, seed: int) -> quant.QuantWeight:
+    """A random int4 stack [e, n, k] in the stored format (group 128)."""
+    g = torch.Generator().manual_seed(seed)
+    group = quant.int4_group(k)
+    data = torch.randint(0, 256, (e, n, k // 2), dtype=torch.uint8, generator=g)
+    scale = (torch.rand(e, n, k // group, generator=g) * 0.01 + 0.001).to(torch.bfloat16)
+    return quant.QuantWeight("int4", (e, n, k), data, scale, group)
+
+
+def as_int4pack(w: quant.QuantWeight) -> quant.QuantWeight:
+    """The same values in torch's int4pack layout."""
+    e, n, k = w.shape
+    packed = torch.empty(e, n, k // 2, dtype=torch.uint8)
+    sz = torch.zeros(e, k // w.group, n, 2, dtype=torch.bfloat16)
+    for i in range(e):
+        u = quant.unpack_int4(w.data[i]).to(torch.int32) + 8
+        packed[i].copy_(torch._convert_weight_to_int4pack_for_cpu(u.contiguous(), 2))
+        sz[i, ..., 0].copy_(w.scale[i].t())
+    return quant.QuantWeight("int4pack", w.shape, packed, sz, w.group)
+
+
+def int8_weight(e: int, n: int, k: int, seed: int) -> quant.QuantWeight:
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(-127, 128, (e, n, k), dtype=torch.int8, generator=g)
+    scale = (torch.rand(e, n, generator=g) * 0.01 + 0.001).to(torch.bfloat16)
+    return quant.QuantWeight("int8", (e, n, k), data, scale)
+
+
+def row(t: tuple[float, float], nbytes: float, flops: float | None = None) -> dict:
+    """Best and median ms; GB/s (and GFLOP/s) of the best call, as the bandwidth is a best of 5."""
+    best, med = t
+    out = {"ms_best": round(best * 1e3, 3), "ms_median": round(med * 1e3, 3), "GB_s": round(nbytes / best / 1e9, 2)}
+    if flops is not None:
+        out["GFLOP_s"] = round(flops / best / 1e9, 1)
+    return out
+
+
+def add_fractions(tree, bw: float) -> None:
+    """``of_read_bw`` beside every ``GB_s`` (``bw``: the read bandwidth of the run)."""
+    if isinstance(tree, dict):
+        if "GB_s" in tree:
+            tree["of_read_bw"] = round(tree["GB_s"] / bw, 3)
+        for v in tree.values():
+            add_fractions(v, bw)
+
+
+def bench_products(rows: tuple[int, ...], reps: int) -> dict:
+    """One projection: int4 base expert, int8 small expert."""
+    res = {}
+    shapes = (("base_expert_gate_up_int4", 4, (1536, 2560)), ("base_expert_down_int4", 4, (2560, 1536)),
+              ("small_expert_gate_up_int8", 8, (1408, 2048)), ("small_expert_down_int8", 8, (2048, 1408)))
+    for name, bits, (n, k) in shapes:
+        one = n * k // 2 + n * k // 64 if bits == 4 else n * k + 2 * n
+        copies = max(2, L3_BYTES // one)
+        w = int4_weight(copies, n, k, 1) if bits == 4 else int8_weight(copies, n, k, 1)
+        cands = {}
+        if bits == 4:
+            wp = as_int4pack(w)
+            if native.available():
+                cands["native_int4"] = (lambda x, i: native.linear_int4(x, w.data[i], w.scale[i]), one)
+            cands["int4pack"] = (lambda x, i: torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), wp.data[i],
+                                                                                 wp.group, wp.scale[i]), one)
+        else:
+            if native.available():
+                cands["native_int8"] = (lambda x, i: native.linear_int8(x, w.data[i], w.scale[i]), one)
+            cands["int8pack"] = (lambda x, i: torch._weight_int8pack_mm(x.to(torch.bfloat16), w.data[i], w.scale[i]),
+                                 one)
+        out = {"shape": [n, k]}
+        for m in rows:
+            x = torch.randn(m, k)
+            r = {}
+            for c, (fn, nbytes) in cands.items():
+                it = iter(range(10 ** 9))
+                t = times(lambda: fn(x, next(it) % copies), reps)
+                r[c] = row(t, nbytes, 2 * m * n * k)
+            out[f"B{m}"] = r
+        res[name] = out
+    return res
+
+
+def experts_loop(x, idx, wt, gate, up, down):
+    """``Experts.forward``'s per-expert loop (what int4pack weights ran in decode)."""
+    k = idx.shape[1]
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=gate.shape[0]).tolist()
+    token = order // k
+    w = wt.reshape(-1)[order]
+    out = torch.zeros_like(x)
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            sel = token[start:start + c]
+            out.index_add_(0, sel, ops.gated_mlp(x[sel], gate[e], up[e], down[e]) * w[start:start + c, None])
+            start += c
+    return out
+
+
+def bench_layers(rows: tuple[int, ...], reps: int) -> dict:
+    res = {}
+    layers = {"base_moe_int4": (4, 2560, 1536, 72), "small_moe_int8": (8, 2048, 1408, 64)}
+    for name, (bits, d, f, e) in layers.items():
+        make = int4_weight if bits == 4 else int8_weight
+        gate, up, down = make(e, f, d, 1), make(e, f, d, 2), make(e, d, f, 3)
+        per_expert = sum(w.nbytes for w in (gate, up, down)) / e
+        cands = {}
+        if native.available():
+            fn = native.experts_int4 if bits == 4 else native.experts_int8
+            cands[f"native_int{bits}"] = lambda x, i, wt, fn=fn: fn(x, i, wt, gate, up, down)
+        if bits == 4:
+            packed = [as_int4pack(w) for w in (gate, up, down)]
+            cands["int4pack"] = lambda x, i, wt: experts_loop(x, i, wt, *packed)
+        out = {"D": d, "F": f, "experts": e, "top_k": 6, "bits": bits}
+        g = torch.Generator().manual_seed(0)
+        for m in rows:
+            x = torch.randn(m, d)
+            r = {}
+            for c, fn in cands.items():
+                draws = [torch.stack([torch.randperm(e, generator=g)[:6] for _ in range(m)]) for _ in range(reps + 1)]
+                wts = torch.rand(m, 6, generator=g)
+                it = iter(draws)
+                used = [len(set(i.flatten().tolist())) for i in draws]
+                with ops.decoding():
+                    t = times(lambda: fn(x, next(it), wts), reps)
+                r[c] = row(t, statistics.mean(used) * per_expert)
+                r[c]["experts_read"] = round(statistics.mean(used), 1)
+            out[f"B{m}"] = r
+        res[name] = out
+    return res
+
+
+def bench_tiny_products(reps: int) -> dict:
+    """The real tiny model's expert gate ([896, 1280]) and down ([1280, 896]) projections,
+    one weight called repeatedly (so read from cache): torch's bf16 product against the
+    native kernels per weight format (the comparison docs/performance.md quotes)."""
+    res = {}
+    for name, (n, k) in {"expert_gate_up": (896, 1280), "expert_down": (1280, 896)}.items():
+        wb = (torch.randn(n, k) * k ** -0.5).to(torch.bfloat16)
+        w8 = int8_weight(1, n, k, 1)[0]
+        w4 = int4_weight(1, n, k, 1)[0]
+        p4 = as_int4pack(int4_weight(1, n, k, 1))[0]
+        out = {"shape": [n, k]}
+        for m in (1, 4, 16):
+            xf = torch.randn(m, k)
+            xb = xf.to(torch.bfloat16)
+            cands = {"bf16": lambda: F.linear(xb, wb),
+                     "int8pack": lambda: torch._weight_int8pack_mm(xb, w8.data, w8.scale),
+                     "int4pack": lambda: torch._weight_int4pack_mm_for_cpu(xb, p4.data, p4.group, p4.scale)}
+            if native.available():
+                cands |= {"native_bf16": lambda: native.linear(xf, wb),
+                          "native_int8": lambda: native.linear_int8(xf, w8.data, w8.scale),
+                          "native_int4": lambda: native.linear_int4(xf, w4.data, w4.scale)}
+            out[f"B{m}"] = {c: row(times(fn, reps), 0, 2 * m * n * k) for c, fn in cands.items()}
+            for r in out[f"B{m}"].values():
+                del r["GB_s"]  # read from cache: no bandwidth to speak of
+        res[name] = out
+    return res
+
+
+def old_int8_prefill(x: torch.Tensor, w: quant.QuantWeight) -> torch.Tensor:
+    """The int8 prefill before: 2048 rows at a time dequantised to float32 into the reused
+    buffer, float32 GEMMs."""
+    n = w.shape[-2]
+    parts = []
+    for i in range(0, n, 2048):
+        wb = upcast(w.data[i:i + 2048], torch.float32).mul_(w.scale[i:i + 2048].float()[:, None])
+        parts.append(F.linear(x, wb))
+    return torch.cat(parts, dim=-1)
+
+
+def bench_prefill(m: int, reps: int, bf16: bool) -> dict:
+    res = {}
+    after, other = (torch.bfloat16, torch.float32) if bf16 else (torch.float32, torch.bfloat16)
+    for name, bits, (n, k) in (("base_expert_gate_int4", 4, (1536, 2560)), ("small_dense_gate_int8", 8, (10944, 2048))):
+        w = (int4_weight if bits == 4 else int8_weight)(1, n, k, 5)[0]
+        x = torch.randn(m, k)
+        if bits == 4:
+            wp = as_int4pack(int4_weight(1, n, k, 5))[0]
+            before = lambda: torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), wp.data, wp.group, wp.scale)
+        else:
+            before = lambda: old_int8_prefill(x, w)
+        cands = {"before": before, f"after_{str(after)[6:]}": lambda: w.block_gemm(x, after),
+                 f"other_{str(other)[6:]}": lambda: w.block_gemm(x, other)}
+        res[name] = {"shape": [n, k], "rows": m}
+        for c, fn in cands.items():
+            best, med = times(fn, reps)
+            res[name][c] = {"ms_best": round(best * 1e3, 2), "ms_median": round(med * 1e3, 2),
+                            "GFLOP_s": round(2 * m * n * k / best / 1e9, 1)}
+    # a whole base MoE layer (routed experts) on m tokens: Experts.forward's per-expert loop
+    d, f, e = 2560, 1536, 72
+    gate, up, down = int4_weight(e, f, d, 1), int4_weight(e, f, d, 2), int4_weight(e, d, f, 3)
+    packed = [as_int4pack(w) for w in (gate, up, down)]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, d)
+    idx = torch.stack([torch.randperm(e, generator=g)[:6] for _ in range(m)])
+    wt = torch.rand(m, 6, generator=g)
+    before = ops.big_products_in_weights_dtype()
+    ops.set_big_products_in_weights_dtype(bf16)
+    try:
+        row = {"rows": m, "experts": e, "top_k": 6}
+        for c, fn in {"before": lambda: experts_loop(x, idx, wt, *packed),
+                      "after": lambda: experts_loop(x, idx, wt, gate, up, down)}.items():
+            best, med = times(fn, 1)
+            row[c] = {"ms_best": round(best * 1e3, 1), "ms_median": round(med * 1e3, 1),
+                      "GFLOP_s": round(2 * 3 * m * 6 * d * f / best / 1e9, 1)}
+        res["base_moe_layer_int4"] = row
+    finally:
+        ops.set_big_products_in_weights_dtype(before)
     return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions, no lm_head")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats, B = 1 and 16 only")
+    ap.add_argument("--tiny", action="store_true", help="also the real tiny model's products, weights in cache")
     args = ap.parse_args()
-    reps = 20 if args.quick else 60
-    shapes = {"expert_gate_up": (896, 1280), "expert_down": (1280, 896), "attn_proj": (1280, 1280)}
-    if not args.quick:
-        shapes["lm_head"] = (129280, 1280)
-    out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-           "cpu_flags": cpu_flags(), "results": {}}
-    for name, (n, k) in shapes.items():
-        out["results"][name] = bench_shape(name, n, k, reps if name != "lm_head" else 5, 512 if name != "lm_head" else 64)
+    rows = (1, 16) if args.quick else (1, 4, 16)
+    reps = 9 if args.quick else 21
+    choice = policy.choose("cpu", torch.bfloat16)
+    name, flags = cpu_info()
+    out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), "cpu": name,
+           "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c"))),
+           "native": native.status(), "big_products": choice.big_products,
+           "int4_variant": native.int4_variant() if native.available() else None}
+    bw = [read_gbps()]
+    out["decode_products"] = bench_products(rows, reps * 3)
+    out["decode_moe_layers"] = bench_layers(rows, reps)
+    bw.append(read_gbps())
+    out["read_GB_s_before_after"] = [round(b, 1) for b in bw]
+    add_fractions(out, max(bw))
+    out["prefill"] = bench_prefill(1431, 3, choice.big_products == "bf16")
+    if args.tiny:
+        out["tiny_products_cached"] = bench_tiny_products(reps * 3)
     print(json.dumps(out, indent=1))
 
 

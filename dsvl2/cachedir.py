@@ -3,7 +3,7 @@
 Where: ``$DSVL2_CACHE_DIR``, else ``$XDG_CACHE_HOME/dsvl2`` (an absolute XDG_CACHE_HOME,
 as the XDG spec asks), else ``~/.cache/dsvl2``. It holds the native decode kernels
 (``model/native``: ``native/bf16-<hash>.so``, code that is loaded into the process) and
-the kernel choice of this machine (``model/kernels.py``: ``kernels.json``, data).
+the kernel choice of this machine (``model/native/policy.py``: ``kernels.json``, data).
 
 Trust: a file there is used only if no one but us (and root) can have written it. Every
 directory dsvl2 creates on the way (the cache root and the folders under it) is created

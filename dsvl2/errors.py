@@ -37,3 +37,17 @@ class ImageTooLargeError(ImageError):
 
 class GenerationError(DSVL2Error, ValueError):
     """Generation options are invalid or a request does not fit the model (e.g. the context window)."""
+
+
+class ContextLengthError(GenerationError):
+    """A conversation's prompt does not leave ``room`` answer tokens of the context window,
+    even with every older exchange dropped (``history.fit_history``): ``tokens`` is what the
+    messages that cannot be dropped need."""
+
+    def __init__(self, tokens: int, window: int, room: int):
+        self.tokens, self.window, self.room = tokens, window, room
+        super().__init__(f"the prompt needs {tokens} tokens (images included) and {room} more to answer, but the "
+                         f"model's context window is {window} tokens")
+
+    def __reduce__(self):  # pickled with its fields (e.g. across Ray's process boundary)
+        return type(self), (self.tokens, self.window, self.room)

@@ -1,6 +1,6 @@
 """Structured outputs and logprobs as the surfaces show them (Python API, CLI, server).
 
-Two small pieces shared by ``api.py``, ``cli.py`` and ``server/``; the engine side is
+Two small pieces shared by ``api.py``, ``commands/`` and ``server/``; the engine side is
 ``engine/guided.py`` (constrained decoding) and ``engine/engine.py`` (``TokenLogprob``).
 
 Structured outputs: ``guide_from_response_format`` turns OpenAI's ``response_format``

@@ -19,7 +19,9 @@ import dataclasses
 import functools
 import io
 import json
-import warnings
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ from PIL import Image
 
 import dsvl2.api as api
 from dsvl2.api import Answer, Delta, VLModel, load
+from dsvl2.engine.seams import use_sampler
 from dsvl2.errors import DSVL2Error
 from dsvl2.processing import Processor
 from _paths import GOLDEN, IMAGES
@@ -355,7 +358,7 @@ def test_logprobs_are_the_model_distribution_before_the_sampling_options():
     m = model("tiny")
     opts = dict(max_new_tokens=6, temperature=1.5, top_k=3, repetition_penalty=1.3, seed=3)
     batch, _ = m.process("Tell me a story.")
-    (h,) = m.driver.submit(batch, api._params({**opts, "logprobs": 4}), output_scores=True)
+    (h,) = m.driver.submit(batch, api.SamplingParams(**opts, logprobs=4), output_scores=True)
     out = h.result()
     lp = torch.log_softmax(out.scores.float(), -1)  # [steps, V] of the raw logits
     a = api.make_answer(out, [], m.processor.tokenizer, m.engine.eos_ids)
@@ -369,7 +372,7 @@ def test_logprobs_are_the_model_distribution_before_the_sampling_options():
     assert same_run.text == a.text and [e.to_dict() for e in same_run.logprobs] == [e.to_dict() for e in a.logprobs]
     assert m.chat("Tell me a story.", **opts).text == a.text  # asking for logprobs changes nothing else
     assert a.to_dict()["logprobs"][0].keys() == {"token", "logprob", "bytes", "top_logprobs"}
-    (h,) = m.driver.submit(batch, api._params(opts))
+    (h,) = m.driver.submit(batch, api.SamplingParams(**opts))
     assert h.result().logprobs is None
 
 
@@ -380,14 +383,12 @@ def test_draw_without_images_is_a_clear_error():
         a.draw()
 
 
-def test_scripted_grounding_answer_gives_pixel_boxes_on_the_last_image(monkeypatch):
-    import dsvl2.engine.engine as engine_mod
-
+def test_scripted_grounding_answer_gives_pixel_boxes_on_the_last_image():
     m = model("tiny")
     markup = "<|ref|>the cat<|/ref|><|det|>[[100, 200, 500, 800]]<|/det|>"
     script = iter(m.processor.tokenizer.encode(markup) + [1])
-    monkeypatch.setattr(engine_mod, "sample_next", lambda logits, *a, **k: torch.tensor([next(script)]))
-    a = m.chat("<|grounding|>Find the cat.", images=[PHOTO, SMALL_IMAGE], max_new_tokens=100)
+    with use_sampler(lambda logits, *a, **k: torch.tensor([next(script)])):
+        a = m.chat("<|grounding|>Find the cat.", images=[PHOTO, SMALL_IMAGE], max_new_tokens=100)
     assert a.text == markup and a.finish_reason == "stop"
     W, H = Image.open(SMALL_IMAGE).size
     assert a.boxes == [{"label": "the cat", "box_norm": [100, 200, 500, 800],
@@ -409,13 +410,11 @@ def test_scripted_grounding_answer_gives_pixel_boxes_on_the_last_image(monkeypat
     "<|ref|>cat<|/ref|><|det|>[[__import__('pathlib').Path('PWNED').touch(), 1, 2, 3]]<|/det|>",
 ])
 def test_malformed_grounding_is_reported_never_raised(markup, monkeypatch, tmp_path):
-    import dsvl2.engine.engine as engine_mod
-
     monkeypatch.chdir(tmp_path)
     m = model("tiny")
     script = iter(m.processor.tokenizer.encode(markup) + [1])
-    monkeypatch.setattr(engine_mod, "sample_next", lambda logits, *a, **k: torch.tensor([next(script)]))
-    a = m.chat("<|grounding|>Find the cat.", images=[SMALL_IMAGE], max_new_tokens=300)
+    with use_sampler(lambda logits, *a, **k: torch.tensor([next(script)])):
+        a = m.chat("<|grounding|>Find the cat.", images=[SMALL_IMAGE], max_new_tokens=300)
     assert a.text == markup
     assert a.grounding.problems
     d = a.to_dict()
@@ -482,7 +481,7 @@ def test_engine_handles_keep_their_raw_output_and_a_failure_has_its_error():
 
     m = model("tiny")
     batch, _ = m.process("Hello")
-    (h,) = m.driver.submit(batch, api._params({"max_new_tokens": 2}))
+    (h,) = m.driver.submit(batch, api.SamplingParams(max_new_tokens=2))
     out = h.result(timeout=120)
     assert isinstance(out, GenerationOutput) and out is h.output  # the engine-level API is unchanged
     a = api.make_answer(out, [])
@@ -523,18 +522,36 @@ def test_an_empty_prompt_is_an_error(messages):
         m.submit(messages, max_new_tokens=2)
 
 
-def test_loading_the_demo_warns_once_that_its_weights_are_random(monkeypatch):
-    monkeypatch.setattr(api, "_demo_said", False)
-    with pytest.warns(UserWarning, match="RANDOM weights") as seen:
-        load("demo", device="cpu")
-    assert len(seen) == 1 and "deepseek-ai/deepseek-vl2-tiny" in str(seen[0].message)
-    assert seen[0].filename == __file__  # pointed at the caller of load
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        load("demo", device="cpu")  # once per process
-        load(GOLDEN / "tiny", device="cpu")  # not the demo: never
-    monkeypatch.setattr(api, "_demo_said", False)
+DEMO_WARNINGS = """
+import sys, warnings
+import dsvl2.api as api
+
+if sys.argv[1] == "noted":
     api.demo_note_given()  # the CLI / server said it in their words
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        load("demo", device="cpu")
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")  # every warning raised, none folded into an earlier one
+    api.load(sys.argv[2], device="cpu")  # not the demo: never
+    api.load("demo", device="cpu")
+    api.load("demo", device="cpu")  # once per process
+for w in seen:
+    if "RANDOM weights" in str(w.message):
+        print(w.filename, str(w.message).replace(chr(10), " "), sep="|")
+"""
+
+
+def test_loading_the_demo_warns_once_that_its_weights_are_random(tmp_path):
+    """In fresh processes (the flag is per process, and this one may have warned already)."""
+    script = tmp_path / "caller.py"
+    script.write_text(DEMO_WARNINGS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def random_weight_warnings(mode: str) -> list[tuple[str, str]]:
+        run = subprocess.run([sys.executable, str(script), mode, str(GOLDEN / "tiny")], capture_output=True,
+                             text=True, env=env, timeout=300)
+        assert run.returncode == 0, run.stderr
+        return [tuple(line.split("|", 1)) for line in run.stdout.splitlines()]
+
+    ((filename, message),) = random_weight_warnings("first")
+    assert filename == str(script)  # pointed at the caller of load
+    assert "deepseek-ai/deepseek-vl2-tiny" in message
+    assert random_weight_warnings("noted") == []

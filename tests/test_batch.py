@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from dsvl2.batch import (BatchInputError, JsonlResults, ParquetResults, Row, _Answerer, _ChatAnswerer, answer_record,
+from dsvl2.batch import (Answerer, BatchInputError, ChatAnswerer, JsonlResults, ParquetResults, Row, answer_record,
                          error_record, is_openai_batch, out_format, read_openai_batch, read_rows, run_batch)
 from dsvl2.commands.main import main
 from _paths import IMAGES
@@ -223,9 +223,9 @@ def test_parquet_out_is_built_from_its_journal_and_merged_on_resume(tmp_path):
 # --------------------------------------------------------------------------- the actor, in this process
 
 
-def actor(rows_per_call: int = 1) -> _Answerer:
-    a = _Answerer.__new__(_Answerer)  # the real class around the already loaded model
-    a.model, a.rows_per_call, a.sampling = demo(), rows_per_call, {"max_new_tokens": NEW_TOKENS}
+def actor(rows_per_call: int = 1) -> Answerer:
+    a = Answerer.__new__(Answerer)  # the real class around the already loaded model
+    a.setup(demo(), rows_per_call=rows_per_call, sampling={"max_new_tokens": NEW_TOKENS})
     return a
 
 
@@ -272,8 +272,8 @@ def without_ray(monkeypatch):
             yield answerer({"id": [item["id"]], "request": [item["request"]]})
 
     monkeypatch.setattr(ray_connect, "connected", lambda *a, **k: contextlib.nullcontext(False))
-    monkeypatch.setattr(pipeline_mod, "_check_resources", lambda *a, **k: None)
-    monkeypatch.setattr(pipeline_mod, "_pipeline", pipeline)
+    monkeypatch.setattr(pipeline_mod, "check_resources", lambda *a, **k: None)
+    monkeypatch.setattr(pipeline_mod, "ray_pipeline", pipeline)
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
@@ -477,8 +477,8 @@ def test_a_custom_id_used_twice_stops_the_job_naming_both_lines(tmp_path):
     assert not (tmp_path / "out.jsonl").exists()
 
 
-def chat_actor(folder: Path, rows_per_call: int = 1) -> _ChatAnswerer:
-    a = _ChatAnswerer.__new__(_ChatAnswerer)  # the real class around the already loaded model
+def chat_actor(folder: Path, rows_per_call: int = 1) -> ChatAnswerer:
+    a = ChatAnswerer.__new__(ChatAnswerer)  # the real class around the already loaded model
     a.setup(fresh(), rows_per_call=rows_per_call, sampling={"max_new_tokens": NEW_TOKENS}, served_model_name="demo",
             image_dir=str(folder))
     return a

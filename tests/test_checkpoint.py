@@ -231,7 +231,7 @@ def test_refuses_non_empty_folder_and_overwrites_cleanly(tmp_path):
 def test_checks_free_disk_space(tmp_path, monkeypatch):
     old = write_random_checkpoint(tmp_path / "old", preset_config("golden-tiny"))
     before = sorted(p.name for p in old.iterdir())
-    monkeypatch.setattr(ck, "_free_bytes", lambda folder: 10 * 1024 ** 2)
+    monkeypatch.setattr(ck, "free_bytes", lambda folder: 10 * 1024 ** 2)
     with pytest.raises(CheckpointError, match="not enough disk space"):
         write_random_checkpoint(tmp_path / "ck", preset_config("golden-tiny"))
     assert not (tmp_path / "ck").exists()

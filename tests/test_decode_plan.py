@@ -25,7 +25,7 @@ from dsvl2.model.rope import RotaryEmbedding
 from dsvl2.processing import Processor
 from dsvl2.checkpoint.load import load_model
 
-needs_native = pytest.mark.skipif(not native._cpu_ok()[0], reason=f"CPU: {native._cpu_ok()[1]}")
+needs_native = pytest.mark.skipif(not native.cpu_ok()[0], reason=f"CPU: {native.cpu_ok()[1]}")
 
 # two shapes of the tiny family: GQA + attention biases + sigmoid scores + normalised
 # weights, every layer MoE without shared experts; and MHA + softmax + a dense first layer
@@ -58,12 +58,10 @@ def _step(lm: LanguageModel, cache: KVCache, rows, start, ids, fused: bool) -> t
     """One decode step of rows ``rows`` (cache rows) at positions ``start``: logits [B, V],
     routing {layer: (idx, weight)} seen by an observer, and whether the plan ran."""
     seen = {}
-    ran = []
-    real = decode_plan.DecodePlan.run
+    runs = decode_plan.runs
     lm.routing_observers.append(lambda i, r: seen.__setitem__(i, (r.idx.clone(), r.weight.clone())))
     try:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(decode_plan.DecodePlan, "run", lambda self, *a: ran.append(1) or real(self, *a))
             mp.setattr(decode_plan, "enabled", fused)
             start = torch.tensor(start)
             _, ctx = lm.step_context(cache, start, torch.ones_like(start), 1, TABLES[torch.tensor(rows)])
@@ -74,7 +72,7 @@ def _step(lm: LanguageModel, cache: KVCache, rows, start, ids, fused: bool) -> t
     assert set(seen) == set(out.routing)  # the observer saw what output_routing returned
     for i, r in out.routing.items():
         assert torch.equal(r.idx, seen[i][0]) and torch.equal(r.weight, seen[i][1])
-    return out.logits[:, 0], seen, bool(ran)
+    return out.logits[:, 0], seen, decode_plan.runs > runs
 
 
 # 4 rows of 512 tokens each in 16-token blocks scattered over the pool
@@ -119,19 +117,19 @@ def test_plan_follows_the_model_when_its_weights_change():
     args = ([1], [40], [7])
     before, _, ran = _step(lm, _cache(lm, 2), *args, True)
     assert ran
-    plan = lm.__dict__["_decode_plan"]
+    plan = decode_plan.plan_of(lm)
     # a parameter replaced by another: the plan notices and is rebuilt
-    lm.model.layers[1].mlp.shared_experts.down_proj.weight = torch.nn.Parameter(
-        lm.model.layers[1].mlp.shared_experts.down_proj.weight.detach() * 2)
+    down = lm.model.layers[1].mlp.shared_experts.down_proj
+    down.register_parameter("weight", torch.nn.Parameter(down.weight.detach() * 2))
     assert not plan.current()
     after, _, ran = _step(lm, _cache(lm, 2), *args, True)
-    assert ran and lm.__dict__["_decode_plan"] is not plan
+    assert ran and decode_plan.plan_of(lm) is not plan
     blocks, _, _ = _step(lm, _cache(lm, 2), *args, False)
     assert torch.equal(after, blocks) and not torch.equal(after, before)
     # a bias changed in place: the plan's float32 copy would be stale, so it is rebuilt too
     lm2 = _model("gqa_bias_sigmoid")
     _step(lm2, _cache(lm2, 3), *args, True)
-    plan = lm2.__dict__["_decode_plan"]
+    plan = decode_plan.plan_of(lm2)
     with torch.no_grad():
         lm2.model.layers[0].self_attn.v_proj.bias.add_(1.0)
     assert not plan.current()
@@ -149,9 +147,9 @@ def test_a_model_with_a_plan_pickles_and_copies():
     lm = _model("dense_first_shared")
     args = ([1], [40], [7])
     before, _, ran = _step(lm, _cache(lm, 2), *args, True)
-    assert ran and "_decode_plan" in lm.__dict__
+    assert ran and decode_plan.plan_of(lm) is not None
     for other in (pickle.loads(pickle.dumps(lm)), copy.deepcopy(lm)):
-        assert "_decode_plan" not in other.__dict__
+        assert decode_plan.plan_of(other) is None
         again, _, ran = _step(other, _cache(other, 2), *args, True)
         assert ran and torch.equal(again, before)
 
@@ -189,17 +187,15 @@ def test_engine_greedy_ids_equal_with_and_without_the_plan(monkeypatch):
     convs = [[{"role": "<|User|>", "content": text}, {"role": "<|Assistant|>", "content": ""}]
              for text in ("Hello there.", "Count to ten, slowly, please: one", "Why is the sky blue?")]
     params = SamplingParams(max_new_tokens=12, temperature=0.0)
-    ran = []
-    real = decode_plan.DecodePlan.run
-    monkeypatch.setattr(decode_plan.DecodePlan, "run", lambda self, *a: ran.append(1) or real(self, *a))
 
     def ids():
         return [o.ids for o in Engine(model, proc.tokenizer).generate(proc(convs), params)]
 
+    runs = decode_plan.runs
     fused = ids()
-    assert len(ran) >= 11  # every decode step went through the plan
-    ran.clear()
+    assert decode_plan.runs - runs >= 11  # every decode step went through the plan
+    runs = decode_plan.runs
     monkeypatch.setattr(decode_plan, "enabled", False)
-    assert ids() == fused and not ran
+    assert ids() == fused and decode_plan.runs == runs
     monkeypatch.setattr(ops, "native_blocks", False)
     assert ids() == fused

@@ -1,11 +1,12 @@
 """The driver: one loop owns the engine; streams, threads and asyncio share it safely.
 
 The truth for every answer is the same conversation run alone (greedy) on a plain
-``Engine`` in one thread. Nothing is timed: the fairness test counts scheduler steps.
+``Engine`` in one thread. Nothing is timed: the fairness test reads the engine's step
+reports (``Engine.add_step_observer``).
 
 Failure isolation: faults are injected through the seams made for it
-(``Driver(fault_hook=)``, ``Engine.fault_hook``) or are real ones (a sink whose ``put``
-raises); no engine method is replaced. Every wait is bounded (join / result timeouts), so
+(``Driver(fault_hook=)``, ``Engine.set_fault_hook``) or are real ones (a sink whose
+``put`` raises); no engine method is replaced. Every wait is bounded (join / result timeouts), so
 a driver that hangs fails its test instead of hanging the suite.
 """
 
@@ -130,37 +131,31 @@ def test_a_stream_keeps_flowing_while_an_image_request_is_admitted():
     step, and no step does more than one unit of admission work beyond the budget."""
     m = dsvl2.load(GOLDEN / "small", step_tokens=64)
     eng = m.engine
-    plans = []
-    real_plan = eng.scheduler.plan
-
-    def recording():
-        work = real_plan()
-        running = eng.scheduler.running
-        plans.append((len(running), any(r.rid == first_rid[0] for r in running), work))
-        return work
-
-    first_rid = [-1]
-
-    eng.scheduler.plan = recording
+    reports = []
+    eng.add_step_observer(reports.append)  # called in the driver's thread, after each step
     first = m.submit(CONVS[2], max_new_tokens=400)[0]
-    first_rid[0] = first.rid
     events = first.events()
     next(events)  # the text request is running
     big = m.submit(CONVS[3], max_new_tokens=2)[0]
     assert big.result(timeout=120).completion_tokens == 2
     assert not first.finished
     first.cancel()
-    admission = [(running, w) for running, first_in, w in plans if w and first_in]
+
+    def admits_big(rep) -> bool:
+        return any(rid == big.rid for rid, _ in rep.vision) or any(rid == big.rid for f in rep.prefill
+                                                                   for rid, _, _ in f)
+
     # the admission was spread over many steps, and in each of them the running stream
     # was sampled (every step samples every running row): it never waited longer than a step
-    assert len(admission) >= 10
-    assert all(first_in for _, first_in, w in plans if w and any(getattr(x, "req", None) is big.req or
-               any(r is big.req for r, _ in getattr(x, "chunks", ())) for x in w))
+    assert sum(map(admits_big, reports)) >= 10
+    assert all(first.rid in rep.running and first.rid in rep.sampled for rep in reports if admits_big(rep))
     tile = eng.scheduler.tile_cost
-    for running, work in admission:
-        cost = sum(w.k * tile if isinstance(w, Vision) else sum(n for _, n in w.chunks) for w in work)
-        one_unit = max(tile if isinstance(w, Vision) else max(n for _, n in w.chunks) for w in work)
-        assert cost <= max(64 - running, one_unit)
+    admission = [rep for rep in reports if (rep.vision or rep.prefill) and first.rid in rep.running]
+    assert admission
+    for rep in admission:
+        cost = sum(k * tile for _, k in rep.vision) + rep.prefill_tokens
+        one_unit = max([tile] * bool(rep.vision) + [max(n for _, _, n in f) for f in rep.prefill])
+        assert cost <= max(64 - len(rep.running), one_unit)
 
 
 def test_scheduler_plan_respects_the_budget():
@@ -327,14 +322,14 @@ def test_a_request_the_engine_failed_in_its_step_gets_one_final_error_event(demo
             if len(decodes) == 3:
                 raise RuntimeError("simulated decode failure")
 
-    d.engine.fault_hook = hook
+    d.engine.set_fault_hook(hook)
     (h,) = d.submit(rows(demo, "hello"), greedy(10))
     streamed = list(h.events(timeout=WAIT))
     assert [ev.finish_reason for ev in streamed] == [None] * (len(streamed) - 1) + ["error"]
     out = streamed[-1].output
     assert "simulated decode failure" in out.error and out.completion_tokens < 10
     assert "".join(ev.delta for ev in streamed) == out.text
-    d.engine.fault_hook = None
+    d.engine.set_fault_hook(None)
     (h,) = d.submit(rows(demo, "hello"), greedy(4))
     assert h.result(timeout=WAIT).completion_tokens == 4
     assert d.stats()["slots_in_use"] == 0
@@ -420,23 +415,23 @@ def test_a_dead_driver_thread_fails_its_requests_and_submit_restarts_it(demo, ma
     (h,) = d.submit(rows(demo, "hello"), greedy(4))
     with pytest.raises(GenerationError, match="simulated crash"):
         h.result(timeout=WAIT)
-    dead = d._last_thread
+    dead = d.last_thread
     dead.join(WAIT)
-    assert not dead.is_alive() and d._thread is None
+    assert not dead.is_alive() and d.thread is None
     (h,) = d.submit(rows(demo, "hello"), greedy(4))
     assert h.result(timeout=WAIT).completion_tokens == 4
-    assert d._last_thread is not dead
+    assert d.last_thread is not dead
 
 
 def test_an_idle_driver_lets_its_thread_go_and_the_next_submit_starts_one(demo, make_driver):
     d = make_driver(idle_exit=0.05)
     (h,) = d.submit(rows(demo, "hi"), greedy(2))
     assert h.result(timeout=WAIT).completion_tokens == 2
-    first = d._last_thread
+    first = d.last_thread
     first.join(WAIT)
-    assert not first.is_alive() and d._thread is None
+    assert not first.is_alive() and d.thread is None
     (h,) = d.submit(rows(demo, "hi"), greedy(2))
-    assert h.result(timeout=WAIT).completion_tokens == 2 and d._last_thread is not first
+    assert h.result(timeout=WAIT).completion_tokens == 2 and d.last_thread is not first
 
 
 def test_close_during_traffic(demo, make_driver):

@@ -8,26 +8,28 @@ Conventions of this file:
 * One torch thread: the models are a few M parameters, where a second OpenMP thread buys
   nothing and, on a busy 2-core machine, makes every small op wait for a descheduled
   thread (measured 7-10x slower). Integer outputs do not depend on the thread count.
-* Scripted tests replace ``dsvl2.engine.engine.sample_next`` so that the engine emits a
-  chosen id sequence (multi-byte characters, stop strings, eos, ids beyond the tokenizer)
-  through the real step loop, detokeniser and stop logic.
+* Scripted tests give the engine a sampler that returns a chosen id sequence (multi-byte
+  characters, stop strings, eos, ids beyond the tokenizer), which then goes through the
+  real step loop, detokeniser and stop logic (``script``, tests/conftest.py).
+* What a step ran is read from the engine's step observer (``StepReport``); nothing of
+  the engine is replaced.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
+import logging
+import time
 
 import pytest
 import torch
 
-import dsvl2.engine.engine as engine_mod
 from dsvl2.engine.engine import Engine, GenerationOutput
 from dsvl2.engine.request import Request
 from dsvl2.engine.sampling import SamplingParams
 from dsvl2.errors import GenerationError
-from dsvl2.engine.runner import ModelRunner
+from dsvl2.engine.seams import StepReport, use_sampler
 from dsvl2.model.cache import KVCache
 from dsvl2.model.rope import apply_rope
 from dsvl2.processing import Processor
@@ -113,22 +115,6 @@ def run_to_end(eng: Engine) -> None:
         eng.step()
 
 
-@pytest.fixture
-def script(monkeypatch):
-    """``script(ids)``: the engine's sampler returns these ids, one per step (one request)."""
-
-    def install(ids):
-        it = iter(list(ids))
-
-        def fake_sample_next(logits, params, generators, seen=None):
-            assert logits.shape[0] == 1, "scripted runs hold one request"
-            return torch.tensor([next(it)])
-
-        monkeypatch.setattr(engine_mod, "sample_next", fake_sample_next)
-
-    return install
-
-
 def scripted_run(variant: str, ids, **params) -> tuple[GenerationOutput, list[str]]:
     """Stream one short conversation whose output is forced to ``ids``: (output, deltas)."""
     params.setdefault("max_new_tokens", len(ids))
@@ -140,19 +126,19 @@ def scripted_run(variant: str, ids, **params) -> tuple[GenerationOutput, list[st
     return out, deltas
 
 
-@pytest.fixture
-def decode_sizes(monkeypatch):
-    """Rows of every decode forward (``ModelRunner.decode``), recorded in a list."""
-    sizes: list[int] = []
-    original = ModelRunner.decode
+def observed(eng: Engine) -> list[StepReport]:
+    """The reports of ``eng``'s steps from now on, in a list."""
+    reports: list[StepReport] = []
+    eng.add_step_observer(reports.append)
+    return reports
 
-    def counting(self, reqs):
-        assert not any(r.finished for r in reqs), "a finished row was decoded"
-        sizes.append(len(reqs))
-        return original(self, reqs)
 
-    monkeypatch.setattr(ModelRunner, "decode", counting)
-    return sizes
+def decode_sizes(reports: list[StepReport]) -> list[int]:
+    """Rows of every decode forward; checks that no row that finished was decoded."""
+    for rep in reports:
+        ended = {rid for rid, why in rep.finished.items() if why != "error"}
+        assert not ended & {rid for rid, _ in rep.decode}, "a finished row was decoded"
+    return [len(rep.decode) for rep in reports if rep.decode]
 
 
 # --------------------------------------------------------------------------- KV cache
@@ -472,13 +458,14 @@ def test_ids_beyond_the_tokenizer_decode_to_nothing(script):
     assert out.text == "".join(deltas) == "hello"
 
 
-def test_finished_rows_cost_nothing(decode_sizes):
+def test_finished_rows_cost_nothing():
     params = [greedy(2), greedy(5), greedy(8)]
     eng = engine("small")
+    reports = observed(eng)
     outs = eng.generate(batch("small", SHORT[:3]), params)
     assert [len(o.ids) for o in outs] == [2, 5, 8]
     # step k samples token k of every live row, then decodes the rows that go on
-    assert decode_sizes == [3, 2, 2, 2, 1, 1, 1]
+    assert decode_sizes(reports) == [3, 2, 2, 2, 1, 1, 1]
     assert eng.free_slots == list(range(eng.max_batch_size)) and not eng.active
     for c, n, out in zip(SHORT, (2, 5, 8), outs):
         assert out.ids == alone("small", c)[:n]
@@ -556,15 +543,143 @@ def test_abandoned_stream_frees_its_slots():
     assert eng.free_slots == [0, 1, 2] and not eng.active
 
 
-def test_more_requests_than_slots_queue(decode_sizes):
+def test_more_requests_than_slots_queue():
     eng = engine("small", max_batch_size=2)
+    reports = observed(eng)
     params = [greedy(n) for n in (3, 9, 4, 6, 5)]
     outs = eng.generate(batch("small", SHORT), params)
-    assert max(decode_sizes) == 2
+    assert max(decode_sizes(reports)) == 2
     for c, p, out in zip(SHORT, params, outs):
         assert out.ids == alone("small", c)[: p.max_new_tokens]
         assert out.finish_reason == "length"
     assert eng.free_slots == [0, 1] and not eng.waiting
+
+
+# --------------------------------------------------------------------------- seams
+
+
+def test_step_reports_say_what_ran_and_how_long():
+    eng = engine("small", prefix_caching=False)  # every prompt token computed: positions from 0
+    reports = observed(eng)
+    reqs = eng.submit(batch("small", [TEXT, ONE_IMAGE]), greedy(4), chunk_size=256)
+    tiles = [r.tiles_total for r in reqs]
+    assert tiles[0] == 0 < tiles[1]
+    run_to_end(eng)
+    assert [rep.step for rep in reports] == list(range(eng.steps)) and eng.steps == 4
+    assert reports[0].admitted == [r.rid for r in reqs] and reports[0].running == []
+    assert [rep.vision_tiles for rep in reports] == [tiles[1], 0, 0, 0]
+    for r, n_tiles in zip(reqs, tiles):
+        chunks = [(start, n) for rep in reports for f in rep.prefill for rid, start, n in f if rid == r.rid]
+        assert chunks[0][0] == 0 and all(a + n == b for (a, n), (b, _) in zip(chunks, chunks[1:]))
+        assert sum(n for _, n in chunks) == r.prompt_len and max(n for _, n in chunks) <= 256
+        assert sum(k for rep in reports for rid, k in rep.vision if rid == r.rid) == n_tiles
+        assert [rep.step for rep in reports if r.rid in rep.sampled] == [0, 1, 2, 3]
+        # tokens 1..3 go through a decode forward at the positions after the prompt; the
+        # 4th ends the request where it is sampled
+        assert [pos for rep in reports for rid, pos in rep.decode if rid == r.rid] == \
+            [r.prompt_len, r.prompt_len + 1, r.prompt_len + 2]
+    assert sum(rep.prefill_tokens for rep in reports) == sum(r.prompt_len for r in reqs)
+    assert [rep.finished for rep in reports] == [{}, {}, {}, {r.rid: "length" for r in reqs}]
+    assert all(not rep.preempted for rep in reports)
+    for rep in reports:
+        t = rep.timings
+        assert set(t) == {"admit", "vision", "prefill", "sample", "decode", "total"}
+        assert min(t.values()) >= 0 and sum(v for k, v in t.items() if k != "total") <= t["total"]
+        for stage in ("vision", "prefill", "decode"):
+            assert (t[stage] > 0) == bool(getattr(rep, stage)), (rep.step, stage)
+
+
+def test_a_failing_observer_is_logged_and_changes_nothing(caplog):
+    eng = engine("small")
+
+    def broken(rep):
+        raise RuntimeError("observer bug")
+
+    eng.add_step_observer(broken)
+    reports = observed(eng)
+    with caplog.at_level(logging.ERROR, logger="dsvl2.engine"):
+        out = eng.generate(batch("small", [TEXT]), greedy(5))[0]
+    assert out.ids == alone("small", TEXT)[:5] and out.finish_reason == "length"
+    assert "step observer" in caplog.text and "observer bug" in caplog.text
+    assert len(reports) == eng.steps  # the observer after the broken one saw every step
+    eng.remove_step_observer(broken)
+    eng.remove_step_observer(reports.append)
+    eng.remove_step_observer(reports.append)  # not an observer any more: nothing happens
+    eng.generate(batch("small", [TEXT]), greedy(2))
+    assert len(reports) == 5 < eng.steps
+    with pytest.raises(TypeError, match="callable"):
+        eng.add_step_observer("not a function")
+
+
+def test_the_fault_hook_slows_or_fails_a_decode_step():
+    eng = engine("small")
+    reports = observed(eng)
+    stages = []
+
+    def slow(stage, reqs):
+        stages.append((stage, [r.rid for r in reqs]))
+        if stage == "decode":
+            time.sleep(0.05)
+
+    eng.set_fault_hook(slow)
+    out = eng.generate(batch("small", [TEXT]), greedy(3))[0]
+    assert out.ids == alone("small", TEXT)[:3]  # slower, not different
+    rid = reports[0].sampled[0]
+    assert stages == [("prefill", [rid]), ("decode", [rid]), ("decode", [rid])]
+    decodes = [rep.timings["decode"] for rep in reports if rep.decode]
+    assert len(decodes) == 2 and min(decodes) >= 0.05
+    assert out.timings["max_inter_token_s"] >= 0.05
+
+    def fail(stage, reqs):
+        if stage == "decode":
+            raise RuntimeError("simulated decode failure")
+
+    eng.set_fault_hook(fail)
+    out = eng.generate(batch("small", [TEXT]), greedy(3))[0]
+    assert out.finish_reason == "error" and "simulated decode failure" in out.error
+    assert out.ids == alone("small", TEXT)[:1]  # its first token came from the prefill
+    assert reports[-1].finished == {reports[-1].decode[0][0]: "error"}
+    assert not eng.active and eng.free_slots == list(range(eng.max_batch_size))
+
+
+def test_an_engines_own_sampler_comes_before_the_process_wide_one():
+    def always(tok):
+        return lambda logits, params, generators, seen=None: torch.full((logits.shape[0],), tok)
+
+    own, plain = engine("small", sampler=always(HELLO[0])), engine("small")
+    b = batch("small", [TEXT])
+    with use_sampler(always(HELLO[1])):
+        assert own.generate(b, greedy(3))[0].ids == [HELLO[0]] * 3
+        assert plain.generate(b, greedy(3))[0].ids == [HELLO[1]] * 3
+    assert plain.generate(b, greedy(3))[0].ids == alone("small", TEXT)[:3]  # the block ended
+    third = always(HELLO[2])
+    assert plain.set_sampler(third) is None and plain.sampler is third
+    assert plain.generate(b, greedy(3))[0].ids == [HELLO[2]] * 3
+    assert plain.set_sampler(None) is third
+    with pytest.raises(GenerationError, match="sampler must be"):
+        engine("small", sampler="greedy")
+
+
+def test_seams_are_set_through_methods_that_check_what_they_get():
+    eng = engine("small")
+
+    def hook(stage, reqs):
+        pass
+
+    assert eng.set_fault_hook(hook) is None and eng.fault_hook is hook
+    assert eng.set_fault_hook(None) is hook and eng.fault_hook is None
+    window = eng.context_window
+    assert eng.set_context_window(12) == window and eng.context_window == 12
+    out = eng.generate(batch("small", [SHORT[0]]), greedy(20))[0]  # 10 prompt tokens
+    assert out.completion_tokens == 2 and out.finish_reason == "length"
+    assert eng.set_progress(print) is None and eng.set_progress(None) is print
+    for bad in (lambda: eng.set_fault_hook("x"), lambda: eng.set_sampler(3), lambda: eng.set_progress(1.5),
+                lambda: eng.set_guide_compiler(object()), lambda: eng.set_context_window(1),
+                lambda: eng.set_context_window(True)):
+        with pytest.raises(GenerationError):
+            bad()
+    with pytest.raises(AttributeError):
+        eng.fault_hook = hook  # read-only: the setter is the way in
 
 
 # --------------------------------------------------------------------------- batch invariance

@@ -164,7 +164,7 @@ def _stop_that_occurs(text: str) -> str:
 
 
 @pytest.mark.parametrize("item", BY_KIND["request"], ids=ids)
-def test_request_item_through_the_api(item, corpus, model, baseline, monkeypatch):
+def test_request_item_through_the_api(item, corpus, model, baseline, monkeypatch, request):
     req = resolve(item.request, corpus)
     if item.expect != "ok":
         decoded = []
@@ -178,7 +178,8 @@ def test_request_item_through_the_api(item, corpus, model, baseline, monkeypatch
         # 10^9 tokens are accepted and end at the context window; a window just above the
         # prompt makes that a few tokens instead of thousands.
         window = baseline.prompt_tokens + 4
-        monkeypatch.setattr(model.engine, "context_window", window)
+        previous = model.engine.set_context_window(window)
+        request.addfinalizer(lambda: model.engine.set_context_window(previous))
     a = chat(model, req)
     assert isinstance(a, Answer) and a.finish_reason in ("stop", "length")
     if item.check == "answers":
@@ -223,7 +224,7 @@ def test_high_bit_depth_conversion_in_blocks_equals_the_whole_image_formula(monk
     """16-bit and float images are converted a block of rows at a time (bounded memory);
     the result must be the whole-image formula, also when the decisive value (a float
     above 1, which switches F to the 0..255 scale) sits in the last block."""
-    monkeypatch.setattr(image_mod, "_BLOCK_PIXELS", 1000)  # 100-pixel rows: 10 rows a block
+    monkeypatch.setattr(image_mod, "BLOCK_PIXELS", 1000)  # 100-pixel rows: 10 rows a block
     rng = np.random.default_rng(0)
     v16 = rng.integers(0, 65536, (95, 100), dtype=np.uint16)
     got = np.asarray(image_mod.load_image(Image.fromarray(v16)))[..., 0]

@@ -214,12 +214,13 @@ def test_the_server_outcomes_are_for_real_items():
 
 
 @pytest.mark.parametrize("item", ITEMS, ids=lambda it: it.name)
-def test_corpus_item_through_the_server(item, server, corpus, model, bystander, monkeypatch):
+def test_corpus_item_through_the_server(item, server, corpus, model, bystander, monkeypatch, request):
     body = to_http(item, corpus)
     status = expected_status(item)
     if item.check == "context_capped" and status == 200:
         window = model.engine.context_window
-        monkeypatch.setattr(model.engine, "context_window", 470)  # 10^9 tokens end at a small window
+        model.engine.set_context_window(470)  # 10^9 tokens end at a small window
+        request.addfinalizer(lambda: model.engine.set_context_window(window))
     r = post(server.url, body)
     if status != 200:
         assert_error(r, status)
@@ -342,12 +343,13 @@ def test_bad_sampling_values_are_400_naming_the_field(server, field, value, byst
     assert err["param"] == field
 
 
-def test_max_tokens_1_and_huge(server, model, monkeypatch, bystander):
+def test_max_tokens_1_and_huge(server, model, monkeypatch, bystander, request):
     msgs = [{"role": "user", "content": "hi"}]
     one = post(server.url, {"messages": msgs, "max_tokens": 1}).json()
     assert one["usage"]["completion_tokens"] == 1 and one["choices"][0]["finish_reason"] == "length"
     # a window just above the bystander's (437 prompt + 8 tokens) keeps 10^9 to a few hundred
-    monkeypatch.setattr(model.engine, "context_window", 460)
+    previous = model.engine.set_context_window(460)
+    request.addfinalizer(lambda: model.engine.set_context_window(previous))
     huge = post(server.url, {"messages": msgs, "max_tokens": 10**9}).json()
     assert huge["choices"][0]["finish_reason"] == "length"
     assert huge["usage"]["prompt_tokens"] + huge["usage"]["completion_tokens"] == 460

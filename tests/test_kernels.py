@@ -1,4 +1,4 @@
-"""Kernel choice per machine (model/kernels.py) and the bf16 big-product path it enables.
+"""Kernel choice per machine (model/native/policy.py) and the bf16 big-product path it enables.
 
 The choice is tested with given CPU flags and a given measurement (no timing here); the
 bf16 path is checked against the float32 path on a golden model within bf16 rounding.
@@ -53,7 +53,7 @@ def test_measurement_is_cached_per_machine():
     assert first == again and first.big_products == "bf16" and len(calls) == 2  # measured once
     kernels.choose("cpu", torch.bfloat16, flags={"amx_bf16", "avx512_bf16"}, measure=counting)
     assert len(calls) == 4  # other flags: another machine, measured again
-    assert kernels._cache_file().is_file()
+    assert kernels.cache_file().is_file()
 
 
 def test_float32_weights_and_gpus_never_cast():

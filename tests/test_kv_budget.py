@@ -158,12 +158,17 @@ def test_pool_bookkeeping_under_random_traffic(data):
     content: dict[int, tuple] = {}  # block -> keys of the tokens written in it (what a forward wrote)
     rng = random.Random(data.draw(st.integers(0, 2 ** 16)))
 
-    def write(r: Request, upto: int) -> None:
-        for p in range(r.length, upto):
+    def write(r: Request, n: int, decode: bool = False) -> None:
+        """A forward writes r's next ``n`` tokens (a prefill chunk, or one decode token) and
+        says so as the engine's runner does; the manager registers the blocks now full."""
+        for p in range(r.length, r.length + n):
             b = r.blocks[p // bs]
             assert pool.holders(b) == 1 or p % bs >= len(content.get(b, ())), "wrote into a shared block"
-            content[b] = content.get(b, ())[: p % bs] + (mgr._key(r, p),)
-        r.length = r.prefilled = upto
+            content[b] = content.get(b, ())[: p % bs] + (r.token_key(p),)
+        if decode:
+            r.decoded()
+        else:
+            r.prefilled_chunk(n)
         mgr.computed(r)
 
     for rid in range(data.draw(st.integers(1, 30))):
@@ -175,15 +180,15 @@ def test_pool_bookkeeping_under_random_traffic(data):
                 content[dst] = content.get(src, ())[: m.copy_n]
             mgr.run_copies(lambda s, d: None)
             for p in range(r.length):  # reused tokens hold this request's keys
-                assert content[r.blocks[p // bs]][p % bs] == mgr._key(r, p)
-            write(r, r.prefill_len)
+                assert content[r.blocks[p // bs]][p % bs] == r.token_key(p)
+            write(r, r.prefill_len - r.prefilled)
             active.append(r)
         for a in list(active):  # some decode, some end, some are preempted
             act = rng.random()
             if act < 0.5:
                 a.output_ids.append(rng.randrange(vocab))
                 if mgr.grow(a):
-                    write(a, a.length + 1)
+                    write(a, 1, decode=True)
                 else:
                     a.output_ids.pop()
             elif act < 0.8:
@@ -212,7 +217,7 @@ def test_a_failing_image_encoding_fails_only_its_request():
         if stage == "vision" and bad in reqs:
             raise RuntimeError("tile batch exploded")
 
-    eng.fault_hook = fault
+    eng.set_fault_hook(fault)
     final = {}
     while eng.has_work():
         for r, tok, _ in eng.step():
@@ -232,8 +237,12 @@ def test_a_failing_decode_step_still_ends_the_request_that_finished_in_it():
     eng = Engine(m.model, m.processor.tokenizer, kv_cache_bytes=1 << 24)
     short = eng.submit(m.processor([conv("Hi.")]), SamplingParams(max_new_tokens=3))[0]
     long = eng.submit(m.processor([conv("Tell me more.")]), SamplingParams(max_new_tokens=30))[0]
-    eng.fault_hook = lambda stage, reqs: (_ for _ in ()).throw(MemoryError("no room")) \
-        if stage == "decode" and len(short.output_ids) == 3 else None
+
+    def fault(stage, reqs):
+        if stage == "decode" and len(short.output_ids) == 3:
+            raise MemoryError("no room")
+
+    eng.set_fault_hook(fault)
     events = []
     while eng.has_work():
         events += eng.step()

@@ -29,7 +29,7 @@ LAYERS = [
     ("checkpoint", ["dsvl2.checkpoint"]),
     ("engine", ["dsvl2.engine"]),
     ("results", ["dsvl2.grounding", "dsvl2.structured"]),
-    ("api", ["dsvl2.api"]),
+    ("api", ["dsvl2.api", "dsvl2.history"]),
     ("facade", ["dsvl2"]),  # dsvl2/__init__.py: dsvl2.load and the version
     ("ray", ["dsvl2.ray_connect"]),
     ("web", ["dsvl2.web"]),

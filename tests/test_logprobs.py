@@ -6,12 +6,12 @@ Conventions of this file:
 * The model is the shipped demo checkpoint (random weights, default dtype). Its answers
   are gibberish but exercise what matters here: ids beyond the tokenizer (no text),
   byte-level pieces that are not valid UTF-8 alone, eos.
-* Scripted answers: ``dsvl2.engine.engine.sample_next`` is replaced so that the real
-  engine emits chosen ids (then eos); the logprobs still come from the model's logits.
-* Guides: the guide compiler (``engine/guided.py``) is another piece of work; here
-  ``Engine.compile_guide`` is replaced by a recorder that refuses every guide, which
-  proves what reaches the engine and how a compile error comes back. End-to-end JSON
-  mode lives with the compiler's tests.
+* Scripted answers: the ``script`` fixture (tests/conftest.py) gives the engine a sampler
+  that emits chosen ids (then eos); the logprobs still come from the model's logits.
+* Guides: the guide compiler (``engine/guided.py``) is another piece of work; here the
+  engine's guide compiler (``Engine.set_guide_compiler``) is a recorder that refuses every guide, which proves what
+  reaches the engine and how a compile error comes back. End-to-end JSON mode lives with
+  the compiler's tests.
 * Live servers are marked ``slow``; ONE torch thread (``one_thread``).
 """
 
@@ -24,11 +24,9 @@ import random
 import httpx
 import openai
 import pytest
-import torch
+import tokenizers
 
 import dsvl2
-import dsvl2.engine.engine as engine_mod
-from dsvl2.api import _params
 from dsvl2.engine.guided import Guide
 from dsvl2.errors import GenerationError
 from dsvl2.server import create_app
@@ -55,33 +53,24 @@ def server(model):
     s.close()
 
 
-@pytest.fixture
-def script(monkeypatch):
-    """script(ids): the engine's next sampled tokens are ``ids``, then eos (one request at a time)."""
+class RefusingCompiler:
+    """A guide compiler that records every guide and refuses it with a GenerationError."""
 
-    def install(ids, eos: int):
-        it = iter(list(ids) + [eos])
+    def __init__(self):
+        self.seen = []
 
-        def fake_sample_next(logits, params, generators, seen=None):
-            assert logits.shape[0] == 1, "scripted runs hold one request"
-            return torch.tensor([next(it, eos)])
-
-        monkeypatch.setattr(engine_mod, "sample_next", fake_sample_next)
-
-    return install
-
-
-@pytest.fixture
-def guides(monkeypatch):
-    """The guides that reach ``Engine.compile_guide``; each is refused with a GenerationError."""
-    seen = []
-
-    def compile_guide(self, guide):
-        seen.append(guide)
+    def compile(self, guide):
+        self.seen.append(guide)
         raise GenerationError(f"test compiler: {guide.kind} refused")
 
-    monkeypatch.setattr(engine_mod.Engine, "compile_guide", compile_guide)
-    return seen
+
+@pytest.fixture
+def guides(model):
+    """The guides that reach the model's engine (its guide compiler); each is refused."""
+    refusing = RefusingCompiler()
+    before = model.engine.set_guide_compiler(refusing)
+    yield refusing.seen
+    model.engine.set_guide_compiler(before)
 
 
 def check_entries(entries, text: str, top: int, greedy: bool = True, cut: bool = False):
@@ -125,8 +114,8 @@ def test_token_bytes_are_exact_for_the_whole_vocabulary(model):
     tok = model.processor.tokenizer
     texts = token_texts(tok)
     assert texts.kind == "byte_level" and token_texts(tok) is texts
-    hf = tok._tok
-    added = hf.get_added_tokens_decoder()
+    # the added (special) tokens, read from the checkpoint's tokenizer file directly
+    added = tokenizers.Tokenizer.from_file(str(model.folder / "tokenizer.json")).get_added_tokens_decoder()
     for i in range(len(tok)):
         text, raw = texts(i)
         assert text == tok.decode([i])  # the token's own text is the tokenizer's decode of it
@@ -273,21 +262,25 @@ def test_api_guides_and_their_errors(model, guides):
     assert model.chat(HI, max_tokens=2, response_format={"type": "text"}).completion_tokens == 2  # no guide
 
 
-def test_api_params_shapes():
+def test_api_option_shapes(model, guides):
+    """The shapes the options take in ``chat``: each guide that reaches the engine, the
+    options that mean no guide, logprobs True / False / a count, and the errors."""
     schema = {"type": "object"}
-    assert _params({"json_schema": schema}).guide == Guide.json_schema(schema)
-    assert _params({"response_format": {"type": "json_object"}}).guide == Guide.json_object()
-    assert _params({"response_format": {"type": "text"}}).guide is None
-    assert _params({"response_format": None, "json_schema": None}).guide is None
-    assert _params({"logprobs": True}).logprobs == 0 and _params({"logprobs": False}).logprobs is None
-    assert _params({"logprobs": 20}).logprobs == 20
 
     class Pydantic:  # a pydantic model class gives its schema
         @staticmethod
         def model_json_schema():
             return schema
 
-    assert _params({"json_schema": Pydantic}).guide == Guide.json_schema(schema)
+    for options in ({"json_schema": schema}, {"response_format": {"type": "json_object"}}, {"json_schema": Pydantic}):
+        with pytest.raises(GenerationError, match="test compiler: .* refused"):
+            model.chat(HI, max_tokens=1, **options)
+    for options in ({"response_format": {"type": "text"}}, {"response_format": None, "json_schema": None}):
+        assert model.chat(HI, max_tokens=1, **options).completion_tokens == 1
+    assert guides == [Guide.json_schema(schema), Guide.json_object(), Guide.json_schema(schema)]
+    assert [len(e.top_logprobs) for e in model.chat(HI, max_tokens=2, logprobs=True).logprobs] == [0, 0]
+    assert model.chat(HI, max_tokens=2, logprobs=False).logprobs is None
+    assert [len(e.top_logprobs) for e in model.chat(HI, max_tokens=2, logprobs=20).logprobs] == [20, 20]
     for bad, words in [({"json_schema": schema, "response_format": {"type": "json_object"}}, "give one"),
                        ({"json_schema": schema, "guide": Guide.regex("a")}, "give one"),
                        ({"json_schema": "[1]"}, "json_schema must be a JSON schema object"),
@@ -297,7 +290,8 @@ def test_api_params_shapes():
                        ({"logprobs": 21}, "logprobs"),
                        ({"logprobs": -1}, "logprobs")]:
         with pytest.raises(GenerationError, match=words):
-            _params(bad)
+            model.chat(HI, max_tokens=1, **bad)
+    assert len(guides) == 3  # refused before reaching the engine
 
 
 # --------------------------------------------------------------------------- server: parsing

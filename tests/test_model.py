@@ -80,18 +80,18 @@ def test_grouped_dispatch_equals_reference(k):
     assert torch.allclose(ref[t], routing.weight[t, j] * one + others, atol=1e-12)
 
 
-def test_experts_without_tokens_are_never_called(monkeypatch):
-    ex = _random_experts()
+def test_experts_without_tokens_are_never_called():
+    calls: list[tuple[int, int]] = []
+
+    class Counting(Experts):  # the dispatch under test, with each expert call recorded
+        def expert(self, e, xs):
+            calls.append((e, xs.shape[0]))
+            return super().expert(e, xs)
+
+    ex = Counting(7, 12, 10).double()
+    ex.load_state_dict(_random_experts().state_dict())
     x = torch.randn(9, 12, dtype=torch.float64)
     routing = _random_routing(9, 2, allowed=[1, 4, 5])
-    calls: list[tuple[int, int]] = []
-    original = Experts.expert
-
-    def counting(self, e, xs):
-        calls.append((e, xs.shape[0]))
-        return original(self, e, xs)
-
-    monkeypatch.setattr(Experts, "expert", counting)
     with torch.no_grad():
         ex(x, routing)
     assert sorted(e for e, _ in calls) == [1, 4, 5]  # one call per used expert, none for the others
@@ -408,7 +408,7 @@ def test_projector_matches_oracle():
 
 # ---- image-token assembly ------------------------------------------------------------------------
 
-def _assembly_model(global_view_pos: str) -> DeepseekVL2:
+def _assembly_model(global_view_pos: str, coded: bool = False) -> DeepseekVL2:
     cfg = ModelConfig(
         vision=VisionConfig(image_size=28, patch_size=14, width=8, layers=1, heads=2),
         projector=ProjectorConfig(input_dim=8, n_embed=4),
@@ -416,25 +416,37 @@ def _assembly_model(global_view_pos: str) -> DeepseekVL2:
                                 num_attention_heads=1, num_key_value_heads=1, use_mla=False),
         global_view_pos=global_view_pos)
     cfg.validate()
-    model = DeepseekVL2(cfg)
+    model = (_CodedTowers if coded else DeepseekVL2)(cfg)
     with torch.no_grad():
         model.image_newline.fill_(-1.0)
         model.view_seperator.fill_(-2.0)
     return model
 
 
-def _fake_tower(model, monkeypatch):
-    """vision -> the tile's code (pixel [0, 0, 0]); projector -> token (code, row, col, 1)."""
-    monkeypatch.setattr(model.vision, "forward", lambda px: px[:, 0, 0, 0][:, None, None])
+class _CodeVision(nn.Module):
+    """Stands in for the vision tower: a tile -> its code (pixel [0, 0, 0])."""
 
-    def project(v):
+    def forward(self, px):
+        return px[:, 0, 0, 0][:, None, None]
+
+
+class _CodeProjector(nn.Module):
+    """Stands in for the projector: token (code, row, col, 1) for each of a tile's 196."""
+
+    def forward(self, v):
         n = v.shape[0]
         p = torch.arange(196)
-        feats = torch.stack([v[:, 0, 0, None].expand(n, 196), (p // 14).float().expand(n, 196),
-                             (p % 14).float().expand(n, 196), torch.ones(n, 196)], dim=-1)
-        return feats  # [N, 196, 4]
+        return torch.stack([v[:, 0, 0, None].expand(n, 196), (p // 14).float().expand(n, 196),
+                            (p % 14).float().expand(n, 196), torch.ones(n, 196)], dim=-1)  # [N, 196, 4]
 
-    monkeypatch.setattr(model.projector, "forward", project)
+
+class _CodedTowers(DeepseekVL2):
+    """The model with both towers replaced by ``_CodeVision`` / ``_CodeProjector``, so that
+    every image token says which tile, row and column it came from."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.vision, self.projector = _CodeVision(), _CodeProjector()
 
 
 def _expected_image(codes: list[float], tw: int, th: int, pos: str) -> list[tuple]:
@@ -453,9 +465,8 @@ def _expected_image(codes: list[float], tw: int, th: int, pos: str) -> list[tupl
 
 
 @pytest.mark.parametrize("pos", ["head", "tail"])
-def test_encode_images_layout(pos, monkeypatch):
-    model = _assembly_model(pos)
-    _fake_tower(model, monkeypatch)
+def test_encode_images_layout(pos):
+    model = _assembly_model(pos, coded=True)
     crop = torch.tensor([[[2, 3], [1, 1]], [[3, 1], [0, 0]]])  # row 0: 2x3 + 1x1; row 1: 3x1
     pixels = torch.full((2, 9, 3, 2, 2), -999.0)  # unused tiles keep -999
     for b, n_tiles in ((0, 9), (1, 4)):
@@ -472,9 +483,8 @@ def test_encode_images_layout(pos, monkeypatch):
     assert feats.per_row[0].shape[0] == 1429 + 421
 
 
-def test_prepare_inputs_embeds_scatters_in_order(monkeypatch):
-    model = _assembly_model("head")
-    _fake_tower(model, monkeypatch)
+def test_prepare_inputs_embeds_scatters_in_order():
+    model = _assembly_model("head", coded=True)
     with torch.no_grad():
         model.language.model.embed_tokens.weight.copy_(torch.arange(32 * 4, dtype=torch.float32).view(32, 4))
     n_img = 421

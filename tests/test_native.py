@@ -17,11 +17,11 @@ from dsvl2.model.moe import Experts, Routing
 
 # Only a CPU without AVX2 / FMA excuses the kernels; on one that has them, a failed
 # build is a failure (the tests below then fail on native.available()).
-needs_native = pytest.mark.skipif(not native._cpu_ok()[0], reason=f"CPU: {native._cpu_ok()[1]}")
+needs_native = pytest.mark.skipif(not native.cpu_ok()[0], reason=f"CPU: {native.cpu_ok()[1]}")
 
 
 def test_kernels_build_on_this_cpu():
-    if native._cpu_ok()[0]:
+    if native.cpu_ok()[0]:
         assert native.available(), native.status()["reason"]
     else:
         assert not native.available()

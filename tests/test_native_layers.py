@@ -27,7 +27,7 @@ from dsvl2.model.rope import RotaryEmbedding
 from dsvl2.processing import Processor
 from dsvl2.checkpoint.load import load_model
 
-needs_native = pytest.mark.skipif(not native._cpu_ok()[0], reason=f"CPU: {native._cpu_ok()[1]}")
+needs_native = pytest.mark.skipif(not native.cpu_ok()[0], reason=f"CPU: {native.cpu_ok()[1]}")
 
 
 def _rand(*shape, seed=0, scale=1.0):
@@ -165,8 +165,8 @@ def test_mha_decode_block_matches_torch_path_and_float64(heads, kv_heads, bias, 
         calls = []
         real = native.mha_decode
         monkeypatch.setattr(native, "mha_decode", lambda *a: calls.append(1) or real(*a))
-        if not native_block:
-            monkeypatch.setattr(MHA, "_native_decode", lambda *a: False)
+        if not native_block:  # the module's torch path (its products stay the native kernel)
+            monkeypatch.setattr(ops, "native_blocks", False)
         with torch.no_grad(), ops.decoding():
             out = m(x, ctx)
         monkeypatch.undo()
@@ -211,7 +211,7 @@ def test_engine_greedy_ids_equal_with_and_without_native_blocks(monkeypatch):
     params = SamplingParams(max_new_tokens=12, temperature=0.0)
     monkeypatch.setattr(decode_plan, "enabled", False)  # the blocks one by one (the plan: test_decode_plan.py)
     calls = []
-    for name in ("mha_decode", "rmsnorm", "route_greedy"):
+    for name in ("mha_decode", "rmsnorm", "route"):
         real = getattr(native, name)
         monkeypatch.setattr(native, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
 
@@ -219,7 +219,7 @@ def test_engine_greedy_ids_equal_with_and_without_native_blocks(monkeypatch):
         return [o.ids for o in Engine(model, proc.tokenizer).generate(proc(convs), params)]
 
     fast = ids()
-    assert set(calls) == {"mha_decode", "rmsnorm", "route_greedy"}  # the blocks really ran
+    assert set(calls) == {"mha_decode", "rmsnorm", "route"}  # the blocks really ran
     calls.clear()
     monkeypatch.setattr(ops, "native_blocks", False)
     assert ids() == fast

@@ -1,5 +1,5 @@
 """What the native kernels trust: where the library is loaded from (dsvl2/cachedir.py,
-model/native ``_build``), the kernel-choice cache (model/kernels.py), and the arguments each
+model/native ``_build``), the kernel-choice cache (model/native/policy.py), and the arguments each
 ctypes entry point hands to C (model/native wrappers, decode_plan ``run``).
 
 * A library planted at the exact path the loader would use (one whose constructor writes a
@@ -37,7 +37,7 @@ from dsvl2.model.language import LanguageModel
 from dsvl2.model.quant import QuantWeight
 from dsvl2.model.rope import RotaryEmbedding
 
-needs_native = pytest.mark.skipif(not native._cpu_ok()[0], reason=f"CPU: {native._cpu_ok()[1]}")
+needs_native = pytest.mark.skipif(not native.cpu_ok()[0], reason=f"CPU: {native.cpu_ok()[1]}")
 CC = os.environ.get("CC", "cc")
 needs_cc = pytest.mark.skipif(shutil.which(CC) is None, reason=f"no C compiler ({CC})")
 as_root = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown needs root")
@@ -168,8 +168,8 @@ def test_own_cache_folder_is_created_private_used_and_reused(fresh, tmp_path, mo
     _kernels_work()
 
     native.reset()
-    monkeypatch.setattr(native, "_compile", lambda *a: pytest.fail("compiled again instead of reusing the cache"))
     assert native.available()
+    # reused, not built again: a build says "built into" and installs a new file (a new inode)
     assert "cached in" in native.status()["reason"]
     assert os.lstat(lib).st_ino == st.st_ino
     _kernels_work()
@@ -184,7 +184,7 @@ def test_cache_root_follows_dsvl2_cache_dir_then_xdg_then_home(monkeypatch, tmp_
     assert cachedir.root() == tmp_path / "xdg" / "dsvl2"
     # one function for both caches
     assert native.cache_path().parent == tmp_path / "xdg" / "dsvl2" / "native"
-    assert kernels._cache_file() == tmp_path / "xdg" / "dsvl2" / "kernels.json"
+    assert kernels.cache_file() == tmp_path / "xdg" / "dsvl2" / "kernels.json"
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # invalid per the XDG spec: ignored
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert cachedir.root() == tmp_path / "home" / ".cache" / "dsvl2"
@@ -206,7 +206,7 @@ def test_kernel_choice_cache_not_ours_is_ignored(case, monkeypatch, tmp_path):
         return {torch.float32: 100.0, torch.bfloat16: 50.0}[dtype]
 
     first = kernels.choose("cpu", torch.bfloat16, flags={"amx_bf16"}, measure=measure)
-    path = kernels._cache_file()
+    path = kernels.cache_file()
     assert first.big_products == "fp32" and len(calls) == 2
     assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600 and stat.S_IMODE(os.lstat(root).st_mode) == 0o700
     kernels.choose("cpu", torch.bfloat16, flags={"amx_bf16"}, measure=measure)
@@ -482,9 +482,7 @@ def test_non_contiguous_activations_are_copied_not_refused(entry):
 @pytest.mark.parametrize("entry,change,pattern", CASES)
 def test_bad_arguments_raise_before_c(entry, change, pattern, monkeypatch):
     args = change(_args(entry))
-    monkeypatch.setattr(native, "_lib", _NoC())
-    monkeypatch.setattr(native, "_status", "stand-in")
-    with pytest.raises(ValueError, match=pattern):
+    with native.stand_in(_NoC()), pytest.raises(ValueError, match=pattern):
         _call(entry, args)
 
 
@@ -548,9 +546,7 @@ def test_plan_refuses_bad_arguments_before_c(what, monkeypatch):
     plan, x, ctx = _plan_and_step()
     change, match = PLAN_BAD[what]
     x, ctx = change(x, ctx)
-    monkeypatch.setattr(native, "_lib", _NoC())
-    monkeypatch.setattr(native, "_status", "stand-in")
-    with pytest.raises(ValueError, match=match):
+    with native.stand_in(_NoC()), pytest.raises(ValueError, match=match):
         plan.run(x, ctx)
 
 
@@ -560,7 +556,8 @@ def test_plan_is_not_built_for_weights_of_other_sizes():
     lm = LanguageModel(plan.cfg).to(torch.bfloat16)
     assert decode_plan.DecodePlan.build(lm) is not None
     # a weight of another size than the config's: step.c would index past it
-    lm.model.layers[1].mlp.experts.down_proj = torch.nn.Parameter(torch.zeros(E, D, F - 1, dtype=torch.bfloat16))
+    lm.model.layers[1].mlp.experts.register_parameter(
+        "down_proj", torch.nn.Parameter(torch.zeros(E, D, F - 1, dtype=torch.bfloat16)))
     assert decode_plan.DecodePlan.build(lm) is None
 
 
@@ -579,9 +576,12 @@ def test_load_builds_the_kernels(monkeypatch):
         model.driver.close()
 
 
-def test_prepare_builds_nothing_for_other_devices(monkeypatch, fresh):
-    monkeypatch.setattr(native, "_build", lambda: pytest.fail("built for a GPU model"))
+@needs_native
+def test_prepare_builds_nothing_for_other_devices(monkeypatch, fresh, tmp_path):
+    monkeypatch.setenv("DSVL2_CACHE_DIR", str(tmp_path))  # a build would create its folder here
     assert native.prepare("meta") is False and native.prepare(torch.device("cuda")) is False
+    assert list(tmp_path.iterdir()) == []
+    assert native.prepare("cpu") and list(tmp_path.iterdir())  # where a CPU build does
 
 
 @pytest.mark.parametrize("why", ["disabled", "cpu", "compiler"])
@@ -591,10 +591,10 @@ def test_fallback_to_torch_is_one_warning_saying_why_and_what_it_costs(why, monk
         monkeypatch.setenv("DSVL2_NATIVE", "0")
         expected = "DSVL2_NATIVE=0"
     elif why == "cpu":
-        monkeypatch.setattr(native, "_cpu_ok", lambda: (False, "CPU lacks avx2"))
+        monkeypatch.setattr(native, "cpu_ok", lambda: (False, "CPU lacks avx2"))
         expected = "CPU lacks avx2"
     else:
-        if not native._cpu_ok()[0]:
+        if not native.cpu_ok()[0]:
             pytest.skip("no compile is tried on this CPU")
         monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
         expected = "no C compiler usable"

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from dsvl2.commands import oracle
 from dsvl2.commands.oracle import checks
+from dsvl2.errors import DSVL2Error
 from _paths import GOLDEN, IMAGES
 
 VARIANTS = [v.name for v in oracle.discover(GOLDEN)]
@@ -32,6 +33,23 @@ def test_discovers_every_variant_and_case():
     for v in found:
         on_disk = sorted(p.stem for p in (GOLDEN / v.name / "outputs").glob("*.safetensors"))
         assert v.cases == on_disk and len(v.cases) >= 1
+
+
+def test_select_narrows_to_the_names_asked_for_and_refuses_unknown_ones():
+    """One selection serves the checks (``run``) and the quantised mode (``run_drift``)."""
+    found = oracle.discover(GOLDEN)
+    assert [(v.name, cases) for v, cases in oracle.select(GOLDEN)] == [(v.name, v.cases) for v in found]
+    first = found[0]
+    case = first.cases[-1]
+    assert [(v.name, cases) for v, cases in oracle.select(GOLDEN, [first.name], [case])] == [(first.name, [case])]
+    everywhere = [(v.name, [case]) for v in found if case in v.cases]
+    assert [(v.name, cases) for v, cases in oracle.select(GOLDEN, cases=[case])] == everywhere
+    with pytest.raises(DSVL2Error, match=r"unknown variant\(s\) \['nope'\]; available: "):
+        oracle.select(GOLDEN, ["nope"])
+    with pytest.raises(DSVL2Error, match=r"unknown case\(s\) \['nope'\]; available: .*" + case):
+        oracle.select(GOLDEN, [first.name], ["nope", case])
+    with pytest.raises(DSVL2Error, match="unknown case"):  # the drift mode refuses it the same way
+        oracle.run_drift(GOLDEN, [IMAGES], ["int8"], cases=["nope"], emit=lambda line: None)
 
 
 @pytest.mark.slow

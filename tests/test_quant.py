@@ -1,8 +1,10 @@
 """Quantised weights (int8 per channel, int4 group-wise): formats, kernels, checkpoints, loading.
 
 The reference for every quantised path is the simple one: dequantise the stored tensors
-to float32 (``quant.dequantize``) and run the float model. Kernels compute with bf16
-activations, so agreement is to bf16 precision, not bit-exact.
+to float32 (``quant.dequantize``) and run the float model. The native decode kernels keep
+float32 activations and dequantise exactly, so they agree to float32 rounding; prefill is
+one GEMM of the dequantised weight (bit-exact against it); torch's int8pack / int4pack
+kernels compute with bf16 activations, so there agreement is to bf16 precision.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from _paths import GOLDEN
 from dsvl2.commands.main import main as cli_main
 from dsvl2.errors import CheckpointError
-from dsvl2.model import ops, quant
+from dsvl2.model import native, ops, quant
+from dsvl2.model.moe import Experts, Routing
 from dsvl2.checkpoint.quantised import quantize_checkpoint
 from dsvl2.checkpoint.load import SCALE_SUFFIX, load_model
 
@@ -84,39 +87,258 @@ def test_int4_group_choice():
 
 # ---- kernels --------------------------------------------------------------------------------
 
-def _qweight(bits: int, n: int, k: int) -> tuple[quant.QuantWeight, torch.Tensor]:
-    w = torch.randn(n, k) * k ** -0.5
-    g = quant.int4_group(k) or 0
-    q, s = quant.quantize_int8(w) if bits == 8 else quant.quantize_int4(w, g)
-    qw = quant.QuantWeight.empty(bits, (n, k), g)
+needs_native = pytest.mark.skipif(not native.available(), reason="native kernels not built here")
+
+
+@pytest.fixture
+def no_native(monkeypatch):
+    """The native kernels switched off (DSVL2_NATIVE=0) for one test: torch's kernels run."""
+    monkeypatch.setenv("DSVL2_NATIVE", "0")
+    native.reset()
+    assert not native.available()
+    yield
+    native.reset()
+
+
+@pytest.fixture(params=native.INT4_VARIANTS)
+def variant(request):
+    """Each int4 kernel variant of ``native/int4.c`` in turn (AVX2, the fallback, is run on
+    AVX-512 machines too); where the CPU lacks AVX-512, both runs are AVX2."""
+    before = native.int4_variant()
+    native.int4_variant(request.param)
+    yield native.int4_variant()
+    native.int4_variant(before)
+
+
+def _qweight(bits: int, n: int, k: int, seed: int = 0) -> tuple[quant.QuantWeight, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * k ** -0.5
+    group = quant.int4_group(k) or 0
+    q, s = quant.quantize_int8(w) if bits == 8 else quant.quantize_int4(w, group)
+    qw = quant.QuantWeight.empty(bits, (n, k), group)
     qw.set_data((), q)
     qw.set_scale((), s)
     return qw, quant.dequantize(q, s, bits)
 
 
+def _x(m: int, k: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
+
+
+def _fp32_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """How far two float32 evaluations of x @ w.T can be apart: each is within
+    gamma_K * sum_k |x_k w_k| of the exact value, whatever the order of the sum
+    (gamma_K = K u / (1 - K u), u = 2^-24), so twice that."""
+    k = x.shape[-1]
+    u = 2.0 ** -24
+    return 2 * (k * u / (1 - k * u)) * (x.double().abs() @ w.double().abs().T)
+
+
 @pytest.mark.parametrize("bits, n, k, kind", [(8, 48, 96, "int8"), (4, 48, 128, "int4pack"), (4, 40, 64, "int4")])
 @pytest.mark.parametrize("decoding", [False, True])
-def test_kernel_matches_dequantised_reference(bits, n, k, kind, decoding):
+def test_torch_kernels_match_dequantised_reference(no_native, bits, n, k, kind, decoding):
+    """Without the native kernels: int8pack / int4pack mm (bf16 activations) in decode,
+    int4pack in every step kind (its layout cannot be dequantised by rows), and the stored
+    int4 format where int4pack cannot take the shape (N = 40); agreement to bf16 precision."""
     qw, ref_w = _qweight(bits, n, k)
     assert qw.kind == kind
-    x = torch.randn(5, k)
-    ref = F.linear(x, ref_w)
+    x = _x(5, k)
     out = qw.linear(x, decoding)
     assert out.dtype == torch.float32 and out.shape == (5, n)
-    torch.testing.assert_close(out, ref, atol=3e-2, rtol=2e-2)  # bf16 activations in the kernels
+    torch.testing.assert_close(out, F.linear(x, ref_w), atol=3e-2, rtol=2e-2)
     torch.testing.assert_close(qw.dequantize(), ref_w, atol=1e-2, rtol=1e-2)
+
+
+@needs_native
+@pytest.mark.parametrize("m, n, k", [(1, 896, 1280), (7, 40, 96), (4, 33, 64), (16, 50, 384), (3, 1, 32)])
+def test_native_int4_linear_matches_float32_reference(variant, m, n, k):
+    """Groups 128 (K = 384, 1280), 64 (K = 64) and 32 (K = 96, 32); N not a multiple of 16.
+    The weight is dequantised exactly, so the kernel and torch's float32 product of the
+    dequantised weight differ by float32 rounding of the sums only (``_fp32_bound``)."""
+    qw, ref_w = _qweight(4, n, k)
+    assert qw.kind == "int4" and qw.group == quant.int4_group(k)
+    x = _x(m, k)
+    y = native.linear_int4(x, qw.data, qw.scale)
+    ref = F.linear(x, ref_w)
+    assert ((y.double() - ref.double()).abs() <= _fp32_bound(x, ref_w)).all()
+    with ops.decoding():
+        assert torch.equal(ops.linear(x, qw), y)  # a decode step's int4 product is this kernel
+    out = torch.empty(n, k)
+    assert torch.equal(native.dequantize_int4(qw.data, qw.scale, out), ref_w)
+    out16 = torch.empty(n, k, dtype=torch.bfloat16)
+    assert torch.equal(native.dequantize_int4(qw.data, qw.scale, out16), ref_w.to(torch.bfloat16))
+
+
+@needs_native
+@pytest.mark.parametrize("bits, n, k", [(4, 896, 1280), (4, 40, 96), (8, 64, 96)])
+def test_native_row_alone_equals_the_row_in_a_batch_of_7(variant, bits, n, k):
+    qw, _ = _qweight(bits, n, k)
+    x = _x(7, k)
+    with ops.decoding():
+        full = ops.linear(x, qw)
+        for i in range(7):
+            assert torch.equal(ops.linear(x[i:i + 1], qw)[0], full[i])
 
 
 @pytest.mark.parametrize("bits, n, k", [(8, 896, 1280), (4, 896, 1280), (4, 40, 64), (8, 64, 96)])
 def test_decode_rows_do_not_depend_on_the_batch(bits, n, k):
     """A row's numbers are the same alone and in a batch of any size (the ops rule)."""
     qw, _ = _qweight(bits, n, k)
-    x = torch.randn(9, k)
+    x = _x(9, k)
     full = qw.linear(x, decoding=True)
     for m in (1, 2, 4, 9):
         assert torch.equal(qw.linear(x[:m], decoding=True), full[:m])
     for i in range(9):
         assert torch.equal(qw.linear(x[i:i + 1], decoding=True)[0], full[i])
+
+
+@pytest.mark.parametrize("bits, n, k", [(8, 48, 96), (4, 48, 128), (4, 40, 64), (4, 33, 96)])
+def test_prefill_is_one_gemm_of_the_dequantised_weight(bits, n, k):
+    """Outside decode: the dequantised weight (float32 exact, or its bf16 rounding when the
+    kernel policy picks bf16 products) and one F.linear, as the float weights' path does."""
+    qw, ref_w = _qweight(bits, n, k)
+    x = _x(6, k)
+    assert torch.equal(qw.linear(x, decoding=False), F.linear(x, ref_w))
+    want16 = F.linear(x.to(torch.bfloat16), ref_w.to(torch.bfloat16)).float()
+    assert torch.equal(qw.linear(x, decoding=False, bf16_products=True), want16)
+    assert torch.equal(ops.linear(x, qw), F.linear(x, ref_w))  # the conftest's policy: float32 products
+    ops.set_big_products_in_weights_dtype(True)
+    try:
+        assert torch.equal(ops.linear(x, qw), want16)
+    finally:
+        ops.set_big_products_in_weights_dtype(False)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_prefill_blocks_of_rows(monkeypatch, bits):
+    """A weight larger than one block is dequantised block by block (each into the same
+    buffer) and the GEMMs' columns joined: the same numbers as one GEMM."""
+    qw, ref_w = _qweight(bits, 100, 128)
+    monkeypatch.setattr(quant, "BLOCK_ELEMS", 32 * 128)  # 32 rows a block: 4 blocks, the last of 4 rows
+    x = _x(5, 128)
+    torch.testing.assert_close(qw.linear(x, decoding=False), F.linear(x, ref_w), rtol=0, atol=1e-5)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(qw.dequantized_rows(96, 100, dtype), ref_w[96:].to(dtype))
+
+
+def _expert_stacks(bits: int, e: int, d: int, f: int):
+    """gate / up / down QuantWeight stacks and their dequantised float32 values."""
+    out = []
+    for seed, (n, k) in enumerate(((f, d), (f, d), (d, f))):
+        group = quant.int4_group(k) or 0
+        qw = quant.QuantWeight.empty(bits, (e, n, k), group)
+        for i in range(e):
+            w = torch.randn(n, k, generator=torch.Generator().manual_seed(100 * seed + i)) * k ** -0.5
+            q, s = quant.quantize_int8(w) if bits == 8 else quant.quantize_int4(w, group)
+            qw.set_data((i,), q)
+            qw.set_scale((i,), s)
+        out.append((qw, torch.stack([qw[i].dequantize() for i in range(e)])))
+    return out
+
+
+def _routing(t: int, k: int, e: int, seed: int = 3) -> Routing:
+    g = torch.Generator().manual_seed(seed)
+    return Routing(torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]), torch.rand(t, k, generator=g))
+
+
+def _experts_module(stacks, e: int, d: int, f: int, quantised: bool) -> Experts:
+    """An ``Experts`` holding the QuantWeight stacks (as the loader places them), or their
+    dequantised float32 values."""
+    mod = Experts(e, d, f)
+    for name, (qw, w) in zip(("gate_proj", "up_proj", "down_proj"), stacks):
+        if quantised:
+            del mod._parameters[name]
+            setattr(mod, name, qw)
+        else:
+            getattr(mod, name).data.copy_(w)
+    return mod
+
+
+@needs_native
+@pytest.mark.parametrize("t, k, e, d, f", [(1, 6, 16, 128, 96), (16, 6, 16, 96, 64), (7, 2, 3, 64, 160)])
+def test_native_int4_experts_match_float32_reference(variant, t, k, e, d, f):
+    """The whole layer in one call (groups 128 / 64 / 32 among the shapes) equals the float
+    layer of the dequantised weights to float32 rounding (three products and a SiLU: within
+    1e-5 of the largest output), each token alone equals it in the batch bit for bit, and
+    Experts.forward runs it in decode steps."""
+    stacks = _expert_stacks(4, e, d, f)
+    (gate, _), (up, _), (down, _) = stacks
+    assert gate.kind == "int4"
+    x = _x(t, d, seed=4)
+    r = _routing(t, k, e)
+    y = native.experts_int4(x, r.idx, r.weight, gate, up, down)
+    with torch.no_grad():
+        ref = _experts_module(stacks, e, d, f, quantised=False).reference_dispatch(x, r)
+    assert (y - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+    for i in range(t):
+        alone = native.experts_int4(x[i:i + 1], r.idx[i:i + 1], r.weight[i:i + 1], gate, up, down)
+        assert torch.equal(alone[0], y[i])
+    mod = _experts_module(stacks, e, d, f, quantised=True)
+    with torch.no_grad(), ops.decoding():
+        assert torch.equal(mod(x, r), y)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_experts_prefill_equals_the_dequantised_layer(bits):
+    """Outside decode, Experts.forward runs one GEMM per chosen expert per matrix on the
+    dequantised expert: the float layer's numbers."""
+    e, d, f = 8, 64, 96
+    stacks = _expert_stacks(bits, e, d, f)
+    x = _x(11, d, seed=5)
+    r = _routing(11, 3, e)
+    with torch.no_grad():
+        got = _experts_module(stacks, e, d, f, quantised=True)(x, r)
+        want = _experts_module(stacks, e, d, f, quantised=False)(x, r)
+    assert torch.equal(got, want)
+
+
+@needs_native
+def test_native_int4_refuses_bad_arguments():
+    qw, _ = _qweight(4, 32, 128)
+    x = _x(2, 128)
+    with pytest.raises(ValueError, match="q values must be"):
+        native.linear_int4(x, qw.data.view(torch.int8), qw.scale)
+    with pytest.raises(ValueError, match="q values must be"):
+        native.linear_int4(_x(2, 96), qw.data, qw.scale)  # K = 96: the values are 64 bytes wide, not 48
+    with pytest.raises(ValueError, match="q scales must be"):
+        native.linear_int4(x, qw.data, qw.scale.float())
+    with pytest.raises(ValueError, match="q scales must be .* multiple of 32"):
+        native.linear_int4(x, qw.data, torch.ones(32, 8, dtype=torch.bfloat16))  # groups of 16
+    with pytest.raises(ValueError, match="x must be"):
+        native.linear_int4(x.double(), qw.data, qw.scale)
+    with pytest.raises(ValueError, match="out must be"):
+        native.dequantize_int4(qw.data, qw.scale, torch.empty(32, 128, dtype=torch.float16))
+    (gate, _), (up, _), (down, _) = _expert_stacks(4, 4, 64, 32)
+    (g8, _), _, _ = _expert_stacks(8, 4, 64, 32)
+    r = _routing(2, 2, 4)
+    with pytest.raises(ValueError, match="gate must be an int4 QuantWeight"):
+        native.experts_int4(_x(2, 64), r.idx, r.weight, g8, up, down)
+    with pytest.raises(ValueError, match="down values must be"):
+        native.experts_int4(_x(2, 64), r.idx, r.weight, gate, up, gate)
+    with pytest.raises(ValueError, match=r"expert ids must be in \[0, 4\)"):
+        native.experts_int4(_x(2, 64), r.idx + 3, r.weight, gate, up, down)
+    with pytest.raises(ValueError, match="wt must be"):
+        native.experts_int4(_x(2, 64), r.idx, r.weight[:, :1], gate, up, down)
+    with pytest.raises(ValueError, match="name must be one of avx2, avx512"):
+        native.int4_variant("sse2")
+
+
+def test_int4_layout_follows_the_kernels(no_native):
+    """Without the native kernels int4 weights use torch's int4pack where it takes the shape
+    (N a multiple of 16, K of 32), else the stored format; with them, always the stored format."""
+    assert quant.QuantWeight.empty(4, (3, 48, 128), 128).kind == "int4pack"
+    assert quant.QuantWeight.empty(4, (40, 64), 64).kind == "int4"
+    qw, ref_w = _qweight(4, 40, 96)
+    x = _x(3, 96)
+    with ops.decoding():  # the stored format without the kernels: a bf16 product of the bf16-rounded weight
+        want = F.linear(x.to(torch.bfloat16), ref_w.to(torch.bfloat16)).float()
+        assert torch.equal(ops.linear(x, qw), want)
+
+
+@needs_native
+def test_int4_layout_with_native_kernels():
+    for shape in ((3, 48, 128), (40, 64), (2, 33, 96)):
+        assert quant.QuantWeight.empty(4, shape, quant.int4_group(shape[-1])).kind == "int4"
 
 
 def test_stacked_slot_equals_unstacked():

@@ -303,9 +303,24 @@ def test_row_does_not_depend_on_the_batch_full_vocab():
         assert torch.equal(alone[0], together[r])
 
 
-def test_private_logsumexp_matches_torch():
-    from dsvl2.engine.sampling import _logsumexp
-
-    x = torch.randn(3, 1000, generator=make_generator(4)) * torch.tensor([[1.0], [30.0], [200.0]])
-    x[0, :500] = NEG
-    assert torch.allclose(_logsumexp(x), torch.logsumexp(x, -1), rtol=1e-6, atol=1e-6)
+def test_top_p_on_peaked_and_masked_rows_matches_full_sort():
+    """A row's total mass (a logsumexp that flushes denormals) on rows where most exp()
+    terms underflow or are -inf: top_p just above the mass of n tokens and just below that
+    of n + 1 must both keep exactly the n + 1 tokens a direct sort of torch's softmax keeps.
+    The margin, 1e-4, is above float32 rounding of a total near 660 (3e-5) and apply_top_p's
+    tolerance (1e-6); a total off by 1e-3 moves a boundary past it."""
+    margin = 1e-4
+    x = torch.randn(4, 1000, generator=make_generator(4)) * torch.tensor([[1.0], [30.0], [200.0], [1.0]])
+    x[0, :500] = NEG  # half the row masked
+    for row in (1, 2):  # peaked: five tokens hold nearly all the mass, most exp() terms underflow
+        x[row, 500:504] = x[row].max() + torch.tensor([2.0, 1.6, 1.0, 0.3])
+    x[3, 3:] = NEG  # three tokens left
+    for row in range(4):
+        sorted_p, idx = x[row].double().softmax(0).sort(descending=True)
+        cum = sorted_p.cumsum(0)
+        cuts = [n for n in range(1, 40) if cum[n] - cum[n - 1] > 4 * margin][:3]
+        assert len(cuts) >= 2, row
+        for n in cuts:
+            for top_p in (float(cum[n - 1]) + margin, float(cum[n]) - margin):
+                out = apply_top_p(x[row:row + 1], torch.tensor([top_p], dtype=torch.float64))
+                assert sorted(kept(out)[0]) == sorted(idx[:n + 1].tolist()), (row, n, top_p)

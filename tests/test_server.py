@@ -14,8 +14,8 @@ Conventions of this file:
   cache and the KV budget are tested with the server in tests/test_server_kv.py.
 * "Alone" answers are the server's own answers to one request at a time; the
   concurrency tests compare against them.
-* Scripted answers (grounding): ``dsvl2.engine.engine.sample_next`` is replaced, as in
-  test_cli.py, so that the real engine emits chosen token ids; only one request runs then.
+* Scripted answers (grounding): a ``use_sampler`` block (``dsvl2/engine/seams.py``) picks
+  the tokens, so that the real engine emits chosen token ids; only one request runs then.
 * ONE torch thread (the ``one_thread`` fixture): the demo model is tiny.
 """
 
@@ -46,9 +46,9 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 import dsvl2
-import dsvl2.engine.engine as engine_mod
 from dsvl2.api import VLModel, make_answer
 from dsvl2.engine.engine import GenerationOutput
+from dsvl2.engine.seams import use_sampler
 from dsvl2.errors import CheckpointError
 from dsvl2.grounding import COORD_MAX
 from dsvl2.server import create_app
@@ -203,28 +203,29 @@ def small(model, tmp_path_factory):
 
 
 @pytest.fixture
-def endless(model, monkeypatch):
+def endless(model):
     """Answers that only max_tokens ends: the random demo model stops by itself after ~100
     tokens, which a fast decode reaches before a test's client has given up."""
     word = model.processor.tokenizer.encode(" a")[-1]
-    monkeypatch.setattr(engine_mod, "sample_next",
-                        lambda logits, params, generators, seen=None: torch.full((logits.shape[0],), word))
+    with use_sampler(lambda logits, params, generators, seen=None: torch.full((logits.shape[0],), word)):
+        yield
 
 
 @pytest.fixture
-def script(monkeypatch):
+def script():
     """script(text): the engine's next sampled tokens spell ``text`` (then eos); one request at a time."""
+    with contextlib.ExitStack() as blocks:
 
-    def install(tok, text: str):
-        it = iter(tok.encode(text) + [tok.eos_id])
+        def install(tok, text: str):
+            it = iter(tok.encode(text) + [tok.eos_id])
 
-        def fake_sample_next(logits, params, generators, seen=None):
-            assert logits.shape[0] == 1, "scripted runs hold one request"
-            return torch.tensor([next(it, tok.eos_id)])
+            def scripted(logits, params, generators, seen=None):
+                assert logits.shape[0] == 1, "scripted runs hold one request"
+                return torch.tensor([next(it, tok.eos_id)])
 
-        monkeypatch.setattr(engine_mod, "sample_next", fake_sample_next)
+            blocks.enter_context(use_sampler(scripted))  # the latest script wins
 
-    return install
+        yield install
 
 
 # --------------------------------------------------------------------------- the openai client
@@ -574,8 +575,9 @@ def test_metrics_parse_and_count(server, alone):
 
 
 @slow
-def test_truncate_history_drops_the_oldest_turns(server, model, monkeypatch):
-    monkeypatch.setattr(model.engine, "context_window", 120)
+def test_truncate_history_drops_the_oldest_turns(server, model, request):
+    previous = model.engine.set_context_window(120)
+    request.addfinalizer(lambda: model.engine.set_context_window(previous))
     long = "Tell me more about the history of this place. " * 3  # ~45 tokens
     conv = [{"role": "system", "content": "You are a guide."}]
     for k in range(3):

@@ -138,7 +138,7 @@ def test_batch_passes_the_budget_to_each_actors_load(load_kwargs, monkeypatch):
         command.cmd_batch(_parse(["batch", "in.jsonl", "out.jsonl", "-m", "demo", "--kv-cache-bytes", "5MiB"]))
     assert seen["kv_cache_bytes"] == 5 << 20
     with pytest.raises(dsvl2.errors.DSVL2Error, match="stop here"):  # the actor's constructor
-        batch._Answerer("demo", "auto", "cpu", None, 1, kv_cache_bytes=5 << 20)
+        batch.Answerer("demo", "auto", "cpu", None, 1, kv_cache_bytes=5 << 20)
     assert load_kwargs["kv_cache_bytes"] == 5 << 20
 
 

@@ -45,7 +45,7 @@ from dsvl2.commands.main import build_parser
 from dsvl2.errors import DSVL2Error
 from dsvl2.server import create_app
 from dsvl2.server.app import PREP_WORKERS
-from dsvl2.commands.serve import _check
+from dsvl2.commands.serve import check_options
 from dsvl2.server.errors import APIError
 from dsvl2.server.fetch import Fetcher, FetchError, FetchRefused, address_class
 from dsvl2.server.guard import RequestGuard, is_loopback_host, parse_host, parse_origin
@@ -274,7 +274,7 @@ def test_the_guard_decides_by_host_origin_and_the_address_the_request_came_to():
 
 def test_serve_checks_the_security_options_before_loading():
     def check(*argv):
-        _check(build_parser().parse_args(["serve", *argv]))
+        check_options(build_parser().parse_args(["serve", *argv]))
 
     check("--allowed-host", "vl.example", "--allowed-host", "[::1]", "--allowed-origin", "https://a.example",
           "--allow-fetch", "--allow-fetch-private", "--fetch-timeout", "2.5")

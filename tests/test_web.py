@@ -8,9 +8,11 @@ Conventions of this file:
   in a thread on a free 127.0.0.1 port; each test opens its own browser context(s),
   which is what a new browser tab of a new user is.
 * Pace: the demo model answers at hundreds of tokens a second; to watch an answer grow
-  (and stop it half-way) the engine's decode step sleeps ``pace.delay`` seconds first.
-* Scripted answers: ``dsvl2.engine.engine.sample_next`` is replaced so that the real
-  engine, server and page carry chosen token ids (grounding markup, HTML).
+  (and stop it half-way) the engine's fault hook sleeps ``pace.delay`` seconds before
+  each decode forward (``Engine.set_fault_hook``: a slow step, nothing replaced).
+* Scripted answers: the ``script`` fixture (tests/conftest.py) gives the engine a sampler
+  that emits chosen token ids, so that the real engine, server and page carry them
+  (grounding markup, HTML).
 * Independent facts: a streamed answer equals ``model.chat`` of the same conversation
   (greedy); a box sits where its 0..999 coordinates put it on the displayed image.
 * Every wait is bounded; screenshots go to tests/artifacts/ (the README's one,
@@ -30,11 +32,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 import dsvl2
-import dsvl2.engine.engine as engine_mod
 from dsvl2.engine.sampling import SamplingParams
 from dsvl2.server.app import create_app
 from _paths import IMAGES
@@ -61,16 +61,14 @@ class Pace:
 @pytest.fixture(scope="module")
 def model():
     m = dsvl2.load("demo", device="cpu")
-    runner = m.engine.runner
-    real = runner.decode
 
-    def paced(reqs):
-        if Pace.delay:
+    def paced(stage, reqs):
+        if stage == "decode" and Pace.delay:
             time.sleep(Pace.delay)
-        return real(reqs)
 
-    runner.decode = paced
+    m.engine.set_fault_hook(paced)
     yield m
+    m.engine.set_fault_hook(None)
     Pace.delay = 0.0
 
 
@@ -116,22 +114,16 @@ def pace():
 
 
 @pytest.fixture
-def script(monkeypatch, model):
+def script(script, model):
     """script(*answers): the next requests answer these texts, one after the other (each
-    ends with eos). One request at a time."""
+    ends with eos). One request at a time. (Text over conftest's ``script`` of ids.)"""
     tok = model.processor.tokenizer
 
     def install(*answers: str):
         ids = []
         for a in answers:
             ids += tok.encode(a) + [tok.eos_id]
-        it = iter(ids)
-
-        def fake_sample_next(logits, params, generators, seen=None):
-            assert logits.shape[0] == 1, "scripted runs hold one request"
-            return torch.tensor([next(it, tok.eos_id)])
-
-        monkeypatch.setattr(engine_mod, "sample_next", fake_sample_next)
+        script(ids, tok.eos_id)
 
     return install
 
@@ -488,13 +480,12 @@ def test_long_conversation_drops_old_turns_says_so_and_boxes_stay_on_the_right_i
                                                         {"type": "text", "text": "First?"}]},
                            {"role": "assistant", "content": hostile}] + kept)[0].seq_lens[0]
     assert whole > need + 16 + 40
-    window = model.engine.context_window
-    model.engine.context_window = need + 16 + 40
+    window = model.engine.set_context_window(need + 16 + 40)
     try:
         ask(page, "Where is the corn?")
         assert wait_done(page) == "stop"
     finally:
-        model.engine.context_window = window
+        model.engine.set_context_window(window)
     note = last(page, ".dropped")
     assert note.is_visible() and "oldest 2 messages were left out" in note.text_content()
     # image_index 0 of what the server kept is SMALL (photo was in the dropped turn).

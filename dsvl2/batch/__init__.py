@@ -93,13 +93,13 @@ Modules: ``readers`` (folders, rows), ``openai_format`` (OpenAI batch lines in a
 Ray Data). The command line is ``dsvl2/commands/batch.py``.
 """
 
-from .answer import _Answerer, _ChatAnswerer, answer_record, error_record
+from .answer import Answerer, ChatAnswerer, answer_record, error_record
 from .openai_format import is_openai_batch, read_openai_batch
-from .pipeline import BatchSummary, _check_resources, _model_for_actors, _pipeline, _root_message, run_batch
+from .pipeline import BatchSummary, run_batch
 from .readers import (DEFAULT_PROMPT, IMAGE_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES, SAMPLING_KEYS,
     BatchInputError, Row, read_rows, sampling_params)
 from .writers import JsonlResults, ParquetResults, open_results, out_format, result_schema
 
-__all__ = ["BatchInputError", "BatchSummary", "JsonlResults", "ParquetResults", "Row", "answer_record",
-           "error_record", "is_openai_batch", "open_results", "out_format", "read_openai_batch",
+__all__ = ["Answerer", "BatchInputError", "BatchSummary", "ChatAnswerer", "JsonlResults", "ParquetResults", "Row",
+           "answer_record", "error_record", "is_openai_batch", "open_results", "out_format", "read_openai_batch",
            "read_rows", "result_schema", "run_batch", "sampling_params"]

@@ -4,11 +4,11 @@ Two ``map_batches`` callables, one per INPUT format. A batch is ``{"id": [...],
 "request": [JSON strings]}`` (JSON keeps Ray's column types simple whatever a request
 holds) and comes back as ``{"id": [...], "record": [JSON result lines]}``.
 
-* ``_Answerer``: dsvl2 rows (prompt, image paths, sampling) -> dsvl2 result lines.
-* ``_ChatAnswerer``: OpenAI chat-completion bodies -> OpenAI batch output lines, each
+* ``Answerer``: dsvl2 rows (prompt, image paths, sampling) -> dsvl2 result lines.
+* ``ChatAnswerer``: OpenAI chat-completion bodies -> OpenAI batch output lines, each
   answered the way ``dsvl2 serve`` answers ``POST /v1/chat/completions``
   (``dsvl2.server.submit.submit``: images, context check, ``truncate_history``, ``n``;
-  ``dsvl2.server.responses.completion``: the body).
+  ``dsvl2.server.responses.finished_completion``: the body).
 
 Torch, the model and the server's modules are imported in the actor only.
 """
@@ -42,7 +42,7 @@ class _Loaded:
         raise NotImplementedError
 
 
-class _Answerer(_Loaded):
+class Answerer(_Loaded):
     """dsvl2 rows: one ``chat`` call per row (``rows_per_call`` rows with equal sampling
     in one call when asked)."""
 
@@ -104,7 +104,7 @@ def error_record(rid: str, e: BaseException) -> dict:
             "error": msg}
 
 
-class _ChatAnswerer(_Loaded):
+class ChatAnswerer(_Loaded):
     """OpenAI chat-completion bodies, answered as the HTTP server answers them.
 
     ``rows_per_call`` requests are queued on the engine together (each its own engine
@@ -153,9 +153,8 @@ class _ChatAnswerer(_Loaded):
         return out
 
     def _collect(self, cid: str, req, sink, sub) -> dict:
-        from ..api import make_answer
         from ..server.errors import APIError
-        from ..server.responses import cached_tokens, completion, new_id
+        from ..server.responses import failed_output, finished_completion, new_id, stop_ids
         from .openai_format import failure_record, response_record
 
         outputs = {}
@@ -163,11 +162,8 @@ class _ChatAnswerer(_Loaded):
             ev = sink.get()
             if ev.output is not None:
                 outputs[ev.index] = ev.output
-        bad = [o for o in outputs.values() if o.finish_reason in ("error", "cancelled")]
-        if bad:  # what the server answers: 500, the engine's message
-            return failure_record(cid, APIError(500, f"generation failed: {bad[0].error}", code="generation_failed"))
-        # as dsvl2.server.app's Run.collect builds them (logprobs leave the ending stop id out)
-        stops = self.model.engine.eos_ids | set(req.sampling.get("stop_token_ids", ()))
-        answers = [make_answer(outputs[i], sub.images, self.model.processor.tokenizer, stops) for i in range(req.n)]
-        return response_record(cid, 200, completion(new_id(), self.served_model_name, answers, sub.prompt_tokens,
-                                                     sub.dropped_turns, cached_tokens(answers)))
+        bad = failed_output(outputs.values())
+        if bad is not None:  # what the server answers: 500, the engine's message
+            return failure_record(cid, APIError(500, f"generation failed: {bad.error}", code="generation_failed"))
+        return response_record(cid, 200, finished_completion(new_id(), self.served_model_name, self.model, sub, outputs,
+                                                             stop_ids(self.model, req)))

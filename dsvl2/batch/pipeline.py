@@ -12,7 +12,7 @@ from typing import Callable
 
 from ..errors import DSVL2Error
 from . import openai_format
-from .answer import _Answerer, _ChatAnswerer
+from .answer import Answerer, ChatAnswerer
 from .readers import DEFAULT_PROMPT, BatchInputError, input_path, read_rows
 from .writers import JsonlResults, ParquetResults, open_results, out_format
 
@@ -48,7 +48,7 @@ def _rows_job(path: Path, out: str | Path, fmt: str, prompt: str, sampling: dict
     items = [{"id": r.id, "request": json.dumps({"prompt": r.prompt, "images": list(r.images),
                                                  "sampling": r.sampling})}
              for r in rows if r.id not in done]
-    return _Job(len(rows), results, items, _Answerer, dict(rows_per_call=rows_per_call, sampling=sampling),
+    return _Job(len(rows), results, items, Answerer, dict(rows_per_call=rows_per_call, sampling=sampling),
                 lambda rec: rec["error"] is not None, "rows")
 
 
@@ -64,7 +64,7 @@ def _openai_job(path: Path, out: str | Path, fmt: str, model: str | Path, sampli
     refused = [rec for key, rec in batch.refused if key not in done]
     options = dict(rows_per_call=rows_per_call, sampling=sampling, served_model_name=str(model),
                    image_dir=str(path.parent.resolve()))
-    return _Job(batch.lines, results, items, _ChatAnswerer, options, openai_format.is_error, "requests", refused)
+    return _Job(batch.lines, results, items, ChatAnswerer, options, openai_format.is_error, "requests", refused)
 
 
 def _model_for_actors(model: str | Path) -> str:
@@ -150,14 +150,14 @@ def run_batch(model: str | Path, source: str | Path, out: str | Path, *, prompt:
         with connected(address, num_cpus=None) as local:
             import ray
 
-            _check_resources(ray, actors, cpus_per_actor, gpus_per_actor, local, log)
+            check_resources(ray, actors, cpus_per_actor, gpus_per_actor, local, log)
             log(f"dsvl2 batch: {job.total} {job.noun}, {skipped} already in {out}, {len(job.items)} to answer "
                 f"on {actors} actor(s) (Ray {ray.__version__})")
             seen = {item["id"] for item in job.items}  # what this run may write, each once
             load = dict(model=model_ref, dtype=dtype, device=device, quantize=quantize,
                         kv_cache_bytes=kv_cache_bytes, threads=max(1, int(cpus_per_actor)))
-            for batch in _pipeline(ray, job.items, job.actor, {**load, **job.options}, actors, batch_size,
-                                   cpus_per_actor, gpus_per_actor):
+            for batch in ray_pipeline(ray, job.items, job.actor, {**load, **job.options}, actors, batch_size,
+                                      cpus_per_actor, gpus_per_actor):
                 lines, records = [], []
                 for rid, line in zip(batch["id"], batch["record"]):
                     if str(rid) not in seen:  # a retried batch must not write a request twice
@@ -172,7 +172,7 @@ def run_batch(model: str | Path, source: str | Path, out: str | Path, *, prompt:
     return BatchSummary(job.total, skipped, written, errors, time.perf_counter() - t0, Path(out))
 
 
-def _check_resources(ray, actors: int, cpus: float, gpus: float, local: bool, log) -> None:
+def check_resources(ray, actors: int, cpus: float, gpus: float, local: bool, log) -> None:
     have = ray.cluster_resources()
     for what, per in (("CPU", cpus), ("GPU", gpus)):
         need, total = actors * per, have.get(what, 0)
@@ -184,8 +184,8 @@ def _check_resources(ray, actors: int, cpus: float, gpus: float, local: bool, lo
             log(f"dsvl2 batch: warning: {msg}; the job waits until the cluster grows")
 
 
-def _pipeline(ray, items: list[dict], actor: type, actor_kwargs: dict, actors: int, batch_size: int,
-              cpus: float, gpus: float):
+def ray_pipeline(ray, items: list[dict], actor: type, actor_kwargs: dict, actors: int, batch_size: int,
+                 cpus: float, gpus: float):
     """Yield the result batches as the actors finish them."""
     import logging
 

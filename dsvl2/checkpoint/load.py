@@ -321,8 +321,7 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
         mod = model.get_submodule(mod_name)
         del mod._parameters[attr]
         setattr(mod, attr, qw)
-    # Non-persistent buffers (rotary frequencies) were built on meta: rebuild them.
-    model.language.rotary = type(model.language.rotary)(cfg.language).to(dev)
+    model.language.rebuild_rotary(dev)  # non-persistent buffers were built on meta
     model.quantization = scheme
     model.eval()
     return model

@@ -2,7 +2,7 @@
 
 The output keeps the official key names and file layout (same shards, same index); each
 quantised weight ``<key>`` is stored in its quantised form next to ``<key>_scale``
-(formats: ``dsvl2.model.quant``; which tensors: ``dsvl2.weights.quant_bits``), and
+(formats: ``dsvl2.model.quant``; which tensors: ``dsvl2.checkpoint.load.quant_bits``), and
 ``config.json`` records the scheme under ``"quantization"``. ``dsvl2.load`` then reads it
 directly, with memory equal to its size.
 
@@ -174,8 +174,8 @@ def write_random_quantised(out_dir: str | Path, config: dict, scheme: str, seed:
     is never held nor written: one tensor at a time is drawn, quantised and written, so
     memory stays at the largest tensor (the lm_head, a few GB as float32 for base).
     """
-    from .random_checkpoint import (ASSETS, INDEX_NAME, TOKENIZER_FILES, _plan_shards, _TORCH_DTYPE_NAMES,
-        official_tensor_specs, random_tensor, random_tensor_chunks)
+    from .random_checkpoint import (ASSETS, INDEX_NAME, TOKENIZER_FILES, TORCH_DTYPE_NAMES, official_tensor_specs,
+        plan_shards, random_tensor, random_tensor_chunks)
     from ..config import ModelConfig
 
     if scheme not in QUANT_SCHEMES:
@@ -185,7 +185,7 @@ def write_random_quantised(out_dir: str | Path, config: dict, scheme: str, seed:
     config = json.loads(json.dumps(config))
     for d in (config, config.get("language_config")):
         if isinstance(d, dict) and "torch_dtype" in d:
-            d["torch_dtype"] = _TORCH_DTYPE_NAMES[torch.bfloat16]
+            d["torch_dtype"] = TORCH_DTYPE_NAMES[torch.bfloat16]
     specs = official_tensor_specs(cfg, torch.bfloat16)
     units = {s.key: entries_for(s.key, s.shape, s.dtype, scheme) for s in specs}
 
@@ -194,7 +194,7 @@ def write_random_quantised(out_dir: str | Path, config: dict, scheme: str, seed:
             self.spec = spec
             self.nbytes = sum(math.prod(sh) * torch.empty((), dtype=dt).element_size() for _, dt, sh in units[spec.key])
 
-    shards = _plan_shards([_Unit(s) for s in specs], shard_bytes)
+    shards = plan_shards([_Unit(s) for s in specs], shard_bytes)
     total = sum(u.nbytes for sh in shards for u in sh)
     free = shutil.disk_usage(out.parent if not out.exists() else out).free if out.parent.exists() else None
     if free is not None and free < total + 64 * 1024 ** 2:

@@ -4,11 +4,11 @@ Real weights cannot be downloaded on these machines, so benchmarks and tests run
 random checkpoints that have the official file format: the same ``config.json``,
 ``processor_config.json``, tokenizer files and safetensors key names (per-expert
 routed-expert tensors, the unused SigLIP ``vision.attn_pool.*`` head included) as the
-published ones. ``dsvl2.weights.load_model`` reads them through the real loading path.
+published ones. ``dsvl2.checkpoint.load.load_model`` reads them through the real loading path.
 
 Notable choices:
 * ``PRESETS``: the three real configs (``tiny``, ``small``, ``base``; see
-  the project's ``shared/configs/PROVENANCE.md`` for which are verbatim and which are
+  ``tests/data/configs/PROVENANCE.md`` for which are verbatim and which are
   reconstructed) and the four golden toy architectures (``golden-*``), all shipped in
   ``dsvl2/assets/configs``.
 * ``preset_config(name, scale)`` shrinks widths AND depths by ``scale`` while keeping the
@@ -55,7 +55,9 @@ __all__ = [
     "ASSETS",
     "DEMO_DIR",
     "PRESETS",
+    "TORCH_DTYPE_NAMES",
     "TensorSpec",
+    "plan_shards",
     "preset_config",
     "official_tensor_specs",
     "random_tensor",
@@ -84,7 +86,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 INDEX_NAME = "model.safetensors.index.json"
 
 _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
-_TORCH_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+TORCH_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 _CHUNK = 1 << 20  # elements generated per step: bounds memory, fixed so output is deterministic
 _DISK_HEADROOM = 64 * 1024 ** 2
 
@@ -318,7 +320,7 @@ def random_tensor(spec: TensorSpec, seed: int) -> torch.Tensor:
 
 # ---- writing ---------------------------------------------------------------------------
 
-def _plan_shards(specs: list[TensorSpec], shard_bytes: int) -> list[list[TensorSpec]]:
+def plan_shards(specs: list[TensorSpec], shard_bytes: int) -> list[list[TensorSpec]]:
     """Greedy packing in module order; a tensor larger than a shard gets a shard of its own."""
     shards: list[list[TensorSpec]] = [[]]
     size = 0
@@ -349,7 +351,8 @@ def _managed(name: str) -> bool:
             or (name.startswith("model") and name.endswith(".safetensors")) or name.endswith(".partial"))
 
 
-def _free_bytes(folder: Path) -> int:
+def free_bytes(folder: Path) -> int:
+    """Free disk space where ``folder`` is or would be (its nearest existing parent)."""
     p = folder
     while not p.exists():
         p = p.parent
@@ -363,7 +366,7 @@ def write_random_checkpoint(out_dir: str | Path, config: Mapping[str, Any], seed
     """Write a random checkpoint of ``config`` (an HF config.json dict) to ``out_dir``.
 
     Writes the weights (``model.safetensors`` if they fit in ``shard_bytes``, else
-    ``model-0000k-of-0000n.safetensors`` shards and ``model.safetensors.index.json``),
+    ``model-<k>-of-<n>.safetensors`` shards and ``model.safetensors.index.json``),
     then config.json, processor_config.json and the tokenizer files (package assets), so
     an interrupted write never looks like a complete checkpoint.
     ``progress(bytes_written, bytes_total)`` is called after every tensor. Refuses a
@@ -379,7 +382,7 @@ def write_random_checkpoint(out_dir: str | Path, config: Mapping[str, Any], seed
     config = copy.deepcopy(dict(config))
     for d in (config, config.get("language_config")):
         if isinstance(d, dict) and "torch_dtype" in d:
-            d["torch_dtype"] = _TORCH_DTYPE_NAMES[dtype]
+            d["torch_dtype"] = TORCH_DTYPE_NAMES[dtype]
 
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a folder")
@@ -390,10 +393,10 @@ def write_random_checkpoint(out_dir: str | Path, config: Mapping[str, Any], seed
         stale = [f for f in out.iterdir() if f.is_file() and _managed(f.name)]
 
     specs = official_tensor_specs(cfg, dtype)
-    shards = _plan_shards(specs, shard_bytes)
+    shards = plan_shards(specs, shard_bytes)
     total = sum(s.nbytes for s in specs)
     need = total + sum(len(_header(sh)) for sh in shards) + _DISK_HEADROOM
-    free = _free_bytes(out) + sum(f.stat().st_size for f in stale)  # the old checkpoint makes room
+    free = free_bytes(out) + sum(f.stat().st_size for f in stale)  # the old checkpoint makes room
     if free < need:
         raise CheckpointError(f"not enough disk space for {out}: the checkpoint needs {need / 1e9:.2f} GB "
                               f"(incl. {_DISK_HEADROOM // 1024 ** 2} MiB headroom), {free / 1e9:.2f} GB free")
@@ -459,7 +462,7 @@ def _progress_printer(label: str) -> Callable[[int, int], None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dsvl2.checkpoint",
+    ap = argparse.ArgumentParser(prog="python -m dsvl2.checkpoint.random_checkpoint",
                                  description="Write random DeepSeek-VL2 checkpoints in the official layout.")
     ap.add_argument("--write-demo", action="store_true", help=f"regenerate the shipped demo checkpoint ({DEMO_DIR})")
     ap.add_argument("--preset", choices=list(PRESETS), help="architecture to write")

@@ -8,8 +8,8 @@ import sys
 from ..errors import GenerationError
 from ..sizes import KV_CACHE_HELP
 from ..batch.pipeline import run_batch
-from ..batch.readers import DEFAULT_PROMPT, SAMPLING_KEYS
-from .common import HelpFormatter, add_runtime_options, add_sampling_options, sampling_options
+from ..batch.readers import DEFAULT_PROMPT
+from .common import HelpFormatter, add_runtime_options, add_sampling_options, as_flags, sampling_options
 
 EPILOG = """examples:
   dsvl2 batch -m ./deepseek-vl2-tiny photos/ captions.jsonl
@@ -66,10 +66,7 @@ def cmd_batch(args) -> int:
                             dtype=args.dtype, device=args.device, quantize=args.quantize,
                             kv_cache_bytes=args.kv_cache_bytes, address=args.address, fmt=args.format)
     except GenerationError as e:  # name the command-line flag, not the dataclass field
-        msg = str(e)
-        for name in SAMPLING_KEYS:
-            msg = msg.replace(f"SamplingParams.{name}", "--" + name.replace("_", "-"))
-        raise GenerationError(msg) from None
+        raise GenerationError(as_flags(str(e))) from None
     except KeyboardInterrupt:
         print(f"\ndsvl2 batch: the results so far are in {args.out}; run the same command again to continue",
               file=sys.stderr)

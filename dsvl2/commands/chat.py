@@ -32,8 +32,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..errors import DSVL2Error
-from .common import HelpFormatter, Progress, add_runtime_options, add_sampling_options, sampling_options
+from ..errors import ContextLengthError, DSVL2Error
+from .common import HelpFormatter, Progress, add_runtime_options, add_sampling_options, as_flags, sampling_options
 
 
 # Answer tokens kept free in interactive mode (at most --max-new-tokens): a conversation
@@ -75,7 +75,7 @@ def _load(args):
                 bars[name] = Progress(f"{'encoding image tiles' if name == 'vision' else 'reading the prompt':<20}")
             bars[name](done, total)
 
-        model.engine.progress = stage
+        model.engine.set_progress(stage)
     return model
 
 
@@ -174,10 +174,7 @@ def cmd_chat(args) -> int:
     try:  # bad option values fail now, not after loading (or at every turn)
         SamplingParams(**sampling)
     except DSVL2Error as e:  # name the command-line flag, not the dataclass field
-        msg = str(e)
-        for field in sampling:
-            msg = msg.replace(f"SamplingParams.{field}", "--" + field.replace("_", "-"))
-        raise DSVL2Error(msg) from None
+        raise DSVL2Error(as_flags(str(e))) from None
     if args.chunk_size is not None and args.chunk_size < 1:
         raise DSVL2Error(f"--chunk-size must be a positive integer, got {args.chunk_size}")
     if args.draw:
@@ -205,33 +202,18 @@ def _image_command(rest: str) -> str:
 
 
 def _fit(model, history: list[dict], turn: dict, room: int) -> tuple[list[dict], int]:
-    """Drop the oldest exchanges of ``history`` until its prompt with ``turn`` leaves
-    ``room`` tokens of the context window: -> (history kept, exchanges dropped).
+    """``history`` ([system message?] + (user, assistant) pairs) without the oldest
+    exchanges that leave less than ``room`` tokens of the context window with ``turn``:
+    -> (history kept, exchanges dropped). ``history.fit_history`` decides."""
+    from ..history import fit_history
 
-    ``history`` is [system message?] + (user, assistant) pairs. Lengths come from the
-    processor itself (images included), so the check is exact, not an estimate."""
-    window = model.engine.context_window
-
-    def fits(conv: list[dict]) -> tuple[bool, int]:
-        n = model.processor(conv + [turn]).seq_lens[0]
-        return n + room <= window, n
-
-    ok, n = fits(history)
-    if ok:
-        return history, 0
-    head = history[:1] if history and history[0]["role"] == "system" else []
-    body = history[len(head):]
-    alone, n_alone = fits(head) if body else (False, n)
-    if not alone:
-        raise DSVL2Error(f"this message needs {n_alone} prompt tokens (images included) and the answer {room}, "
-                         f"more than the context window of {window} tokens; it was not sent. Send a shorter "
-                         "message or fewer images (/reset starts a new conversation)")
-    dropped = 0
-    while body:
-        body, dropped = body[2:], dropped + 1
-        if fits(head + body)[0]:
-            break
-    return head + body, dropped
+    try:
+        fitted = fit_history(model, history + [turn], room)
+    except ContextLengthError as e:
+        raise DSVL2Error(f"this message needs {e.tokens} prompt tokens (images included) and the answer {room}, "
+                         f"more than the context window of {e.window} tokens; it was not sent. Send a shorter "
+                         "message or fewer images (/reset starts a new conversation)") from None
+    return fitted.messages[:-1], fitted.dropped // 2
 
 
 def _interactive(model, args, sampling) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -88,6 +89,12 @@ def guide_from_args(args):
             raise DSVL2Error("--choice needs a non-empty text")
         return Guide.choice(args.choice)
     return None
+
+
+def as_flags(message: str) -> str:
+    """An error message with ``SamplingParams.<field>`` named as the command-line flag
+    (``--<field>``, underscores as dashes), so that it names what the user typed."""
+    return re.sub(r"SamplingParams\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
 def sampling_options(args) -> dict:

@@ -20,7 +20,7 @@ Counting conventions:
   ``init-random --quantize`` names its scheme in config.json ``"quantization"`` and its
   bytes are those on disk; ``quantize=`` on a float folder (or a config alone) gives the
   bytes ``dsvl2 quantize`` would write, from each tensor's stored entries
-  (``dsvl2.quantize.entries_for``: the same rule the writer and the loader use).
+  (``dsvl2.checkpoint.quantised.entries_for``: the same rule the writer and the loader use).
 """
 
 from __future__ import annotations

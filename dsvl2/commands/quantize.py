@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoint.quantised import SCHEME_OF_BITS, quantize_checkpoint
 from .common import HelpFormatter, Progress
 
 
 def cmd_quantize(args) -> int:
+    # the library (and torch) only when the command runs: `dsvl2 --help` stays instant
+    from ..checkpoint.quantised import SCHEME_OF_BITS, quantize_checkpoint
     from ..checkpoint.hub import resolve_model
 
     src = resolve_model(args.model)

@@ -112,7 +112,8 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def _check(args: argparse.Namespace) -> None:
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse bad ``serve`` options with a one-line ``DSVL2Error`` before anything loads or binds."""
     for name, lo in (("max_batch_size", 1), ("max_queue", 1), ("chunk_size", 1), ("max_image_pixels", 1),
                      ("max_body_bytes", 1)):
         v = getattr(args, name)
@@ -171,7 +172,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except ImportError as e:
             raise DSVL2Error(f"--ray needs Ray Serve: pip install 'dsvl2[ray]' ({e})") from None
         return run(args)
-    _check(args)
+    check_options(args)
     try:
         import uvicorn
 

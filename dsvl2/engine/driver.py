@@ -27,9 +27,9 @@ wait forever).
   an error and the next ``submit`` starts a fresh thread.
 
 Fault injection for tests (a seam, not a patch: tests never replace engine methods),
-like ``Engine.fault_hook``: ``Driver(engine, fault_hook=f)`` (or ``driver.fault_hook =
-f``) calls ``f(point, requests)`` at these points of the loop, and whatever it raises is
-handled exactly like an error of the code that follows the point:
+like the engine's own (``Engine.set_fault_hook``): ``Driver(engine, fault_hook=f)`` (or
+``driver.fault_hook = f``) calls ``f(point, requests)`` at these points of the loop, and
+whatever it raises is handled exactly like an error of the code that follows the point:
 
 * ``"add"``     before the new requests are handed to ``Engine.add``;
 * ``"cancel"``  before ``Engine.cancel`` of the requests cancelled since the last step;
@@ -270,6 +270,19 @@ class Driver:
         return {"running": len(s.running), "admitting": len(s.admitting), "waiting": len(s.waiting) + inbox,
                 "slots_in_use": len(s.running) + len(s.admitting), "slots_total": s.max_batch_size,
                 "steps": self.steps, **self.engine.kv_stats()}
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The loop's thread while it has one (None once it went idle or died)."""
+        with self._cv:
+            return self._thread
+
+    @property
+    def last_thread(self) -> threading.Thread | None:
+        """The last thread the loop ran in: the running one, or one that has gone idle or
+        died (it may still be returning; join it to wait for that)."""
+        with self._cv:
+            return self._last_thread
 
     def pending(self) -> int:
         """Requests not yet holding a seat and KV blocks."""

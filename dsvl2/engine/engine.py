@@ -33,6 +33,27 @@ no text formatting.
   ``ops.decoding``), prefill and vision in float32, so a row's greedy output equals the
   same conversation alone in every dtype except where two logits tie within float32
   rounding of the attention / router sums (which depend on the padded batch shape).
+
+Seams (``seams``): tests, benchmarks and surfaces observe and steer an engine through
+these methods, never by replacing its methods or writing into its attributes:
+
+* ``add_step_observer(fn)``: ``fn(report)`` after every ``step`` with a ``StepReport``:
+  what ran (vision calls, prefill chunks, sampled requests, the decode forward's rows,
+  preemptions, finishes; request ids and positions) and seconds per stage. Called in the
+  thread that steps (the driver's, under a ``Driver``); an observer that raises is logged
+  and kept. Without observers nothing is recorded or timed.
+* ``set_fault_hook(hook)``: ``hook(stage, requests)`` right before the work of stage
+  "vision", "prefill" or "decode" of those requests. What it raises is that work's
+  failure (those requests end with "error", the others go on); the time it takes counts
+  as that stage's (a hook that sleeps is a slow forward).
+* ``set_sampler(fn)`` / ``Engine(sampler=)``: picks the next tokens
+  (``sampling.sample_next``'s signature); without one, that of an open
+  ``seams.use_sampler`` block (for engines made out of reach: the CLI's, a server's),
+  else ``sample_next``.
+* ``set_guide_compiler(c)``: what compiles a request's ``guided.Guide``
+  (``c.compile(guide)``; by default ``guided.GuideCompiler``, made on first use).
+* ``set_progress(hook)``: ``hook(stage, done, total)`` as a request's tiles / prompt
+  tokens are processed; ``set_context_window(n)``: the tokens a request may hold.
 """
 
 from __future__ import annotations
@@ -58,9 +79,10 @@ from .request import Request, Timings
 from .runner import ModelRunner
 from .sampling import SamplingParams, make_generator, sample_next
 from .scheduler import Prefill, Scheduler, Vision
+from .seams import Sampler, StepReport, process_sampler, use_sampler  # noqa: F401  (use_sampler: re-exported)
 
-__all__ = ["Engine", "GenerationOutput", "Request", "StreamEvent", "Timings", "TokenLogprob",
-           "default_kv_cache_bytes"]
+__all__ = ["Engine", "GenerationOutput", "Request", "Sampler", "StepReport", "StreamEvent", "Timings",
+           "TokenLogprob", "default_kv_cache_bytes", "use_sampler"]
 
 log = logging.getLogger("dsvl2.engine")
 
@@ -135,13 +157,15 @@ class Engine:
     ``step_tokens``: the scheduler's per-step token budget (None: admission work is never
     split, the whole prompt prefills at once); ``kv_cache_bytes``: the KV pool (None:
     ``default_kv_cache_bytes``); ``block_size``: tokens per block; ``prefix_caching``:
-    share the blocks of equal prefixes between requests (``kv_manager``).
+    share the blocks of equal prefixes between requests (``kv_manager``); ``sampler``:
+    picks the next tokens (None: an open ``seams.use_sampler`` block's, else
+    ``sampling.sample_next``).
     """
 
     def __init__(self, model: DeepseekVL2, tokenizer: Tokenizer, max_batch_size: int = 16,
                  cache_dtype: torch.dtype | None = None, context_window: int | None = None,
                  step_tokens: int | None = None, kv_cache_bytes: int | None = None,
-                 block_size: int = BLOCK_SIZE, prefix_caching: bool = True):
+                 block_size: int = BLOCK_SIZE, prefix_caching: bool = True, sampler: Sampler | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = model.cfg.language
@@ -155,6 +179,7 @@ class Engine:
             raise GenerationError(f"kv_cache_bytes must be a positive number of bytes, got {kv_cache_bytes!r}")
         if not isinstance(block_size, int) or block_size < 1:
             raise GenerationError(f"block_size must be a positive integer, got {block_size!r}")
+        _check_callable("sampler", sampler)
         block_bytes = block_size * KVCache.bytes_per_token(self.cfg, self.cache_dtype)
         num_blocks = kv_cache_bytes // block_bytes
         if num_blocks < 2:
@@ -173,13 +198,16 @@ class Engine:
         self.output = OutputProcessor(tokenizer.decode)
         self.eos_ids = {i for i in (tokenizer.eos_id, self.cfg.eos_token_id) if i is not None}
         # Optional hook for long work: progress(stage, done, total) with stage "vision"
-        # (tiles encoded) or "prefill" (prompt tokens processed), per request.
+        # (tiles encoded) or "prefill" (prompt tokens processed), per request (set_progress).
         self.progress: Callable[[str, int, int], None] | None = None
-        # Fault injection for tests (a seam, not a patch): fault_hook(stage, requests) is
-        # called right before the work of stage "vision", "prefill" or "decode" for those
-        # requests; whatever it raises is treated as that work's failure.
-        self.fault_hook: Callable[[str, list[Request]], None] | None = None
-        self._guides = None  # guided.GuideCompiler, made when a request first has a guide
+        # The seams (module docstring), each changed through its set_* method.
+        self._fault_hook: Callable[[str, list[Request]], None] | None = None
+        self._sampler: Sampler | None = sampler
+        self._observers: list[Callable[[StepReport], None]] = []
+        # compile(guide) -> compiled guide, raising GenerationError for what it cannot
+        # enforce; None: a guided.GuideCompiler, made when a request first has a guide
+        self._guide_compiler = None
+        self.steps = 0  # steps run since start
         self._ids = itertools.count()
         # Prompt + output tokens allowed per request: the model's max_position_embeddings
         # unless the caller knows better (the reference itself does not enforce it).
@@ -223,6 +251,70 @@ class Engine:
                 "kv_block_size": self.block_size, "kv_blocks_total": p.usable, "kv_blocks_used": p.used,
                 "preemptions": self.scheduler.preemptions, "prefix_cache_hit_tokens": self.kv.hit_tokens,
                 "vision_tiles": self.runner.tiles_encoded}
+
+    # ---- seams (module docstring) -------------------------------------------------------
+    def add_step_observer(self, fn: Callable[[StepReport], None]) -> Callable[[StepReport], None]:
+        """Call ``fn(report)`` after every step; returns ``fn``."""
+        if not callable(fn):
+            raise TypeError(f"a step observer must be callable, got {type(fn).__name__}")
+        self._observers.append(fn)
+        return fn
+
+    def remove_step_observer(self, fn: Callable[[StepReport], None]) -> None:
+        """Stop calling ``fn`` (nothing happens if it is not an observer)."""
+        if fn in self._observers:
+            self._observers.remove(fn)
+
+    @property
+    def fault_hook(self) -> Callable[[str, list[Request]], None] | None:
+        return self._fault_hook
+
+    def set_fault_hook(self, hook: Callable[[str, list[Request]], None] | None):
+        """``hook(stage, requests)`` before the work of each stage from the next one on
+        (None: no hook); returns the hook it replaces."""
+        _check_callable("fault_hook", hook)
+        previous, self._fault_hook = self._fault_hook, hook
+        return previous
+
+    @property
+    def sampler(self) -> Sampler | None:
+        return self._sampler
+
+    def set_sampler(self, sampler: Sampler | None) -> Sampler | None:
+        """This engine's own sampler from the next step on (None: the process's, see
+        ``seams.use_sampler``); returns the one it replaces."""
+        _check_callable("sampler", sampler)
+        previous, self._sampler = self._sampler, sampler
+        return previous
+
+    @property
+    def guide_compiler(self):
+        return self._guide_compiler
+
+    def set_guide_compiler(self, compiler):
+        """What compiles the guides of the requests made from now on: ``compile(guide)``
+        returns the compiled guide or raises ``GenerationError`` (None: the default
+        ``guided.GuideCompiler``, made on first use); returns the one it replaces."""
+        if compiler is not None and not callable(getattr(compiler, "compile", None)):
+            raise GenerationError(f"a guide compiler needs a compile(guide) method, got {type(compiler).__name__}")
+        previous, self._guide_compiler = self._guide_compiler, compiler
+        return previous
+
+    def set_progress(self, hook: Callable[[str, int, int], None] | None):
+        """``hook(stage, done, total)`` as vision tiles / prompt tokens of a request are
+        processed (None: none); returns the hook it replaces."""
+        _check_callable("progress", hook)
+        previous, self.progress = self.progress, hook
+        return previous
+
+    def set_context_window(self, tokens: int) -> int:
+        """Prompt + output tokens allowed per request from now on (requests already running
+        stop at the new limit too); returns the previous limit."""
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 2:
+            raise GenerationError(f"context_window must be an integer >= 2 (a prompt token and an answer "
+                                  f"token), got {tokens!r}")
+        previous, self.context_window = self.context_window, tokens
+        return previous
 
     # ---- requests -----------------------------------------------------------------------
     def submit(self, batch: BatchInputs, params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
@@ -275,11 +367,11 @@ class Engine:
     def compile_guide(self, guide):
         """The compiled form of a ``guided.Guide`` (compiled once per distinct guide; raises
         ``GenerationError`` naming what is not supported)."""
-        if self._guides is None:
+        if self._guide_compiler is None:
             from .guided import GuideCompiler  # the grammar library is imported on first use
 
-            self._guides = GuideCompiler(self.tokenizer, self.cfg.vocab_size, self.eos_ids)
-        return self._guides.compile(guide)
+            self._guide_compiler = GuideCompiler(self.tokenizer, self.cfg.vocab_size, self.eos_ids)
+        return self._guide_compiler.compile(guide)
 
     def add(self, reqs: Sequence[Request]) -> None:
         for req in reqs:
@@ -333,14 +425,43 @@ class Engine:
 
         Returns (request, token id, text delta) for every token sampled in this step, and
         (request, None, "") for every request that failed in it (finish_reason "error").
+        Then the step observers get its ``StepReport``.
         """
-        for req in self.scheduler.admit():
+        observers = self._observers
+        if not observers:
+            events = self._step(None)
+            self.steps += 1
+            return events
+        t0 = time.perf_counter()
+        rep = StepReport(self.steps, [r.rid for r in self.scheduler.running])
+        events = self._step(rep)
+        self.steps += 1
+        rep.timings["total"] = time.perf_counter() - t0
+        rep.finished = {r.rid: r.finish_reason for r, _, _ in events if r.finished}
+        for fn in list(observers):
+            try:
+                fn(rep)
+            except Exception:  # the step is done; its requests must not pay for an observer
+                log.exception("step observer %r failed", fn)
+        return events
+
+    def _step(self, rep: StepReport | None) -> list[tuple[Request, int | None, str]]:
+        """``step``'s work; records what ran and its times into ``rep`` when one is given."""
+        t = time.perf_counter() if rep is not None else 0.0
+        admitted = self.scheduler.admit()
+        for req in admitted:
             self._start(req)
         self.kv.run_copies(self.cache.copy_block)
-        events = self._admission_work()
+        if rep is not None:
+            rep.admitted = [r.rid for r in admitted]
+            rep.timings["admit"] = time.perf_counter() - t
+        events = self._admission_work(rep)
         reqs = list(self.scheduler.running)
         if not reqs:
             return events
+        if rep is not None:
+            t = time.perf_counter()
+            rep.sampled = [r.rid for r in reqs]
         logits = torch.stack([r.next_logits for r in reqs])  # [B, V]
         for i, r in enumerate(reqs):
             if r.matcher is not None:
@@ -349,7 +470,9 @@ class Engine:
         if any(r.seen is not None for r in reqs):
             seen = torch.stack([r.seen if r.seen is not None else torch.zeros_like(logits[0], dtype=torch.bool)
                                 for r in reqs])
-        tokens = sample_next(logits, [r.params for r in reqs], [r.generator for r in reqs], seen).tolist()
+        # looked up at each step: use_sampler blocks begin and end while an engine lives
+        sample = self._sampler or process_sampler() or sample_next
+        tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs], seen).tolist()
         now = time.perf_counter()
         for r, tok in zip(reqs, tokens):
             if r.output_scores:
@@ -367,19 +490,27 @@ class Engine:
                 r.timings.finished = now
                 self.scheduler.release(r)
                 r.release_inputs()
-        going = self._make_room([r for r in reqs if not r.finished])
+        if rep is not None:
+            t_decode = time.perf_counter()
+            rep.timings["sample"] = t_decode - t
+        going = self._make_room([r for r in reqs if not r.finished], rep)
         if going:
+            if rep is not None:
+                rep.decode = [(r.rid, r.length) for r in going]
             try:
-                if self.fault_hook is not None:
-                    self.fault_hook("decode", going)
+                if self._fault_hook is not None:
+                    self._fault_hook("decode", going)
                 self.runner.decode(going)
             except Exception as e:  # the rows of this forward end; the others go on
-                return events + self._fail(going, e, "decode step")
-            for r in going:
-                self.kv.computed(r)
+                events += self._fail(going, e, "decode step")
+            else:
+                for r in going:
+                    self.kv.computed(r)
+            if rep is not None:
+                rep.timings["decode"] = time.perf_counter() - t_decode
         return events
 
-    def _make_room(self, going: list[Request]) -> list[Request]:
+    def _make_room(self, going: list[Request], rep: StepReport | None = None) -> list[Request]:
         """A block for every going row's next token, oldest first; where the pool is empty
         the newest active request is preempted (maybe one of these). Returns those left."""
         for r in sorted(going, key=lambda r: r.rid):
@@ -387,6 +518,8 @@ class Engine:
                 victim = self.scheduler.preempt_newest()
                 log.info("KV cache full: request %d preempted (%d tokens given back), recomputed later",
                          victim.rid, victim.prefill_len)
+                if rep is not None:
+                    rep.preempted.append(victim.rid)
         return [r for r in going if r in self.scheduler.running]
 
     def _verdict(self, r: Request, tok: int) -> str | None:
@@ -402,49 +535,59 @@ class Engine:
             return "length"
         return None
 
-    def _admission_work(self) -> list[tuple[Request, None, str]]:
+    def _admission_work(self, rep: StepReport | None = None) -> list[tuple[Request, None, str]]:
         """This step's vision and prefill work; returns the final events of the requests
         whose work failed (a tile batch fails its request, a prefill forward its chunks')."""
         hook = self.progress
         failed: list = []
         for work in self.scheduler.plan():
+            t = time.perf_counter() if rep is not None else 0.0
             if isinstance(work, Vision):
                 r = work.req
                 if r.finished:
                     continue
+                if rep is not None:
+                    rep.vision.append((r.rid, work.k))
                 try:
                     if hook is not None and r.tiles_done == 0:
                         hook("vision", 0, r.tiles_total)
-                    if self.fault_hook is not None:
-                        self.fault_hook("vision", [r])
+                    if self._fault_hook is not None:
+                        self._fault_hook("vision", [r])
                     self.runner.vision(r, work.k)
                     if hook is not None:
                         hook("vision", r.tiles_done, r.tiles_total)
                 except Exception as e:
                     failed += self._fail([r], e, "image encoding")
+                if rep is not None:
+                    rep.timings["vision"] += time.perf_counter() - t
             elif isinstance(work, Prefill):
                 chunks = [(r, n) for r, n in work.chunks if not r.finished]
                 if not chunks:
                     continue
+                if rep is not None:
+                    rep.prefill.append([(r.rid, r.prefilled, n) for r, n in chunks])
                 try:
                     if hook is not None:
                         for r, _ in chunks:
                             if r.prefilled == 0:
                                 hook("prefill", 0, r.prefill_len)
-                    if self.fault_hook is not None:
-                        self.fault_hook("prefill", [r for r, _ in chunks])
+                    if self._fault_hook is not None:
+                        self._fault_hook("prefill", [r for r, _ in chunks])
                     done = self.runner.prefill(chunks)
                 except Exception as e:
                     failed += self._fail([r for r, _ in chunks], e, "prefill")
-                    continue
-                for r, _ in chunks:
-                    self.kv.computed(r)
-                for r in done:
-                    r.drop_prefill_state()
-                    self.scheduler.start_running(r)
-                if hook is not None:
+                    done = None
+                if done is not None:
                     for r, _ in chunks:
-                        hook("prefill", r.prefilled, r.prefill_len)
+                        self.kv.computed(r)
+                    for r in done:
+                        r.drop_prefill_state()
+                        self.scheduler.start_running(r)
+                    if hook is not None:
+                        for r, _ in chunks:
+                            hook("prefill", r.prefilled, r.prefill_len)
+                if rep is not None:
+                    rep.timings["prefill"] += time.perf_counter() - t
         return failed
 
     # ---- plain calls (one caller) ------------------------------------------------------
@@ -481,6 +624,11 @@ class Engine:
         return GenerationOutput(list(r.output_ids), r.text, r.finish_reason or "length", len(r.prompt_ids),
                                 len(r.output_ids), scores, r.timings.to_dict(), r.error, r.cached_tokens,
                                 None if r.logprobs is None else list(r.logprobs))
+
+
+def _check_callable(what: str, fn) -> None:
+    if fn is not None and not callable(fn):
+        raise GenerationError(f"{what} must be a function or None, got {type(fn).__name__}")
 
 
 def token_logprob(logits: torch.Tensor, tok: int, top: int) -> TokenLogprob:

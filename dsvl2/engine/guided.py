@@ -40,7 +40,7 @@ kind means:
 * ``choice``: exactly one of the strings.
 * ``grammar``: a context-free grammar in llguidance's Lark dialect (``start: ...`` rules,
   ``"literal"`` and ``/regex/`` terminals, ``%ignore``, ``%json {...}`` for an embedded
-  schema; see llguidance's docs/syntax.md), or a llama.cpp GBNF grammar (``root ::= ...``),
+  schema; see the syntax page of llguidance's documentation), or a llama.cpp GBNF grammar (``root ::= ...``),
   which llguidance converts to Lark.
 
 Whitespace in JSON is bounded: at most one space between two JSON tokens and no

@@ -50,14 +50,9 @@ class KVManager:
         self.copies: list[tuple[int, int]] = []  # (src, dst) block copies still to do (src held)
 
     # ---- keys and hashes --------------------------------------------------------------------
-    @staticmethod
-    def _key(r: Request, p: int):
-        n = r.prompt_len
-        return r.keys[p] if p < n else r.output_ids[p - n]
-
     def _block_keys(self, r: Request, i: int, n: int | None = None) -> tuple:
         lo = i * self.bs
-        return tuple(self._key(r, p) for p in range(lo, lo + (self.bs if n is None else n)))
+        return tuple(r.token_key(p) for p in range(lo, lo + (self.bs if n is None else n)))
 
     def _hashes(self, r: Request, blocks: int) -> list[bytes]:
         """The chain hashes of ``r``'s first ``blocks`` full blocks (computed once, kept)."""

@@ -116,6 +116,21 @@ class Request:
     def tiles_total(self) -> int:
         return 0 if self.tiles is None else self.tiles.shape[0]
 
+    def token_key(self, p: int):
+        """The prefix key of its token at position ``p`` (``prefix.py``): the prompt's key,
+        then the output ids (after a preemption they are computed again too)."""
+        n = len(self.prompt_ids)
+        return self.keys[p] if p < n else self.output_ids[p - n]
+
+    def prefilled_chunk(self, n: int) -> None:
+        """A prefill forward wrote its next ``n`` tokens into the cache."""
+        self.prefilled += n
+        self.length = self.prefilled
+
+    def decoded(self) -> None:
+        """A decode forward wrote its last sampled token into the cache."""
+        self.length += 1
+
     def preempt(self) -> None:
         """Its blocks were taken back: start admission again (sampler and text state stay)."""
         self.preemptions += 1

@@ -23,7 +23,7 @@ import torch
 
 from ..model import ops
 from ..model.cache import KVCache, block_table
-from ..model.vl import DeepseekVL2
+from ..model.vl import DeepseekVL2, scatter_image_tokens
 from .request import Request
 
 
@@ -61,11 +61,7 @@ class ModelRunner:
             embeds = self.model.language.embed(ids, self.dtype)  # [L, D]
             if req.projected:
                 feats = self.model.assemble_images(torch.cat(req.projected), req.crops)
-                slots = req.seq_mask.nonzero().squeeze(-1)  # image slots: all in the prompt
-                if feats.shape[0] != slots.numel():
-                    raise ValueError(f"{slots.numel()} image slots in the prompt but "
-                                     f"{feats.shape[0]} image tokens from the images")
-                embeds[slots] = feats.to(self.dtype)
+                scatter_image_tokens(embeds, req.seq_mask, feats)  # image slots: all in the prompt
                 req.projected = []
             req.embeds = embeds
         return req.embeds
@@ -90,8 +86,7 @@ class ModelRunner:
                 r.next_logits = logits[j]
         dt = (time.perf_counter() - t0) / len(chunks)
         for r, n in chunks:
-            r.prefilled += n
-            r.length = r.prefilled
+            r.prefilled_chunk(n)
             r.timings.prefill_s += dt
         return [r for _, r, _ in done]
 
@@ -106,4 +101,4 @@ class ModelRunner:
             logits = lm(x, ctx, logits="last").logits[:, 0]  # [B, V]
         for i, r in enumerate(reqs):
             r.next_logits = logits[i]
-            r.length += 1
+            r.decoded()

@@ -15,6 +15,10 @@ dn qk_nope_head_dim, dr qk_rope_head_dim, dv v_head_dim, r kv_lora_rank.
   - ``absorbed``: fold W_uk into the query and W_uv into the output, attend directly over
     the cached [latent | k_pe] (one shared kv "head" of width r + dr). Used for decode:
     it reads only the compressed cache, which is the point of MLA.
+  In a decode step on the CPU the absorbed form runs as one native call where
+  ``MLA.native_decode`` allows (``native.mla_decode``, ``native/mla.c``: float32, bf16 or
+  int8 projections, the float32 or bf16 cache read in place through the block tables);
+  ``allow_native = False`` keeps the torch path, the reference it is tested against.
 Masks are additive with the dtype's min (finite), softmax in float32 (SDPA on CPU keeps
 float32 throughout), so fully masked padding rows stay finite instead of NaN.
 """
@@ -46,7 +50,7 @@ class MHA(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         b, t, _ = x.shape
-        if t == 1 and self._native_decode(x, ctx):
+        if t == 1 and self.native_decode(x, ctx):
             k_cache, v_cache = ctx.cache.layers[self.layer]
             out = native.mha_decode(x.view(b, -1), self.q_proj.weight, self.k_proj.weight, self.v_proj.weight,
                                     self.o_proj.weight, (self.q_proj.bias, self.k_proj.bias, self.v_proj.bias,
@@ -68,7 +72,7 @@ class MHA(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.h * self.hd))
 
-    def _native_decode(self, x: torch.Tensor, ctx: StepContext) -> bool:
+    def native_decode(self, x: torch.Tensor, ctx: StepContext) -> bool:
         """A decode step (one token per row) with bf16 weights and a float32 cache: the
         whole block in one native call (``native.mha_decode``)."""
         if (ctx.cache is None or ctx.cache.dtype != torch.float32 or ctx.cos.shape[-1] != self.hd
@@ -98,6 +102,9 @@ class MLA(nn.Module):
         self.o_proj = Linear(self.h * self.dv, d, bias=cfg.attention_bias)
         # Prefill (T > threshold) decompresses; decode attends over the compressed cache.
         self.absorb_max_tokens = 1
+        # Decode steps run the whole block natively where ``native_decode`` allows; False:
+        # always the torch path below (the reference the native block is tested against).
+        self.allow_native = True
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj"):
@@ -106,6 +113,8 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StepContext, absorbed: bool | None = None) -> torch.Tensor:
         b, t, _ = x.shape
+        if t == 1 and absorbed is not False and self.native_decode(x, ctx):
+            return self._decode_native(x, ctx)
         q = self._query(x).view(b, t, self.h, self.dn + self.dr).transpose(1, 2)  # [B, H, T, dn+dr]
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
         kv = self.kv_a_proj_with_mqa(x)  # [B, T, r+dr]
@@ -121,6 +130,36 @@ class MLA(nn.Module):
             absorbed = t <= self.absorb_max_tokens
         out = self._absorbed(q_nope, q_pe, ckv, ctx.mask) if absorbed else self._expanded(q_nope, q_pe, ckv, ctx.mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.h * self.dv))  # out [B, H, T, dv]
+
+    def native_decode(self, x: torch.Tensor, ctx: StepContext) -> bool:
+        """A decode step (``ops.decoding()``, one token per row) the native block takes:
+        float32 activations, a float32 or bf16 cache, float32 or bf16 weights (int8 ones for
+        the projections but ``kv_b_proj``), native blocks on and the kernels built."""
+        if not (self.allow_native and ops.native_blocks and ops.decoding_active() and ctx.cache is not None
+                and ctx.table is not None and x.dtype == torch.float32 and x.is_cpu and ctx.cos.shape[-1] == self.dr):
+            return False
+        if ctx.cache.dtype not in (torch.float32, torch.bfloat16) or not native.mla_weight(self.kv_b_proj.weight,
+                                                                                             quantised=False):
+            return False
+        q = (self.q_proj,) if hasattr(self, "q_proj") else (self.q_a_proj, self.q_b_proj)
+        for proj in (*q, self.kv_a_proj_with_mqa, self.o_proj):
+            if not native.mla_weight(proj.weight):
+                return False
+        return native.available()
+
+    def _decode_native(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        b = x.shape[0]
+        lora = not hasattr(self, "q_proj")
+        (pool,) = ctx.cache.layers[self.layer]
+        out = native.mla_decode(
+            x.reshape(b, -1), self.q_b_proj.weight if lora else self.q_proj.weight, self.kv_a_proj_with_mqa.weight,
+            self.kv_a_layernorm.weight, self.kv_b_proj.weight, self.o_proj.weight, heads=self.h, dn=self.dn,
+            dr=self.dr, dv=self.dv, eps=self.kv_a_layernorm.eps, cos=ctx.cos, sin=ctx.sin, cache=pool,
+            table=ctx.table, pos=ctx.write_pos[:, 0], scale=self.scale,
+            q_a=self.q_a_proj.weight if lora else None, q_norm=self.q_a_layernorm.weight if lora else None,
+            q_eps=self.q_a_layernorm.eps if lora else None,
+            biases=(self.q_a_proj.bias if lora else None, self.kv_a_proj_with_mqa.bias, self.o_proj.bias))
+        return out.view(b, 1, -1)
 
     def _kv_b(self) -> torch.Tensor:
         return self.kv_b_proj.weight.view(self.h, self.dn + self.dv, self.r)  # [H, dn+dv, r]

@@ -4,7 +4,7 @@ Legend: B rows, D width, L layers, K experts per token.
 
 When: in a decode step (``ops.decoding()``, one token per row) where every block would run
 natively anyway (``ops.native_block``: float32 activations, bf16 weights, kernels built;
-the step's own conditions are the attention module's, ``MHA._native_decode``),
+the step's own conditions are the attention module's, ``MHA.native_decode``),
 for models whose blocks all have a native version: MHA attention with a float32 cache,
 greedy routing or dense MLPs (the tiny variant). Elsewhere (MLA, group-limited or
 noaux_tc routing, float32 or quantised weights, prefill, ``output_hidden_states``) the
@@ -15,10 +15,11 @@ result equals the module path's bit for bit (``tests/test_decode_plan.py``).
 ``ops.native_blocks = False`` turns it off with the other blocks; ``enabled = False``
 here turns off only this (the per-block native path then runs).
 
-A plan is built on a model's first eligible step and kept; it holds the weight tensors it
-points to and checks on every step that they are still the model's, at the same address
-(a parameter replaced, moved or cast makes it rebuild; a bias changed in place too, since
-the plan points to a float32 copy of it).
+A plan is built on a model's first eligible step and kept (``plan_of``); it holds the
+weight tensors it points to and checks on every step that they are still the model's, at
+the same address (a parameter replaced, moved or cast makes it rebuild; a bias changed in
+place too, since the plan points to a float32 copy of it). ``runs`` counts the steps run
+through a plan in this process (tests and benchmarks read it).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .moe import MoE, Routing
 from .ops import GatedMLP
 
 enabled = True
+runs = 0  # decode steps run through a plan in this process
 
 _P = ctypes.c_void_p
 
@@ -54,8 +56,8 @@ class DecodePlan:
         if not (d > 0 and hk > 0 and h > 0 and h % hk == 0 and 0 < hd <= 1024):
             raise _NotNative(f"heads {h} / kv heads {hk} / head size {hd} have no native version")
         k = cfg.num_experts_per_tok
-        # (module._parameters, name, tensor, its address, its version): what must not change
-        self.refs: list[tuple[dict, str, torch.Tensor, int, int]] = []
+        # (module, parameter name, tensor, its address, its version): what must not change
+        self.refs: list[tuple[torch.nn.Module, str, torch.Tensor, int, int]] = []
         self.keep: list[torch.Tensor] = []  # float32 bias copies the pointers refer to
         layers = lm.model.layers
         self.table = (_Layer * len(layers))()
@@ -69,11 +71,11 @@ class DecodePlan:
             for name, shape in (("q", (h * hd, d)), ("k", (hk * hd, d)), ("v", (hk * hd, d)), ("o", (d, h * hd))):
                 proj = getattr(att, f"{name}_proj")
                 setattr(e, f"w{name}", self._weight(proj, "weight", shape))
-                bias = proj._parameters.get("bias")
+                bias = getattr(proj, "bias", None)
                 if bias is not None:
                     if bias.shape != shape[:1] or not bias.dtype.is_floating_point:
                         raise _NotNative(f"{name}_proj.bias is {list(bias.shape)}, not {list(shape[:1])}")
-                    self.refs.append((proj._parameters, "bias", bias, bias.data_ptr(), bias._version))
+                    self.refs.append((proj, "bias", bias, bias.data_ptr(), bias._version))
                     self.keep.append(bias.detach().float().contiguous().clone())
                     setattr(e, f"b{name}", self.keep[-1].data_ptr())
             mlp = layer.mlp
@@ -103,12 +105,12 @@ class DecodePlan:
         self.nl = len(layers)
 
     def _weight(self, module, name: str, shape: tuple[int, ...]) -> int:
-        t = module._parameters.get(name)
+        t = getattr(module, name, None)
         if not native.bf16_weight(t):
             raise _NotNative(f"{type(module).__name__}.{name} is not a contiguous bf16 CPU tensor")
         if t.shape != shape or not all(shape):
             raise _NotNative(f"{type(module).__name__}.{name} is {list(t.shape)}, not {list(shape)}")
-        self.refs.append((module._parameters, name, t, t.data_ptr(), -1))
+        self.refs.append((module, name, t, t.data_ptr(), -1))
         return t.data_ptr()
 
     @classmethod
@@ -127,17 +129,19 @@ class DecodePlan:
 
     def current(self) -> bool:
         """Every tensor the plan points to is still the model's, where it was (biases: unchanged)."""
-        for params, name, t, ptr, version in self.refs:
-            if params.get(name) is not t or t.data_ptr() != ptr or (version >= 0 and t._version != version):
+        for module, name, t, ptr, version in self.refs:
+            if getattr(module, name, None) is not t or t.data_ptr() != ptr or (version >= 0 and t._version != version):
                 return False
         return True
 
     def run(self, x: torch.Tensor, ctx) -> tuple[torch.Tensor, dict[int, Routing]]:
         """x float32 [B, 1, D] embeddings -> (last layer's output [B, 1, D], routing per MoE layer)."""
+        global runs
+        runs += 1
         cfg = self.cfg
         d, h, hk, hd = self.d, self.h, self.hk, self.hd
         if not (x.dtype is torch.float32 and x.is_cpu and x.ndim == 3 and x.shape[1] == 1 and x.shape[2] == d):
-            raise ValueError(f"decode plan: x must be float32 [B, 1, {d}] on the CPU, got {native._describe(x)}")
+            raise ValueError(f"decode plan: x must be float32 [B, 1, {d}] on the CPU, got {native.describe(x)}")
         b = x.shape[0]
         layers = ctx.cache.layers
         if len(layers) != self.nl:
@@ -151,8 +155,8 @@ class DecodePlan:
             for t in pair:
                 if not (t.dtype is torch.float32 and t.is_cpu and t.is_contiguous() and t.shape == shape):
                     raise ValueError(f"decode plan: layer {i}'s KV pools must be contiguous float32 {list(shape)} "
-                                     f"(layer 0's shape) on the CPU, got {native._describe(t)}")
-        lib = native._require()
+                                     f"(layer 0's shape) on the CPU, got {native.describe(t)}")
+        lib = native.require()
         nb, bs = shape[0], shape[1]
         k = cfg.num_experts_per_tok
         cos, sin, table, pos = native.step_rows(b, hd, ctx.cos, ctx.sin, ctx.table, ctx.write_pos[:, 0])
@@ -161,9 +165,9 @@ class DecodePlan:
         caches = (_P * (2 * self.nl))(*[t.data_ptr() for pair in layers for t in pair])
         idx = torch.empty(self.nl, b, k, dtype=torch.int64)
         wt = torch.empty(self.nl, b, k, dtype=torch.float32)
-        scratch = native._scratch(lib.dsvl2_decode_scratch(b, d, h, hk, hd, w * bs, k, self.emax, self.fmax),
-                                  torch.float32)
-        order = native._scratch(lib.dsvl2_decode_order(b, k, self.emax), torch.int64)
+        scratch = native.scratch_buffer(lib.dsvl2_decode_scratch(b, d, h, hk, hd, w * bs, k, self.emax,
+                                                                 self.fmax), torch.float32)
+        order = native.scratch_buffer(lib.dsvl2_decode_order(b, k, self.emax), torch.int64)
         failed = ctypes.c_int64(-1)
         rc = lib.dsvl2_decode_layers(out.data_ptr(), b, d, self.table, self.nl, caches, h, hk, hd,
                                      float(cfg.rms_norm_eps), float(cfg.softmax_scale), k,
@@ -183,17 +187,22 @@ class _NotNative(Exception):
 
 def plan_for(lm, x: torch.Tensor, ctx) -> DecodePlan | None:
     """The plan for this step of ``lm`` (a ``LanguageModel``): a decode step (one token per
-    row) whose attention the module path would run natively (``MHA._native_decode``: bf16
+    row) whose attention the module path would run natively (``MHA.native_decode``: bf16
     weights, float32 activations and cache, kernels built) and a model whose every block
     has a native version; else None. Built, or rebuilt, when needed (cheap to find out
     again: the config or the first non-bf16 weight ends the search)."""
     if not enabled or x.dim() != 3 or x.shape[1] != 1:
         return None
     att = lm.model.layers[0].self_attn
-    if not isinstance(att, MHA) or not att._native_decode(x, ctx):
+    if not isinstance(att, MHA) or not att.native_decode(x, ctx):
         return None
-    plan = lm.__dict__.get("_decode_plan")
+    plan = plan_of(lm)
     if plan is None or not plan.current():
         plan = DecodePlan.build(lm)
-        lm.__dict__["_decode_plan"] = plan
+        lm.__dict__["_decode_plan"] = plan  # not pickled nor copied (LanguageModel.__getstate__)
     return plan
+
+
+def plan_of(lm) -> DecodePlan | None:
+    """The plan kept for ``lm`` (a ``LanguageModel``) by its last eligible step, if any."""
+    return lm.__dict__.get("_decode_plan")

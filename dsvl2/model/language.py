@@ -84,6 +84,12 @@ class LanguageModel(nn.Module):
         # the decode plan holds raw pointers (ctypes): never pickled or copied, rebuilt on use
         return {k: v for k, v in self.__dict__.items() if k != "_decode_plan"}
 
+    def rebuild_rotary(self, device: torch.device | str) -> None:
+        """Compute the rotary frequencies again, on ``device``: they are a non-persistent
+        buffer (in no checkpoint), so a model built on the meta device and filled by
+        ``load_state_dict(..., assign=True)`` has none yet."""
+        self.rotary = RotaryEmbedding(self.cfg).to(device)
+
     def embed(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.model.embed_tokens(ids).to(dtype)
 

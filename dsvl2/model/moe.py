@@ -2,8 +2,8 @@
 
 Legend: N tokens, D width, E routed experts, K experts per token, F expert width, G groups.
 
-Routing (REFERENCE.md 3, golden README "MoE"): gate logits in float32; softmax or
-sigmoid scores; then
+Routing (the reference's MoEGate; tests/data/golden/README.md): gate logits in float32;
+softmax or sigmoid scores; then
 * ``greedy``: top-K of the scores;
 * ``group_limited_greedy``: group score = max of the group, keep ``topk_group`` groups,
   masked experts set to 0.0, top-K;
@@ -12,11 +12,12 @@ sigmoid scores; then
   biased scores are negative); top-K on the biased scores; weights are the UNBIASED
   scores of the chosen experts.
 Then if K > 1 and ``norm_topk_prob``: w / (sum + 1e-20); always times
-``routed_scaling_factor``. Shared experts (one MLP of width F * n_shared) are added
-unweighted.
+``routed_scaling_factor``. ``Gate.reference_route`` is this in torch; decode steps run
+it natively (``native.route``, one call). Shared experts (one MLP of width F * n_shared)
+are added unweighted.
 
-Dispatch: routed expert weights are stacked ``[E, F, D]`` / ``[E, D, F]`` (the weights
-module stacks the per-expert checkpoint tensors). Token-expert pairs are sorted by
+Dispatch: routed expert weights are stacked ``[E, F, D]`` / ``[E, D, F]`` (the loader,
+``checkpoint/load.py``, stacks the per-expert checkpoint tensors). Token-expert pairs are sorted by
 expert and each expert that received tokens runs once on its batch of tokens; experts
 without tokens cost nothing. ``reference_dispatch`` is the obviously-right per-token
 version kept as the test reference.
@@ -44,6 +45,13 @@ class Routing:
 
 
 class Gate(nn.Module):
+    """The router: ``forward`` runs the native router (``native.route``: gate product,
+    scores, group limits, top-K, normalisation and scaling in one call) in a decode step
+    with bf16 weights and float32 activations, ``reference_route`` (torch) everywhere else.
+    The two choose the same experts except on exact ties, which the native router gives
+    to the lower expert id and torch.topk breaks in an order of its own
+    (tests/test_native_router.py)."""
+
     def __init__(self, cfg: LanguageConfig):
         super().__init__()
         self.cfg = cfg
@@ -52,13 +60,21 @@ class Gate(nn.Module):
             self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> Routing:
+        if ops.native_block(x, self.weight):
+            cfg = self.cfg
+            idx, weight = native.route(x, self.weight, cfg.num_experts_per_tok, cfg.topk_method,
+                                       cfg.scoring_func == "sigmoid", bool(cfg.norm_topk_prob),
+                                       float(cfg.routed_scaling_factor), getattr(self, "e_score_correction_bias", None),
+                                       cfg.n_group, cfg.topk_group)
+            return Routing(idx, weight)
+        return self.reference_route(x)
+
+    def reference_route(self, x: torch.Tensor) -> Routing:
+        """The torch router for x [N, D] (the reference's MoEGate, see the module docstring):
+        what ``forward`` runs outside native decode blocks, and what tests compare the
+        native router with. Expert ids come in torch.topk's (unsorted) order."""
         cfg = self.cfg
         n = x.shape[0]
-        if cfg.topk_method == "greedy" and ops.native_block(x, self.weight):
-            # gate product, scores, top-k, normalisation and scaling in one call
-            idx, weight = native.route_greedy(x, self.weight, cfg.num_experts_per_tok, cfg.scoring_func == "sigmoid",
-                                              bool(cfg.norm_topk_prob), float(cfg.routed_scaling_factor))
-            return Routing(idx, weight)
         if ops.native_product(x, self.weight):
             logits = native.linear(x, self.weight)  # float32 products of the bf16 weight, no upcast copy
         else:
@@ -106,6 +122,11 @@ class Experts(nn.Module):
             return native.experts(x, routing.idx, routing.weight, self.gate_proj, self.up_proj, self.down_proj)
         if ops.decoding_active() and native.usable_int8(x, self.gate_proj, self.up_proj, self.down_proj):
             return native.experts_int8(x, routing.idx, routing.weight, self.gate_proj, self.up_proj, self.down_proj)
+        if ops.decoding_active() and native.usable_int4(x, self.gate_proj, self.up_proj, self.down_proj):
+            return native.experts_int4(x, routing.idx, routing.weight, self.gate_proj, self.up_proj, self.down_proj)
+        # Otherwise (prefill, or no native kernels) one expert at a time on its tokens: with
+        # quantised weights each of its three products dequantises the expert's matrix into a
+        # reused buffer and runs one GEMM (``quant.QuantWeight.block_gemm``).
         n, k = routing.idx.shape
         flat = routing.idx.reshape(-1)  # [N*K]
         order = torch.argsort(flat, stable=True)

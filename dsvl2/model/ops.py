@@ -1,7 +1,8 @@
 """Small numeric building blocks shared by the vision tower and the language model.
 
-Mixed precision policy (see DESIGN.md, "Performance by design"): weights may be stored in
-bfloat16 to halve their bytes, while activations stay float32 on the CPU. On AVX2 CPUs a
+Mixed precision policy (see docs/performance.md, "Vision and prefill: which dtype the big
+products use"): weights may be stored in bfloat16 to halve their bytes, while
+activations stay float32 on the CPU. On AVX2 CPUs a
 bf16 matrix-MATRIX product is ~7x slower than fp32, but a bf16 matrix-VECTOR product runs
 at memory bandwidth. So products with bf16 weights compute in one of two ways, chosen by
 the kind of step and never by the number of rows in the product:
@@ -106,7 +107,7 @@ def native_block(x: torch.Tensor, *weights: torch.Tensor) -> bool:
 
 def _in_weight_dtype(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Against narrower (bf16) weights on the CPU, compute in the weights' dtype in a decode
-    step, and in every step on machines with native bf16 matrix units (``kernels``)."""
+    step, and in every step on machines with native bf16 matrix units (``native/policy.py``)."""
     return (weight.dtype != x.dtype and x.device.type == "cpu"
             and (_big_in_weights or decoding_active()))
 
@@ -114,7 +115,7 @@ def _in_weight_dtype(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` in x's dtype, whatever dtype the weight is stored in."""
     if isinstance(weight, QuantWeight):  # int8 / int4: the weight picks its kernel by step kind
-        out = weight.linear(x, decoding_active())
+        out = weight.linear(x, decoding_active(), _big_in_weights)
         return out if bias is None else out + bias.to(x.dtype)
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)

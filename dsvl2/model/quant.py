@@ -1,10 +1,11 @@
 """Quantised weights: int8 per output channel, int4 group-wise; their formats and kernels.
 
-A weight is a format, not a model (DESIGN.md): a ``QuantWeight`` stands where a float
-weight ``[..., N, K]`` stood (a ``Linear.weight``, a stacked ``Experts.gate_proj``) and
+A weight is a format, not a model: a ``QuantWeight`` stands where a float weight
+``[..., N, K]`` stood (a ``Linear.weight``, a stacked ``Experts.gate_proj``) and
 ``ops.linear`` / ``ops.gated_mlp`` hand it the product. The model code does not change.
 
-Stored format (safetensors, the official key names; see ``dsvl2.quantize``):
+Stored format (safetensors, the official key names; written by
+``dsvl2.checkpoint.quantised``):
 * int8: ``<name>`` int8 ``[N, K]`` and ``<name>_scale`` bf16 ``[N]``; w = q * scale.
 * int4: ``<name>`` uint8 ``[N, K/2]`` (two values per byte, column 2j in the low nibble,
   stored as q + 8) and ``<name>_scale`` bf16 ``[N, K/G]``; w = q * scale of its group.
@@ -13,17 +14,28 @@ Symmetric, scale = absmax / qmax rounded to bf16 first, so the dequantised value
 exactly q * (stored scale) in every kernel. Scales are bf16 because torch's CPU kernels
 take the scales in the activations' dtype and decode runs in bf16.
 
-Kernels, measured on an AVX2-only CPU (benchmarks/bench_quant_kernels.py) and chosen by
-step kind, never by row count (see ``ops``):
-* int8 inside ``ops.decoding()``: ``torch._weight_int8pack_mm`` with bf16 activations
-  (~2x the bf16 GEMV: half the bytes); elsewhere (prefill) the weight is dequantised to
-  fp32 in row blocks into a reused buffer and one fp32 GEMM runs (int8pack_mm is ~2x
-  slower than that at 512 rows).
-* int4: ``torch._weight_int4pack_mm_for_cpu`` (bf16 activations) in every step kind; its
-  packed layout is opaque, so the weight is kept only in that layout (converted from the
-  stored format at load). Where the kernel cannot take a shape (N not a multiple of
-  16), the stored format is kept and dequantised to bf16 per call.
-Both torch kernels give each row the same bits whatever the number of rows (a test
+Kernels, chosen by step kind, never by row count (see ``ops``); numbers from
+benchmarks/bench_quant_kernels.py on a 2-thread Zen 4 (AVX-512, avx512_bf16):
+* inside ``ops.decoding()``: the native kernels (``model/native``: ``linear_int8`` /
+  ``linear_int4``, and whole MoE layers in ``experts_int8`` / ``experts_int4``): float32
+  activations, each weight row read once for all rows, int4 dequantised in registers from
+  the stored format. A base MoE layer in int4 (72 experts, top-6) takes 1.5 / 5.4 / 18 ms
+  at 1 / 4 / 16 tokens (0.92 / 0.89 / 0.68 of the measured read bandwidth), against
+  2.5 / 9.4 / 26 ms for the per-expert loop over torch's int4pack mm. Without the native kernels: ``torch._weight_int8pack_mm`` (bf16
+  activations) for int8, torch's ``_weight_int4pack_mm_for_cpu`` for int4 (see below).
+* everywhere else (prefill, vision): the weight is dequantised a block of rows at a time
+  (``BLOCK_ELEMS`` values: a whole expert matrix of the real models) into a reused
+  per-thread buffer, and one GEMM runs per block (``F.linear``), in the dtype the kernel
+  policy chose for big products (``ops.big_products_in_weights_dtype``): float32, or on
+  CPUs with native bf16 matrix units bf16 (the dequantised weight rounded to bf16, the
+  activations too, the result back in x's dtype: what the bf16 weights' path does). 1431
+  rows through a base MoE layer's routed experts: 0.87 s, against 1.37 s with the int4pack
+  mm; the small dense layer's int8 gate: 178 ms, against 423 ms in float32 blocks.
+* int4 layout: the stored format wherever the native kernels are built ("int4"). Without
+  them, torch's CPU int4 layout ("int4pack", converted at load; opaque, so that weight is
+  kept only in it and its prefill also runs the int4pack mm), or, where that kernel cannot
+  take the shape (N not a multiple of 16), the stored format dequantised per call.
+Every decode kernel gives each row the same bits whatever the number of rows (a test
 checks it), so a decode row does not depend on its batch.
 """
 
@@ -33,10 +45,13 @@ import torch
 import torch.nn.functional as F
 
 from . import native
-from .scratch import upcast  # the per-thread reused buffer
+from .scratch import buffer, upcast  # the per-thread reused buffers
 
 INT4_GROUPS = (128, 64, 32)  # preferred first: 128 measured fastest on the real shapes
-BLOCK_ROWS = 2048
+# Values dequantised per prefill block: 4 Mi (16 MB as float32) holds a whole expert matrix
+# of the real models (base: 2560 x 1536), so an expert's product is one GEMM, while the
+# lm_head (129280 x 1280) is done in 33 blocks instead of one 660 MB temporary.
+BLOCK_ELEMS = 1 << 22
 
 
 def int4_group(k: int) -> int | None:
@@ -91,8 +106,9 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dty
 class QuantWeight:
     """A quantised weight [..., N, K] in the kernel's layout; indexable on its leading dims.
 
-    ``kind``: "int8" (q int8, scale bf16 [..., N]), "int4pack" (torch's CPU int4 layout,
-    scales_zeros bf16 [..., K/G, N, 2]), "int4" (stored format, dequantised per call).
+    ``kind``: "int8" (q int8, scale bf16 [..., N]), "int4" (stored format: q uint8
+    [..., N, K/2], scale bf16 [..., N, K/G]), "int4pack" (torch's CPU int4 layout,
+    scales_zeros bf16 [..., K/G, N, 2]; only where the native kernels are not built).
     """
 
     def __init__(self, kind: str, shape: tuple[int, ...], data: torch.Tensor, scale: torch.Tensor, group: int = 0):
@@ -101,11 +117,12 @@ class QuantWeight:
     # ---- construction
     @classmethod
     def empty(cls, bits: int, shape: tuple[int, ...], group: int = 0) -> "QuantWeight":
-        """Uninitialised storage for a (stacked) weight; filled slot by slot with ``set``."""
+        """Uninitialised storage for a (stacked) weight; filled slot by slot with ``set_data``
+        / ``set_scale``. int4 keeps the stored format where the native kernels are built."""
         *lead, n, k = shape
         if bits == 8:
             return cls("int8", shape, torch.empty(shape, dtype=torch.int8), torch.empty(*lead, n, dtype=torch.bfloat16))
-        if n % 16 == 0 and k % 32 == 0:
+        if not native.available() and n % 16 == 0 and k % 32 == 0:
             return cls("int4pack", shape, torch.empty(*lead, n, k // 2, dtype=torch.uint8),
                        torch.zeros(*lead, k // group, n, 2, dtype=torch.bfloat16), group)
         return cls("int4", shape, torch.empty(*lead, n, k // 2, dtype=torch.uint8),
@@ -155,32 +172,49 @@ class QuantWeight:
         return dequantize(self.data, self.scale, self.bits, dtype)
 
     # ---- the product
-    def linear(self, x: torch.Tensor, decoding: bool) -> torch.Tensor:
-        """``x @ W.T`` for x [..., K], in x's dtype. ``decoding``: the step kind (see ``ops``)."""
+    def linear(self, x: torch.Tensor, decoding: bool, bf16_products: bool = False) -> torch.Tensor:
+        """``x @ W.T`` for x [..., K], in x's dtype. ``decoding``: the step kind; ``bf16_products``:
+        outside decoding, the products run in bf16 (``ops.big_products_in_weights_dtype``)."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if self.kind == "int8":
-            if decoding and native.usable_int8(x2, self):
-                y = native.linear_int8(x2, self.data, self.scale)  # float32 activations, see model/native
-            elif decoding:
-                y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.data, self.scale)
-            else:
-                y = self._dequant_gemm(x2)
-        elif self.kind == "int4pack":
+        if self.kind == "int4pack":
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.data, self.group, self.scale)
-        else:
-            y = F.linear(x2.to(torch.bfloat16), dequantize(self.data, self.scale, 4, torch.bfloat16))
+        elif not decoding:
+            y = self.block_gemm(x2, torch.bfloat16 if bf16_products else torch.float32)
+        elif self.kind == "int8" and native.usable_int8(x2, self):
+            y = native.linear_int8(x2, self.data, self.scale)  # float32 activations, see model/native
+        elif self.kind == "int8":
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.data, self.scale)
+        elif native.usable_int4(x2, self):
+            y = native.linear_int4(x2, self.data, self.scale)
+        else:  # int4 stored format without the native kernels: a decode product in bf16
+            y = self.block_gemm(x2, torch.bfloat16)
         return y.to(x.dtype).reshape(*lead, self.shape[-2])
 
-    def _dequant_gemm(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.shape[-2]
-        xf = x.float()
-        parts = []
-        for i in range(0, n, BLOCK_ROWS):
-            w = upcast(self.data[i:i + BLOCK_ROWS], torch.float32)
-            w.mul_(self.scale[i:i + BLOCK_ROWS].float()[:, None])
-            parts.append(F.linear(xf, w))
+    def block_gemm(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``x @ W.T`` for x [M, K] (an unstacked weight): W dequantised in blocks of rows into
+        the per-thread buffer in ``dtype``, one GEMM per block with x cast to ``dtype``; the
+        result in ``dtype``."""
+        n, k = self.shape[-2:]
+        rows = max(1, min(n, BLOCK_ELEMS // k))
+        xd = x.to(dtype)
+        parts = [F.linear(xd, self.dequantized_rows(i, min(n, i + rows), dtype)) for i in range(0, n, rows)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def dequantized_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows [start, stop) of the float weight in ``dtype`` (float32, or the bf16 rounding of
+        the float32 value), written into the per-thread buffer: valid until the next
+        ``dequantized_rows`` / ``scratch.upcast`` of this dtype on this thread."""
+        q, s = self.data[start:stop], self.scale[start:stop]
+        if self.kind == "int8":  # q * s is exact in float32 (7 + 8 bits); in bf16 one rounding of it
+            w = upcast(q, dtype)
+            return w.mul_(s.to(dtype)[:, None])
+        if self.kind != "int4":
+            raise ValueError(f"{self.kind} weights cannot be dequantised by rows")
+        if self.group % 32 == 0 and native.available():  # every group ``int4_group`` picks
+            out = buffer((stop - start) * self.shape[-1], dtype).view(stop - start, self.shape[-1])
+            return native.dequantize_int4(q, s, out)
+        return dequantize(q, s, 4, dtype)
 
     def __repr__(self) -> str:
         return f"QuantWeight({self.kind}, shape={list(self.shape)}" + (f", group={self.group})" if self.group else ")")

@@ -1,6 +1,7 @@
 """Rotary position embeddings of the DeepSeek-V2 family.
 
-Two conventions live in the family and both are reproduced (REFERENCE.md 6.8):
+Two conventions live in the family and both are reproduced (docs/reference-quirks.md,
+"Rotary embeddings"):
 * MHA (tiny, transformers' Llama attention): half-split rotation, pairs (i, i + d/2);
 * MLA: the rope part is first de-interleaved (pairs (2i, 2i+1) -> evens then odds) and
   then rotated half-split, i.e. the GPT-J interleaved convention, with outputs in the

@@ -19,13 +19,18 @@ def upcast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """
     if weight.device.type != "cpu":
         return weight.to(dtype)
+    out = buffer(weight.numel(), dtype).view(weight.shape)
+    out.copy_(weight)
+    return out
+
+
+def buffer(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The first ``n`` elements of this thread's reused CPU buffer of ``dtype`` (the one
+    ``upcast`` writes into: valid until the next ``upcast`` / ``buffer`` of that dtype here)."""
     bufs = getattr(_scratch, "bufs", None)
     if bufs is None:
         bufs = _scratch.bufs = {}
-    n = weight.numel()
     buf = bufs.get(dtype)
     if buf is None or buf.numel() < n:
         buf = bufs[dtype] = torch.empty(n, dtype=dtype)
-    out = buf[:n].view(weight.shape)
-    out.copy_(weight)
-    return out
+    return buf[:n]

@@ -2,12 +2,13 @@
 
 Legend: N tiles, P patches per tile (27 * 27 = 729), W tower width, D language width.
 
-Notable choices (all from the reference, see REFERENCE.md section 3):
+Notable choices (all from the reference; docs/reference-quirks.md, "Vision tower and
+projector"):
 * the 14x14 stride-14 conv sees 27 * 14 = 378 of the 384 pixels; the border is dropped;
 * learned absolute position embedding, no class token, no pre-norm;
 * pre-LN blocks with qkv bias, GELU (tanh) MLP, LayerNorm eps 1e-6, and the final
   LayerNorm IS applied; the attention-pool head exists in checkpoints but is unused, so
-  its weights are accepted and dropped by the weights module;
+  its weights are accepted and dropped by the loader (``checkpoint/load.py``);
 * projector: zero-pad 27x27 to 28x28 (bottom / right), 2x2 blocks with features ordered
   channel-major (``F.unfold`` order: c * 4 + dy * 2 + dx), then Linear -> GELU (erf) ->
   Linear (deeper projectors add Linear + GELU pairs in between).

@@ -3,12 +3,13 @@
 Legend: B rows, T tokens, N tiles, P patches per tile, D language width, h = w = 14
 image tokens per tile side, (tw, th) local tiles across / down.
 
-Assembly per image (tile_tag "2D", REFERENCE.md 3): the global view [h, w, D] gets an
-``image_newline`` column -> h * (w + 1) tokens; the tw x th local tiles are stitched into
-one (th * h) x (tw * w) grid plus a newline column; then global, ``view_seperator``,
-locals (``global_view_pos: head``) or locals, separator, global (``tail``). The images
-of a row are concatenated and written, in order, into the row's ``images_seq_mask``
-slots (the ``<image>`` token embeddings there are ignored).
+Assembly per image (tile_tag "2D"; docs/reference-quirks.md, "Image tokens"): the global
+view [h, w, D] gets an ``image_newline`` column -> h * (w + 1) tokens; the tw x th local
+tiles are stitched into one (th * h) x (tw * w) grid plus a newline column; then global,
+``view_seperator``, locals (``global_view_pos: head``) or locals, separator, global
+(``tail``). The images of a row are concatenated and written, in order, into the row's
+``images_seq_mask`` slots (``scatter_image_tokens``; the ``<image>`` token embeddings
+there are ignored).
 """
 
 from __future__ import annotations
@@ -46,6 +47,18 @@ def used_crops(row: list[list[int]]) -> list[tuple[int, int]]:
 def num_tiles(crops: list[tuple[int, int]]) -> int:
     """Tiles fed to the tower for these images: a global view plus tw * th locals each."""
     return sum(1 + tw * th for tw, th in crops)
+
+
+def scatter_image_tokens(embeds: torch.Tensor, seq_mask: torch.Tensor, feats: torch.Tensor, where: str = "") -> None:
+    """Write one row's image tokens ``feats`` [n, D] into its embeddings ``embeds`` [L, D]
+    (in place, cast to their dtype) at the slots where ``seq_mask`` [T] (T <= L: the
+    prompt's part) is true, in order. The engine's runner and ``prepare_inputs_embeds``
+    both assemble through this. ``where`` starts the error message."""
+    slots = seq_mask.nonzero().squeeze(-1)
+    if feats.shape[0] != slots.numel():
+        raise ValueError(f"{where}{slots.numel()} image slots in the prompt but "
+                         f"{feats.shape[0]} image tokens from the images")
+    embeds[slots] = feats.to(embeds.dtype)
 
 
 class DeepseekVL2(nn.Module):
@@ -140,11 +153,7 @@ class DeepseekVL2(nn.Module):
         if features is None:
             return embeds
         for b, feats in enumerate(features.per_row):
-            slots = images_seq_mask[b].nonzero().squeeze(-1)
-            if feats.shape[0] != slots.numel():
-                raise ValueError(f"row {b}: {slots.numel()} image slots in the prompt but "
-                                 f"{feats.shape[0]} image tokens from the images")
-            embeds[b, slots] = feats.to(dtype)
+            scatter_image_tokens(embeds[b], images_seq_mask[b], feats, f"row {b}: ")
         return embeds
 
     # ---- whole forward (reference prefill) -------------------------------------------

@@ -89,7 +89,7 @@ def _decode_data_url(url: str) -> bytes:
 # Full-scale value of the high-bit-depth modes that convert("RGB") would clip at 255.
 # Pillow's decoders give 16-bit grayscale as I;16* and as I (PGM, 32-bit TIFF), the
 # latter already stretched to 0..65535, so both are read as 16-bit.
-_BLOCK_PIXELS = 1 << 20  # pixels converted at a time by _to_rgb
+BLOCK_PIXELS = 1 << 20  # pixels converted at a time by _to_rgb
 _FULL_SCALE = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535}
 
 
@@ -107,7 +107,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     # Blocks of rows: whole-image int32 / float temporaries cost ~16 bytes a pixel (2.9 GB
     # for a 350 kB 16-bit PNG at the pixel limit); blocks keep them to ~16 MB.
     W, H = img.size
-    rows = max(1, _BLOCK_PIXELS // max(W, 1))
+    rows = max(1, BLOCK_PIXELS // max(W, 1))
     blocks = [(y, min(H, y + rows)) for y in range(0, H, rows)]
 
     def block(y0: int, y1: int) -> np.ndarray:

@@ -143,10 +143,6 @@ class Processor:
         tokenizer = Tokenizer.from_dir(path, image_token=config.image_token, pad_token=config.pad_token)
         return cls(tokenizer, config)
 
-    def encode_text(self, text: str) -> list[int]:
-        """Token ids of plain text (no bos / eos; special tokens in the text are recognised)."""
-        return self.tokenizer.encode(text)
-
     # ---- one conversation -------------------------------------------------------------
     def _process_one(self, messages: Sequence[Mapping[str, Any]], images: Sequence | None) -> _Sample:
         turns = normalize_conversation(messages, images)

@@ -7,10 +7,14 @@
   the one connected to, one deadline, redirects checked)
 * ``guard``: the Host allow-list (DNS rebinding) and the Origin check (CSRF) of every request
 * ``submit``: processing off the event loop, context fitting, ``n`` choices
-* ``responses``: completion / chunk objects, the ``grounding`` and ``dropped_turns`` extensions
+* ``responses``: completion / chunk objects, the ``grounding`` and ``dropped_turns``
+  extensions, the completion of finished choices (shared with ``dsvl2 batch``)
 * ``metrics``: the Prometheus text exposition
 * ``errors``: OpenAI's error shape and the status of each cause
-* ``cli``: the ``dsvl2 serve`` command
+* ``memory``: giving freed memory back to the OS while requests run
+* ``ray_serve``: replicas on Ray Serve
+
+The ``dsvl2 serve`` command line is ``dsvl2/commands/serve.py``.
 
 Importing this package imports neither FastAPI nor torch; ``create_app`` is loaded on first use.
 """

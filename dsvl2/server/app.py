@@ -70,7 +70,8 @@ from .guard import RequestGuard
 from .images import ImagePolicy
 from .memory import DEFAULT_TRIM_INTERVAL_S, trim_while_busy
 from .metrics import Metrics
-from .responses import SSE_DONE, cached_tokens, chunk, completion, grounding_field, new_id, sse, usage
+from .responses import (SSE_DONE, cached_tokens, chunk, failed_output, finished_completion, grounding_field, new_id,
+    sse, stop_ids, usage)
 from .schema import ChatRequest, parse_chat_request, parse_json
 from .submit import Submission, submit
 
@@ -254,7 +255,7 @@ class Run:
         self.done = False
         self.next_check = time.monotonic() + _DISCONNECT_POLL_S
         # ids that end an answer without being text (no logprobs entry)
-        self.stops = model.engine.eos_ids | set(req.sampling.get("stop_token_ids", ()))
+        self.stops = stop_ids(model, req)
         state.runs.add(self)
 
     # ---- ending -------------------------------------------------------------------------
@@ -283,15 +284,15 @@ class Run:
         return "length" if any(o.finish_reason == "length" for o in self.outputs.values()) else "stop"
 
     def _failure(self) -> APIError | None:
-        bad = [o for o in self.outputs.values() if o.finish_reason in ("error", "cancelled")]
-        if not bad:
+        bad = failed_output(self.outputs.values())
+        if bad is None:
             return None
         self.model.driver.cancel([h for h in self.sub.handles if not h.finished])
         self._end("error")
-        if bad[0].finish_reason == "cancelled":
+        if bad.finish_reason == "cancelled":
             return APIError(503, "the request was cancelled because the server is shutting down")
-        log.error("generation failed: %s", bad[0].error)
-        return APIError(500, f"generation failed: {bad[0].error}", code="generation_failed")
+        log.error("generation failed: %s", bad.error)
+        return APIError(500, f"generation failed: {bad.error}", code="generation_failed")
 
     # ---- reading events -----------------------------------------------------------------
     async def _next_or_gone(self, request: Request, pending: list):
@@ -321,11 +322,10 @@ class Run:
             failure = self._failure()
             if failure is not None:
                 return error_response(failure)
-            answers = [make_answer(self.outputs[i], self.sub.images, self.model.processor.tokenizer, self.stops)
-                       for i in range(self.req.n)]
+            body = finished_completion(self.rid, self.state.served_model_name, self.model, self.sub, self.outputs,
+                                       self.stops)
             self._end(self._outcome())
-            return JSONResponse(completion(self.rid, self.state.served_model_name, answers, self.sub.prompt_tokens,
-                                           self.sub.dropped_turns, cached_tokens(answers)))
+            return JSONResponse(body)
         finally:
             for f in pending:
                 f.cancel()

@@ -25,7 +25,10 @@ import json
 import secrets
 import time
 
-from ..api import Answer
+from ..api import Answer, VLModel, make_answer
+from ..engine.engine import GenerationOutput
+from .schema import ChatRequest
+from .submit import Submission
 
 
 def new_id() -> str:
@@ -82,6 +85,26 @@ def completion(rid: str, model: str, answers: list[Answer], prompt_tokens: int,
     if dropped_turns is not None:
         body["dropped_turns"] = dropped_turns
     return body
+
+
+def stop_ids(model: VLModel, req: ChatRequest) -> set[int]:
+    """The ids that end a choice of ``req``: the model's eos ids and the request's
+    ``stop_token_ids`` (a choice's logprobs leave the ending one out)."""
+    return model.engine.eos_ids | set(req.sampling.get("stop_token_ids", ()))
+
+
+def failed_output(outputs) -> GenerationOutput | None:
+    """The first of a request's finished choices that ended in an error or was cancelled, or None."""
+    return next((o for o in outputs if o.finish_reason in ("error", "cancelled")), None)
+
+
+def finished_completion(rid: str, served_model_name: str, model: VLModel, sub: Submission,
+                        outputs: dict[int, GenerationOutput], stops: set[int]) -> dict:
+    """The ``chat.completion`` of a request whose choices have all finished (none failed):
+    ``outputs`` choice index -> its engine output; what the server (``app.py``) and the
+    batch job's OpenAI mode (``batch/answer.py``) both answer."""
+    answers = [make_answer(outputs[i], sub.images, model.processor.tokenizer, stops) for i in range(len(outputs))]
+    return completion(rid, served_model_name, answers, sub.prompt_tokens, sub.dropped_turns, cached_tokens(answers))
 
 
 def chunk(rid: str, model: str, created: int, index: int, delta: dict, finish_reason: str | None = None,

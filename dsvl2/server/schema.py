@@ -80,6 +80,7 @@ class ChatRequest:
 
     @property
     def image_refs(self) -> list[ImageRef]:
+        """Every image part of the messages, in order (what is fetched before processing)."""
         return [p["image"] for m in self.messages if isinstance(m["content"], list)
                 for p in m["content"] if p["type"] == "image"]
 

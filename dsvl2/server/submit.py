@@ -14,11 +14,8 @@ Notable choices
   reproducible; with temperature 0 they are equal.
 * Context: a prompt of L tokens (image tokens included) needs L < context window (the
   engine's rule: one token of room to answer). With ``truncate_history`` the oldest
-  messages after the system message are dropped, a whole exchange at a time (a kept
-  history never starts with an assistant message), until L + ``ANSWER_ROOM`` <= window;
-  the system message and the last user message are never dropped. Each try re-processes
-  the conversation (the image-token count is not additive: cropping depends on how many
-  images a conversation holds).
+  exchanges are dropped by ``history.fit_history`` until L + ``ANSWER_ROOM`` <= window
+  (the system message and the last user message are never dropped).
 """
 
 from __future__ import annotations
@@ -28,6 +25,8 @@ from dataclasses import dataclass, field
 from ..api import VLModel
 from ..engine.driver import Handle
 from ..engine.sampling import SamplingParams
+from ..errors import ContextLengthError
+from ..history import fit_history
 from ..processing import BatchInputs
 from .errors import APIError, bad_request
 from .images import ImagePolicy
@@ -84,26 +83,16 @@ def _too_long(tokens: int, window: int, truncated: bool) -> APIError:
 
 def fit_context(model: VLModel, messages: list[dict], truncate: bool) -> tuple[BatchInputs, int]:
     """Process ``messages`` (dropping old turns if ``truncate``) -> (batch, messages dropped)."""
-    window = model.engine.context_window
+    if truncate:
+        try:
+            fitted = fit_history(model, messages, ANSWER_ROOM)
+        except ContextLengthError as e:
+            raise _too_long(e.tokens, e.window, True) from None
+        return fitted.batch, fitted.dropped
     batch, _ = model.process(messages)
-    tokens = batch.seq_lens[0]
-    if not truncate:
-        if tokens >= window:
-            raise _too_long(tokens, window, False)
-        return batch, 0
-    start = 1 if messages[0]["role"] == "system" else 0
-    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
-    dropped = 0
-    while tokens + ANSWER_ROOM > window:
-        first = start + dropped
-        if first >= last_user:
-            raise _too_long(tokens, window, True)
-        dropped += 1
-        while start + dropped < last_user and messages[start + dropped]["role"] != "user":
-            dropped += 1  # do not start the kept history with an assistant message
-        batch, _ = model.process(messages[:start] + messages[start + dropped:])
-        tokens = batch.seq_lens[0]
-    return batch, dropped
+    if batch.seq_lens[0] >= model.engine.context_window:
+        raise _too_long(batch.seq_lens[0], model.engine.context_window, False)
+    return batch, 0
 
 
 def submit(model: VLModel, req: ChatRequest, policy: ImagePolicy, sink, chunk_size: int | None,

@@ -1,9 +1,10 @@
 """The browser chat page of ``dsvl2 serve``: ``mount(app)`` adds it to the API's FastAPI app.
 
-The page is a small static client of the API itself (``index.html``, ``app.js``,
-``style.css``; no build step, nothing from a CDN): it posts to ``/v1/chat/completions``
-and reads the server-sent events, so browser users and API users are requests of ONE
-engine and share its continuous batch. Notable choices:
+The page is a small static client of the API itself (``index.html``, ``style.css`` and
+the JavaScript modules ``*.js``, entry ``app.js``, which lists the others; no build step,
+nothing from a CDN): it posts to ``/v1/chat/completions`` and reads the server-sent
+events, so browser users and API users are requests of ONE engine and share its
+continuous batch. Notable choices:
 
 * Own page, not Gradio: Gradio would be a second server framework (its own queue,
   process model and event protocol) beside the API, a heavy install, and its history
@@ -12,10 +13,11 @@ engine and share its continuous batch. Notable choices:
 * Each browser tab is its own conversation: the history lives in the tab's JavaScript
   memory only and is sent with each request (the server keeps no chat state), so two
   people can never see each other's messages.
-* Files are served from an allow-list (the three page files and the bundled example
-  images), never a directory listing; every response carries a Content-Security-Policy
-  that allows only this origin's scripts and styles, so even a bug that put model output
-  into HTML could not run script (the page renders model output as text anyway).
+* Files are served from an allow-list (the page's files in this folder and the bundled
+  example images), never a directory listing; every response carries a
+  Content-Security-Policy that allows only this origin's scripts and styles, so even a
+  bug that put model output into HTML could not run script (the page renders model
+  output as text anyway). ``script-src 'self'`` covers the page's module imports too.
 * ``/web/config`` tells the page the sampling defaults (from ``SamplingParams``, so the
   defaults shown are the engine's), the image limits the page checks before sending,
   and the examples.
@@ -57,7 +59,9 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' 
 
 def static_files() -> dict[str, Path]:
     """URL name under /static/ -> file: the allow-list of what the page may load."""
-    files = {name: HERE / name for name in ("app.js", "style.css")}
+    files = {"style.css": HERE / "style.css"}
+    for path in sorted(HERE.glob("*.js")):  # app.js and the modules it imports
+        files[path.name] = path
     for name, _, _ in EXAMPLES:
         files[f"examples/{name}"] = HERE / "examples" / name
     return files

@@ -40,10 +40,10 @@ from pathlib import Path
 import torch
 
 from ...errors import DSVL2Error
-from .checks import TOL, Check, discover, run
+from .checks import TOL, Check, discover, run, select
 from .drift import run_drift
 
-__all__ = ["TOL", "Check", "discover", "main", "run", "run_drift"]
+__all__ = ["TOL", "Check", "discover", "main", "run", "run_drift", "select"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.golden}: golden folder not found", file=sys.stderr)
         return 2
     if args.quantize:  # a report, not a verification: see drift.py
-        from .drift import run_drift
         try:
             rows = run_drift(args.golden, args.images, args.quantize, args.variant, args.case)
         except DSVL2Error as e:

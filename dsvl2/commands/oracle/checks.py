@@ -430,24 +430,31 @@ def evaluate_case(c: CaseData, image_dirs: list[Path]) -> list[Check]:
     return out
 
 
-def run(golden: Path, image_dirs: list[Path], variants: Iterable[str] = (), cases: Iterable[str] = (),
-        emit: Callable[[str], None] = print) -> list[Check]:
-    golden = Path(golden)
-    want_v, want_c = set(variants), set(cases)
+def select(golden: Path, variants: Iterable[str] = (), cases: Iterable[str] = ()) -> list[tuple[Variant, list[str]]]:
+    """The golden tree's variants, each with its cases, narrowed to the names asked for
+    (none asked: all). A name that the tree does not hold is a ``DSVL2Error`` naming the
+    ones it does."""
     found = discover(golden)
+    want_v, want_c = set(variants), set(cases)
     if want_v - {v.name for v in found}:
         raise DSVL2Error(f"unknown variant(s) {sorted(want_v - {v.name for v in found})}; "
                          f"available: {', '.join(v.name for v in found)}")
+    chosen = [v for v in found if not want_v or v.name in want_v]
+    held = {c for v in chosen for c in v.cases}
+    if want_c - held:
+        raise DSVL2Error(f"unknown case(s) {sorted(want_c - held)}; available: {', '.join(sorted(held))}")
+    return [(v, [c for c in v.cases if not want_c or c in want_c]) for v in chosen]
+
+
+def run(golden: Path, image_dirs: list[Path], variants: Iterable[str] = (), cases: Iterable[str] = (),
+        emit: Callable[[str], None] = print) -> list[Check]:
+    golden = Path(golden)
     results: list[Check] = []
-    for v in found:
-        if want_v and v.name not in want_v:
-            continue
+    for v, chosen in select(golden, variants, cases):
         t0 = time.perf_counter()
         model = load_model(v.folder, torch.float32)
         processor = Processor.from_pretrained(v.folder)
-        for case in v.cases:
-            if want_c and case not in want_c:
-                continue
+        for case in chosen:
             c = load_case(golden, v, case, model, processor)
             for chk in evaluate_case(c, image_dirs):
                 results.append(chk)

@@ -23,10 +23,9 @@ from typing import Callable, Iterable
 
 import torch
 
-from ...errors import DSVL2Error
 from ...processing import Processor
 from ...checkpoint.load import load_model
-from .checks import discover, generate, load_case, run_processor
+from .checks import generate, load_case, run_processor, select
 
 COLUMNS = ("variant", "case", "scheme", "logits_last_maxd", "logits_last_rel", "logsumexp_maxd",
            "prefill_top1", "greedy_prefix", "greedy_all")
@@ -83,24 +82,16 @@ HEADER = (f"{'variant':<8} {'case':<24} {'bits':<5} {'|d logit|':>10} {'rel':>9}
 def run_drift(golden: Path, image_dirs: list[Path], schemes: Iterable[str], variants: Iterable[str] = (),
               cases: Iterable[str] = (), emit: Callable[[str], None] = print) -> list[dict]:
     golden = Path(golden)
-    want_v, want_c = set(variants), set(cases)
-    found = discover(golden)
-    if want_v - {v.name for v in found}:
-        raise DSVL2Error(f"unknown variant(s) {sorted(want_v - {v.name for v in found})}; "
-                         f"available: {', '.join(v.name for v in found)}")
+    selected = select(golden, variants, cases)
     rows: list[dict] = []
     emit("# quantised mode: drift against the float32 reference (no pass/fail)")
     emit(HEADER)
     for scheme in schemes:
-        for v in found:
-            if want_v and v.name not in want_v:
-                continue
+        for v, chosen in selected:
             t0 = time.perf_counter()
             model = load_model(v.folder, torch.float32, quantize=scheme)
             processor = Processor.from_pretrained(v.folder)
-            for case in v.cases:
-                if want_c and case not in want_c:
-                    continue
+            for case in chosen:
                 r = drift_case(load_case(golden, v, case, model, processor), scheme, image_dirs)
                 rows.append(r)
                 emit(format_row(r))

@@ -8,10 +8,15 @@ gives) and re-reads the whole weight for every row of a batch (a 16-row product 
 16 GEMVs). ``bf16.c`` widens bf16 by a shift, accumulates in float32 and reads each
 weight row once for all rows, and runs a whole MoE layer (sort by expert, gate / up,
 SiLU, down, weighted sum) in one call and one parallel region. ``layers.c`` does the small
-parts of a decode step (RMSNorm, the greedy router, the whole MHA attention block) in one
+parts of a decode step (RMSNorm, the router, the whole MHA attention block) in one
 call each: as torch ops they cost more time than their bytes (~1200 ops per step).
 ``step.c`` runs all decoder layers of a decode step in one call where every block has a
 native version (``model/decode_plan.py`` decides), so no Python runs between the layers.
+``mla.c`` runs a whole MLA attention block of a decode step (the absorbed form over the
+compressed cache, read through the block tables) in one call.
+``int4.c`` does the products of int4 weights in their stored format (``model/quant.py``:
+dequantised in registers, each weight row read once for all rows), a whole MoE layer of
+them in one call, and dequantises blocks of rows for the prefill GEMMs.
 
 Numbers: activations stay float32 (torch's bf16 path rounds them to bf16 first), so the
 result is closer to the float32 reference than the torch bf16 path's; a row's bits do
@@ -43,6 +48,7 @@ have any integer dtype (widened to int64).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -61,7 +67,8 @@ from ... import cachedir
 from .cpu import cpu_info
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "bf16.c", HERE / "layers.c", HERE / "step.c")  # + products.h, which all include
+SOURCES = (HERE / "bf16.c", HERE / "layers.c", HERE / "step.c", HERE / "mla.c",
+           HERE / "int4.c")  # + products.h, which all include
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared")
 log = logging.getLogger("dsvl2.native")
 _lock = threading.Lock()
@@ -70,7 +77,8 @@ _status: str | None = None
 _local = threading.local()
 
 
-def _cpu_ok() -> tuple[bool, str]:
+def cpu_ok() -> tuple[bool, str]:
+    """(whether this CPU and system can run the kernels, why not: "" when they can)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False, f"not an x86-64 CPU ({platform.machine()})"
     if not cachedir.POSIX:
@@ -165,7 +173,7 @@ def _load_checked(dfd: int, folder: Path, name: str) -> ctypes.CDLL:
 def _build() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get("DSVL2_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None, "disabled by DSVL2_NATIVE=0"
-    ok, why = _cpu_ok()
+    ok, why = cpu_ok()
     if not ok:
         return None, why
     cc, name = _spec()
@@ -232,6 +240,14 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dsvl2_linear.restype = None
     lib.dsvl2_linear_i8.argtypes = [p, i64, i64, p, p, i64, p]
     lib.dsvl2_linear_i8.restype = None
+    lib.dsvl2_linear_i4.argtypes = [p, i64, i64, p, p, i64, i64, p, p]
+    lib.dsvl2_linear_i4.restype = None
+    lib.dsvl2_dequant_i4.argtypes = [p, p, i64, i64, i64, p, ctypes.c_int]
+    lib.dsvl2_dequant_i4.restype = None
+    lib.dsvl2_moe_i4.argtypes = [p, i64, i64, p, p, i64, p, p, p, p, p, p, i64, i64, i64, i64, p, p, p]
+    lib.dsvl2_moe_i4.restype = ctypes.c_int
+    lib.dsvl2_int4_variant.argtypes = [ctypes.c_int]
+    lib.dsvl2_int4_variant.restype = ctypes.c_int
     lib.dsvl2_moe.argtypes = [p, i64, i64, p, p, i64, p, p, p, i64, i64, p, p, p, i64, p, p, p]
     lib.dsvl2_moe.restype = ctypes.c_int
     f32 = ctypes.c_float
@@ -239,6 +255,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dsvl2_rmsnorm.restype = None
     lib.dsvl2_route_greedy.argtypes = [p, i64, i64, i64, ctypes.c_int, ctypes.c_int, f32, p, p]
     lib.dsvl2_route_greedy.restype = None
+    lib.dsvl2_route.argtypes = [p, i64, i64, i64, ctypes.c_int, ctypes.c_int, p, i64, i64, ctypes.c_int, f32, p, p]
+    lib.dsvl2_route.restype = ctypes.c_int
     lib.dsvl2_mha_decode.argtypes = [p, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, p, p, i64, i64,
                                      p, i64, p, f32, p, p]
     lib.dsvl2_mha_decode.restype = ctypes.c_int
@@ -251,6 +269,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dsvl2_decode_scratch.restype = i64
     lib.dsvl2_decode_order.argtypes = [i64] * 3
     lib.dsvl2_decode_order.restype = i64
+    lib.dsvl2_mla_decode.argtypes = [p, p, i64, p, p, p, ctypes.c_int, i64, i64, p, i64, p, p, p]
+    lib.dsvl2_mla_decode.restype = ctypes.c_int
+    lib.dsvl2_mla_scratch.argtypes = [i64] * 8
+    lib.dsvl2_mla_scratch.restype = i64
 
 
 def _load() -> ctypes.CDLL | None:
@@ -260,8 +282,8 @@ def _load() -> ctypes.CDLL | None:
             if _status is None:
                 _lib, _status = _build()
                 if _lib is None:  # once per decision (``reset`` forgets it)
-                    log.warning("native decode kernels unavailable (%s): decode steps with bf16 or int8 weights on "
-                                "the CPU run torch's kernels instead, several times slower", _status)
+                    log.warning("native decode kernels unavailable (%s): decode steps with bf16, int8 or int4 weights "
+                                "on the CPU run torch's kernels instead, several times slower", _status)
     return _lib
 
 
@@ -290,7 +312,24 @@ def reset() -> None:
         _lib, _status = None, None
 
 
-def _require() -> ctypes.CDLL:
+@contextlib.contextmanager
+def stand_in(lib, status: str = "stand-in"):
+    """Within the block, ``lib`` is the loaded library (this process, every thread). A test
+    seam: a stand-in whose every C function raises shows that a wrapper refuses bad
+    arguments before any C runs. The real decision is restored afterwards."""
+    global _lib, _status
+    with _lock:
+        before = _lib, _status
+        _lib, _status = lib, status
+    try:
+        yield lib
+    finally:
+        with _lock:
+            _lib, _status = before
+
+
+def require() -> ctypes.CDLL:
+    """The loaded kernels (built first if needed); ``RuntimeError`` saying why where there are none."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"native decode kernels unavailable: {_status}")
@@ -318,7 +357,18 @@ def usable_int8(x: torch.Tensor, *weights) -> bool:
             and all(getattr(w, "kind", None) == "int8" for w in weights) and available())
 
 
-def _scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
+def usable_int4(x: torch.Tensor, *weights) -> bool:
+    """Float32 CPU activations against int4 ``QuantWeight`` s in the stored format whose
+    group size is a multiple of 32 (every size ``quant.int4_group`` picks), and kernels built."""
+    for w in weights:
+        if getattr(w, "kind", None) != "int4" or w.group % 32:
+            return False
+    return x.dtype == torch.float32 and x.is_cpu and available()
+
+
+def scratch_buffer(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A work buffer of at least ``n`` elements of ``dtype`` for a C call: this thread's,
+    kept and reused (grown when too small); its content is garbage."""
     bufs = getattr(_local, "bufs", None)
     if bufs is None:
         bufs = _local.bufs = {}
@@ -339,7 +389,7 @@ _NORM_WEIGHT = (torch.float32, torch.bfloat16)
 _INTS = frozenset((torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8))
 
 
-def _describe(t) -> str:
+def describe(t) -> str:
     """A tensor's dtype, shape, device and layout, for error messages."""
     if not isinstance(t, torch.Tensor):
         return type(t).__name__
@@ -352,7 +402,7 @@ def _describe(t) -> str:
 
 
 def _bad(fn: str, name: str, t, expected: str) -> ValueError:
-    return ValueError(f"native.{fn}: {name} must be {expected}, got {_describe(t)}")
+    return ValueError(f"native.{fn}: {name} must be {expected}, got {describe(t)}")
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -391,7 +441,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     if not x.is_contiguous():
         x = x.contiguous()
     y = torch.empty((*lead, n), dtype=_F32)
-    lib = _lib or _require()
+    lib = _lib or require()
     lib.dsvl2_linear(x.data_ptr(), x.numel() // k, k, w.data_ptr(), n, None if b is None else b.data_ptr(),
                      y.data_ptr())
     return y
@@ -410,7 +460,7 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
         raise _bad("linear_int8", "scale", scale, f"contiguous bf16 [{n}] (N = q's rows) on the CPU")
     x = _flat(x)
     y = torch.empty((*lead, n), dtype=_F32)
-    lib = _lib or _require()
+    lib = _lib or require()
     lib.dsvl2_linear_i8(x.data_ptr(), x.numel() // k, k, q.data_ptr(), scale.data_ptr(), n, y.data_ptr())
     return y
 
@@ -456,9 +506,9 @@ def _moe(fn: str, x: torch.Tensor, idx: torch.Tensor | None, wt: torch.Tensor | 
     p = t * k
     x = _flat(x)
     out = torch.empty(x.shape, dtype=_F32)
-    scratch = _scratch(p * (2 * d + 2 * f), _F32)
-    order = _scratch(p + 2 * e + 1, _I64)
-    lib = _lib or _require()
+    scratch = scratch_buffer(p * (2 * d + 2 * f), _F32)
+    order = scratch_buffer(p + 2 * e + 1, _I64)
+    lib = _lib or require()
     rc = lib.dsvl2_moe(x.data_ptr(), t, d, None if idx is None else idx.data_ptr(),
                        None if wt is None else wt.data_ptr(), k, gate.data_ptr(), up.data_ptr(),
                        down.data_ptr(), e, f, out.data_ptr(), scratch.data_ptr(), order.data_ptr(),
@@ -500,6 +550,114 @@ def gated_mlp_int8(x: torch.Tensor, gate, up, down) -> torch.Tensor:
     return _moe("gated_mlp_int8", x, None, None, g, u, dn, scales)
 
 
+# ---- int4 weights in the stored format (int4.c) ------------------------------------------
+# values uint8 [..., N, K/2] (two columns a byte), scales bf16 [..., N, K/G]; G (the group
+# size) a multiple of 32 that divides K (``quant.int4_group`` picks 128, 64 or 32).
+
+_U8 = torch.uint8
+
+
+def _int4_group(fn: str, name: str, q: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...]) -> int:
+    """Check one int4 weight of logical shape [..., N, K] (its values and scales); its group size."""
+    *lead, k = shape
+    if not (isinstance(q, torch.Tensor) and q.dtype is _U8 and q.is_cpu and q.is_contiguous() and k % 32 == 0 and k
+            and q.shape == (*lead, k // 2)):
+        raise _bad(fn, f"{name} values", q, f"contiguous uint8 {[*lead, k // 2]} on the CPU (the weight "
+                                            f"{list(shape)}, its width a positive multiple of 32)")
+    ng = scale.shape[-1] if isinstance(scale, torch.Tensor) and scale.ndim == len(shape) else 0
+    if not (ng and scale.dtype is _BF16 and scale.is_cpu and scale.is_contiguous() and scale.shape[:-1] == tuple(lead)
+            and k % ng == 0 and (k // ng) % 32 == 0):
+        raise _bad(fn, f"{name} scales", scale, f"contiguous bf16 {[*lead, 'K/G']} on the CPU, G (the group size) a "
+                                                f"multiple of 32 dividing K = {k}")
+    return k // ng
+
+
+INT4_VARIANTS = ("avx2", "avx512")
+
+
+def int4_variant(name: str | None = None) -> str:
+    """The instruction set of the int4 products in this process: "avx512" where the CPU has
+    AVX-512F, else "avx2" (``int4.c``; each row's bits depend on it, never on the batch).
+    ``name`` chooses one ("avx512" stays "avx2" on a CPU without it): tests run both here."""
+    if name is not None and name not in INT4_VARIANTS:
+        raise ValueError(f"native.int4_variant: name must be one of {', '.join(INT4_VARIANTS)} or None, got {name!r}")
+    lib = _lib or require()
+    return INT4_VARIANTS[lib.dsvl2_int4_variant(-1 if name is None else INT4_VARIANTS.index(name))]
+
+
+def linear_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` for the int4 weight w = (values - 8) * scale of its group: x float32
+    [..., K]; q uint8 [N, K/2], scale bf16 [N, K/G] (both contiguous) -> float32 [..., N]."""
+    if not (x.dtype is _F32 and x.is_cpu and x.ndim):
+        raise _bad("linear_int4", "x", x, "float32 [..., K] on the CPU")
+    *lead, k = x.shape
+    if not (isinstance(q, torch.Tensor) and q.ndim == 2):
+        raise _bad("linear_int4", "q values", q, f"contiguous uint8 [N, {k // 2}] (K = x's last size) on the CPU")
+    n = q.shape[0]
+    g = _int4_group("linear_int4", "q", q, scale, (n, k))
+    x = _flat(x)
+    m = x.numel() // k
+    y = torch.empty((*lead, n), dtype=_F32)
+    xp = scratch_buffer(m * k, _F32)
+    lib = _lib or require()
+    lib.dsvl2_linear_i4(x.data_ptr(), m, k, q.data_ptr(), scale.data_ptr(), g, n, y.data_ptr(), xp.data_ptr())
+    return y
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The int4 weight (q uint8 [N, K/2], scale bf16 [N, K/G]) written into ``out``: contiguous
+    float32 [N, K] (exact), or bf16 [N, K] (the float32 value rounded to nearest even). Returns out."""
+    if not (isinstance(out, torch.Tensor) and out.dtype in (_F32, _BF16) and out.is_cpu and out.ndim == 2
+            and out.is_contiguous()):
+        raise _bad("dequantize_int4", "out", out, "a contiguous float32 or bf16 [N, K] on the CPU")
+    n, k = out.shape
+    g = _int4_group("dequantize_int4", "q", q, scale, (n, k))
+    lib = _lib or require()
+    lib.dsvl2_dequant_i4(q.data_ptr(), scale.data_ptr(), n, k, g, out.data_ptr(), int(out.dtype is _BF16))
+    return out
+
+
+def experts_int4(x: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, gate, up, down) -> torch.Tensor:
+    """``experts`` for int4 ``QuantWeight`` stacks in the stored format: x float32 [T, D],
+    idx [T, k] (any integer dtype), wt [T, k] (any float dtype); gate / up values [E, F, D/2]
+    with scales [E, F, D/Gd], down values [E, D, F/2] with scales [E, D, F/Gf]."""
+    fn = "experts_int4"
+    for name, w in zip(("gate", "up", "down"), (gate, up, down)):
+        if getattr(w, "kind", None) != "int4":
+            raise ValueError(f"native.{fn}: {name} must be an int4 QuantWeight (stored format), got "
+                             f"{getattr(w, 'kind', None) or type(w).__name__}")
+    if not (x.dtype is _F32 and x.is_cpu and x.ndim and x.shape[-1]):
+        raise _bad(fn, "x", x, "float32 [..., D] (D > 0) on the CPU")
+    d = x.shape[-1]
+    if not (gate.data.ndim == 3 and gate.data.shape[1]):
+        raise _bad(fn, "gate values", gate.data, f"contiguous uint8 [E, F, {d // 2}] (F > 0) on the CPU")
+    e, f = gate.data.shape[:2]
+    gd = _int4_group(fn, "gate", gate.data, gate.scale, (e, f, d))
+    if _int4_group(fn, "up", up.data, up.scale, (e, f, d)) != gd:
+        raise ValueError(f"native.{fn}: gate and up must have one group size, got {gd} and {d // up.scale.shape[-1]}")
+    gf = _int4_group(fn, "down", down.data, down.scale, (e, d, f))
+    t = x.numel() // d
+    if not (idx.is_cpu and idx.ndim == 2 and idx.shape[0] == t and idx.shape[1] and
+            (idx.dtype is _I64 or idx.dtype in _INTS)):
+        raise _bad(fn, "idx", idx, f"integer expert ids [{t}, k] (T = x's tokens, k > 0) on the CPU")
+    k = idx.shape[1]
+    if not (wt.is_cpu and wt.dtype.is_floating_point and wt.shape == (t, k)):
+        raise _bad(fn, "wt", wt, f"float weights [{t}, {k}] (idx's shape) on the CPU")
+    idx, wt = _as_i64(idx), _as_f32(wt)
+    p = t * k
+    x = _flat(x)
+    out = torch.empty(x.shape, dtype=_F32)
+    scratch = scratch_buffer(p * (2 * d + 2 * f), _F32)
+    order = scratch_buffer(p + 2 * e + 1, _I64)
+    lib = _lib or require()
+    rc = lib.dsvl2_moe_i4(x.data_ptr(), t, d, idx.data_ptr(), wt.data_ptr(), k, gate.data.data_ptr(),
+                          gate.scale.data_ptr(), up.data.data_ptr(), up.scale.data_ptr(), down.data.data_ptr(),
+                          down.scale.data_ptr(), e, f, gd, gf, out.data_ptr(), scratch.data_ptr(), order.data_ptr())
+    if rc != 0:
+        raise ValueError(f"expert ids must be in [0, {e}), got {idx.min().item()}..{idx.max().item()}")
+    return out
+
+
 # ---- the small parts of a decode step (layers.c) ---------------------------------------
 
 
@@ -515,7 +673,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if not x.is_contiguous():
         x = x.contiguous()
     y = torch.empty_like(x)
-    lib = _lib or _require()
+    lib = _lib or require()
     lib.dsvl2_rmsnorm(x.data_ptr(), x.numel() // d, d, weight.data_ptr(), weight.dtype is _BF16, eps, y.data_ptr())
     return y
 
@@ -536,9 +694,75 @@ def route_greedy(x: torch.Tensor, gate: torch.Tensor, k: int, sigmoid: bool, nor
     logits = linear(x, gate)  # [T, E], overwritten with the scores
     idx = torch.empty(t, k, dtype=_I64)
     wt = torch.empty(t, k, dtype=_F32)
-    lib = _lib or _require()
+    lib = _lib or require()
     lib.dsvl2_route_greedy(logits.data_ptr(), t, e, k, int(sigmoid), int(norm), scaling, idx.data_ptr(),
                            wt.data_ptr())
+    return idx, wt
+
+
+ROUTE_METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}  # the C side's method numbers
+
+
+def route(x: torch.Tensor, gate: torch.Tensor, k: int, method: str, sigmoid: bool, norm: bool, scaling: float,
+          bias: torch.Tensor | None = None, n_group: int | None = None,
+          topk_group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MoE router of every ``topk_method`` (``Gate.reference_route`` in ``model/moe.py``
+    is the torch version and the definition): float32 x [T, D] by a gate [E, D]
+    (contiguous bf16, or float32), sigmoid or softmax scores -> (idx int64 [T, k] in
+    descending (biased) choice order, weights float32 [T, k]).
+
+    ``greedy`` runs ``route_greedy``'s C code (same bits). ``group_limited_greedy`` and
+    ``noaux_tc`` (with ``bias``, the ``e_score_correction_bias`` [E], any float dtype) keep
+    ``topk_group`` of ``n_group`` groups of experts. An exact tie goes to the lower expert
+    (group) id; torch.topk breaks exact ties in an order of its own, so the two can differ
+    only there (``layers.c`` ``dsvl2_route``)."""
+    fn = "route"
+    if not (x.dtype is _F32 and x.is_cpu and x.ndim == 2):
+        raise _bad(fn, "x", x, "float32 [T, D] on the CPU")
+    d = x.shape[1]
+    if not ((gate.dtype is _BF16 or gate.dtype is _F32) and gate.is_cpu and gate.ndim == 2 and gate.is_contiguous()
+            and gate.shape[1] == d and d):
+        raise _bad(fn, "gate", gate, f"contiguous bf16 or float32 [E, {d}] (D = x's width, > 0) on the CPU")
+    t, e = x.shape[0], gate.shape[0]
+    m = ROUTE_METHODS.get(method)
+    if m is None:
+        raise ValueError(f"native.{fn}: method must be one of {', '.join(ROUTE_METHODS)}, got {method!r}")
+    if not 0 < k <= e:
+        raise ValueError(f"native.{fn}: experts per token must be in [1, {e}], got {k}")
+    if m == 2:
+        if not (isinstance(bias, torch.Tensor) and bias.is_cpu and bias.dtype.is_floating_point
+                and bias.shape == (e,)):
+            raise _bad(fn, "bias", bias, f"a float tensor [{e}] (E = gate's rows) on the CPU for noaux_tc")
+        bias = _as_f32(bias)
+    elif bias is not None:
+        raise ValueError(f"native.{fn}: bias is used by noaux_tc only, got one for {method}")
+    g = tg = 1
+    if m:
+        if not (isinstance(n_group, int) and 0 < n_group and e % n_group == 0
+                and isinstance(topk_group, int) and 0 < topk_group <= n_group):
+            raise ValueError(f"native.{fn}: {method} needs n_group dividing the {e} experts and topk_group in "
+                             f"[1, n_group], got n_group {n_group!r}, topk_group {topk_group!r}")
+        if m == 2 and e // n_group < 2:
+            raise ValueError(f"native.{fn}: noaux_tc scores a group by its two best experts, so groups need at "
+                             f"least 2 experts, got {e} experts in {n_group} groups")
+        g, tg = n_group, topk_group
+    if not x.is_contiguous():
+        x = x.contiguous()
+    lib = _lib or require()
+    # logits [T, E] float32, overwritten with the scores: the bf16 gate's product as ``linear``
+    # computes it (into scratch: nothing outlives the call), a float32 gate's as the torch path's
+    if gate.dtype is _BF16:
+        logits = scratch_buffer(t * e, _F32)
+        lib.dsvl2_linear(x.data_ptr(), t, d, gate.data_ptr(), e, None, logits.data_ptr())
+    else:
+        logits = torch.nn.functional.linear(x, gate)
+    idx = torch.empty(t, k, dtype=_I64)
+    wt = torch.empty(t, k, dtype=_F32)
+    rc = lib.dsvl2_route(logits.data_ptr(), t, e, k, m, int(sigmoid), None if bias is None else bias.data_ptr(), g,
+                         tg, int(norm), scaling, idx.data_ptr(), wt.data_ptr())
+    if rc != 0:  # the checks above cover every refusal of the C side
+        raise ValueError(f"native.{fn}: the kernel refused method {method}, k {k}, {e} experts, n_group {g}, "
+                         f"topk_group {tg}")
     return idx, wt
 
 
@@ -580,9 +804,9 @@ def mha_decode(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Te
         keep.append(t)
     cos, sin, table, pos = step_rows(b, hd, cos, sin, table, pos)
     x = _flat(x)
-    lib = _lib or _require()
+    lib = _lib or require()
     w = table.shape[1]
-    scratch = _scratch(lib.dsvl2_mha_scratch(b, heads, kv_heads, hd, w * bs), _F32)
+    scratch = scratch_buffer(lib.dsvl2_mha_scratch(b, heads, kv_heads, hd, w * bs), _F32)
     out = torch.empty((b, d), dtype=_F32)
     ptrs = [None if t is None else t.data_ptr() for t in keep]
     rc = lib.dsvl2_mha_decode(x.data_ptr(), b, d, heads, kv_heads, hd, wq.data_ptr(), wk.data_ptr(),
@@ -619,3 +843,124 @@ def decode_error(rc: int, nb: int, bs: int, table: torch.Tensor, pos: torch.Tens
                           f"{hd} / {heads} / {kv_heads}")
     return ValueError(f"{where}each row's positions must lie in its block table ({table.shape[1]} blocks of "
                       f"{bs}) and block ids in [0, {nb}), got positions {pos.tolist()} and tables {table.tolist()}")
+
+
+# ---- the MLA attention block (mla.c) ---------------------------------------------------
+
+
+class _MLAWeight(ctypes.Structure):  # mla.c dsvl2_mla_weight
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("kind", ctypes.c_int64)]
+
+
+class _MLALayer(ctypes.Structure):  # mla.c dsvl2_mla
+    _fields_ = ([(n, ctypes.c_int64) for n in ("D", "H", "dn", "dr", "dv", "r", "qr")]
+                + [(n, _MLAWeight) for n in ("q", "q_a", "q_b", "kv_a", "kv_b", "o")]
+                + [(n, ctypes.c_void_p) for n in ("b_q_a", "b_kv_a", "b_o", "q_norm", "kv_norm")]
+                + [(n, ctypes.c_int64) for n in ("q_norm_bf16", "kv_norm_bf16")]
+                + [(n, ctypes.c_float) for n in ("q_eps", "kv_eps", "scale")])
+
+
+_MLA_KINDS = {_F32: 0, _BF16: 1}  # mla.c W_F32, W_BF16; W_INT8 = 2
+_MLA_POOL = (_F32, _BF16)
+
+
+def mla_weight(w, quantised: bool = True) -> bool:
+    """A weight ``mla_decode`` takes as it is: a contiguous float32 or bf16 CPU tensor, or
+    (``quantised``) an int8 ``QuantWeight``."""
+    if isinstance(w, torch.Tensor):
+        return w.dtype in _MLA_KINDS and w.is_cpu and w.is_contiguous()
+    return quantised and getattr(w, "kind", None) == "int8" and w.data.is_cpu
+
+
+def _mla_w(fn: str, name: str, w, shape: tuple[int, int], quantised: bool, into: _MLAWeight) -> None:
+    """Check one weight of ``mla_decode`` and point ``into`` at it."""
+    if isinstance(w, torch.Tensor):
+        if w.dtype in _MLA_KINDS and w.is_cpu and w.is_contiguous() and w.shape == shape:
+            into.w, into.scale, into.kind = w.data_ptr(), None, _MLA_KINDS[w.dtype]
+            return
+    elif quantised and getattr(w, "kind", None) == "int8":
+        q, sc = w.data, w.scale
+        if not (q.dtype is _I8 and q.is_cpu and q.is_contiguous() and q.shape == shape):
+            raise _bad(fn, f"{name} (int8 values)", q, f"contiguous int8 {list(shape)} on the CPU")
+        if not (sc.dtype is _BF16 and sc.is_cpu and sc.is_contiguous() and sc.shape == shape[:1]):
+            raise _bad(fn, f"{name} (int8 scales)", sc, f"contiguous bf16 [{shape[0]}] on the CPU")
+        into.w, into.scale, into.kind = q.data_ptr(), sc.data_ptr(), 2
+        return
+    allowed = "contiguous float32 or bf16" + (" (or an int8 QuantWeight)" if quantised else "")
+    raise _bad(fn, name, w, f"{allowed} {list(shape)} on the CPU")
+
+
+def _mla_norm(fn: str, name: str, w, n: int) -> tuple[int, int]:
+    if not (isinstance(w, torch.Tensor) and w.dtype in _NORM_WEIGHT and w.is_cpu and w.is_contiguous()
+            and w.shape == (n,)):
+        raise _bad(fn, name, w, f"contiguous float32 or bf16 [{n}] on the CPU")
+    return w.data_ptr(), int(w.dtype is _BF16)
+
+
+def mla_decode(x: torch.Tensor, wq, kv_a, kv_norm: torch.Tensor, kv_b: torch.Tensor, wo, *, heads: int, dn: int,
+               dr: int, dv: int, eps: float, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
+               table: torch.Tensor, pos: torch.Tensor, scale: float, q_a=None, q_norm: torch.Tensor | None = None,
+               q_eps: float | None = None, biases: tuple = (None, None, None)) -> torch.Tensor:
+    """One MLA decode step (``mla.c``; ``model/attention.py`` MLA is the torch version): x
+    float32 [B, D] (normalised); wq [H (dn + dr), D] (q_proj), or with ``q_a`` [qr, D] and
+    ``q_norm`` [qr] (eps ``q_eps``) q_b_proj's [H (dn + dr), qr]; kv_a [r + dr, D]
+    (kv_a_proj_with_mqa), kv_norm [r] (kv_a_layernorm, eps ``eps``), kv_b [H (dn + dv), r],
+    wo [D, H dv]. Weights: contiguous float32 or bf16; wq / q_a / kv_a / wo also int8
+    ``QuantWeight`` s. ``biases``: (q_a, kv_a, o) biases, each None or of the matching size.
+    cache: the layer's block pool [NB, BS, r + dr] (contiguous float32 or bf16), written at
+    row b's position pos[b] through its block table (table [B, W]) and attended over its
+    positions 0..pos[b]; cos / sin float32 [B, dr]. Returns the block's output [B, D]."""
+    fn = "mla_decode"
+    if not (isinstance(cache, torch.Tensor) and cache.dtype in _MLA_POOL and cache.is_cpu and cache.ndim == 3
+            and cache.is_contiguous()):
+        raise _bad(fn, "cache", cache, "a contiguous float32 or bf16 block pool [NB, BS, r + dr] on the CPU")
+    nb, bs, lk = cache.shape
+    if not (isinstance(heads, int) and isinstance(dn, int) and isinstance(dr, int) and isinstance(dv, int)
+            and heads > 0 and dn > 0 and dv > 0 and dr > 0 and dr % 2 == 0 and lk > dr and nb and bs):
+        raise ValueError(f"native.{fn}: heads, dn, dv must be positive, dr positive and even, the pool's last size "
+                         f"r + dr above dr and the pool not empty; got heads {heads}, dn {dn}, dr {dr}, dv {dv}, "
+                         f"pool [NB, BS, r + dr] = {list(cache.shape)}")
+    if not (x.dtype is _F32 and x.is_cpu and x.ndim == 2 and x.shape[1]):
+        raise _bad(fn, "x", x, "float32 [B, D] (D > 0) on the CPU")
+    b, d = x.shape
+    r, nq = lk - dr, heads * (dn + dr)
+    layer = _MLALayer(D=d, H=heads, dn=dn, dr=dr, dv=dv, r=r, qr=0, q_eps=0.0, kv_eps=eps, scale=scale)
+    if q_a is None:
+        _mla_w(fn, "wq", wq, (nq, d), True, layer.q)
+    else:
+        qr = q_a.shape[0] if len(q_a.shape) == 2 else 0
+        if not qr or q_eps is None:
+            raise ValueError(f"native.{fn}: q_a must be [qr, D] with qr > 0 and q_eps given, got "
+                             f"{describe(q_a)}, q_eps {q_eps!r}")
+        layer.qr, layer.q_eps = qr, q_eps
+        _mla_w(fn, "q_a", q_a, (qr, d), True, layer.q_a)
+        _mla_w(fn, "wq (q_b)", wq, (nq, qr), True, layer.q_b)
+        layer.q_norm, layer.q_norm_bf16 = _mla_norm(fn, "q_norm", q_norm, qr)
+    _mla_w(fn, "kv_a", kv_a, (lk, d), True, layer.kv_a)
+    _mla_w(fn, "kv_b", kv_b, (heads * (dn + dv), r), False, layer.kv_b)
+    _mla_w(fn, "wo", wo, (d, heads * dv), True, layer.o)
+    layer.kv_norm, layer.kv_norm_bf16 = _mla_norm(fn, "kv_norm", kv_norm, r)
+    if len(biases) != 3:
+        raise ValueError(f"native.{fn}: biases must be (q_a, kv_a, o), got {len(biases)} entries")
+    keep = []  # float32 copies, alive for the call
+    for name, t, n in zip(("b_q_a", "b_kv_a", "b_o"), biases, (layer.qr, lk, d)):
+        if t is not None:
+            if not (isinstance(t, torch.Tensor) and t.is_cpu and t.dtype.is_floating_point and t.shape == (n,) and n):
+                raise _bad(fn, name, t, f"None or a float tensor [{n}] on the CPU" + ("" if n else " (no q_a: None)"))
+            t = _as_f32(t)
+            keep.append(t)
+            setattr(layer, name, t.data_ptr())
+    cos, sin, table, pos = step_rows(b, dr, cos, sin, table, pos)
+    x = _flat(x)
+    lib = _lib or require()
+    w = table.shape[1]
+    scratch = scratch_buffer(lib.dsvl2_mla_scratch(b, heads, dn, dr, dv, r, layer.qr, w * bs), _F32)
+    out = torch.empty((b, d), dtype=_F32)
+    rc = lib.dsvl2_mla_decode(ctypes.byref(layer), x.data_ptr(), b, cos.data_ptr(), sin.data_ptr(),
+                              cache.data_ptr(), int(cache.dtype is _BF16), nb, bs, table.data_ptr(), w,
+                              pos.data_ptr(), out.data_ptr(), scratch.data_ptr())
+    if rc == -1:
+        raise decode_error(rc, nb, bs, table, pos)
+    if rc != 0:  # the checks above cover every size the C side refuses
+        raise ValueError(f"native.{fn}: the kernel refused heads {heads}, dn {dn}, dr {dr}, dv {dv}, r {r}")
+    return out

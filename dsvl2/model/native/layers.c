@@ -1,6 +1,6 @@
-/* The small parts of a decode step, in C (dsvl2.model.native): RMSNorm, the greedy router
-   and a whole MHA attention block (q / k / v, RoPE, cache write, attention over the
-   cached keys, o_proj).
+/* The small parts of a decode step, in C (dsvl2.model.native): RMSNorm, the router (greedy,
+   group-limited greedy, noaux_tc) and a whole MHA attention block (q / k / v, RoPE, cache
+   write, attention over the cached keys, o_proj).
 
    Why: with the products in native code (bf16.c), a batch-1 decode step of the real tiny
    model spent ~25 ms of its ~95 ms in ~1200 small torch ops (norms: 8 ops each, RoPE: 10,
@@ -10,7 +10,8 @@
    Numbers: float32 throughout (the activations' dtype). RoPE, the RMSNorm scaling and the
    router's arithmetic are the reference's operations in the reference's order; sums
    (squares, scores, softmax denominators) are formed in a fixed order of our own, so
-   results equal torch's to rounding (tests/test_native_layers.py compares with the torch path).
+   results equal torch's to rounding (tests/test_native_layers.py and, for the router,
+   tests/test_native_router.py compare with the torch path).
    A row's results never depend on the other rows of its batch. */
 
 #include <immintrin.h>
@@ -62,6 +63,28 @@ void dsvl2_rmsnorm(const float *x, int64_t M, int64_t D, const void *weight, int
     }
 }
 
+/* one row's logits s[0..E) -> its scores in place: sigmoid, or softmax (sigmoid = 0) */
+static void route_scores(float *s, int64_t E, int sigmoid) {
+    if (sigmoid) {
+        for (int64_t e = 0; e < E; e++) s[e] = 1.0f / (1.0f + expf(-s[e]));
+    } else {
+        float mx = s[0], sum = 0.0f;
+        for (int64_t e = 1; e < E; e++) mx = s[e] > mx ? s[e] : mx;
+        for (int64_t e = 0; e < E; e++) sum += (s[e] = expf(s[e] - mx));
+        for (int64_t e = 0; e < E; e++) s[e] = s[e] / sum;
+    }
+}
+
+/* one row's k weights in place: / (their sum + 1e-20) when norm (k > 1), then * scaling */
+static void route_weights(float *wr, int64_t k, int norm, float scaling) {
+    if (norm && k > 1) {
+        float sum = 0.0f;
+        for (int64_t j = 0; j < k; j++) sum += wr[j];
+        for (int64_t j = 0; j < k; j++) wr[j] = wr[j] / (sum + 1e-20f);
+    }
+    for (int64_t j = 0; j < k; j++) wr[j] = wr[j] * scaling;
+}
+
 /* Greedy router over E experts for T tokens: logits [T, E] (float32, from the gate
    product), scores = softmax (sigmoid = 0) or sigmoid (1); the k largest scores (ties to
    the lower expert id), their scores as weights, divided by their sum + 1e-20 when
@@ -70,14 +93,7 @@ void dsvl2_route_greedy(float *logits, int64_t T, int64_t E, int64_t k, int sigm
                         int64_t *idx, float *wt) {
     for (int64_t t = 0; t < T; t++) {
         float *s = logits + t * E;
-        if (sigmoid) {
-            for (int64_t e = 0; e < E; e++) s[e] = 1.0f / (1.0f + expf(-s[e]));
-        } else {
-            float mx = s[0], sum = 0.0f;
-            for (int64_t e = 1; e < E; e++) mx = s[e] > mx ? s[e] : mx;
-            for (int64_t e = 0; e < E; e++) sum += (s[e] = expf(s[e] - mx));
-            for (int64_t e = 0; e < E; e++) s[e] = s[e] / sum;
-        }
+        route_scores(s, E, sigmoid);
         int64_t *ir = idx + t * k;
         float *wr = wt + t * k;
         for (int64_t j = 0; j < k; j++) { /* selection: k passes over E (k, E small) */
@@ -90,13 +106,85 @@ void dsvl2_route_greedy(float *logits, int64_t T, int64_t E, int64_t k, int sigm
             ir[j] = best;
             wr[j] = s[best];
         }
-        if (norm && k > 1) {
-            float sum = 0.0f;
-            for (int64_t j = 0; j < k; j++) sum += wr[j];
-            for (int64_t j = 0; j < k; j++) wr[j] = wr[j] / (sum + 1e-20f);
-        }
-        for (int64_t j = 0; j < k; j++) wr[j] = wr[j] * scaling;
+        route_weights(wr, k, norm, scaling);
     }
+}
+
+/* the k largest of v[0..n) into top[0..k) (k <= n), in descending order; an exact tie goes
+   to the lower index (a later value enters only when strictly larger than an entry, so
+   the earlier of two equal values stays ahead), a NaN never outranks a number */
+static inline int above(float a, float b) { return a > b || (b != b && a == a); }
+static void top_k(const float *v, int64_t n, int64_t k, int64_t *top) {
+    int64_t have = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (have == k && !above(v[i], v[top[k - 1]])) continue;
+        int64_t p = have < k ? have++ : k - 1; /* slot freed at the end (the smallest drops out) */
+        while (p > 0 && above(v[i], v[top[p - 1]])) {
+            top[p] = top[p - 1];
+            p--;
+        }
+        top[p] = i;
+    }
+}
+
+/* Router over E experts for T tokens, every method of the reference's MoEGate:
+     method 0 (greedy): dsvl2_route_greedy;
+     method 1 (group_limited_greedy): choice = scores; group score = the group's maximum;
+     method 2 (noaux_tc): choice = scores + bias[E]; group score = the sum of the group's
+       two largest choices (largest + second);
+   for methods 1 / 2, E experts in G groups of E / G consecutive ids: the topk_group
+   groups of the largest group scores are kept, the other groups' choices become 0.0 (not
+   -inf: with negative biased choices a dropped expert can still be chosen, as in the
+   reference), the k largest choices are chosen and their UNBIASED scores are the weights;
+   then as dsvl2_route_greedy: divided by their sum + 1e-20 when norm (k > 1), times
+   scaling. logits [T, E] (float32, from the gate product) are overwritten with the scores.
+   idx [T, k] int64 in descending choice order, wt [T, k] float32.
+   Ties: an exact tie (group scores or choices) goes to the lower group / expert id, so the
+   result is a function of the row alone. torch.topk, the reference, breaks exact ties in
+   an order of its own (not by id); outside exact ties the choice is the reference's.
+   Returns -1 (nothing written) for a method other than 0..2, k outside [1, E], or, for
+   methods 1 / 2, G not dividing E, topk_group outside [1, G], groups of fewer than 2
+   experts (noaux_tc) or a missing bias (noaux_tc). */
+int dsvl2_route(float *logits, int64_t T, int64_t E, int64_t k, int method, int sigmoid, const float *bias,
+                int64_t G, int64_t topk_group, int norm, float scaling, int64_t *idx, float *wt) {
+    if (method < 0 || method > 2 || k < 1 || k > E) return -1;
+    if (method == 0) {
+        dsvl2_route_greedy(logits, T, E, k, sigmoid, norm, scaling, idx, wt);
+        return 0;
+    }
+    if (G < 1 || E % G || topk_group < 1 || topk_group > G) return -1;
+    if (method == 2 && (!bias || E / G < 2)) return -1;
+    const int64_t size = E / G;
+    float choice[E], gscore[G];
+    int64_t keep[topk_group], two[2];
+    unsigned char kept[G];
+    for (int64_t t = 0; t < T; t++) {
+        float *s = logits + t * E;
+        route_scores(s, E, sigmoid);
+        for (int64_t e = 0; e < E; e++) choice[e] = method == 2 ? s[e] + bias[e] : s[e];
+        for (int64_t g = 0; g < G; g++) {
+            const float *c = choice + g * size;
+            if (method == 2) {
+                top_k(c, size, 2, two);
+                gscore[g] = c[two[0]] + c[two[1]];
+            } else {
+                float mx = c[0];
+                for (int64_t i = 1; i < size; i++) mx = c[i] > mx ? c[i] : mx;
+                gscore[g] = mx;
+            }
+        }
+        top_k(gscore, G, topk_group, keep);
+        memset(kept, 0, (size_t)G);
+        for (int64_t j = 0; j < topk_group; j++) kept[keep[j]] = 1;
+        for (int64_t e = 0; e < E; e++)
+            if (!kept[e / size]) choice[e] = 0.0f;
+        int64_t *ir = idx + t * k;
+        float *wr = wt + t * k;
+        top_k(choice, E, k, ir);
+        for (int64_t j = 0; j < k; j++) wr[j] = s[ir[j]];
+        route_weights(wr, k, norm, scaling);
+    }
+    return 0;
 }
 
 /* half-split RoPE of one head in place: out[i] = x[i] cos[i] - x[i + d/2] sin[i] for

@@ -65,7 +65,8 @@ def _gflops(dtype: torch.dtype, m: int = 256, k: int = 2048, n: int = 2048, reps
 CACHE_NAME = "kernels.json"
 
 
-def _cache_file() -> Path:
+def cache_file() -> Path:
+    """Where the measurements are cached with this environment (``cachedir.root()``)."""
     return cachedir.root() / CACHE_NAME
 
 

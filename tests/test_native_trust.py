@@ -31,6 +31,7 @@ import torch
 from dsvl2 import cachedir
 from dsvl2.config import LanguageConfig
 from dsvl2.model import decode_plan, native
+from dsvl2.model.native import build as native_build
 from dsvl2.model.native import policy as kernels
 from dsvl2.model.cache import KVCache, row_tables
 from dsvl2.model.language import LanguageModel
@@ -591,7 +592,7 @@ def test_fallback_to_torch_is_one_warning_saying_why_and_what_it_costs(why, monk
         monkeypatch.setenv("DSVL2_NATIVE", "0")
         expected = "DSVL2_NATIVE=0"
     elif why == "cpu":
-        monkeypatch.setattr(native, "cpu_ok", lambda: (False, "CPU lacks avx2"))
+        monkeypatch.setattr(native_build, "cpu_ok", lambda: (False, "CPU lacks avx2"))
         expected = "CPU lacks avx2"
     else:
         if not native.cpu_ok()[0]:

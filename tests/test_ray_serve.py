@@ -28,7 +28,7 @@ import pytest
 import ray
 from ray import serve
 
-from dsvl2.server.ray_serve import APP_NAME, build_app, options, spread_requests
+from dsvl2.server.ray_serve import APP_NAME, bind_internal_grpc_to_node_address, build_app, options, spread_requests
 from dsvl2.errors import DSVL2Error
 from _paths import IMAGES
 from _ray_cluster import two_node_cluster, watchdog
@@ -169,3 +169,25 @@ def check_killed_replica(client: openai.OpenAI) -> None:
         results = list(pool.map(lambda c: ask(client, c, 8, stream=False), after))
     for conv, r in zip(after, results):
         assert r.get("text") == expected(conv, 8), r
+
+
+def test_serve_internal_grpc_server_binds_to_the_node_address_not_every_interface(monkeypatch):
+    """The one place dsvl2 reaches into Ray's private modules (Serve has no public option
+    for it): the replica's internal gRPC server asks for "[::]:PORT" (every interface);
+    after ``bind_internal_grpc_to_node_address`` it gets this node's Ray address, and any
+    other address passes through unchanged. If a Ray upgrade removes the hook this test
+    says so (the function then changes nothing)."""
+    from ray.serve._private import replica  # the module the function adjusts
+
+    assert callable(getattr(replica, "add_port_to_grpc_server", None)), \
+        "Ray Serve no longer has replica.add_port_to_grpc_server: revisit bind_internal_grpc_to_node_address"
+    asked = []
+    monkeypatch.setattr(replica, "add_port_to_grpc_server", lambda server, address: asked.append(address) or 7)
+    bind_internal_grpc_to_node_address()
+    node = ray.util.get_node_ip_address()
+    assert replica.add_port_to_grpc_server(None, "[::]:0") == 7
+    assert replica.add_port_to_grpc_server(None, "10.1.2.3:5") == 7
+    assert asked == [(f"[{node}]" if ":" in node else node) + ":0", "10.1.2.3:5"]
+    bind_internal_grpc_to_node_address()  # twice in one process: not wrapped twice
+    replica.add_port_to_grpc_server(None, "[::]:9")
+    assert len(asked) == 3

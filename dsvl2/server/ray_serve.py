@@ -33,7 +33,7 @@ Notable choices:
   to match a client's trouble with a replica's log. ``/metrics`` describes the replica
   that answered the scrape; Ray's own ``ray_serve_*`` metrics cover the deployment.
 * Serve's internal gRPC server in each replica is bound to the node's Ray address, not
-  to every interface (``_bind_internal_grpc_to_node_address``): a local instance stays on
+  to every interface (``bind_internal_grpc_to_node_address``): a local instance stays on
   127.0.0.1.
 * A killed replica loses only its own requests (its streams end with an error, its other
   clients see a failed connection); the other replicas' requests are not touched, and
@@ -148,7 +148,7 @@ class _ReplicaHeader:
         return await self.app(scope, receive, tagged)
 
 
-def _bind_internal_grpc_to_node_address() -> None:
+def bind_internal_grpc_to_node_address() -> None:
     """Serve (2.60) starts a gRPC server in every replica for calls between deployments
     and binds it to every interface ("[::]:0"), even when the whole cluster lives on
     127.0.0.1. Bind it to this node's Ray address instead, where the other nodes reach
@@ -180,7 +180,7 @@ class DSVL2Server:
 
         from .. import api
 
-        _bind_internal_grpc_to_node_address()
+        bind_internal_grpc_to_node_address()
 
         if opts["gpus_per_replica"] == 0:
             torch.set_num_threads(max(1, int(opts["cpus_per_replica"])))  # this replica's CPUs, not the node's

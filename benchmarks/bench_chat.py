@@ -92,6 +92,7 @@ from dsvl2.errors import DSVL2Error
 from dsvl2.model import native
 from dsvl2.model.cache import KVCache
 from dsvl2.model.quant import QuantWeight
+from dsvl2.model.native.policy import matmul_gflops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import ExpertCounter, bandwidth, cpu_name, peak_rss, read_gbps  # noqa: E402
@@ -100,20 +101,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = ROOT / "tests" / "data" / "golden" / "processor" / "official"
 IMAGES = ROOT / "tests" / "data" / "images"
 TEXT_CASE = "text"
-
-
-def matmul_gflops(dtype: torch.dtype, m: int = 512, k: int = 2048, n: int = 2048, reps: int = 3) -> float:
-    """The best of ``reps`` timed [m, k] x [k, n] products in ``dtype``, after a warm-up."""
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(m, k, generator=g).to(dtype)
-    b = torch.randn(k, n, generator=g).to(dtype)
-    torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2 * m * k * n / best / 1e9
 
 
 # ---- cases ---------------------------------------------------------------------------------
@@ -431,8 +418,8 @@ def main(argv=None) -> None:
 
     limits = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "load_average": os.getloadavg()}
     limits.update(bandwidth(512 << 20))
-    limits["fp32_matmul_gflops"] = round(matmul_gflops(torch.float32, reps=10), 1)
-    limits["bf16_matmul_gflops"] = round(matmul_gflops(torch.bfloat16), 1)
+    limits["fp32_matmul_gflops"] = round(matmul_gflops(torch.float32, 512, reps=10), 1)
+    limits["bf16_matmul_gflops"] = round(matmul_gflops(torch.bfloat16, 512), 1)
 
     t = time.perf_counter()
     try:
@@ -452,8 +439,8 @@ def main(argv=None) -> None:
             cases[name] = run_case(m, name, conv, args, bw, sb, info)
         # the peaks again right after the cases' vision + prefill (they move on a shared
         # machine, as the bandwidth does): the fractions use the best of the four
-        limits["fp32_matmul_gflops_after_prefill"] = round(matmul_gflops(torch.float32, reps=10), 1)
-        limits["bf16_matmul_gflops_after_prefill"] = round(matmul_gflops(torch.bfloat16), 1)
+        limits["fp32_matmul_gflops_after_prefill"] = round(matmul_gflops(torch.float32, 512, reps=10), 1)
+        limits["bf16_matmul_gflops_after_prefill"] = round(matmul_gflops(torch.bfloat16, 512), 1)
         best_peak = max(limits[k] for k in ("fp32_matmul_gflops", "bf16_matmul_gflops",
                                             "fp32_matmul_gflops_after_prefill", "bf16_matmul_gflops_after_prefill"))
         for c in cases.values():

@@ -27,6 +27,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -37,17 +38,10 @@ from dsvl2.model.attention import MLA
 from dsvl2.model.cache import KVCache, StepContext, row_tables
 from dsvl2.model.rope import RotaryEmbedding
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import read_gbps  # noqa: E402  (the read bandwidth every benchmark reports)
+
 BS = 16
-
-
-def read_gbps(mib: int = 512, reps: int = 5) -> float:
-    a = torch.ones(mib * 2 ** 20 // 4)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - t)
-    return a.numel() * 4 / best / 1e9
 
 
 def _nbytes(w) -> int:

@@ -180,6 +180,18 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     return y
 
 
+def _routing(fn: str, idx: torch.Tensor, wt: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A MoE call's routing checked (expert ids [T, k], weights [T, k]) and widened to int64 /
+    float32: (idx, wt, k)."""
+    if not (idx.is_cpu and idx.ndim == 2 and idx.shape[0] == t and idx.shape[1] and
+            (idx.dtype is _I64 or idx.dtype in _INTS)):
+        raise _bad(fn, "idx", idx, f"integer expert ids [{t}, k] (T = x's tokens, k > 0) on the CPU")
+    k = idx.shape[1]
+    if not (wt.is_cpu and wt.dtype.is_floating_point and wt.shape == (t, k)):
+        raise _bad(fn, "wt", wt, f"float weights [{t}, {k}] (idx's shape) on the CPU")
+    return _as_i64(idx), _as_f32(wt), k
+
+
 def _moe(fn: str, x: torch.Tensor, idx: torch.Tensor | None, wt: torch.Tensor | None, gate, up, down,
          scales: tuple | None = None) -> torch.Tensor:
     """x [..., D]; gate / up / down: [E, F, D] / [E, D, F] stacks, or one MLP's [F, D] / [D, F]
@@ -211,13 +223,7 @@ def _moe(fn: str, x: torch.Tensor, idx: torch.Tensor | None, wt: torch.Tensor | 
     t = x.numel() // d
     k = 1
     if idx is not None:
-        if not (idx.is_cpu and idx.ndim == 2 and idx.shape[0] == t and idx.shape[1] and
-                (idx.dtype is _I64 or idx.dtype in _INTS)):
-            raise _bad(fn, "idx", idx, f"integer expert ids [{t}, k] (T = x's tokens, k > 0) on the CPU")
-        k = idx.shape[1]
-        if not (wt.is_cpu and wt.dtype.is_floating_point and wt.shape == (t, k)):
-            raise _bad(fn, "wt", wt, f"float weights [{t}, {k}] (idx's shape) on the CPU")
-        idx, wt = _as_i64(idx), _as_f32(wt)
+        idx, wt, k = _routing(fn, idx, wt, t)
     p = t * k
     x = _flat(x)
     out = torch.empty(x.shape, dtype=_F32)
@@ -352,13 +358,7 @@ def experts_int4(x: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, gate, up,
         raise ValueError(f"native.{fn}: gate and up must have one group size, got {gd} and {d // up.scale.shape[-1]}")
     gf = _int4_group(fn, "down", down.data, down.scale, (e, d, f))
     t = x.numel() // d
-    if not (idx.is_cpu and idx.ndim == 2 and idx.shape[0] == t and idx.shape[1] and
-            (idx.dtype is _I64 or idx.dtype in _INTS)):
-        raise _bad(fn, "idx", idx, f"integer expert ids [{t}, k] (T = x's tokens, k > 0) on the CPU")
-    k = idx.shape[1]
-    if not (wt.is_cpu and wt.dtype.is_floating_point and wt.shape == (t, k)):
-        raise _bad(fn, "wt", wt, f"float weights [{t}, {k}] (idx's shape) on the CPU")
-    idx, wt = _as_i64(idx), _as_f32(wt)
+    idx, wt, k = _routing(fn, idx, wt, t)
     p = t * k
     x = _flat(x)
     out = torch.empty(x.shape, dtype=_F32)

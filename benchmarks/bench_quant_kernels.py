@@ -27,17 +27,33 @@ reference; and a whole base MoE layer's routed experts on those tokens (random t
 72, ``Experts.forward``'s per-expert loop, three products per expert): int4pack before,
 the dequantise-then-GEMM products after. GFLOP/s = 2 M N K / best time.
 
+Prefill MoE layers (``prefill_moe_layers``; ``--moe-prefill`` runs only these): 1431 tokens
+(random top-6 routing) through the routed experts of one layer of the real small size (64
+experts, D 2048, F 1408, int8) and of base (72 experts, D 2560, F 1536, int4 group 128), in
+the big-product dtype this machine's kernel policy picks: ``old`` (the loop before: per
+expert three ``block_gemm`` s, int8 dequantised by torch ops, a copy then a multiply),
+``new`` (``Experts.forward``: per expert and matrix one native dequantisation into a reused
+buffer and one GEMM), ``fused`` (the same with gate and up side by side in one [2F, D]
+buffer and one GEMM for both: the alternative, measured slower).
+Timed alternately in the same process, ``--moe-repeats`` rounds, best of each; GFLOP/s =
+2 x 3 matrices x 1431 x 6 x D x F / best, ``of_peak`` = that over the bf16 (or fp32) GEMM peak
+(``policy.matmul_gflops(dtype, 512)``) measured before and after each layer, the higher;
+``load`` = the 1-minute load average at the start and end of each layer (other jobs on
+the machine: the interleaving keeps the comparison fair, not the absolute figures).
+
 ``--tiny`` adds the real tiny model's expert products with one weight called repeatedly
 (read from cache): torch's bf16 product against the native bf16 / int8 / int4 kernels.
 
-Usage: ``python benchmarks/bench_quant_kernels.py [--quick] [--tiny]`` (``--quick``: fewer
-repeats, B = 1 and 16 only). About 35 s on 2 quiet Zen 4 threads.
+Usage: ``python benchmarks/bench_quant_kernels.py [--quick] [--tiny] [--moe-prefill]
+[--moe-repeats N]`` (``--quick``: fewer repeats, B = 1 and 16 only). About 35 s on 2 quiet
+Zen 4 threads, and a minute more for the prefill MoE layers (1 GB of random weights).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -46,9 +62,10 @@ import torch
 import torch.nn.functional as F
 
 from dsvl2.model import native, ops, quant
+from dsvl2.model.moe import Experts, Routing
 from dsvl2.model.native import policy
 from dsvl2.model.native.cpu import cpu_info
-from dsvl2.model.scratch import upcast
+from dsvl2.model.scratch import buffer, upcast
 
 L3_BYTES = 64 << 20  # rotate over at least this many weight bytes (above this machine's 32 MiB L3)
 
@@ -281,10 +298,133 @@ def bench_prefill(m: int, reps: int, bf16: bool) -> dict:
     return res
 
 
+def old_block_gemm(x: torch.Tensor, w: quant.QuantWeight, e: int, dtype: torch.dtype) -> torch.Tensor:
+    """``QuantWeight.linear`` outside decode before the native int8 dequantiser, for slot e of
+    a stack (a whole expert matrix is one block): rows sliced, int8 copied into the buffer
+    then multiplied by the scales (two passes), int4 by ``native.dequantize_int4``; one GEMM,
+    the result back in x's dtype."""
+    n, k = w.shape[-2:]
+    q, s = w.data[e][0:n], w.scale[e][0:n]
+    if w.kind == "int8":
+        wd = upcast(q, dtype).mul_(s.to(dtype)[:, None])
+    else:
+        wd = native.dequantize_int4(q, s, buffer(n * k, dtype).view(n, k))
+    return F.linear(x.to(dtype), wd).to(x.dtype)
+
+
+def sorted_pairs(idx: torch.Tensor, wt: torch.Tensor, e: int):
+    """Experts.forward's sort of the (token, choice) pairs by expert: (token, weight, counts)."""
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    return order // idx.shape[1], wt.reshape(-1)[order], torch.bincount(flat, minlength=e).tolist()
+
+
+def old_moe_prefill(x, idx, wt, gate, up, down, dtype):
+    """The routed experts' prefill loop before: per expert three ``old_block_gemm`` s."""
+    token, w, counts = sorted_pairs(idx, wt, gate.shape[0])
+    out = torch.zeros_like(x)
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            sel = token[start:start + c]
+            xe = x[sel]
+            h = F.silu(old_block_gemm(xe, gate, e, dtype)) * old_block_gemm(xe, up, e, dtype)
+            out.index_add_(0, sel, old_block_gemm(h, down, e, dtype) * w[start:start + c, None])
+            start += c
+    return out
+
+
+def fused_moe_prefill(x, idx, wt, gate, up, down, dtype):
+    """``Experts.quantised_prefill`` with gate and up dequantised side by side into one
+    [2F, D] buffer and one GEMM for both (then silu(g) * u): the alternative measured."""
+    token, w, counts = sorted_pairs(idx, wt, gate.shape[0])
+    f, d = gate.shape[-2:]
+    wbuf = buffer(2 * f * d, dtype)
+    gate_up, df = wbuf.view(2 * f, d), wbuf[:d * f].view(d, f)
+    g_rows, u_rows = gate_up[:f], gate_up[f:]
+    xd = x.to(dtype)
+    out = torch.zeros_like(x)
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            sel = token[start:start + c]
+            gate.dequantize_into(g_rows, e)
+            up.dequantize_into(u_rows, e)
+            h = F.linear(xd.index_select(0, sel), gate_up).float()  # [c, 2F]
+            a = F.silu(h[:, :f]).mul_(h[:, f:]).mul_(w[start:start + c, None]).to(dtype)
+            out.index_add_(0, sel, F.linear(a, down.dequantize_into(df, e)).to(x.dtype))
+            start += c
+    return out
+
+
+def load1() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def moe_prefill_layer(bits: int, d: int, f: int, e: int, m: int, rounds: int, dtype: torch.dtype) -> dict:
+    """One layer of random weights (freed on return): old / new / fused, timed alternately."""
+    make = int4_weight if bits == 4 else int8_weight
+    gate, up, down = make(e, f, d, 1), make(e, f, d, 2), make(e, d, f, 3)
+    mod = Experts(e, d, f)
+    for attr, wq in zip(("gate_proj", "up_proj", "down_proj"), (gate, up, down)):
+        del mod._parameters[attr]
+        setattr(mod, attr, wq)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, d, generator=g)
+    idx = torch.rand(m, e, generator=g).argsort(-1)[:, :6]
+    wt = torch.rand(m, 6, generator=g)
+    cands = {"old": lambda: old_moe_prefill(x, idx, wt, gate, up, down, dtype),
+             "new": lambda: mod(x, Routing(idx, wt)),
+             "fused": lambda: fused_moe_prefill(x, idx, wt, gate, up, down, dtype)}
+    flops = 2 * 3 * m * 6 * d * f
+    row = {"D": d, "F": f, "experts": e, "bits": bits, "GFLOP": round(flops / 1e9, 2), "load_start": load1()}
+    peaks = [policy.matmul_gflops(dtype, 512)]
+    ts = {c: [] for c in cands}
+    with torch.no_grad():
+        for fn in cands.values():  # warm-up (buffers, page faults)
+            fn()
+        for _ in range(rounds):
+            for c, fn in cands.items():
+                t = time.perf_counter()
+                fn()
+                ts[c].append(time.perf_counter() - t)
+    peaks.append(policy.matmul_gflops(dtype, 512))
+    peak = max(peaks)
+    row["load_end"] = load1()
+    row["peak_GFLOP_s_before_after"] = [round(p, 1) for p in peaks]
+    for c, t in ts.items():
+        best = min(t)
+        row[c] = {"ms_best": round(best * 1e3, 1), "ms_median": round(statistics.median(t) * 1e3, 1),
+                  "GFLOP_s": round(flops / best / 1e9, 1), "of_peak": round(flops / best / 1e9 / peak, 3)}
+    row["new_over_old_speedup"] = round(min(ts["old"]) / min(ts["new"]), 2)
+    row["new_over_fused_speedup"] = round(min(ts["fused"]) / min(ts["new"]), 2)
+    with torch.no_grad():
+        ref = cands["old"]()
+        diff = (cands["new"]() - ref).abs().max() / ref.abs().max()
+        row["new_vs_old_max_abs_diff_over_max"] = round(diff.item(), 5)
+    return row
+
+
+def bench_moe_prefill(m: int, rounds: int, bf16: bool) -> dict:
+    """The routed experts of a small (int8) and a base (int4) MoE layer on m tokens."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    res = {"rows": m, "top_k": 6, "products": str(dtype)[6:], "threads": torch.get_num_threads()}
+    before = ops.big_products_in_weights_dtype()
+    ops.set_big_products_in_weights_dtype(bf16)
+    try:
+        res["small_moe_int8"] = moe_prefill_layer(8, 2048, 1408, 64, m, rounds, dtype)
+        res["base_moe_int4"] = moe_prefill_layer(4, 2560, 1536, 72, m, rounds, dtype)
+    finally:
+        ops.set_big_products_in_weights_dtype(before)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repeats, B = 1 and 16 only")
     ap.add_argument("--tiny", action="store_true", help="also the real tiny model's products, weights in cache")
+    ap.add_argument("--moe-prefill", action="store_true", help="only the prefill MoE layers, old / new / fused")
+    ap.add_argument("--moe-repeats", type=int, default=5, help="rounds of the prefill MoE layers (default 5)")
     args = ap.parse_args()
     rows = (1, 16) if args.quick else (1, 4, 16)
     reps = 9 if args.quick else 21
@@ -294,6 +434,10 @@ def main() -> None:
            "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c"))),
            "native": native.status(), "big_products": choice.big_products,
            "int4_variant": native.int4_variant() if native.available() else None}
+    if args.moe_prefill:
+        out["prefill_moe_layers"] = bench_moe_prefill(1431, args.moe_repeats, choice.big_products == "bf16")
+        print(json.dumps(out, indent=1))
+        return
     bw = [read_gbps()]
     out["decode_products"] = bench_products(rows, reps * 3)
     out["decode_moe_layers"] = bench_layers(rows, reps)
@@ -301,6 +445,7 @@ def main() -> None:
     out["read_GB_s_before_after"] = [round(b, 1) for b in bw]
     add_fractions(out, max(bw))
     out["prefill"] = bench_prefill(1431, 3, choice.big_products == "bf16")
+    out["prefill_moe_layers"] = bench_moe_prefill(1431, args.moe_repeats, choice.big_products == "bf16")
     if args.tiny:
         out["tiny_products_cached"] = bench_tiny_products(reps * 3)
     print(json.dumps(out, indent=1))

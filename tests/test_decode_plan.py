@@ -2,8 +2,12 @@
 native/step.c) against the module path, which runs the same native blocks one by one.
 
 The plan strings the same kernels together in the same order, so the comparison is bit
-for bit: logits, the cache rows written, the routing. The module path itself is checked
-against torch and float64 in test_native_layers.py and test_native.py.
+for bit: logits, the cache rows written, the routing. Shapes: the tiny family (MHA,
+greedy), and MLA models shaped like small (greedy softmax, shared experts, a dense first
+layer) and base (noaux_tc sigmoid over groups of experts, q_lora, attention biases), with
+bf16, int8 and int4 weights and float32 or bf16 caches. The module path itself is checked
+against torch and float64 in test_native_layers.py, test_native.py, test_native_mla.py and
+test_quant.py.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from _paths import GOLDEN
 from dsvl2.config import LanguageConfig
 from dsvl2.engine.engine import Engine
 from dsvl2.engine.sampling import SamplingParams
-from dsvl2.model import decode_plan, native, ops
+from dsvl2.checkpoint.load import quant_bits
+from dsvl2.model import decode_plan, native, ops, quant
 from dsvl2.model.cache import KVCache, row_tables
 from dsvl2.model.language import LanguageModel
 from dsvl2.model.rope import RotaryEmbedding
@@ -40,10 +45,33 @@ CONFIGS = {
 }
 
 
-def _model(name: str, seed: int = 0) -> LanguageModel:
-    cfg = LanguageConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3, vocab_size=80,
-                         n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, topk_method="greedy",
-                         use_mla=False, **CONFIGS[name])
+# MLA: small's shape (greedy softmax, shared experts, a dense first layer) and base's
+# (noaux_tc sigmoid, here over 4 groups of 4 experts keeping 2; q_lora; attention biases)
+MLA_CONFIGS = {
+    "small_like": dict(kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                       n_routed_experts=8, num_experts_per_tok=3, topk_method="greedy", scoring_func="softmax",
+                       norm_topk_prob=False, n_shared_experts=2, first_k_dense_replace=1, routed_scaling_factor=1.0),
+    "base_like": dict(kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                      attention_bias=True, n_routed_experts=16, num_experts_per_tok=4, topk_method="noaux_tc",
+                      n_group=4, topk_group=2, scoring_func="sigmoid", norm_topk_prob=True, n_shared_experts=1,
+                      first_k_dense_replace=1, routed_scaling_factor=2.0),
+}
+
+# weight formats: as a quantised checkpoint stores them (``quant_bits``: int8 everywhere but
+# the gate and kv_b; int4: the routed experts, the rest int8), and int4 in every MLP (dense
+# and shared too: the int4 gated MLP)
+FORMATS = ("bf16", "int8", "int4", "int4_mlps")
+
+
+def _model(name: str, seed: int = 0, fmt: str = "bf16") -> LanguageModel:
+    if name in MLA_CONFIGS:
+        cfg = LanguageConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3, vocab_size=80,
+                             num_attention_heads=4, num_key_value_heads=4, moe_intermediate_size=32, use_mla=True,
+                             **MLA_CONFIGS[name])
+    else:
+        cfg = LanguageConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3, vocab_size=80,
+                             n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+                             topk_method="greedy", use_mla=False, **CONFIGS[name])
     lm = LanguageModel(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -51,7 +79,29 @@ def _model(name: str, seed: int = 0) -> LanguageModel:
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     lm = lm.to(torch.bfloat16)
     lm.rotary = RotaryEmbedding(cfg)  # float32 tables, as the weights loader builds them
+    if fmt != "bf16":
+        _quantise(lm, fmt)
     return lm
+
+
+def _quantise(lm: LanguageModel, fmt: str) -> None:
+    """Replace the weights a checkpoint quantised in ``fmt`` stores quantised by
+    ``QuantWeight`` s, as the loader places them."""
+    for name, p in list(lm.named_parameters()):
+        bits = quant_bits("language." + name, tuple(p.shape), "int8" if fmt == "int8" else "int4")
+        if fmt == "int4_mlps" and ".mlp." in name and "_proj" in name:  # not the router's gate
+            bits = 4
+        if bits is None:
+            continue
+        w = p.detach().float()
+        group = quant.int4_group(w.shape[-1]) if bits == 4 else 0
+        q, scale = quant.quantize_int8(w) if bits == 8 else quant.quantize_int4(w, group)
+        qw = quant.QuantWeight.empty(bits, tuple(w.shape), group)
+        qw.set_data((), q)
+        qw.set_scale((), scale)
+        owner, attr = lm.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+        del owner._parameters[attr]
+        setattr(owner, attr, qw)
 
 
 def _step(lm: LanguageModel, cache: KVCache, rows, start, ids, fused: bool) -> tuple:
@@ -79,8 +129,8 @@ def _step(lm: LanguageModel, cache: KVCache, rows, start, ids, fused: bool) -> t
 TABLES = row_tables(4, 512, 16, order=torch.randperm(4 * 32, generator=torch.Generator().manual_seed(3)))
 
 
-def _cache(lm: LanguageModel, seed: int) -> KVCache:
-    cache = KVCache(lm.cfg, 1 + 4 * 32, block_size=16)
+def _cache(lm: LanguageModel, seed: int, dtype: torch.dtype = torch.float32) -> KVCache:
+    cache = KVCache(lm.cfg, 1 + 4 * 32, block_size=16, dtype=dtype)
     g = torch.Generator().manual_seed(seed)
     for pair in cache.layers:  # earlier tokens: any values
         for t in pair:
@@ -88,27 +138,54 @@ def _cache(lm: LanguageModel, seed: int) -> KVCache:
     return cache
 
 
-@needs_native
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_plan_equals_the_module_path_bit_for_bit(name, monkeypatch):
-    lm = _model(name)
-    # scattered cache rows, lengths of one slot, one attention unit and a bit, several units
-    rows, start, ids = [2, 0, 3], [300, 0, 129], [5, 17, 63]
-    cache_f, cache_m = _cache(lm, 1), _cache(lm, 1)
+def _same_bits(lm: LanguageModel, rows, start, ids, cdtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One decode step through the plan and one through the blocks, from equal caches: the
+    same logits, cache and routing, bit for bit. The plan's logits [B, V]."""
+    cache_f, cache_m = _cache(lm, 1, cdtype), _cache(lm, 1, cdtype)
     fused, r_f, ran = _step(lm, cache_f, rows, start, ids, True)
     assert ran
     blocks, r_m, ran = _step(lm, cache_m, rows, start, ids, False)
     assert not ran
     assert torch.equal(fused, blocks)
     for a, b in zip(cache_f.layers, cache_m.layers):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))  # the same k / v written
+        assert all(torch.equal(x, y) for x, y in zip(a, b))  # the same k / v (MLA: latent + k_pe) written
     assert sorted(r_f) == sorted(r_m) == [i for i, layer in enumerate(lm.model.layers) if layer.is_moe]
     for i in r_f:
         assert torch.equal(r_f[i][0], r_m[i][0]) and torch.equal(r_f[i][1], r_m[i][1])
+    return fused
+
+
+# scattered cache rows, lengths of one slot, one attention unit and a bit, several units
+ROWS, START, IDS = [2, 0, 3], [300, 0, 129], [5, 17, 63]
+
+
+@needs_native
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_plan_equals_the_module_path_bit_for_bit(name, monkeypatch):
+    lm = _model(name)
+    fused = _same_bits(lm, ROWS, START, IDS)
     # and the module path is not the plan in disguise: the torch path agrees to rounding
     monkeypatch.setattr(ops, "native_blocks", False)
-    torch_path, r_t, _ = _step(lm, _cache(lm, 1), rows, start, ids, True)
+    torch_path, r_t, _ = _step(lm, _cache(lm, 1), ROWS, START, IDS, True)
     assert torch.allclose(fused, torch_path, rtol=0.02, atol=0.02 * float(torch_path.abs().max()))
+
+
+@needs_native
+@pytest.mark.parametrize("cdtype", [torch.float32, torch.bfloat16], ids=["f32_cache", "bf16_cache"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", sorted(MLA_CONFIGS))
+def test_mla_plan_equals_the_module_path_bit_for_bit(name, fmt, cdtype, monkeypatch):
+    lm = _model(name, fmt=fmt)
+    dense, moe = lm.model.layers[0].mlp, lm.model.layers[1].mlp  # the weights are in the format asked for
+    kinds = {"bf16": ("bf16", "bf16"), "int8": ("int8", "int8"), "int4": ("int8", "int4"),
+             "int4_mlps": ("int4", "int4")}[fmt]
+    assert (getattr(dense.gate_proj.weight, "kind", "bf16"), getattr(moe.experts.gate_proj, "kind", "bf16")) == kinds
+    fused = _same_bits(lm, ROWS, START, IDS, cdtype)
+    _same_bits(lm, [1], [40], [7], cdtype)  # batch 1
+    if fmt == "bf16":  # the torch path agrees to rounding (it rounds q and o to bf16 around its matmuls)
+        monkeypatch.setattr(ops, "native_blocks", False)
+        torch_path, _, _ = _step(lm, _cache(lm, 1, cdtype), ROWS, START, IDS, True)
+        assert torch.allclose(fused, torch_path, rtol=0.05, atol=0.05 * float(torch_path.abs().max()))
 
 
 @needs_native
@@ -166,30 +243,79 @@ def test_plan_rejects_positions_outside_the_table():
         lm(lm.embed(torch.tensor([[3]])), ctx, logits="last")
 
 
-def test_no_plan_where_a_block_has_no_native_version():
-    mla = LanguageModel(LanguageConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=32,
-                                       kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
-                                       v_head_dim=16, num_key_value_heads=4, use_mla=True)).to(torch.bfloat16)
-    assert decode_plan.DecodePlan.build(mla) is None
-    group = LanguageModel(LanguageConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=32,
-                                         n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
-                                         topk_method="group_limited_greedy", n_group=2, topk_group=1,
-                                         num_key_value_heads=4, use_mla=False)).to(torch.bfloat16)
-    assert decode_plan.DecodePlan.build(group) is None
+@needs_native
+def test_plan_follows_quantised_weights_the_router_bias_and_allow_native():
+    lm = _model("base_like", fmt="int4")
+    args = ([1], [40], [7])
+    _, _, ran = _step(lm, _cache(lm, 2), *args, True)
+    assert ran
+    plan = decode_plan.plan_of(lm)
+    down = lm.model.layers[1].mlp.experts.down_proj  # a QuantWeight's scales replaced
+    down.scale = down.scale * 2
+    assert not plan.current()
+    fused, _, ran = _step(lm, _cache(lm, 2), *args, True)
+    blocks, _, _ = _step(lm, _cache(lm, 2), *args, False)
+    assert ran and torch.equal(fused, blocks)
+    plan = decode_plan.plan_of(lm)  # the noaux_tc bias changed in place (the plan holds a float32 copy)
+    with torch.no_grad():
+        lm.model.layers[2].mlp.gate.e_score_correction_bias.add_(0.5)
+    assert not plan.current()
+    fused, _, ran = _step(lm, _cache(lm, 2), *args, True)
+    blocks, _, _ = _step(lm, _cache(lm, 2), *args, False)
+    assert ran and torch.equal(fused, blocks)
+    attention = lm.model.layers[2].self_attn
+    attention.allow_native = False  # one MLA block kept on its torch path: no plan
+    assert not decode_plan.plan_of(lm).current()
+    _, _, ran = _step(lm, _cache(lm, 2), *args, True)
+    assert not ran and decode_plan.plan_of(lm) is None
 
 
 @needs_native
-def test_engine_greedy_ids_equal_with_and_without_the_plan(monkeypatch):
-    """The golden tiny checkpoint in bf16 through the engine: three rows of different
-    lengths, 12 greedy tokens each, with the plan vs the blocks one by one vs torch."""
-    model = load_model(GOLDEN / "tiny", torch.bfloat16)
-    proc = Processor.from_pretrained(GOLDEN / "tiny")
+def test_no_plan_where_a_block_has_no_native_version():
+    assert decode_plan.DecodePlan.build(_model("small_like")) is not None
+    assert decode_plan.DecodePlan.build(_model("small_like").float()) is None  # float32 weights: torch's blocks
+    lm = _model("base_like")
+    lm.model.layers[1].mlp.gate.float()  # a float32 router gate: the torch router
+    assert decode_plan.DecodePlan.build(lm) is None
+    lm = _model("small_like", fmt="int8")  # one MLP of two formats: no native kernel takes it
+    up = lm.model.layers[0].mlp.up_proj
+    up.weight = torch.nn.Parameter(up.weight.dequantize(torch.bfloat16), requires_grad=False)
+    assert decode_plan.DecodePlan.build(lm) is None
+    lm = _model("small_like", fmt="int8")  # an int8 kv_b_proj: the native MLA block cannot take it
+    _quantise_one(lm.model.layers[1].self_attn.kv_b_proj)
+    assert decode_plan.DecodePlan.build(lm) is None
+    lm = _model("small_like")
+    attention = lm.model.layers[1].self_attn  # one MLA block kept on its torch path
+    attention.allow_native = False
+    assert decode_plan.DecodePlan.build(lm) is None
+
+
+def _quantise_one(module: torch.nn.Module) -> None:
+    w = module.weight.detach().float()
+    qw = quant.QuantWeight.empty(8, tuple(w.shape))
+    q, scale = quant.quantize_int8(w)
+    qw.set_data((), q)
+    qw.set_scale((), scale)
+    del module._parameters["weight"]
+    module.weight = qw
+
+
+@needs_native
+@pytest.mark.parametrize("variant, quantize, cache_dtype", [("tiny", None, None), ("small", "int8", None),
+                                                            ("base", "int4", torch.bfloat16)])
+def test_engine_greedy_ids_equal_with_and_without_the_plan(variant, quantize, cache_dtype, monkeypatch):
+    """A golden checkpoint in bf16 (small: int8, base: int4 with a bf16 cache) through the
+    engine: three rows of different lengths, 12 greedy tokens each, with the plan vs the
+    blocks one by one (tiny: vs torch too)."""
+    model = load_model(GOLDEN / variant, torch.bfloat16, quantize=quantize)
+    proc = Processor.from_pretrained(GOLDEN / variant)
     convs = [[{"role": "<|User|>", "content": text}, {"role": "<|Assistant|>", "content": ""}]
              for text in ("Hello there.", "Count to ten, slowly, please: one", "Why is the sky blue?")]
     params = SamplingParams(max_new_tokens=12, temperature=0.0)
 
     def ids():
-        return [o.ids for o in Engine(model, proc.tokenizer).generate(proc(convs), params)]
+        engine = Engine(model, proc.tokenizer, cache_dtype=cache_dtype)
+        return [o.ids for o in engine.generate(proc(convs), params)]
 
     runs = decode_plan.runs
     fused = ids()
@@ -197,5 +323,6 @@ def test_engine_greedy_ids_equal_with_and_without_the_plan(monkeypatch):
     runs = decode_plan.runs
     monkeypatch.setattr(decode_plan, "enabled", False)
     assert ids() == fused and decode_plan.runs == runs
-    monkeypatch.setattr(ops, "native_blocks", False)
-    assert ids() == fused
+    if variant == "tiny":
+        monkeypatch.setattr(ops, "native_blocks", False)
+        assert ids() == fused

@@ -80,6 +80,28 @@ def test_grouped_dispatch_equals_reference(k):
     assert torch.allclose(ref[t], routing.weight[t, j] * one + others, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_sorted_equals_index_add_expert_by_expert(dtype):
+    """The prefill's combination of the experts' outputs: the bits of ``index_add_`` of each
+    expert's outputs, in ascending expert id, into zeros (what the loop did before)."""
+    from dsvl2.model.moe import combine_sorted
+
+    g = torch.Generator().manual_seed(3)
+    n, k, e, d = 37, 6, 16, 24
+    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)])
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    ys = torch.randn(n * k, d, generator=g).to(dtype)
+    want = torch.zeros(n, d, dtype=dtype)
+    token = order // k
+    counts = torch.bincount(flat, minlength=e).tolist()
+    start = 0
+    for c in counts:
+        want.index_add_(0, token[start:start + c], ys[start:start + c])
+        start += c
+    assert torch.equal(combine_sorted(ys, order, n, k), want)
+
+
 def test_experts_without_tokens_are_never_called():
     calls: list[tuple[int, int]] = []
 
@@ -378,6 +400,60 @@ def _fields(cfg) -> dict:
 
 
 # ---- projector -----------------------------------------------------------------------------------
+
+def _vision_block_cast_per_product(block, x):
+    """One SigLIP block as before ``ops.linear_narrow``: every product through ``ops.linear``
+    (its result cast back to x's dtype), GELU in float32: the bits the chain must keep."""
+    from dsvl2.model.ops import linear
+
+    n, p, w = x.shape
+    att = block.attn
+    h = block.norm1(x)
+    qkv = linear(h, att.qkv.weight, att.qkv.bias).view(n, p, 3, att.heads, w // att.heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, p, w)
+    x = x + linear(o, att.proj.weight, att.proj.bias)
+    mlp = block.mlp
+    h = F.gelu(linear(block.norm2(x), mlp.fc1.weight, mlp.fc1.bias), approximate="tanh")
+    return x + linear(h, mlp.fc2.weight, mlp.fc2.bias)
+
+
+@pytest.mark.parametrize("bf16_products", [True, False])
+def test_vision_block_bf16_chain_equals_cast_per_product(bf16_products):
+    """With bf16 weights the tower keeps a block's intermediates in bf16 where the policy runs
+    big products in bf16 (``ops.linear_narrow``); its output must be the bits of casting
+    every product's result to float32 and back, and plain ``linear`` under the other policy."""
+    from dsvl2.model import ops
+    from dsvl2.model.vision import Block
+
+    cfg = VisionConfig(width=64, layers=1, heads=4, mlp_ratio=3.7362, image_size=56, patch_size=14)
+    torch.manual_seed(0)
+    block = Block(cfg)
+    with torch.no_grad():
+        for prm in block.parameters():
+            prm.normal_(0, 0.3)
+    block = block.to(torch.bfloat16)
+    x = torch.randn(3, 16, 64)
+    before = ops.big_products_in_weights_dtype()
+    ops.set_big_products_in_weights_dtype(bf16_products)
+    try:
+        with torch.inference_mode():
+            got, want = block(x), _vision_block_cast_per_product(block, x)
+    finally:
+        ops.set_big_products_in_weights_dtype(before)
+    assert got.dtype is torch.float32
+    assert torch.equal(got, want)
+
+
+def test_gelu_on_bf16_rounds_the_float32_result_once():
+    """The fact the vision MLP's bf16 chain relies on, over every finite bf16 value: the tanh
+    GELU (the tower's) of a bf16 tensor is the float32 GELU rounded once. (Not so for the
+    erf GELU in this torch build: the projector keeps that one in float32.)"""
+    v = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    v = v[torch.isfinite(v.float())]
+    assert torch.equal(F.gelu(v, approximate="tanh").view(torch.int16),
+                       F.gelu(v.float(), approximate="tanh").to(torch.bfloat16).view(torch.int16))
+
 
 def test_projector_block_order_is_unfold_order():
     proj = Projector(ProjectorConfig(input_dim=3, n_embed=5))

@@ -278,18 +278,124 @@ def test_native_int4_experts_match_float32_reference(variant, t, k, e, d, f):
         assert torch.equal(mod(x, r), y)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_experts_prefill_equals_the_dequantised_layer(bits):
-    """Outside decode, Experts.forward runs one GEMM per chosen expert per matrix on the
-    dequantised expert: the float layer's numbers."""
-    e, d, f = 8, 64, 96
+@needs_native
+@pytest.mark.parametrize("t, d, f", [(1, 128, 96), (7, 64, 160), (16, 96, 64)])
+def test_native_int4_gated_mlp_matches_float64_reference(variant, t, d, f):
+    """One MLP of int4 weights in one call (``dsvl2_moe_i4`` with one expert; groups 128 /
+    64 / 32 among the shapes): the float64 MLP of the dequantised weights to float32
+    rounding (within 1e-5 of the largest output), each row alone equals it in the batch
+    bit for bit, and ``ops.gated_mlp`` runs it in decode steps."""
+    (gate, wg), (up, wu), (down, wd) = (_qweight(4, n, k, seed=seed)
+                                        for seed, (n, k) in enumerate(((f, d), (f, d), (d, f))))
+    x = _x(t, d, seed=6)
+    y = native.gated_mlp_int4(x, gate, up, down)
+    x64 = x.double()
+    ref = F.linear(F.silu(F.linear(x64, wg.double())) * F.linear(x64, wu.double()), wd.double())
+    assert y.dtype == torch.float32 and y.shape == (t, d)
+    assert (y.double() - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+    for i in range(t):
+        assert torch.equal(native.gated_mlp_int4(x[i:i + 1], gate, up, down)[0], y[i])
+    with ops.decoding():
+        assert torch.equal(ops.gated_mlp(x, gate, up, down), y)
+
+
+@pytest.mark.parametrize("bits, e, d, f, t", [(8, 8, 64, 96, 11), (4, 8, 64, 96, 11), (8, 5, 96, 160, 23),
+                                              (4, 5, 128, 64, 23)])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_experts_prefill_matches_the_dequantised_float64_layer(bits, e, d, f, t, bf16):
+    """Outside decode, Experts.forward dequantises each chosen expert (gate and up side by
+    side, one GEMM for both, then down): the float64 layer of the dequantised weights
+    (``reference_dispatch``) to float32 rounding (within 1e-5 of the largest output), or
+    with bf16 products (the kernel policy on bf16 machines) to bf16 rounding."""
     stacks = _expert_stacks(bits, e, d, f)
-    x = _x(11, d, seed=5)
-    r = _routing(11, 3, e)
+    x = _x(t, d, seed=5)
+    r = _routing(t, 3, e)
+    mod = _experts_module(stacks, e, d, f, quantised=True)
+    assert mod.dequantisable()
+    ops.set_big_products_in_weights_dtype(bf16)
+    try:
+        with torch.no_grad():
+            got = mod(x, r)
+    finally:
+        ops.set_big_products_in_weights_dtype(False)
+    with torch.no_grad():
+        ref = _experts_module(stacks, e, d, f, quantised=False).double().reference_dispatch(x.double(), r)
+    assert got.dtype == torch.float32 and got.shape == (t, d)
+    tol = (2e-2 if bf16 else 1e-5) * ref.abs().max().item()
+    assert (got.double() - ref).abs().max().item() <= tol
+
+
+def test_experts_prefill_without_native_kernels(no_native):
+    """int8 experts without the native kernels: torch dequantises (same bits), same loop."""
+    e, d, f = 4, 64, 96
+    stacks = _expert_stacks(8, e, d, f)
+    x = _x(9, d, seed=7)
+    r = _routing(9, 2, e)
     with torch.no_grad():
         got = _experts_module(stacks, e, d, f, quantised=True)(x, r)
-        want = _experts_module(stacks, e, d, f, quantised=False)(x, r)
-    assert torch.equal(got, want)
+        ref = _experts_module(stacks, e, d, f, quantised=False).double().reference_dispatch(x.double(), r)
+    assert (got.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+def _scales(n: int, seed: int) -> torch.Tensor:
+    """bf16 scales of every magnitude bf16 has (subnormal to ~1e30), both signs."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, generator=g) * 10.0 ** torch.randint(-42, 30, (n,), generator=g).float()).to(torch.bfloat16)
+
+
+@needs_native
+@pytest.mark.parametrize("n, k", [(1, 1), (7, 37), (33, 16), (5, 100), (64, 513), (300, 2048)])
+@pytest.mark.parametrize("variant8", [None, "avx2", "avx512"])
+def test_native_int8_dequantiser_equals_torch_bit_for_bit(n, k, variant8):
+    """``native.dequantize_int8`` (one pass, AVX-512 or the AVX2 fallback, odd widths with a
+    scalar tail): float32 equals ``quant.dequantize`` (exact), bf16 equals torch's
+    ``q.to(bf16) * scale`` (the float32 product rounded to nearest even), bit for bit."""
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(n * k))
+    s = _scales(n, k)
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
+    for dtype in (torch.float32, torch.bfloat16):
+        out = torch.full((n, k), float("nan"), dtype=dtype)
+        assert native.dequantize_int8(q, s, out, variant8) is out
+        assert torch.equal(out.view(bits[dtype]), quant.dequantize(q, s, 8, dtype).view(bits[dtype]))
+        assert torch.equal(out.view(bits[dtype]), (q.to(dtype) * s.to(dtype)[:, None]).view(bits[dtype]))
+    qw = quant.QuantWeight("int8", (2, n, k), torch.stack([q, -q.clamp(-127)]), torch.stack([s, s]))
+    assert torch.equal(qw.dequantize_into(torch.empty(n, k), 1), quant.dequantize(-q.clamp(-127), s, 8))
+
+
+class _NoC:
+    """A stand-in library whose every C function fails the test: the checks run before C."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"{name} was called with arguments the wrapper should have refused")
+
+
+def test_native_int8_dequantiser_refuses_bad_inputs():
+    with native.stand_in(_NoC()):
+        _int8_dequantiser_refusals()
+
+
+def _int8_dequantiser_refusals():
+    q = torch.randint(-127, 128, (6, 32), dtype=torch.int8)
+    s = torch.ones(6, dtype=torch.bfloat16)
+    out = torch.empty(6, 32)
+    with pytest.raises(ValueError, match=r"dequantize_int8: q must be contiguous int8 \[6, 32\].*got uint8"):
+        native.dequantize_int8(q.view(torch.uint8), s, out)
+    with pytest.raises(ValueError, match=r"q must be contiguous int8 \[6, 32\] \(out's shape\).*got int8 \[6, 31\]"):
+        native.dequantize_int8(q[:, :31].contiguous(), s, out)
+    with pytest.raises(ValueError, match="q must be .*not contiguous"):
+        native.dequantize_int8(torch.randint(-9, 9, (32, 6), dtype=torch.int8).t(), s, out)
+    with pytest.raises(ValueError, match=r"scale must be contiguous bf16 \[6\].*got float32"):
+        native.dequantize_int8(q, s.float(), out)
+    with pytest.raises(ValueError, match=r"scale must be .*got bfloat16 \[5\]"):
+        native.dequantize_int8(q, s[:5], out)
+    with pytest.raises(ValueError, match="out must be a contiguous float32 or bf16.*got float16"):
+        native.dequantize_int8(q, s, out.half())
+    with pytest.raises(ValueError, match="out must be .*not contiguous"):
+        native.dequantize_int8(q, s, torch.empty(32, 6).t())
+    with pytest.raises(ValueError, match="variant must be one of avx2, avx512 or None, got 'sse2'"):
+        native.dequantize_int8(q, s, out, "sse2")
+    with pytest.raises(ValueError, match="int4pack weights cannot be dequantised by rows"):
+        quant.QuantWeight("int4pack", (6, 32), q, s, 32).dequantize_into(out)
 
 
 @needs_native
@@ -319,6 +425,10 @@ def test_native_int4_refuses_bad_arguments():
         native.experts_int4(_x(2, 64), r.idx + 3, r.weight, gate, up, down)
     with pytest.raises(ValueError, match="wt must be"):
         native.experts_int4(_x(2, 64), r.idx, r.weight[:, :1], gate, up, down)
+    with pytest.raises(ValueError, match=r"gated_mlp_int4: gate values must be contiguous uint8 \[F, 32\]"):
+        native.gated_mlp_int4(_x(2, 64), gate, up, down)  # expert stacks where one MLP's weights go
+    with pytest.raises(ValueError, match="gated_mlp_int4: up must be an int4 QuantWeight"):
+        native.gated_mlp_int4(_x(2, 64), gate[0], g8[0], down[0])
     with pytest.raises(ValueError, match="name must be one of avx2, avx512"):
         native.int4_variant("sse2")
 

@@ -147,18 +147,23 @@ class MLA(nn.Module):
                 return False
         return native.available()
 
-    def _decode_native(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        b = x.shape[0]
+    def native_layer(self) -> native.MLALayer:
+        """The block's weights as ``native/mla.c`` takes them (``native.mla_layer``; ValueError
+        where it cannot): built per step here, kept across steps by ``decode_plan``."""
         lora = not hasattr(self, "q_proj")
-        (pool,) = ctx.cache.layers[self.layer]
-        out = native.mla_decode(
-            x.reshape(b, -1), self.q_b_proj.weight if lora else self.q_proj.weight, self.kv_a_proj_with_mqa.weight,
-            self.kv_a_layernorm.weight, self.kv_b_proj.weight, self.o_proj.weight, heads=self.h, dn=self.dn,
-            dr=self.dr, dv=self.dv, eps=self.kv_a_layernorm.eps, cos=ctx.cos, sin=ctx.sin, cache=pool,
-            table=ctx.table, pos=ctx.write_pos[:, 0], scale=self.scale,
+        return native.mla_layer(
+            self.q_b_proj.weight if lora else self.q_proj.weight, self.kv_a_proj_with_mqa.weight,
+            self.kv_a_layernorm.weight, self.kv_b_proj.weight, self.o_proj.weight, d=self.o_proj.out_features,
+            r=self.r, heads=self.h, dn=self.dn, dr=self.dr, dv=self.dv, eps=self.kv_a_layernorm.eps, scale=self.scale,
             q_a=self.q_a_proj.weight if lora else None, q_norm=self.q_a_layernorm.weight if lora else None,
             q_eps=self.q_a_layernorm.eps if lora else None,
             biases=(self.q_a_proj.bias if lora else None, self.kv_a_proj_with_mqa.bias, self.o_proj.bias))
+
+    def _decode_native(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        b = x.shape[0]
+        (pool,) = ctx.cache.layers[self.layer]
+        out = native.mla_run(self.native_layer(), x.reshape(b, -1), cos=ctx.cos, sin=ctx.sin, cache=pool,
+                             table=ctx.table, pos=ctx.write_pos[:, 0])
         return out.view(b, 1, -1)
 
     def _kv_b(self) -> torch.Tensor:

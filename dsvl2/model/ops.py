@@ -105,7 +105,7 @@ def native_block(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return native_blocks and native_product(x, *weights)
 
 
-def _in_weight_dtype(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def in_weights_dtype(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Against narrower (bf16) weights on the CPU, compute in the weights' dtype in a decode
     step, and in every step on machines with native bf16 matrix units (``native/policy.py``)."""
     return (weight.dtype != x.dtype and x.device.type == "cpu"
@@ -119,7 +119,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return out if bias is None else out + bias.to(x.dtype)
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
-    if _in_weight_dtype(x, weight):
+    if in_weights_dtype(x, weight):
         # Decode: bf16 GEMVs read half the bytes; the result returns in x's dtype.
         if decoding_active() and native.usable(x, weight):  # float32 activations, weights read once for all rows
             return native.linear(x, weight, bias)
@@ -134,11 +134,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.cat(parts, dim=-1)
 
 
+def linear_narrow(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear``, except that where the product computes in the (bf16) weights' dtype its
+    result stays in that dtype instead of returning to x's: for chains of big products
+    (the vision tower's fc1 -> GELU -> fc2, qkv -> attention -> proj) that would otherwise
+    cast every intermediate to float32 and back. The bits are ``linear``'s: the bf16
+    result is what ``linear`` casts up, an elementwise op on bf16 computes in float32 and
+    rounds once, what the next product's cast of its float32 result does (true of the
+    tanh GELU, checked in tests/test_model.py; not of torch's erf GELU, so check any other
+    op before chaining it), and ``x + y`` with y bf16 promotes exactly.
+    Elsewhere (float32 or quantised weights, another policy): ``linear`` itself."""
+    if (isinstance(weight, torch.Tensor) and in_weights_dtype(x, weight) and not decoding_active()):
+        return F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
+    return linear(x, weight, bias)
+
+
 def weight_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight`` (batched, weight [..., K, N]) in x's dtype; same dtype policy as ``linear``."""
     if weight.dtype == x.dtype:
         return torch.matmul(x, weight)
-    if _in_weight_dtype(x, weight):
+    if in_weights_dtype(x, weight):
         return torch.matmul(x.to(weight.dtype), weight).to(x.dtype)
     return torch.matmul(x, upcast(weight, x.dtype))
 
@@ -181,12 +196,16 @@ def gated_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch
 
     Decode with bf16 weights: the whole MLP runs in bf16 with one cast in and
     one out, like the bf16 reference, instead of a cast around each of the three GEMVs.
+    Decode with the native kernels built (bf16, int8 or int4 weights): the whole MLP in one
+    native call, the one ``decode_plan`` strings together with the other blocks.
     """
     if isinstance(gate, QuantWeight):
         if decoding_active() and native.usable_int8(x, gate, up, down):
             return native.gated_mlp_int8(x, gate, up, down)
+        if decoding_active() and native.usable_int4(x, gate, up, down):
+            return native.gated_mlp_int4(x, gate, up, down)
         return linear(F.silu(linear(x, gate)) * linear(x, up), down)
-    if _in_weight_dtype(x, gate):
+    if in_weights_dtype(x, gate):
         if decoding_active() and native.usable(x, gate, up, down):
             return native.gated_mlp(x, gate, up, down)
         xb = x.to(gate.dtype)

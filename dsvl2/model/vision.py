@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ProjectorConfig, VisionConfig
-from .ops import LayerNorm, Linear
+from .ops import LayerNorm, Linear, linear_narrow
 
 
 class PatchEmbed(nn.Module):
@@ -43,11 +43,16 @@ class Attention(nn.Module):
         self.proj = Linear(cfg.width, cfg.width, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, P, W] -> [N, P, W], in the products' dtype (``ops.linear_narrow``)."""
         n, p, w = x.shape
-        qkv = self.qkv(x).view(n, p, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        qkv = linear_narrow(x, self.qkv.weight, self.qkv.bias)  # bf16 where the products are
+        narrow = qkv.dtype
+        qkv = qkv.view(n, p, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4).to(x.dtype)
         q, k, v = qkv.unbind(0)  # [N, H, P, hd]
         out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(hd), no mask
-        return self.proj(out.transpose(1, 2).reshape(n, p, w))
+        # [N, H, P, hd] -> [N, P, H, hd] and into the products' dtype in one pass
+        heads = torch.empty((n, p, self.heads, w // self.heads), dtype=narrow).copy_(out.transpose(1, 2))
+        return linear_narrow(heads.view(n, p, w), self.proj.weight, self.proj.bias)
 
 
 class Mlp(nn.Module):
@@ -57,7 +62,11 @@ class Mlp(nn.Module):
         self.fc2 = Linear(cfg.mlp_hidden, cfg.width, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        """x [N, P, W] -> [N, P, W] in the products' dtype: with bf16 products the hidden
+        [N, P, 4304] stays bf16 (GELU on bf16 gives the bits of GELU in float32 rounded by
+        fc2's cast; ``ops.linear_narrow``)."""
+        h = linear_narrow(x, self.fc1.weight, self.fc1.bias)
+        return linear_narrow(F.gelu(h, approximate="tanh"), self.fc2.weight, self.fc2.bias)
 
 
 class Block(nn.Module):
@@ -69,6 +78,7 @@ class Block(nn.Module):
         self.mlp = Mlp(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the residual stream stays in x's dtype: x + a bf16 result promotes exactly
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 

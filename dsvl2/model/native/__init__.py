@@ -13,10 +13,11 @@ call each: as torch ops they cost more time than their bytes (~1200 ops per step
 ``step.c`` runs all decoder layers of a decode step in one call where every block has a
 native version (``model/decode_plan.py`` decides), so no Python runs between the layers.
 ``mla.c`` runs a whole MLA attention block of a decode step (the absorbed form over the
-compressed cache, read through the block tables) in one call.
+compressed cache, read through the block tables) in one call; ``mla_layer`` checks a
+layer's weights once, for callers that keep them (the plan).
 ``int4.c`` does the products of int4 weights in their stored format (``model/quant.py``:
-dequantised in registers, each weight row read once for all rows), a whole MoE layer of
-them in one call, and dequantises blocks of rows for the prefill GEMMs.
+dequantised in registers, each weight row read once for all rows), a whole MoE layer (or
+one gated MLP) of them in one call, and dequantises blocks of rows for the prefill GEMMs.
 
 Numbers: activations stay float32 (torch's bf16 path rounds them to bf16 first), so the
 result is closer to the float32 reference than the torch bf16 path's; a row's bits do
@@ -338,11 +339,40 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> 
     return out
 
 
-def experts_int4(x: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, gate, up, down) -> torch.Tensor:
-    """``experts`` for int4 ``QuantWeight`` stacks in the stored format: x float32 [T, D],
-    idx [T, k] (any integer dtype), wt [T, k] (any float dtype); gate / up values [E, F, D/2]
-    with scales [E, F, D/Gd], down values [E, D, F/2] with scales [E, D, F/Gf]."""
-    fn = "experts_int4"
+DEQUANT_VARIANTS = ("avx2", "avx512")
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, variant: str | None = None
+                    ) -> torch.Tensor:
+    """The int8 weight q * scale (q int8 [N, K], scale bf16 [N], both contiguous) written into
+    ``out`` in one pass (``dequant.c``): contiguous float32 [N, K] (exact), or bf16 [N, K] (the
+    float32 value rounded to nearest even: torch's ``q.to(bf16) * scale``). ``variant``:
+    "avx2" or "avx512" (AVX2 on a CPU without AVX-512 BW), None for the best the CPU has;
+    the bits are the same. Returns out."""
+    fn = "dequantize_int8"
+    if not (isinstance(out, torch.Tensor) and out.dtype in (_F32, _BF16) and out.is_cpu and out.ndim == 2
+            and out.is_contiguous()):
+        raise _bad(fn, "out", out, "a contiguous float32 or bf16 [N, K] on the CPU")
+    n, k = out.shape
+    if not (isinstance(q, torch.Tensor) and q.dtype is _I8 and q.is_cpu and q.is_contiguous() and q.shape == (n, k)):
+        raise _bad(fn, "q", q, f"contiguous int8 [{n}, {k}] (out's shape) on the CPU")
+    if not (isinstance(scale, torch.Tensor) and scale.dtype is _BF16 and scale.is_cpu and scale.is_contiguous()
+            and scale.shape == (n,)):
+        raise _bad(fn, "scale", scale, f"contiguous bf16 [{n}] (one per row of q) on the CPU")
+    if variant is not None and variant not in DEQUANT_VARIANTS:
+        raise ValueError(f"native.{fn}: variant must be one of {', '.join(DEQUANT_VARIANTS)} or None, "
+                         f"got {variant!r}")
+    lib = require()
+    lib.dsvl2_dequant_i8(q.data_ptr(), scale.data_ptr(), n, k, out.data_ptr(), int(out.dtype is _BF16),
+                         -1 if variant is None else DEQUANT_VARIANTS.index(variant))
+    return out
+
+
+def _moe_int4(fn: str, x: torch.Tensor, idx: torch.Tensor | None, wt: torch.Tensor | None, gate, up,
+              down) -> torch.Tensor:
+    """x [..., D]; gate / up / down: int4 ``QuantWeight`` s in the stored format, [E, F, D] /
+    [E, D, F] stacks, or one MLP's [F, D] / [D, F] (E = 1); idx [T, k] (any integer dtype)
+    and wt [T, k] (any float dtype), or None for one dense MLP. ``fn``: the public name."""
     for name, w in zip(("gate", "up", "down"), (gate, up, down)):
         if getattr(w, "kind", None) != "int4":
             raise ValueError(f"native.{fn}: {name} must be an int4 QuantWeight (stored format), got "
@@ -350,27 +380,47 @@ def experts_int4(x: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, gate, up,
     if not (x.dtype is _F32 and x.is_cpu and x.ndim and x.shape[-1]):
         raise _bad(fn, "x", x, "float32 [..., D] (D > 0) on the CPU")
     d = x.shape[-1]
-    if not (gate.data.ndim == 3 and gate.data.shape[1]):
-        raise _bad(fn, "gate values", gate.data, f"contiguous uint8 [E, F, {d // 2}] (F > 0) on the CPU")
-    e, f = gate.data.shape[:2]
-    gd = _int4_group(fn, "gate", gate.data, gate.scale, (e, f, d))
-    if _int4_group(fn, "up", up.data, up.scale, (e, f, d)) != gd:
+    stacked = idx is not None
+    if not (gate.data.ndim == (3 if stacked else 2) and gate.data.shape[-2]):
+        want = f"[E, F, {d // 2}]" if stacked else f"[F, {d // 2}]"
+        raise _bad(fn, "gate values", gate.data, f"contiguous uint8 {want} (F > 0) on the CPU")
+    e, f = (gate.data.shape[0], gate.data.shape[1]) if stacked else (1, gate.data.shape[0])
+    lead = (e,) if stacked else ()
+    gd = _int4_group(fn, "gate", gate.data, gate.scale, (*lead, f, d))
+    if _int4_group(fn, "up", up.data, up.scale, (*lead, f, d)) != gd:
         raise ValueError(f"native.{fn}: gate and up must have one group size, got {gd} and {d // up.scale.shape[-1]}")
-    gf = _int4_group(fn, "down", down.data, down.scale, (e, d, f))
+    gf = _int4_group(fn, "down", down.data, down.scale, (*lead, d, f))
     t = x.numel() // d
-    idx, wt, k = _routing(fn, idx, wt, t)
+    k = 1
+    if stacked:
+        idx, wt, k = _routing(fn, idx, wt, t)
     p = t * k
     x = _flat(x)
     out = torch.empty(x.shape, dtype=_F32)
     scratch = scratch_buffer(p * (2 * d + 2 * f), _F32)
     order = scratch_buffer(p + 2 * e + 1, _I64)
     lib = require()
-    rc = lib.dsvl2_moe_i4(x.data_ptr(), t, d, idx.data_ptr(), wt.data_ptr(), k, gate.data.data_ptr(),
-                          gate.scale.data_ptr(), up.data.data_ptr(), up.scale.data_ptr(), down.data.data_ptr(),
-                          down.scale.data_ptr(), e, f, gd, gf, out.data_ptr(), scratch.data_ptr(), order.data_ptr())
+    rc = lib.dsvl2_moe_i4(x.data_ptr(), t, d, idx.data_ptr() if stacked else None,
+                          wt.data_ptr() if stacked else None, k, gate.data.data_ptr(), gate.scale.data_ptr(),
+                          up.data.data_ptr(), up.scale.data_ptr(), down.data.data_ptr(), down.scale.data_ptr(), e, f,
+                          gd, gf, out.data_ptr(), scratch.data_ptr(), order.data_ptr())
     if rc != 0:
         raise ValueError(f"expert ids must be in [0, {e}), got {idx.min().item()}..{idx.max().item()}")
     return out
+
+
+def experts_int4(x: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, gate, up, down) -> torch.Tensor:
+    """``experts`` for int4 ``QuantWeight`` stacks in the stored format: x float32 [T, D],
+    idx [T, k] (any integer dtype), wt [T, k] (any float dtype); gate / up values [E, F, D/2]
+    with scales [E, F, D/Gd], down values [E, D, F/2] with scales [E, D, F/Gf]."""
+    return _moe_int4("experts_int4", x, idx, wt, gate, up, down)
+
+
+def gated_mlp_int4(x: torch.Tensor, gate, up, down) -> torch.Tensor:
+    """``gated_mlp`` for int4 ``QuantWeight`` s in the stored format (gate / up values [F, D/2]
+    with scales [F, D/Gd], down values [D, F/2] with scales [D, F/Gf]): the three products
+    and the SiLU in one call (``dsvl2_moe_i4`` with one expert), as ``decode_plan`` runs it."""
+    return _moe_int4("gated_mlp_int4", x, None, None, gate, up, down)
 
 
 # ---- the small parts of a decode step (layers.c) ---------------------------------------
@@ -563,11 +613,13 @@ def decode_error(rc: int, nb: int, bs: int, table: torch.Tensor, pos: torch.Tens
 # ---- the MLA attention block (mla.c) ---------------------------------------------------
 
 
-class _MLAWeight(ctypes.Structure):  # mla.c dsvl2_mla_weight
+class _MLAWeight(ctypes.Structure):  # products.h dsvl2_mla_weight
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("kind", ctypes.c_int64)]
 
 
-class _MLALayer(ctypes.Structure):  # mla.c dsvl2_mla
+class MLALayer(ctypes.Structure):
+    """One MLA layer's weights as ``mla.c`` takes them (products.h ``dsvl2_mla``), filled by
+    ``mla_layer``; ``keep``: the float32 bias copies it points to."""
     _fields_ = ([(n, ctypes.c_int64) for n in ("D", "H", "dn", "dr", "dv", "r", "qr")]
                 + [(n, _MLAWeight) for n in ("q", "q_a", "q_b", "kv_a", "kv_b", "o")]
                 + [(n, ctypes.c_void_p) for n in ("b_q_a", "b_kv_a", "b_o", "q_norm", "kv_norm")]
@@ -612,34 +664,25 @@ def _mla_norm(fn: str, name: str, w, n: int) -> tuple[int, int]:
     return w.data_ptr(), int(w.dtype is _BF16)
 
 
-def mla_decode(x: torch.Tensor, wq, kv_a, kv_norm: torch.Tensor, kv_b: torch.Tensor, wo, *, heads: int, dn: int,
-               dr: int, dv: int, eps: float, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
-               table: torch.Tensor, pos: torch.Tensor, scale: float, q_a=None, q_norm: torch.Tensor | None = None,
-               q_eps: float | None = None, biases: tuple = (None, None, None)) -> torch.Tensor:
-    """One MLA decode step (``mla.c``; ``model/attention.py`` MLA is the torch version): x
-    float32 [B, D] (normalised); wq [H (dn + dr), D] (q_proj), or with ``q_a`` [qr, D] and
-    ``q_norm`` [qr] (eps ``q_eps``) q_b_proj's [H (dn + dr), qr]; kv_a [r + dr, D]
-    (kv_a_proj_with_mqa), kv_norm [r] (kv_a_layernorm, eps ``eps``), kv_b [H (dn + dv), r],
-    wo [D, H dv]. Weights: contiguous float32 or bf16; wq / q_a / kv_a / wo also int8
-    ``QuantWeight`` s. ``biases``: (q_a, kv_a, o) biases, each None or of the matching size.
-    cache: the layer's block pool [NB, BS, r + dr] (contiguous float32 or bf16), written at
-    row b's position pos[b] through its block table (table [B, W]) and attended over its
-    positions 0..pos[b]; cos / sin float32 [B, dr]. Returns the block's output [B, D]."""
-    fn = "mla_decode"
-    if not (isinstance(cache, torch.Tensor) and cache.dtype in _MLA_POOL and cache.is_cpu and cache.ndim == 3
-            and cache.is_contiguous()):
-        raise _bad(fn, "cache", cache, "a contiguous float32 or bf16 block pool [NB, BS, r + dr] on the CPU")
-    nb, bs, lk = cache.shape
-    if not (isinstance(heads, int) and isinstance(dn, int) and isinstance(dr, int) and isinstance(dv, int)
-            and heads > 0 and dn > 0 and dv > 0 and dr > 0 and dr % 2 == 0 and lk > dr and nb and bs):
-        raise ValueError(f"native.{fn}: heads, dn, dv must be positive, dr positive and even, the pool's last size "
-                         f"r + dr above dr and the pool not empty; got heads {heads}, dn {dn}, dr {dr}, dv {dv}, "
-                         f"pool [NB, BS, r + dr] = {list(cache.shape)}")
-    if not (x.dtype is _F32 and x.is_cpu and x.ndim == 2 and x.shape[1]):
-        raise _bad(fn, "x", x, "float32 [B, D] (D > 0) on the CPU")
-    b, d = x.shape
-    r, nq = lk - dr, heads * (dn + dr)
-    layer = _MLALayer(D=d, H=heads, dn=dn, dr=dr, dv=dv, r=r, qr=0, q_eps=0.0, kv_eps=eps, scale=scale)
+def mla_layer(wq, kv_a, kv_norm: torch.Tensor, kv_b: torch.Tensor, wo, *, d: int, r: int, heads: int, dn: int,
+              dr: int, dv: int, eps: float, scale: float, q_a=None, q_norm: torch.Tensor | None = None,
+              q_eps: float | None = None, biases: tuple = (None, None, None)) -> MLALayer:
+    """One MLA layer's weights checked and pointed to, for ``mla_decode`` or a caller that
+    keeps them for many steps (``model/decode_plan.py``): D the width, r the kv_lora_rank;
+    the other arguments as ``mla_decode``. The weights must stay where they are while the
+    result is used."""
+    return _mla_layer("mla_layer", wq, kv_a, kv_norm, kv_b, wo, d, r, heads, dn, dr, dv, eps, scale, q_a, q_norm,
+                      q_eps, biases)
+
+
+def _mla_layer(fn: str, wq, kv_a, kv_norm, kv_b, wo, d, r, heads, dn, dr, dv, eps, scale, q_a, q_norm, q_eps,
+               biases) -> MLALayer:
+    if not (all(isinstance(v, int) and v > 0 for v in (d, r, heads, dn, dr, dv)) and dr % 2 == 0):
+        raise ValueError(f"native.{fn}: heads, dn, dv, the width D and the kv_lora_rank r (a pool's last size - dr) "
+                         f"must be positive, dr positive and even; got heads {heads}, dn {dn}, dr {dr}, dv {dv}, "
+                         f"D {d}, r {r}")
+    lk, nq = r + dr, heads * (dn + dr)
+    layer = MLALayer(D=d, H=heads, dn=dn, dr=dr, dv=dv, r=r, qr=0, q_eps=0.0, kv_eps=eps, scale=scale)
     if q_a is None:
         _mla_w(fn, "wq", wq, (nq, d), True, layer.q)
     else:
@@ -657,25 +700,73 @@ def mla_decode(x: torch.Tensor, wq, kv_a, kv_norm: torch.Tensor, kv_b: torch.Ten
     layer.kv_norm, layer.kv_norm_bf16 = _mla_norm(fn, "kv_norm", kv_norm, r)
     if len(biases) != 3:
         raise ValueError(f"native.{fn}: biases must be (q_a, kv_a, o), got {len(biases)} entries")
-    keep = []  # float32 copies, alive for the call
+    layer.keep = []  # float32 copies, alive as long as the layer
     for name, t, n in zip(("b_q_a", "b_kv_a", "b_o"), biases, (layer.qr, lk, d)):
         if t is not None:
             if not (isinstance(t, torch.Tensor) and t.is_cpu and t.dtype.is_floating_point and t.shape == (n,) and n):
                 raise _bad(fn, name, t, f"None or a float tensor [{n}] on the CPU" + ("" if n else " (no q_a: None)"))
             t = _as_f32(t)
-            keep.append(t)
+            layer.keep.append(t)
             setattr(layer, name, t.data_ptr())
-    cos, sin, table, pos = step_rows(b, dr, cos, sin, table, pos)
+    return layer
+
+
+def mla_run(layer: MLALayer, x: torch.Tensor, *, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
+            table: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """One MLA decode step of a layer ``mla_layer`` built: the other arguments as ``mla_decode``."""
+    if not isinstance(layer, MLALayer):
+        raise ValueError(f"native.mla_run: layer must be an MLALayer (native.mla_layer), got {type(layer).__name__}")
+    return _mla_run("mla_run", layer, x, cos, sin, cache, table, pos)
+
+
+def _mla_run(fn: str, layer: MLALayer, x, cos, sin, cache, table, pos) -> torch.Tensor:
+    lk = layer.r + layer.dr
+    if not (isinstance(cache, torch.Tensor) and cache.dtype in _MLA_POOL and cache.is_cpu and cache.ndim == 3
+            and cache.is_contiguous() and cache.shape[0] and cache.shape[1] and cache.shape[2] == lk):
+        raise _bad(fn, "cache", cache, f"a contiguous float32 or bf16 block pool [NB, BS, {lk}] (NB, BS > 0; r + dr "
+                                       f"= {layer.r} + {layer.dr}) on the CPU")
+    nb, bs = cache.shape[:2]
+    if not (x.dtype is _F32 and x.is_cpu and x.ndim == 2 and x.shape[1] == layer.D):
+        raise _bad(fn, "x", x, f"float32 [B, {layer.D}] (B rows of the layer's width) on the CPU")
+    b = x.shape[0]
+    cos, sin, table, pos = step_rows(b, layer.dr, cos, sin, table, pos)
     x = _flat(x)
     lib = require()
     w = table.shape[1]
-    scratch = scratch_buffer(lib.dsvl2_mla_scratch(b, heads, dn, dr, dv, r, layer.qr, w * bs), _F32)
-    out = torch.empty((b, d), dtype=_F32)
+    scratch = scratch_buffer(lib.dsvl2_mla_scratch(b, layer.H, layer.dn, layer.dr, layer.dv, layer.r, layer.qr,
+                                                   w * bs), _F32)
+    out = torch.empty((b, layer.D), dtype=_F32)
     rc = lib.dsvl2_mla_decode(ctypes.byref(layer), x.data_ptr(), b, cos.data_ptr(), sin.data_ptr(),
                               cache.data_ptr(), int(cache.dtype is _BF16), nb, bs, table.data_ptr(), w,
                               pos.data_ptr(), out.data_ptr(), scratch.data_ptr())
     if rc == -1:
         raise decode_error(rc, nb, bs, table, pos)
-    if rc != 0:  # the checks above cover every size the C side refuses
-        raise ValueError(f"native.{fn}: the kernel refused heads {heads}, dn {dn}, dr {dr}, dv {dv}, r {r}")
+    if rc != 0:  # mla_layer's checks cover every size the C side refuses
+        raise ValueError(f"native.{fn}: the kernel refused heads {layer.H}, dn {layer.dn}, dr {layer.dr}, "
+                         f"dv {layer.dv}, r {layer.r}")
     return out
+
+
+def mla_decode(x: torch.Tensor, wq, kv_a, kv_norm: torch.Tensor, kv_b: torch.Tensor, wo, *, heads: int, dn: int,
+               dr: int, dv: int, eps: float, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
+               table: torch.Tensor, pos: torch.Tensor, scale: float, q_a=None, q_norm: torch.Tensor | None = None,
+               q_eps: float | None = None, biases: tuple = (None, None, None)) -> torch.Tensor:
+    """One MLA decode step (``mla.c``; ``model/attention.py`` MLA is the torch version): x
+    float32 [B, D] (normalised); wq [H (dn + dr), D] (q_proj), or with ``q_a`` [qr, D] and
+    ``q_norm`` [qr] (eps ``q_eps``) q_b_proj's [H (dn + dr), qr]; kv_a [r + dr, D]
+    (kv_a_proj_with_mqa), kv_norm [r] (kv_a_layernorm, eps ``eps``), kv_b [H (dn + dv), r],
+    wo [D, H dv]. Weights: contiguous float32 or bf16; wq / q_a / kv_a / wo also int8
+    ``QuantWeight`` s. ``biases``: (q_a, kv_a, o) biases, each None or of the matching size.
+    cache: the layer's block pool [NB, BS, r + dr] (contiguous float32 or bf16), written at
+    row b's position pos[b] through its block table (table [B, W]) and attended over its
+    positions 0..pos[b]; cos / sin float32 [B, dr]. Returns the block's output [B, D].
+    ``mla_layer`` + ``mla_run``: D and r are x's width and the pool's last size - dr."""
+    fn = "mla_decode"
+    if not (isinstance(cache, torch.Tensor) and cache.dtype in _MLA_POOL and cache.is_cpu and cache.ndim == 3):
+        raise _bad(fn, "cache", cache, "a contiguous float32 or bf16 block pool [NB, BS, r + dr] on the CPU")
+    if not (x.dtype is _F32 and x.is_cpu and x.ndim == 2 and x.shape[1]):
+        raise _bad(fn, "x", x, "float32 [B, D] (D > 0) on the CPU")
+    r = cache.shape[2] - dr if isinstance(dr, int) else 0
+    layer = _mla_layer(fn, wq, kv_a, kv_norm, kv_b, wo, x.shape[1], r, heads, dn, dr, dv, eps, scale, q_a, q_norm,
+                       q_eps, biases)
+    return _mla_run(fn, layer, x, cos, sin, cache, table, pos)

@@ -38,7 +38,7 @@ from .cpu import cpu_info
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "bf16.c", HERE / "layers.c", HERE / "step.c", HERE / "mla.c",
-           HERE / "int4.c")  # + products.h, which all include
+           HERE / "int4.c", HERE / "dequant.c")  # + products.h, which all include
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared")
 log = logging.getLogger("dsvl2.native")
 _lock = threading.Lock()
@@ -213,6 +213,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dsvl2_linear_i4.restype = None
     lib.dsvl2_dequant_i4.argtypes = [p, p, i64, i64, i64, p, ctypes.c_int]
     lib.dsvl2_dequant_i4.restype = None
+    lib.dsvl2_dequant_i8.argtypes = [p, p, i64, i64, p, ctypes.c_int, ctypes.c_int]
+    lib.dsvl2_dequant_i8.restype = ctypes.c_int
     lib.dsvl2_moe_i4.argtypes = [p, i64, i64, p, p, i64, p, p, p, p, p, p, i64, i64, i64, i64, p, p, p]
     lib.dsvl2_moe_i4.restype = ctypes.c_int
     lib.dsvl2_int4_variant.argtypes = [ctypes.c_int]
@@ -231,10 +233,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dsvl2_mha_decode.restype = ctypes.c_int
     lib.dsvl2_mha_scratch.argtypes = [i64] * 5
     lib.dsvl2_mha_scratch.restype = i64
-    lib.dsvl2_decode_layers.argtypes = [p, i64, i64, p, i64, p, i64, i64, i64, f32, f32, i64, ctypes.c_int,
-                                        ctypes.c_int, f32, p, p, i64, i64, p, i64, p, p, p, i64, p, p, p]
+    lib.dsvl2_decode_layers.argtypes = [p, p, i64, p, ctypes.c_int, p, p, i64, i64, p, i64, p, p, p, p, p, p]
     lib.dsvl2_decode_layers.restype = ctypes.c_int
-    lib.dsvl2_decode_scratch.argtypes = [i64] * 9
+    lib.dsvl2_decode_scratch.argtypes = [p, i64, i64]
     lib.dsvl2_decode_scratch.restype = i64
     lib.dsvl2_decode_order.argtypes = [i64] * 3
     lib.dsvl2_decode_order.restype = i64

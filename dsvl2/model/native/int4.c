@@ -273,8 +273,8 @@ static void silu_ordered(float *g, const float *u, int64_t F, int L) {
 /* Routed SiLU-gated experts with int4 weights for T tokens, each choosing k of E:
      out[t] = sum over its choices in ascending expert id of wt[t, j] * down_e(silu(gate_e x) * up_e x)
    gate / up: q [E, F, D/2], scales [E, F, D/Gd]; down: q [E, D, F/2], scales [E, D, F/Gf];
-   idx int64 [T, k], wt float32 [T, k]. Returns -1 (and does nothing) on an expert id
-   outside [0, E).
+   idx int64 [T, k], wt float32 [T, k] (both NULL: one dense MLP, E = k = 1, as bf16.c's
+   dsvl2_moe). Returns -1 (and does nothing) on an expert id outside [0, E).
    scratch: float32 [T*k*(2D + 2F)]; order: int64 [T*k + 2E + 1] (native/__init__.py).
    Work split as bf16.c's dsvl2_moe: whole experts per thread when several are in use, else
    each expert's output rows split among the team. */
@@ -283,16 +283,16 @@ int dsvl2_moe_i4(const float *x, int64_t T, int64_t D, const int64_t *idx, const
                  const uint16_t *ds, int64_t E, int64_t F, int64_t Gd, int64_t Gf, float *out, float *scratch,
                  int64_t *order_) {
     const int64_t P = T * k;
-    for (int64_t p = 0; p < P; p++)
+    for (int64_t p = 0; idx && p < P; p++)
         if (idx[p] < 0 || idx[p] >= E) return -1;
     /* counting sort of the (token, choice) pairs by expert, stable */
     int64_t *start = order_ + P; /* E + 1 entries */
     for (int64_t e = 0; e <= E; e++) start[e] = 0;
-    for (int64_t p = 0; p < P; p++) start[idx[p] + 1]++;
+    for (int64_t p = 0; p < P; p++) start[(idx ? idx[p] : 0) + 1]++;
     for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
     int64_t *fill = start + E + 1; /* E entries */
     for (int64_t e = 0; e < E; e++) fill[e] = start[e];
-    for (int64_t p = 0; p < P; p++) order_[fill[idx[p]]++] = p;
+    for (int64_t p = 0; p < P; p++) order_[fill[idx ? idx[p] : 0]++] = p;
     int64_t used = 0;
     for (int64_t e = 0; e < E; e++) used += start[e + 1] > start[e];
 
@@ -345,9 +345,10 @@ int dsvl2_moe_i4(const float *x, int64_t T, int64_t D, const int64_t *idx, const
     for (int64_t t = 0; t < T; t++) memset(out + t * D, 0, D * sizeof(float));
     for (int64_t i = 0; i < P; i++) {
         int64_t p = order_[i], t = p / k;
+        const float w = wt ? wt[p] : 1.0f;
         float *o = out + t * D;
         const float *yv = ys + i * D;
-        for (int64_t d = 0; d < D; d++) o[d] = fmaf(wt[p], yv[d], o[d]);
+        for (int64_t d = 0; d < D; d++) o[d] = fmaf(w, yv[d], o[d]);
     }
     return 0;
 }

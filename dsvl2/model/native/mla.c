@@ -41,25 +41,6 @@
 
 #include "products.h"
 
-enum { W_F32 = 0, W_BF16 = 1, W_INT8 = 2 };
-
-/* one weight [N, K]: float32, bf16, or int8 values with bf16 per-row scales [N] */
-typedef struct {
-    const void *w;
-    const uint16_t *scale; /* int8 only, else NULL */
-    int64_t kind;          /* W_F32, W_BF16, W_INT8 */
-} dsvl2_mla_weight;
-
-/* one MLA layer (see the top of this file); native/__init__.py mla_decode fills it */
-typedef struct {
-    int64_t D, H, dn, dr, dv, r, qr;
-    dsvl2_mla_weight q, q_a, q_b, kv_a, kv_b, o; /* q when qr == 0, else q_a / q_b */
-    const float *b_q_a, *b_kv_a, *b_o;          /* float32 biases, or NULL */
-    const void *q_norm, *kv_norm;                /* RMSNorm weights [qr] / [r] */
-    int64_t q_norm_bf16, kv_norm_bf16;
-    float q_eps, kv_eps, scale;
-} dsvl2_mla;
-
 #define CHUNK 64 /* positions per attention work unit: a unit's rows (64 x 2304 B) stay in L2 */
 
 static inline __m256 widen8(const uint16_t *p) {

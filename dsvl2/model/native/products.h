@@ -1,5 +1,6 @@
 /* Shared between the kernels of dsvl2.model.native (bf16.c: products; layers.c: norms,
-   attention and routing of a decode step; step.c: all decoder layers of a step). */
+   attention and routing of a decode step; mla.c: the MLA attention block; int4.c: int4
+   products; step.c: all decoder layers of a step). */
 #ifndef DSVL2_PRODUCTS_H
 #define DSVL2_PRODUCTS_H
 #include <immintrin.h>
@@ -30,6 +31,25 @@ void dsvl2_any_rows(const float *x, int64_t ldx, int64_t M, int64_t K, const voi
 void dsvl2_team_rows(const float *x, int64_t ldx, int64_t M, int64_t K, const void *w, const uint16_t *scale,
                      int64_t N, float *y, int64_t ldy);
 
+/* one MLA layer's weights (mla.c; native/__init__.py mla_layer fills it) */
+enum { W_F32 = 0, W_BF16 = 1, W_INT8 = 2 };
+
+/* one weight [N, K]: float32, bf16, or int8 values with bf16 per-row scales [N] */
+typedef struct {
+    const void *w;
+    const uint16_t *scale; /* int8 only, else NULL */
+    int64_t kind;          /* W_F32, W_BF16, W_INT8 */
+} dsvl2_mla_weight;
+
+typedef struct {
+    int64_t D, H, dn, dr, dv, r, qr;
+    dsvl2_mla_weight q, q_a, q_b, kv_a, kv_b, o; /* q when qr == 0, else q_a / q_b */
+    const float *b_q_a, *b_kv_a, *b_o;          /* float32 biases, or NULL */
+    const void *q_norm, *kv_norm;                /* RMSNorm weights [qr] / [r] */
+    int64_t q_norm_bf16, kv_norm_bf16;
+    float q_eps, kv_eps, scale;
+} dsvl2_mla;
+
 /* the blocks that step.c strings together (documented where they are defined) */
 void dsvl2_linear(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, float *y);
 int dsvl2_moe(const float *x, int64_t T, int64_t D, const int64_t *idx, const float *wt, int64_t k,
@@ -37,13 +57,22 @@ int dsvl2_moe(const float *x, int64_t T, int64_t D, const int64_t *idx, const fl
               float *out, float *scratch, int64_t *order,
               int64_t esize, const uint16_t *gs, const uint16_t *us, const uint16_t *ds);
 void dsvl2_rmsnorm(const float *x, int64_t M, int64_t D, const void *weight, int wbf16, float eps, float *y);
-void dsvl2_route_greedy(float *logits, int64_t T, int64_t E, int64_t k, int sigmoid, int norm, float scaling,
-                        int64_t *idx, float *wt);
+int dsvl2_moe_i4(const float *x, int64_t T, int64_t D, const int64_t *idx, const float *wt, int64_t k,
+                 const uint8_t *gq, const uint16_t *gs, const uint8_t *uq, const uint16_t *us, const uint8_t *dq,
+                 const uint16_t *ds, int64_t E, int64_t F, int64_t Gd, int64_t Gf, float *out, float *scratch,
+                 int64_t *order_);
+int dsvl2_route(float *logits, int64_t T, int64_t E, int64_t k, int method, int sigmoid, const float *bias,
+                int64_t G, int64_t topk_group, int norm, float scaling, int64_t *idx, float *wt);
 int64_t dsvl2_mha_scratch(int64_t B, int64_t H, int64_t Hk, int64_t hd, int64_t S);
 int dsvl2_mha_decode(const float *x, int64_t B, int64_t D, int64_t H, int64_t Hk, int64_t hd,
                      const uint16_t *wq, const uint16_t *wk, const uint16_t *wv, const uint16_t *wo,
                      const float *bq, const float *bk, const float *bv, const float *bo,
                      const float *cos, const float *sin, float *kc, float *vc, int64_t NB, int64_t BS,
                      const int64_t *table, int64_t W, const int64_t *pos, float scale, float *out, float *scratch);
+int64_t dsvl2_mla_scratch(int64_t B, int64_t H, int64_t dn, int64_t dr, int64_t dv, int64_t r, int64_t qr,
+                          int64_t S);
+int dsvl2_mla_decode(const dsvl2_mla *L, const float *x, int64_t B, const float *cos, const float *sin, void *pool,
+                     int cache_bf16, int64_t NB, int64_t BS, const int64_t *table, int64_t W, const int64_t *pos,
+                     float *out, float *scratch);
 int dsvl2_check_tables(int64_t B, int64_t NB, int64_t BS, const int64_t *table, int64_t W, const int64_t *pos);
 #endif

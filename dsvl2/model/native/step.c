@@ -1,83 +1,126 @@
 /* All decoder layers of one decode step in one call (dsvl2.model.native): the blocks of
-   layers.c and bf16.c strung together in the module path's order, for models whose every
-   block has a native version (MHA attention with a float32 cache, greedy routing or a
-   dense MLP, bf16 weights; the tiny variant). model/decode_plan.py decides when.
+   layers.c, mla.c, bf16.c and int4.c strung together in the module path's order, for
+   models whose every block has a native version: MHA attention with a float32 cache or
+   MLA attention with a float32 or bf16 cache; any router (greedy, group-limited greedy,
+   noaux_tc) with a bf16 gate; bf16, int8 or int4 MLP / expert weights; bf16 norms.
+   model/decode_plan.py decides when.
 
    Why: with every block native, a batch-1 step of the real tiny model still spent ~7-10 ms
    of its ~76 ms in Python between the ~60 calls (module calls, wrappers, residual adds);
-   run between weight streams, that code runs with cold caches.
+   base (30 layers) returned to Python ~8 times a layer. Run between weight streams, that
+   code runs with cold caches.
 
    Numbers: the same calls in the same order as the module path (language.py DecoderLayer,
-   moe.py MoE, ops.py RMSNorm / GatedMLP), and the residual adds as single float32 adds
-   (x + attn; routed + shared, then x + that), so the result equals the module path's bit
-   for bit (tests/test_decode_plan.py). */
+   attention.py MHA / MLA, moe.py MoE, ops.py RMSNorm / gated_mlp), and the residual adds as
+   single float32 adds (x + attn; routed + shared, then x + that), so the result equals the
+   module path's bit for bit (tests/test_decode_plan.py). */
 
 #include <stdint.h>
 
 #include "products.h"
 
-/* one decoder layer's weights (all bf16, contiguous) */
+enum { MLP_BF16 = 0, MLP_INT8 = 1, MLP_INT4 = 2 };
+
+/* SiLU-gated MLP weights: E stacked experts, or one dense MLP (E = 1). gate / up [E, F, D],
+   down [E, D, F]: bf16 values (scales NULL), int8 values with bf16 per-row scales ([E, F],
+   [E, F], [E, D]), or int4 nibbles ([E, F, D/2], [E, D, F/2]) with bf16 per-group scales
+   ([E, F, D/Gd], [E, D, F/Gf]), as dsvl2_moe / dsvl2_moe_i4 take them */
 typedef struct {
-    const uint16_t *ln1, *ln2;         /* RMSNorm weights [D] before attention / MLP */
-    const uint16_t *wq, *wk, *wv, *wo; /* [H hd, D], [Hk hd, D], [Hk hd, D], [D, H hd] */
-    const float *bq, *bk, *bv, *bo;    /* float32 biases, or NULL */
-    const uint16_t *gate;              /* router [E, D]; NULL: a dense MLP layer */
-    const uint16_t *mg, *mu, *md;      /* routed experts [E, F, D] x 2, [E, D, F]; dense: [F, D] x 2, [D, F] */
-    const uint16_t *sg, *su, *sd;      /* shared experts [Fs, D] x 2, [D, Fs], or NULL */
-    int64_t E, F, Fs;                  /* dense layer: E = 1, F its width; Fs = 0 without shared experts */
+    const void *gate, *up, *down;
+    const uint16_t *gs, *us, *ds;
+    int64_t format, E, F, Gd, Gf; /* MLP_*; F = 0: no such MLP (shared experts); Gd / Gf: int4 only */
+} dsvl2_mlp;
+
+/* one decoder layer */
+typedef struct {
+    const uint16_t *ln1, *ln2;         /* bf16 RMSNorm weights [D] before attention / MLP */
+    const dsvl2_mla *mla;              /* MLA attention; NULL: MHA with the weights below */
+    const uint16_t *wq, *wk, *wv, *wo; /* MHA, bf16: [H hd, D], [Hk hd, D], [Hk hd, D], [D, H hd] */
+    const float *bq, *bk, *bv, *bo;    /* MHA float32 biases, or NULL */
+    const uint16_t *gate;              /* router, bf16 [E, D]; NULL: a dense MLP layer */
+    const float *bias;                 /* noaux_tc's float32 correction bias [E], else NULL */
+    dsvl2_mlp mlp, shared;             /* routed experts (a dense layer: its MLP), shared experts */
 } dsvl2_layer;
 
-/* float32 scratch of dsvl2_decode_layers for B rows reading up to S positions (Emax,
-   Fmax: the largest E and F of any layer, shared experts' Fs included in Fmax) */
-int64_t dsvl2_decode_scratch(int64_t B, int64_t D, int64_t H, int64_t Hk, int64_t hd, int64_t S, int64_t k,
-                             int64_t Emax, int64_t Fmax) {
-    int64_t p = B * (k > 1 ? k : 1);
-    int64_t moe = p * (2 * D + 2 * Fmax), mha = dsvl2_mha_scratch(B, H, Hk, hd, S);
-    return 3 * B * D + B * Emax + (moe > mha ? moe : mha);
+/* the model: its layers and what every layer shares */
+typedef struct {
+    const dsvl2_layer *layers;
+    int64_t nl, D, H, Hk, hd;  /* H, Hk, hd: the MHA heads (MLA layers carry their own sizes) */
+    int64_t k, method, G, topk_group, sigmoid, norm; /* routing, as dsvl2_route */
+    int64_t Emax, Fmax;        /* the largest E and F of any layer's MLPs, shared experts included */
+    float eps, scale, scaling; /* RMSNorm eps, MHA softmax scale, routed_scaling_factor */
+} dsvl2_decoder;
+
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* float32 scratch of dsvl2_decode_layers for B rows reading up to S positions */
+int64_t dsvl2_decode_scratch(const dsvl2_decoder *M, int64_t B, int64_t S) {
+    int64_t p = B * max64(M->k, 1), need = p * (2 * M->D + 2 * M->Fmax); /* dsvl2_moe, dsvl2_moe_i4 */
+    for (int64_t i = 0; i < M->nl; i++) {
+        const dsvl2_mla *a = M->layers[i].mla;
+        need = max64(need, a ? dsvl2_mla_scratch(B, a->H, a->dn, a->dr, a->dv, a->r, a->qr, S)
+                             : dsvl2_mha_scratch(B, M->H, M->Hk, M->hd, S));
+    }
+    return 3 * B * M->D + B * M->Emax + need;
 }
 
 /* int64 scratch of dsvl2_decode_layers (the experts' sort) */
 int64_t dsvl2_decode_order(int64_t B, int64_t k, int64_t Emax) { return B * (k > 1 ? k : 1) + 2 * Emax + 1; }
 
+/* the MLP m for B rows of x (idx / wt: k choices a row, or NULL for a dense MLP) */
+static int run_mlp(const dsvl2_mlp *m, const float *x, int64_t B, int64_t D, const int64_t *idx, const float *wt,
+                   int64_t k, float *out, float *scratch, int64_t *order) {
+    if (m->format == MLP_INT4)
+        return dsvl2_moe_i4(x, B, D, idx, wt, k, m->gate, m->gs, m->up, m->us, m->down, m->ds, m->E, m->F, m->Gd,
+                            m->Gf, out, scratch, order);
+    return dsvl2_moe(x, B, D, idx, wt, k, m->gate, m->up, m->down, m->E, m->F, out, scratch, order,
+                     m->format == MLP_INT8 ? 1 : 2, m->gs, m->us, m->ds);
+}
+
 /* x [B, D] (float32, in place): the embeddings in, the last layer's output out.
-   caches: 2 nl pointers, layer i's float32 key / value block pools [NB, BS, Hk, hd] at 2i /
-   2i + 1; cos / sin [B, hd], table [B, W], pos [B]: as dsvl2_mha_decode. Greedy routing
-   with k experts per token (sigmoid / norm / scaling as dsvl2_route_greedy); layer i's
-   choices go to idx / wt [nl, B, k] (dense layers' entries are left as they are).
-   Returns 0, or what dsvl2_mha_decode / dsvl2_moe returned (-1 / -2: positions or
-   block ids out of range, bad head sizes) with the layer in *failed. */
-int dsvl2_decode_layers(float *x, int64_t B, int64_t D, const dsvl2_layer *layers, int64_t nl, float *const *caches,
-                        int64_t H, int64_t Hk, int64_t hd, float eps, float scale, int64_t k, int sigmoid, int norm,
-                        float scaling, const float *cos, const float *sin, int64_t NB, int64_t BS,
-                        const int64_t *table, int64_t W, const int64_t *pos, int64_t *idx, float *wt, int64_t Emax,
-                        float *scratch, int64_t *order, int64_t *failed) {
-    float *h = scratch, *a = h + B * D, *sh = a + B * D, *logits = sh + B * D, *rest = logits + B * Emax;
-    for (int64_t i = 0; i < nl; i++) {
-        const dsvl2_layer *L = layers + i;
+   caches: MHA: 2 nl pointers, layer i's float32 key / value block pools [NB, BS, Hk, hd] at
+   2i / 2i + 1; MLA: nl pointers, layer i's block pool [NB, BS, r + dr], float32 or bf16
+   (cache_bf16). cos / sin [B, hd] (MHA) or [B, dr] (MLA), table [B, W], pos [B]: as
+   dsvl2_mha_decode / dsvl2_mla_decode. Layer i's routing goes to idx / wt [nl, B, k]
+   (dense layers' entries are left as they are). scratch: dsvl2_decode_scratch(M, B, W BS)
+   floats; order: dsvl2_decode_order(B, k, Emax) int64s.
+   Returns 0, or with the layer in *failed: -1 (positions or block ids out of range), -2
+   (sizes the attention cannot take), -3 (routing parameters the router refuses, or an
+   expert id out of range: neither happens for a plan decode_plan.py built). */
+int dsvl2_decode_layers(const dsvl2_decoder *M, float *x, int64_t B, void *const *caches, int cache_bf16,
+                        const float *cos, const float *sin, int64_t NB, int64_t BS, const int64_t *table, int64_t W,
+                        const int64_t *pos, int64_t *idx, float *wt, float *scratch, int64_t *order,
+                        int64_t *failed) {
+    const int64_t D = M->D, k = M->k;
+    float *h = scratch, *a = h + B * D, *sh = a + B * D, *logits = sh + B * D, *rest = logits + B * M->Emax;
+    for (int64_t i = 0; i < M->nl; i++) {
+        const dsvl2_layer *L = M->layers + i;
         int rc;
         *failed = i;
-        dsvl2_rmsnorm(x, B, D, L->ln1, 1, eps, h);
-        rc = dsvl2_mha_decode(h, B, D, H, Hk, hd, L->wq, L->wk, L->wv, L->wo, L->bq, L->bk, L->bv, L->bo, cos, sin,
-                              caches[2 * i], caches[2 * i + 1], NB, BS, table, W, pos, scale, a, rest);
+        dsvl2_rmsnorm(x, B, D, L->ln1, 1, M->eps, h);
+        if (L->mla)
+            rc = dsvl2_mla_decode(L->mla, h, B, cos, sin, caches[i], cache_bf16, NB, BS, table, W, pos, a, rest);
+        else
+            rc = dsvl2_mha_decode(h, B, D, M->H, M->Hk, M->hd, L->wq, L->wk, L->wv, L->wo, L->bq, L->bk, L->bv,
+                                  L->bo, cos, sin, caches[2 * i], caches[2 * i + 1], NB, BS, table, W, pos, M->scale,
+                                  a, rest);
         if (rc) return rc;
         for (int64_t j = 0; j < B * D; j++) x[j] = x[j] + a[j];
-        dsvl2_rmsnorm(x, B, D, L->ln2, 1, eps, h);
+        dsvl2_rmsnorm(x, B, D, L->ln2, 1, M->eps, h);
         if (L->gate) {
             int64_t *li = idx + i * B * k;
             float *lw = wt + i * B * k;
-            dsvl2_linear(h, B, D, L->gate, L->E, NULL, logits);
-            dsvl2_route_greedy(logits, B, L->E, k, sigmoid, norm, scaling, li, lw);
-            rc = dsvl2_moe(h, B, D, li, lw, k, L->mg, L->mu, L->md, L->E, L->F, a, rest, order, 2, NULL, NULL, NULL);
-            if (rc) return rc;
-            if (L->sg) {
-                rc = dsvl2_moe(h, B, D, NULL, NULL, 1, L->sg, L->su, L->sd, 1, L->Fs, sh, rest, order, 2, NULL,
-                               NULL, NULL);
-                if (rc) return rc;
+            dsvl2_linear(h, B, D, L->gate, L->mlp.E, NULL, logits);
+            if (dsvl2_route(logits, B, L->mlp.E, k, (int)M->method, (int)M->sigmoid, L->bias, M->G, M->topk_group,
+                            (int)M->norm, M->scaling, li, lw))
+                return -3;
+            if (run_mlp(&L->mlp, h, B, D, li, lw, k, a, rest, order)) return -3;
+            if (L->shared.F) {
+                run_mlp(&L->shared, h, B, D, NULL, NULL, 1, sh, rest, order);
                 for (int64_t j = 0; j < B * D; j++) a[j] = a[j] + sh[j];
             }
         } else {
-            rc = dsvl2_moe(h, B, D, NULL, NULL, 1, L->mg, L->mu, L->md, 1, L->F, a, rest, order, 2, NULL, NULL, NULL);
-            if (rc) return rc;
+            run_mlp(&L->mlp, h, B, D, NULL, NULL, 1, a, rest, order);
         }
         for (int64_t j = 0; j < B * D; j++) x[j] = x[j] + a[j];
     }

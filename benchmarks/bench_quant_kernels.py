@@ -433,7 +433,7 @@ def main() -> None:
     out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), "cpu": name,
            "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c"))),
            "native": native.status(), "big_products": choice.big_products,
-           "int4_variant": native.int4_variant() if native.available() else None}
+           "quant_variant": native.quant_variant() if native.available() else None}
     if args.moe_prefill:
         out["prefill_moe_layers"] = bench_moe_prefill(1431, args.moe_repeats, choice.big_products == "bf16")
         print(json.dumps(out, indent=1))

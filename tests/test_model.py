@@ -80,28 +80,6 @@ def test_grouped_dispatch_equals_reference(k):
     assert torch.allclose(ref[t], routing.weight[t, j] * one + others, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_combine_sorted_equals_index_add_expert_by_expert(dtype):
-    """The prefill's combination of the experts' outputs: the bits of ``index_add_`` of each
-    expert's outputs, in ascending expert id, into zeros (what the loop did before)."""
-    from dsvl2.model.moe import combine_sorted
-
-    g = torch.Generator().manual_seed(3)
-    n, k, e, d = 37, 6, 16, 24
-    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)])
-    flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    ys = torch.randn(n * k, d, generator=g).to(dtype)
-    want = torch.zeros(n, d, dtype=dtype)
-    token = order // k
-    counts = torch.bincount(flat, minlength=e).tolist()
-    start = 0
-    for c in counts:
-        want.index_add_(0, token[start:start + c], ys[start:start + c])
-        start += c
-    assert torch.equal(combine_sorted(ys, order, n, k), want)
-
-
 def test_experts_without_tokens_are_never_called():
     calls: list[tuple[int, int]] = []
 

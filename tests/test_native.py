@@ -165,9 +165,19 @@ def test_ops_decode_products_go_native_and_prefill_does_not():
     assert torch.equal(prefill, F.linear(x, w.float()))
 
 
+@pytest.fixture(params=native.QUANT_VARIANTS)
+def variant(request):
+    """Each variant of the quantised products in turn (``native.quant_variant``: int8 and
+    int4 on AVX2 or AVX-512); where the CPU lacks AVX-512, both runs are AVX2."""
+    before = native.quant_variant()
+    native.quant_variant(request.param)
+    yield native.quant_variant()
+    native.quant_variant(before)
+
+
 @needs_native
-@pytest.mark.parametrize("m,n,k", [(1, 896, 1280), (4, 333, 96), (16, 50, 33), (3, 1, 7)])
-def test_int8_linear_matches_dequantised_float64(m, n, k):
+@pytest.mark.parametrize("m,n,k", [(1, 896, 1280), (4, 333, 96), (16, 50, 33), (3, 1, 7), (2, 9, 2048 + 47)])
+def test_int8_linear_matches_dequantised_float64(variant, m, n, k):
     from dsvl2.model import quant
 
     q, s = quant.quantize_int8(_x(n, k, seed=2) * 0.05)
@@ -205,8 +215,27 @@ def _qstack(e, n, k, seed):
 
 
 @needs_native
+def test_int8_variants_agree_to_float32_rounding():
+    """AVX2 and AVX-512 sum a row's products in different orders (8 / 16 lanes): both
+    within float32 rounding of the exact sum, so of each other."""
+    from dsvl2.model import quant
+
+    q, s = quant.quantize_int8(_x(200, 1280, seed=2) * 0.05)
+    x = _x(3, 1280)
+    before = native.quant_variant()
+    try:
+        ys = {v: native.linear_int8(x, q, s) for v in native.QUANT_VARIANTS if native.quant_variant(v) == v}
+    finally:
+        native.quant_variant(before)
+    ref = x.double() @ quant.dequantize(q, s, 8).double().T
+    bound = 2 * 1280 * 2.0 ** -24 * (x.double().abs() @ quant.dequantize(q, s, 8).double().abs().T)
+    for y in ys.values():
+        assert ((y.double() - ref).abs() <= bound).all()
+
+
+@needs_native
 @pytest.mark.parametrize("t,k,e", [(1, 6, 16), (16, 6, 16), (3, 1, 1)])
-def test_int8_experts_match_dequantised_reference(t, k, e):
+def test_int8_experts_match_dequantised_reference(variant, t, k, e):
     d, f = 64, 48
     gate, up, down = _qstack(e, f, d, 1), _qstack(e, f, d, 2), _qstack(e, d, f, 3)
     x = _x(t, d, seed=4)

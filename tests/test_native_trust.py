@@ -529,7 +529,7 @@ PLAN_BAD = {
         c.cache.layers[1][0], torch.zeros(20, 4, HK, HD))])), "layer 1"),
     "layer 0 bf16": (lambda x, c: (x, _with_layers(c, [tuple(t.to(torch.bfloat16) for t in c.cache.layers[0]),
                                                        c.cache.layers[1]])), "layer 0"),
-    "pools' head size": (lambda x, c: (x, _with_layers(c, [(torch.zeros(9, 4, HK, HD * 2),) * 2] * 2)), "KV pools"),
+    "pools' head size": (lambda x, c: (x, _with_layers(c, [(torch.zeros(9, 4, HK, HD * 2),) * 2] * 2)), "layer 0's cache must be"),
     "cos bf16": (lambda x, c: (x, SimpleNamespace(**{**vars(_with_layers(c, c.cache.layers)),
                                                      "cos": c.cos.to(torch.bfloat16)})), "cos"),
 }

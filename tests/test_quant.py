@@ -100,14 +100,14 @@ def no_native(monkeypatch):
     native.reset()
 
 
-@pytest.fixture(params=native.INT4_VARIANTS)
+@pytest.fixture(params=native.QUANT_VARIANTS)
 def variant(request):
-    """Each int4 kernel variant of ``native/int4.c`` in turn (AVX2, the fallback, is run on
+    """Each variant of the quantised products (``native.quant_variant``) in turn (AVX2, the fallback, is run on
     AVX-512 machines too); where the CPU lacks AVX-512, both runs are AVX2."""
-    before = native.int4_variant()
-    native.int4_variant(request.param)
-    yield native.int4_variant()
-    native.int4_variant(before)
+    before = native.quant_variant()
+    native.quant_variant(request.param)
+    yield native.quant_variant()
+    native.quant_variant(before)
 
 
 def _qweight(bits: int, n: int, k: int, seed: int = 0) -> tuple[quant.QuantWeight, torch.Tensor]:
@@ -430,7 +430,7 @@ def test_native_int4_refuses_bad_arguments():
     with pytest.raises(ValueError, match="gated_mlp_int4: up must be an int4 QuantWeight"):
         native.gated_mlp_int4(_x(2, 64), gate[0], g8[0], down[0])
     with pytest.raises(ValueError, match="name must be one of avx2, avx512"):
-        native.int4_variant("sse2")
+        native.quant_variant("sse2")
 
 
 def test_int4_layout_follows_the_kernels(no_native):

@@ -135,19 +135,16 @@ class Experts(nn.Module):
         if not ops.decoding_active() and self.dequantisable():  # decode rows must not depend on the batch: no GEMM
             return self.quantised_prefill(x, token, routing.weight.reshape(-1)[order].float(), counts)
         w = routing.weight.reshape(-1)[order].to(x.dtype)
-        ys = x.new_empty(n * k, x.shape[1])  # each pair's weighted expert output, in sorted order
-        # where the experts compute in their (bf16) weights' dtype, x is cast once for all of
-        # them and their outputs stay bf16 until the weighting (bf16 * float32 promotes
-        # exactly): the bits of casting x per expert and each output back, without the passes
-        plain = isinstance(self.gate_proj, torch.Tensor)  # not a QuantWeight (int4pack)
-        xe = x.to(self.gate_proj.dtype) if plain and ops.in_weights_dtype(x, self.gate_proj) else x
+        out = torch.zeros_like(x)
         start = 0
         for e, c in enumerate(counts):
             if c == 0:
                 continue
-            ys[start:start + c] = self.expert(e, xe[token[start:start + c]]) * w[start:start + c, None]
+            sel = token[start:start + c]
+            y = self.expert(e, x[sel]) * w[start:start + c, None]
+            out.index_add_(0, sel, y)
             start += c
-        return combine_sorted(ys, order, n, k)
+        return out
 
     def dequantisable(self) -> bool:
         """Quantised experts whose matrices can be dequantised one expert at a time (int8, and
@@ -213,20 +210,3 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view(shape), routing
-
-
-def combine_sorted(ys: torch.Tensor, order: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Each token's sum of its k pairs' outputs: ys [N*K, D] holds the pairs' (weighted)
-    expert outputs in the order ``order`` sorted them (by expert, stable), [N, D] out.
-    A token's pairs are added in ascending expert id, the first one copied, which is the
-    bits of adding them one expert at a time into zeros (``index_add_`` expert by expert,
-    as this loop did: 20-25% of a prefill's time in torch 2.13's ``index_add_``); here k
-    gathers and adds of [N, D]."""
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=order.device)
-    pos = rank.view(n, k).sort(dim=1).values  # a token's pairs in sorted order = ascending expert
-    out = ys[pos[:, 0]]
-    for j in range(1, k):
-        out += ys[pos[:, j]]
-    return out
-

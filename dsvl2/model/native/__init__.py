@@ -1,5 +1,6 @@
-"""Native decode kernels for bf16 weights on x86 CPUs with AVX2 + FMA (``bf16.c``, ``layers.c``,
-``step.c``).
+"""Native kernels for x86 CPUs with AVX2 + FMA (AVX-512 chosen at run time where it helps):
+decode with bf16 / int8 / int4 weights (``bf16.c``, ``layers.c``, ``step.c``, ``mla.c``,
+``int4.c``) and the dequantisation of quantised weights for prefill GEMMs (``dequant.c``).
 
 Why: a decode step is one matrix-vector product per weight, so its speed is the speed
 at which the weights stream from memory. torch's bf16 CPU GEMV converts and multiplies
@@ -17,7 +18,8 @@ compressed cache, read through the block tables) in one call; ``mla_layer`` chec
 layer's weights once, for callers that keep them (the plan).
 ``int4.c`` does the products of int4 weights in their stored format (``model/quant.py``:
 dequantised in registers, each weight row read once for all rows), a whole MoE layer (or
-one gated MLP) of them in one call, and dequantises blocks of rows for the prefill GEMMs.
+one gated MLP) of them in one call, and dequantises blocks of rows for the prefill GEMMs;
+``dequant.c`` does the same for int8 (values x bf16 row scales, one pass).
 
 Numbers: activations stay float32 (torch's bf16 path rounds them to bf16 first), so the
 result is closer to the float32 reference than the torch bf16 path's; a row's bits do
@@ -294,17 +296,18 @@ def _int4_group(fn: str, name: str, q: torch.Tensor, scale: torch.Tensor, shape:
     return k // ng
 
 
-INT4_VARIANTS = ("avx2", "avx512")
+QUANT_VARIANTS = ("avx2", "avx512")
 
 
-def int4_variant(name: str | None = None) -> str:
-    """The instruction set of the int4 products in this process: "avx512" where the CPU has
-    AVX-512F, else "avx2" (``int4.c``; each row's bits depend on it, never on the batch).
+def quant_variant(name: str | None = None) -> str:
+    """The instruction set of the quantised products (int4, and int8 but for prefill's
+    dequantisation) in this process: "avx512" where the CPU has AVX-512F, else "avx2"
+    (``int4.c``, ``bf16.c``; each row's bits depend on it, never on the batch).
     ``name`` chooses one ("avx512" stays "avx2" on a CPU without it): tests run both here."""
-    if name is not None and name not in INT4_VARIANTS:
-        raise ValueError(f"native.int4_variant: name must be one of {', '.join(INT4_VARIANTS)} or None, got {name!r}")
+    if name is not None and name not in QUANT_VARIANTS:
+        raise ValueError(f"native.quant_variant: name must be one of {', '.join(QUANT_VARIANTS)} or None, got {name!r}")
     lib = require()
-    return INT4_VARIANTS[lib.dsvl2_int4_variant(-1 if name is None else INT4_VARIANTS.index(name))]
+    return QUANT_VARIANTS[lib.dsvl2_quant_variant(-1 if name is None else QUANT_VARIANTS.index(name))]
 
 
 def linear_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -200,7 +200,7 @@ def _ready(lib: ctypes.CDLL, name: str, where: str) -> tuple[ctypes.CDLL | None,
         _declare(lib)
     except AttributeError as e:  # a library of that name without our functions
         return None, f"{name} ({where}) is not a build of these kernels: {e}"
-    return lib, f"AVX2 bf16 decode kernels ({name}, {where})"
+    return lib, f"native bf16 / int8 / int4 kernels ({name}, {where})"
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -217,8 +217,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dsvl2_dequant_i8.restype = ctypes.c_int
     lib.dsvl2_moe_i4.argtypes = [p, i64, i64, p, p, i64, p, p, p, p, p, p, i64, i64, i64, i64, p, p, p]
     lib.dsvl2_moe_i4.restype = ctypes.c_int
-    lib.dsvl2_int4_variant.argtypes = [ctypes.c_int]
-    lib.dsvl2_int4_variant.restype = ctypes.c_int
+    lib.dsvl2_quant_variant.argtypes = [ctypes.c_int]
+    lib.dsvl2_quant_variant.restype = ctypes.c_int
     lib.dsvl2_moe.argtypes = [p, i64, i64, p, p, i64, p, p, p, i64, i64, p, p, p, i64, p, p, p]
     lib.dsvl2_moe.restype = ctypes.c_int
     f32 = ctypes.c_float

@@ -44,17 +44,19 @@
 #define UNROLL _Pragma("GCC unroll 4")
 #define AVX512 __attribute__((target("avx512f")))
 
-/* The variant in use: 1 = AVX-512, 0 = AVX2, -1 = not decided yet (the CPU decides). */
+/* The variant of the quantised products in use (int4 here, int8 in bf16.c): 1 = AVX-512,
+   0 = AVX2, -1 = not decided yet (the CPU decides). */
 static int wide_ = -1;
 
-static int wide(void) {
+int dsvl2_quant_wide(void) {
     if (wide_ < 0) wide_ = __builtin_cpu_supports("avx512f") ? 1 : 0;
     return wide_;
 }
+static int wide(void) { return dsvl2_quant_wide(); }
 
-/* Which variant the products use: want 1 asks for AVX-512 (where the CPU has it), 0 for
-   AVX2, -1 only asks. Returns the variant now in use (tests run both on one machine). */
-int dsvl2_int4_variant(int want) {
+/* Which variant the quantised products use: want 1 asks for AVX-512 (where the CPU has it),
+   0 for AVX2, -1 only asks. Returns the variant now in use (tests run both on one machine). */
+int dsvl2_quant_variant(int want) {
     if (want >= 0) wide_ = want && __builtin_cpu_supports("avx512f");
     return wide();
 }

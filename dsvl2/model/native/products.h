@@ -27,6 +27,8 @@ static inline float hsum8(__m256 s) {
    bf16 per-row scales. Same per-(row, output) operation sequence whatever M. */
 void dsvl2_any_rows(const float *x, int64_t ldx, int64_t M, int64_t K, const void *w, const uint16_t *scale,
                     int64_t n0, int64_t n1, float *y, int64_t ldy);
+/* 1 where the quantised products (int4.c, int8 in bf16.c) use AVX-512, else 0 (int4.c) */
+int dsvl2_quant_wide(void);
 /* the calling OpenMP team splits [0, N) into contiguous blocks, one per thread */
 void dsvl2_team_rows(const float *x, int64_t ldx, int64_t M, int64_t K, const void *w, const uint16_t *scale,
                      int64_t N, float *y, int64_t ldy);

@@ -136,14 +136,8 @@ class Experts(nn.Module):
             return self.quantised_prefill(x, token, routing.weight.reshape(-1)[order].float(), counts)
         w = routing.weight.reshape(-1)[order].to(x.dtype)
         out = torch.zeros_like(x)
-        start = 0
-        for e, c in enumerate(counts):
-            if c == 0:
-                continue
-            sel = token[start:start + c]
-            y = self.expert(e, x[sel]) * w[start:start + c, None]
-            out.index_add_(0, sel, y)
-            start += c
+        for e, pairs, sel in expert_runs(token, counts):
+            out.index_add_(0, sel, self.expert(e, x[sel]) * w[pairs, None])
         return out
 
     def dequantisable(self) -> bool:
@@ -170,17 +164,12 @@ class Experts(nn.Module):
         fd, df = wbuf.view(f, d), wbuf.view(d, f)
         xd = x.to(dtype)
         out = torch.zeros_like(x)
-        start = 0
-        for e, c in enumerate(counts):
-            if c == 0:
-                continue
-            sel = token[start:start + c]
+        for e, pairs, sel in expert_runs(token, counts):
             xe = xd.index_select(0, sel)  # [c, D] (6x faster than xd[sel] here)
             g = F.linear(xe, self.gate_proj.dequantize_into(fd, e)).float()  # [c, F]
             u = F.linear(xe, self.up_proj.dequantize_into(fd, e)).float()
-            a = F.silu(g).mul_(u).mul_(w[start:start + c, None]).to(dtype)
+            a = F.silu(g).mul_(u).mul_(w[pairs, None]).to(dtype)
             out.index_add_(0, sel, F.linear(a, self.down_proj.dequantize_into(df, e)).to(x.dtype))
-            start += c
         return out
 
     def reference_dispatch(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -191,6 +180,17 @@ class Experts(nn.Module):
                 e = int(routing.idx[t, j])
                 out[t] += self.expert(e, x[t:t + 1])[0] * routing.weight[t, j].to(x.dtype)
         return out
+
+
+def expert_runs(token: torch.Tensor, counts: list[int]):
+    """For (token, choice) pairs sorted by expert (``token`` [N*K] their tokens, ``counts``
+    [E] pairs per expert): (expert, its pairs' slice, their tokens) for each expert that
+    received pairs, in ascending id."""
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            yield e, slice(start, start + c), token[start:start + c]
+        start += c
 
 
 class MoE(nn.Module):

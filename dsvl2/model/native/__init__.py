@@ -223,15 +223,7 @@ def _moe(fn: str, x: torch.Tensor, idx: torch.Tensor | None, wt: torch.Tensor | 
             if not (t.dtype is _BF16 and t.is_cpu and t.is_contiguous() and t.shape == shape[:-1]):
                 raise _bad(fn, name, t, f"contiguous bf16 {list(shape[:-1])} (one per weight row) on the CPU")
         gs, us, ds = (sc.data_ptr() for sc in scales)
-    t = x.numel() // d
-    k = 1
-    if idx is not None:
-        idx, wt, k = _routing(fn, idx, wt, t)
-    p = t * k
-    x = _flat(x)
-    out = torch.empty(x.shape, dtype=_F32)
-    scratch = scratch_buffer(p * (2 * d + 2 * f), _F32)
-    order = scratch_buffer(p + 2 * e + 1, _I64)
+    x, idx, wt, t, k, out, scratch, order = _moe_buffers(fn, x, idx, wt, e, f)
     lib = require()
     rc = lib.dsvl2_moe(x.data_ptr(), t, d, None if idx is None else idx.data_ptr(),
                        None if wt is None else wt.data_ptr(), k, gate.data_ptr(), up.data_ptr(),
@@ -240,6 +232,21 @@ def _moe(fn: str, x: torch.Tensor, idx: torch.Tensor | None, wt: torch.Tensor | 
     if rc != 0:
         raise ValueError(f"expert ids must be in [0, {e}), got {idx.min().item()}..{idx.max().item()}")
     return out
+
+
+def _moe_buffers(fn: str, x: torch.Tensor, idx, wt, e: int, f: int) -> tuple:
+    """What bf16.c ``dsvl2_moe`` and int4.c ``dsvl2_moe_i4`` take besides the weights, for x
+    [..., D] through E experts of width F: (x flat, idx / wt checked and widened or None,
+    tokens T, choices k, out [T, D], float32 scratch, int64 order)."""
+    d = x.shape[-1]
+    t = x.numel() // d
+    k = 1
+    if idx is not None:
+        idx, wt, k = _routing(fn, idx, wt, t)
+    p = t * k
+    x = _flat(x)
+    out = torch.empty(x.shape, dtype=_F32)
+    return (x, idx, wt, t, k, out, scratch_buffer(p * (2 * d + 2 * f), _F32), scratch_buffer(p + 2 * e + 1, _I64))
 
 
 def _int8(fn: str, ws: tuple) -> tuple[tuple, tuple]:
@@ -393,15 +400,7 @@ def _moe_int4(fn: str, x: torch.Tensor, idx: torch.Tensor | None, wt: torch.Tens
     if _int4_group(fn, "up", up.data, up.scale, (*lead, f, d)) != gd:
         raise ValueError(f"native.{fn}: gate and up must have one group size, got {gd} and {d // up.scale.shape[-1]}")
     gf = _int4_group(fn, "down", down.data, down.scale, (*lead, d, f))
-    t = x.numel() // d
-    k = 1
-    if stacked:
-        idx, wt, k = _routing(fn, idx, wt, t)
-    p = t * k
-    x = _flat(x)
-    out = torch.empty(x.shape, dtype=_F32)
-    scratch = scratch_buffer(p * (2 * d + 2 * f), _F32)
-    order = scratch_buffer(p + 2 * e + 1, _I64)
+    x, idx, wt, t, k, out, scratch, order = _moe_buffers(fn, x, idx, wt, e, f)
     lib = require()
     rc = lib.dsvl2_moe_i4(x.data_ptr(), t, d, idx.data_ptr() if stacked else None,
                           wt.data_ptr() if stacked else None, k, gate.data.data_ptr(), gate.scale.data_ptr(),

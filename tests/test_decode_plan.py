@@ -271,6 +271,28 @@ def test_plan_follows_quantised_weights_the_router_bias_and_allow_native():
 
 
 @needs_native
+def test_plan_names_the_mla_block_when_the_kernel_refuses_its_sizes():
+    """-2 from an MLA model's step (sizes the MLA block refuses: checked when the plan is
+    built, so only a kernel fault could return it) is reported as the MLA block's, not with
+    the MHA head sizes ``decode_error`` describes."""
+    lm = _model("small_like")
+    args = ([1], [40], [7])
+    _, _, ran = _step(lm, _cache(lm, 2), *args, True)  # the plan built with the real kernels
+    assert ran
+    real = native.require()
+
+    class Refuses:  # the real library, but for the step's return code
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def dsvl2_decode_layers(self, *a):
+            return -2
+
+    with native.stand_in(Refuses()), pytest.raises(ValueError, match="the MLA block refused its sizes"):
+        _step(lm, _cache(lm, 2), *args, True)
+
+
+@needs_native
 def test_no_plan_where_a_block_has_no_native_version():
     assert decode_plan.DecodePlan.build(_model("small_like")) is not None
     assert decode_plan.DecodePlan.build(_model("small_like").float()) is None  # float32 weights: torch's blocks

@@ -322,6 +322,9 @@ class DecodePlan:
         if rc == -3:  # the plan checked the routing parameters: only a kernel fault gets here
             raise ValueError(f"decode plan: layer {failed.value}: the router refused its parameters or chose an "
                              "expert out of range")
+        if rc == -2 and self.mla:  # mla_layer checked the sizes at build: only a kernel fault gets here
+            raise ValueError(f"decode plan: layer {failed.value}: the MLA block refused its sizes (rope size even "
+                             "and > 0, every other size > 0, kv_b not int8)")
         if rc != 0:
             raise native.decode_error(rc, nb, bs, table, pos, hd=self.hd, heads=self.h, kv_heads=self.hk,
                                       layer=failed.value)

@@ -62,12 +62,7 @@ def layer(cfg, weights: str, seed: int) -> MLA:
         for proj in ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"):
             mod = getattr(m, proj, None)
             if mod is not None:
-                qw = quant.QuantWeight.empty(8, tuple(mod.weight.shape))
-                q, sc = quant.quantize_int8(mod.weight.detach())
-                qw.set_data((), q)
-                qw.set_scale((), sc)
-                del mod._parameters["weight"]
-                mod.weight = qw
+                quant.hold(mod, "weight", quant.QuantWeight.quantize(mod.weight.detach(), 8))
     return m
 
 

@@ -93,15 +93,8 @@ def _quantise(lm: LanguageModel, fmt: str) -> None:
             bits = 4
         if bits is None:
             continue
-        w = p.detach().float()
-        group = quant.int4_group(w.shape[-1]) if bits == 4 else 0
-        q, scale = quant.quantize_int8(w) if bits == 8 else quant.quantize_int4(w, group)
-        qw = quant.QuantWeight.empty(bits, tuple(w.shape), group)
-        qw.set_data((), q)
-        qw.set_scale((), scale)
         owner, attr = lm.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
-        del owner._parameters[attr]
-        setattr(owner, attr, qw)
+        quant.hold(owner, attr, quant.QuantWeight.quantize(p.detach().float(), bits))
 
 
 def _step(lm: LanguageModel, cache: KVCache, rows, start, ids, fused: bool) -> tuple:
@@ -304,22 +297,13 @@ def test_no_plan_where_a_block_has_no_native_version():
     up.weight = torch.nn.Parameter(up.weight.dequantize(torch.bfloat16), requires_grad=False)
     assert decode_plan.DecodePlan.build(lm) is None
     lm = _model("small_like", fmt="int8")  # an int8 kv_b_proj: the native MLA block cannot take it
-    _quantise_one(lm.model.layers[1].self_attn.kv_b_proj)
+    kv_b = lm.model.layers[1].self_attn.kv_b_proj
+    quant.hold(kv_b, "weight", quant.QuantWeight.quantize(kv_b.weight.detach().float(), 8))
     assert decode_plan.DecodePlan.build(lm) is None
     lm = _model("small_like")
     attention = lm.model.layers[1].self_attn  # one MLA block kept on its torch path
     attention.allow_native = False
     assert decode_plan.DecodePlan.build(lm) is None
-
-
-def _quantise_one(module: torch.nn.Module) -> None:
-    w = module.weight.detach().float()
-    qw = quant.QuantWeight.empty(8, tuple(w.shape))
-    q, scale = quant.quantize_int8(w)
-    qw.set_data((), q)
-    qw.set_scale((), scale)
-    del module._parameters["weight"]
-    module.weight = qw
 
 
 @needs_native

@@ -193,14 +193,11 @@ def test_int8_linear_matches_dequantised_float64(variant, m, n, k):
 def test_int8_quantweight_decode_goes_native():
     from dsvl2.model import quant
 
-    qw = quant.QuantWeight.empty(8, (64, 96))
-    q, s = quant.quantize_int8(_x(64, 96, seed=3) * 0.05)
-    qw.set_data((), q)
-    qw.set_scale((), s)
+    qw = quant.QuantWeight.quantize(_x(64, 96, seed=3) * 0.05, 8)
     x = _x(2, 96)
     with ops.decoding():
         y = ops.linear(x, qw)
-    assert torch.equal(y, native.linear_int8(x, q, s))
+    assert torch.equal(y, native.linear_int8(x, qw.data, qw.scale))
 
 
 def _qstack(e, n, k, seed):
@@ -208,9 +205,7 @@ def _qstack(e, n, k, seed):
 
     qw = quant.QuantWeight.empty(8, (e, n, k))
     for i in range(e):
-        q, s = quant.quantize_int8(_x(n, k, seed=seed * 100 + i) * 0.05)
-        qw.set_data((i,), q)
-        qw.set_scale((i,), s)
+        qw.quantize_slot((i,), _x(n, k, seed=seed * 100 + i) * 0.05)
     return qw
 
 

@@ -46,13 +46,7 @@ def _cfg(shape: str) -> LanguageConfig:
 
 def _quantise(module: torch.nn.Module) -> None:
     """The module's weight as an int8 QuantWeight, as a quantised checkpoint loads it."""
-    w = module.weight.detach().float()
-    qw = quant.QuantWeight.empty(8, tuple(w.shape))
-    q, scale = quant.quantize_int8(w)
-    qw.set_data((), q)
-    qw.set_scale((), scale)
-    del module._parameters["weight"]
-    module.weight = qw
+    quant.hold(module, "weight", quant.QuantWeight.quantize(module.weight.detach().float(), 8))
 
 
 def _mla(shape: str, wdtype: str, seed: int = 0) -> tuple[LanguageConfig, MLA]:

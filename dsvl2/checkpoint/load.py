@@ -272,10 +272,7 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
             if qw is None:
                 qw = qfilled[name] = quant.QuantWeight.empty(bits, tuple(p.shape), quant.int4_group(p.shape[-1]) or 0)
             if stored is None:  # quantise while loading
-                q, sc = (quant.quantize_int8 if bits == 8 else
-                         (lambda w: quant.quantize_int4(w, qw.group)))(read_tensor(t, fh))
-                qw.set_data(slot, q)
-                qw.set_scale(slot, sc)
+                qw.quantize_slot(slot, read_tensor(t, fh))
             elif is_scale:
                 qw.set_scale(slot, read_tensor(t, fh))
             elif qw.kind == "int4pack":
@@ -318,9 +315,7 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
     model.load_state_dict(filled, strict=False, assign=True)
     for name, qw in qfilled.items():  # quantised weights replace their (meta) parameters
         mod_name, attr = name.rsplit(".", 1)
-        mod = model.get_submodule(mod_name)
-        del mod._parameters[attr]
-        setattr(mod, attr, qw)
+        quant.hold(model.get_submodule(mod_name), attr, qw)
     model.language.rebuild_rotary(dev)  # non-persistent buffers were built on meta
     model.quantization = scheme
     model.eval()

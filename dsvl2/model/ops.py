@@ -105,7 +105,7 @@ def native_block(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return native_blocks and native_product(x, *weights)
 
 
-def in_weights_dtype(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _in_weight_dtype(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Against narrower (bf16) weights on the CPU, compute in the weights' dtype in a decode
     step, and in every step on machines with native bf16 matrix units (``native/policy.py``)."""
     return (weight.dtype != x.dtype and x.device.type == "cpu"
@@ -119,7 +119,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return out if bias is None else out + bias.to(x.dtype)
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
-    if in_weights_dtype(x, weight):
+    if _in_weight_dtype(x, weight):
         # Decode: bf16 GEMVs read half the bytes; the result returns in x's dtype.
         if decoding_active() and native.usable(x, weight):  # float32 activations, weights read once for all rows
             return native.linear(x, weight, bias)
@@ -144,7 +144,7 @@ def linear_narrow(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     tanh GELU, checked in tests/test_model.py; not of torch's erf GELU, so check any other
     op before chaining it), and ``x + y`` with y bf16 promotes exactly.
     Elsewhere (float32 or quantised weights, another policy): ``linear`` itself."""
-    if (isinstance(weight, torch.Tensor) and in_weights_dtype(x, weight) and not decoding_active()):
+    if (isinstance(weight, torch.Tensor) and _in_weight_dtype(x, weight) and not decoding_active()):
         return F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
     return linear(x, weight, bias)
 
@@ -153,7 +153,7 @@ def weight_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight`` (batched, weight [..., K, N]) in x's dtype; same dtype policy as ``linear``."""
     if weight.dtype == x.dtype:
         return torch.matmul(x, weight)
-    if in_weights_dtype(x, weight):
+    if _in_weight_dtype(x, weight):
         return torch.matmul(x.to(weight.dtype), weight).to(x.dtype)
     return torch.matmul(x, upcast(weight, x.dtype))
 
@@ -205,7 +205,7 @@ def gated_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch
         if decoding_active() and native.usable_int4(x, gate, up, down):
             return native.gated_mlp_int4(x, gate, up, down)
         return linear(F.silu(linear(x, gate)) * linear(x, up), down)
-    if in_weights_dtype(x, gate):
+    if _in_weight_dtype(x, gate):
         if decoding_active() and native.usable(x, gate, up, down):
             return native.gated_mlp(x, gate, up, down)
         xb = x.to(gate.dtype)

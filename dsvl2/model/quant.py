@@ -134,6 +134,20 @@ class QuantWeight:
         return cls("int4", shape, torch.empty(*lead, n, k // 2, dtype=torch.uint8),
                    torch.empty(*lead, n, k // group, dtype=torch.bfloat16), group)
 
+    @classmethod
+    def quantize(cls, w: torch.Tensor, bits: int) -> "QuantWeight":
+        """A float weight [N, K] quantised in the stored format (int4: groups of
+        ``int4_group(K)``) and held as the loader holds it."""
+        qw = cls.empty(bits, tuple(w.shape), (int4_group(w.shape[-1]) or 0) if bits == 4 else 0)
+        qw.quantize_slot((), w)
+        return qw
+
+    def quantize_slot(self, index: tuple[int, ...], w: torch.Tensor) -> None:
+        """Fill slot ``index`` (() for an unstacked weight) by quantising the float weight w."""
+        q, scale = quantize_int8(w) if self.bits == 8 else quantize_int4(w, self.group)
+        self.set_data(index, q)
+        self.set_scale(index, scale)
+
     def set_data(self, index: tuple[int, ...], q: torch.Tensor) -> None:
         """Fill slot ``index`` (() for an unstacked weight) from the stored format's values."""
         if self.kind == "int4pack":
@@ -240,3 +254,11 @@ class QuantWeight:
 
     def __repr__(self) -> str:
         return f"QuantWeight({self.kind}, shape={list(self.shape)}" + (f", group={self.group})" if self.group else ")")
+
+
+def hold(module: torch.nn.Module, name: str, qw: QuantWeight) -> None:
+    """Put ``qw`` where the module's parameter ``name`` was (a ``QuantWeight`` is not a
+    parameter: the parameter is removed first, as the loader does)."""
+    del module._parameters[name]
+    setattr(module, name, qw)
+

@@ -82,22 +82,28 @@ static inline __attribute__((always_inline)) void tile_##NAME(                  
         y[r * ldy + n + c * step] = FINISH(s, n + c * step);                                                 \
     }                                                                                                        \
 }                                                                                                            \
-/* every row of x, three at a time, against the C weight rows n, n + step, ... */                          \
-static inline __attribute__((always_inline)) void group_##NAME(                                              \
+DEFINE_WALK(NAME, WT, tile_##NAME, )
+
+/* The walk over a tile function TILE (R rows x C weight rows, as above), for weights WT:
+   group_NAME runs every row of x, three at a time, against the C weight rows n, n + step,
+   ...; NAME computes rows [n0, n1) of y (row stride ldy) for all M rows of x (row stride
+   ldx), its weight rows read as STREAMS parts side by side. ATTR: a target attribute, or
+   nothing. */
+#define DEFINE_WALK(NAME, WT, TILE, ATTR)                                                                     \
+static inline __attribute__((always_inline)) ATTR void group_##NAME(                                         \
         const float *x, int64_t ldx, int64_t M, const WT *w, int64_t K, int64_t n, int64_t step,            \
         const int C, float *y, int64_t ldy, const uint16_t *scale) {                                          \
     for (int64_t m = 0; m < M; m += 3) {                                                                     \
         const float *xm = x + m * ldx;                                                                       \
         float *ym = y + m * ldy;                                                                             \
         const int pf = m == 0; /* the weight rows' first pass */                                            \
-        if (M - m >= 3) tile_##NAME(xm, ldx, 3, w, K, n, step, C, pf, ym, ldy, scale);                       \
-        else if (M - m == 2) tile_##NAME(xm, ldx, 2, w, K, n, step, C, pf, ym, ldy, scale);                  \
-        else tile_##NAME(xm, ldx, 1, w, K, n, step, C, pf, ym, ldy, scale);                                  \
+        if (M - m >= 3) TILE(xm, ldx, 3, w, K, n, step, C, pf, ym, ldy, scale);                              \
+        else if (M - m == 2) TILE(xm, ldx, 2, w, K, n, step, C, pf, ym, ldy, scale);                         \
+        else TILE(xm, ldx, 1, w, K, n, step, C, pf, ym, ldy, scale);                                         \
     }                                                                                                        \
 }                                                                                                            \
-/* rows [n0, n1) of y (row stride ldy) for all M rows of x (row stride ldx) */                             \
-static void NAME(const float *x, int64_t ldx, int64_t M, int64_t K, const WT *w, const uint16_t *scale,      \
-                 int64_t n0, int64_t n1, float *y, int64_t ldy) {                                            \
+static ATTR void NAME(const float *x, int64_t ldx, int64_t M, int64_t K, const WT *w, const uint16_t *scale, \
+                      int64_t n0, int64_t n1, float *y, int64_t ldy) {                                       \
     const int64_t part = (n1 - n0) / STREAMS;                                                                \
     for (int64_t i = 0; i < part; i++) group_##NAME(x, ldx, M, w, K, n0 + i, part, STREAMS, y, ldy, scale); \
     for (int64_t n = n0 + STREAMS * part; n < n1; n++) group_##NAME(x, ldx, M, w, K, n, 1, 1, y, ldy, scale); \
@@ -121,7 +127,7 @@ DEFINE_ROWS(rows_i8, int8_t, widen8_i8, widen1_i8, ROW_SCALE)
    one 16-lane accumulator over the K blocks of 16 (lane j takes the k with k mod 16 = j,
    in order), one fixed reduction (the two halves added, then hsum8), then the K tail in
    order, times the row's scale: as the AVX2 path, a function of the row alone (the two
-   variants differ from each other in the last bits). Tiles as DEFINE_ROWS. */
+   variants differ from each other in the last bits). Tiles and walk as DEFINE_ROWS. */
 #define AVX512 __attribute__((target("avx512f")))
 static inline __attribute__((always_inline)) AVX512 __m512 widen16_i8(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
@@ -162,24 +168,7 @@ static inline __attribute__((always_inline)) AVX512 void tile_i8w(
         y[r * ldy + n + c * step] = ROW_SCALE(s, n + c * step);
     }
 }
-static inline __attribute__((always_inline)) AVX512 void group_i8w(
-        const float *x, int64_t ldx, int64_t M, const int8_t *w, int64_t K, int64_t n, int64_t step, const int C,
-        float *y, int64_t ldy, const uint16_t *scale) {
-    for (int64_t m = 0; m < M; m += 3) {
-        const float *xm = x + m * ldx;
-        float *ym = y + m * ldy;
-        const int pf = m == 0;
-        if (M - m >= 3) tile_i8w(xm, ldx, 3, w, K, n, step, C, pf, ym, ldy, scale);
-        else if (M - m == 2) tile_i8w(xm, ldx, 2, w, K, n, step, C, pf, ym, ldy, scale);
-        else tile_i8w(xm, ldx, 1, w, K, n, step, C, pf, ym, ldy, scale);
-    }
-}
-static AVX512 void rows_i8w(const float *x, int64_t ldx, int64_t M, int64_t K, const int8_t *w,
-                            const uint16_t *scale, int64_t n0, int64_t n1, float *y, int64_t ldy) {
-    const int64_t part = (n1 - n0) / STREAMS;
-    for (int64_t i = 0; i < part; i++) group_i8w(x, ldx, M, w, K, n0 + i, part, STREAMS, y, ldy, scale);
-    for (int64_t n = n0 + STREAMS * part; n < n1; n++) group_i8w(x, ldx, M, w, K, n, 1, 1, y, ldy, scale);
-}
+DEFINE_WALK(rows_i8w, int8_t, tile_i8w, AVX512)
 
 /* bf16 weights (scale NULL) or int8 weights with per-row bf16 scales (AVX-512 where the
    quantised products' variant is, dsvl2_quant_variant) */
@@ -237,18 +226,8 @@ int dsvl2_moe(const float *x, int64_t T, int64_t D, const int64_t *idx, const fl
     const char *gb = (const char *)gate, *ub = (const char *)up, *db = (const char *)down;
     const int64_t P = T * k;
     /* idx == NULL: one dense MLP (E = k = 1, every weight 1) */
-    for (int64_t p = 0; idx && p < P; p++)
-        if (idx[p] < 0 || idx[p] >= E) return -1;
-    /* counting sort of the (token, choice) pairs by expert, stable */
-    int64_t *start = order + P; /* E + 1 entries */
-    for (int64_t e = 0; e <= E; e++) start[e] = 0;
-    for (int64_t p = 0; p < P; p++) start[(idx ? idx[p] : 0) + 1]++;
-    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
-    int64_t *fill = start + E + 1; /* E entries */
-    for (int64_t e = 0; e < E; e++) fill[e] = start[e];
-    for (int64_t p = 0; p < P; p++) order[fill[idx ? idx[p] : 0]++] = p;
-    int64_t used = 0;
-    for (int64_t e = 0; e < E; e++) used += start[e + 1] > start[e];
+    const int64_t used = sort_pairs(idx, P, E, order), *start = order + P;
+    if (used < 0) return -1;
 
     float *xs = scratch;        /* [P, D]  the pairs' inputs, grouped by expert */
     float *g = xs + P * D;      /* [P, F]  gate, then silu(gate) * up */
@@ -297,15 +276,7 @@ int dsvl2_moe(const float *x, int64_t T, int64_t D, const int64_t *idx, const fl
             }
         }
     }
-    /* combine in ascending expert order per token: walk the sorted pairs */
-    for (int64_t t = 0; t < T; t++) memset(out + t * D, 0, D * sizeof(float));
-    for (int64_t i = 0; i < P; i++) {
-        int64_t p = order[i], t = p / k;
-        float w = wt ? wt[p] : 1.0f;
-        float *o = out + t * D;
-        const float *y = ys + i * D;
-        for (int64_t d = 0; d < D; d++) o[d] = fmaf(w, y[d], o[d]);
-    }
+    combine_pairs(ys, order, wt, T, k, D, out);
     return 0;
 }
 

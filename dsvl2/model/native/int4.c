@@ -285,18 +285,8 @@ int dsvl2_moe_i4(const float *x, int64_t T, int64_t D, const int64_t *idx, const
                  const uint16_t *ds, int64_t E, int64_t F, int64_t Gd, int64_t Gf, float *out, float *scratch,
                  int64_t *order_) {
     const int64_t P = T * k;
-    for (int64_t p = 0; idx && p < P; p++)
-        if (idx[p] < 0 || idx[p] >= E) return -1;
-    /* counting sort of the (token, choice) pairs by expert, stable */
-    int64_t *start = order_ + P; /* E + 1 entries */
-    for (int64_t e = 0; e <= E; e++) start[e] = 0;
-    for (int64_t p = 0; p < P; p++) start[(idx ? idx[p] : 0) + 1]++;
-    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
-    int64_t *fill = start + E + 1; /* E entries */
-    for (int64_t e = 0; e < E; e++) fill[e] = start[e];
-    for (int64_t p = 0; p < P; p++) order_[fill[idx ? idx[p] : 0]++] = p;
-    int64_t used = 0;
-    for (int64_t e = 0; e < E; e++) used += start[e + 1] > start[e];
+    const int64_t used = sort_pairs(idx, P, E, order_), *start = order_ + P;
+    if (used < 0) return -1;
 
     float *xs = scratch;   /* [P, D]  the pairs' inputs in nibble order, grouped by expert */
     float *g = xs + P * D; /* [P, F]  gate, then silu(gate) * up in nibble order */
@@ -343,14 +333,6 @@ int dsvl2_moe_i4(const float *x, int64_t T, int64_t D, const int64_t *idx, const
             }
         }
     }
-    /* combine in ascending expert order per token: walk the sorted pairs */
-    for (int64_t t = 0; t < T; t++) memset(out + t * D, 0, D * sizeof(float));
-    for (int64_t i = 0; i < P; i++) {
-        int64_t p = order_[i], t = p / k;
-        const float w = wt ? wt[p] : 1.0f;
-        float *o = out + t * D;
-        const float *yv = ys + i * D;
-        for (int64_t d = 0; d < D; d++) o[d] = fmaf(w, yv[d], o[d]);
-    }
+    combine_pairs(ys, order_, wt, T, k, D, out);
     return 0;
 }

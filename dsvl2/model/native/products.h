@@ -4,6 +4,7 @@
 #ifndef DSVL2_PRODUCTS_H
 #define DSVL2_PRODUCTS_H
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -21,6 +22,39 @@ static inline float hsum8(__m256 s) {
     lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
     lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
     return _mm_cvtss_f32(lo);
+}
+
+/* The (token, choice) pairs p = t k + j of T tokens choosing k of E experts (idx [T k];
+   NULL: every pair expert 0) sorted by expert, stable: order[0 .. P) the pairs, order[P ..
+   P + E] where each expert's run starts (E + 1 entries), then E entries of scratch.
+   Returns how many experts received pairs, or -1 (nothing sorted) for an id outside [0, E).
+   For dsvl2_moe (bf16.c) and dsvl2_moe_i4 (int4.c). */
+static inline int64_t sort_pairs(const int64_t *idx, int64_t P, int64_t E, int64_t *order) {
+    for (int64_t p = 0; idx && p < P; p++)
+        if (idx[p] < 0 || idx[p] >= E) return -1;
+    int64_t *start = order + P, *fill = start + E + 1, used = 0;
+    for (int64_t e = 0; e <= E; e++) start[e] = 0;
+    for (int64_t p = 0; p < P; p++) start[(idx ? idx[p] : 0) + 1]++;
+    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
+    for (int64_t e = 0; e < E; e++) fill[e] = start[e];
+    for (int64_t p = 0; p < P; p++) order[fill[idx ? idx[p] : 0]++] = p;
+    for (int64_t e = 0; e < E; e++) used += start[e + 1] > start[e];
+    return used;
+}
+
+/* out [T, D] = each token's pairs' outputs ys [P, D] (in sort_pairs' order) times their
+   weights wt [P] (NULL: 1), added in ascending expert id: a token's sum does not depend on
+   the other tokens nor on which thread computed each pair */
+static inline void combine_pairs(const float *ys, const int64_t *order, const float *wt, int64_t T, int64_t k,
+                                 int64_t D, float *out) {
+    for (int64_t t = 0; t < T; t++) memset(out + t * D, 0, D * sizeof(float));
+    for (int64_t i = 0; i < T * k; i++) {
+        const int64_t p = order[i], t = p / k;
+        const float w = wt ? wt[p] : 1.0f;
+        float *o = out + t * D;
+        const float *y = ys + i * D;
+        for (int64_t d = 0; d < D; d++) o[d] = fmaf(w, y[d], o[d]);
+    }
 }
 
 /* y[m, n] for n in [n0, n1), all M rows: bf16 weights (scale NULL) or int8 weights with

@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 from .engine.driver import Driver, Handle, QueueSink, raise_for_error
+from .engine import openmp
 from .engine.engine import Engine, GenerationOutput
 from .engine.sampling import SamplingParams
 from .errors import ConversationError, DSVL2Error, GenerationError
@@ -248,7 +249,10 @@ class VLModel:
             else:
                 plain.append(c)
                 extra.append(None)
-        return self.processor(plain, images=extra if any(e is not None for e in extra) else None), batched
+        try:
+            return self.processor(plain, images=extra if any(e is not None for e in extra) else None), batched
+        finally:
+            openmp.release()  # the team image processing started here: the driver's alone runs (engine/openmp.py)
 
     # ---- chat ---------------------------------------------------------------------------
     def chat(self, messages: Any, images: Sequence | None = None, *, system: str | None = None,
@@ -411,4 +415,5 @@ def load(model: str | Path = "demo", *, dtype: str | torch.dtype = "auto", devic
     vl.kernels = policy.choose(dev, dt)
     ops.apply_kernel_choice(vl.kernels)
     native.prepare(dev)  # build / load the native decode kernels now, not in the first request (model/native)
+    openmp.release()  # this thread's OpenMP team: the driver's alone runs the model (engine/openmp.py)
     return vl

@@ -272,6 +272,34 @@ def test_mla_absorbed_equals_expanded(variant):
         assert hasattr(lm.model.layers[0].self_attn, "q_a_proj")
 
 
+@pytest.mark.parametrize("variant", ["small", "dsv2x"])
+def test_mla_expanded_runs_fused_attention_and_matches_float64(variant):
+    """The expanded (prefill) MLA pads v to q's head size so that torch's fused CPU attention
+    takes it (with only the fused kernel allowed, an ineligible call raises); the result
+    matches the attention formula computed in float64 from the same q, k and v."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    lm = golden_model(variant).language
+    attn = lm.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(1)
+    b, t, s, h = 2, 5, 9, attn.h
+    q_nope, q_pe = torch.randn(b, h, t, attn.dn, generator=g), torch.randn(b, h, t, attn.dr, generator=g)
+    ckv = torch.randn(b, s, attn.r + attn.dr, generator=g)
+    visible = torch.ones(t, s, dtype=torch.bool).tril(s - t)[None].repeat(b, 1, 1)
+    visible[1, :, :2] = False  # a padded row's first keys
+    mask = torch.zeros(b, 1, t, s).masked_fill_(~visible[:, None], torch.finfo(torch.float32).min)
+    with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        got = attn._expanded(q_nope, q_pe, ckv, mask)
+    with torch.no_grad():
+        kv = attn.kv_b_proj(ckv[..., : attn.r]).double().view(b, s, h, attn.dn + attn.dv).transpose(1, 2)
+    k = torch.cat([kv[..., : attn.dn], ckv[:, None, :, attn.r:].double().expand(b, h, s, attn.dr)], dim=-1)
+    q = torch.cat([q_nope, q_pe], dim=-1).double()
+    p = (q @ k.transpose(-1, -2) * attn.scale).masked_fill(~visible[:, None], float("-inf")).softmax(-1)
+    want = p @ kv[..., attn.dn:]
+    assert got.shape == want.shape == (b, h, t, attn.dv)
+    assert torch.allclose(got.double(), want, atol=1e-5, rtol=1e-5), (got.double() - want).abs().max()
+
+
 # ---- RoPE ---------------------------------------------------------------------------------------
 
 def _complex_rotate(x: torch.Tensor, positions: torch.Tensor, base: float, pairs: str) -> torch.Tensor:

@@ -181,10 +181,9 @@ class MLA(nn.Module):
             # torch's fused CPU attention takes one head size for q, k and v; with v's 128
             # against q's 192 it fell back to the unfused path (every head's [T, S] scores
             # materialised): 1.5-1.9x slower on prefill chunks. Zero columns appended to v
-            # leave the other columns' sums as they were; they are cut off again.
+            # leave the other columns' sums as they were; they are cut off below.
             v = F.pad(v, (0, pad))
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)[..., : self.dv]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)[..., : self.dv]
 
     def _absorbed(self, q_nope, q_pe, ckv, mask) -> torch.Tensor:
         b, h, t, _ = q_nope.shape

@@ -409,15 +409,24 @@ def _fields(cfg) -> dict:
 
 def _vision_block_cast_per_product(block, x):
     """One SigLIP block as before ``ops.linear_narrow``: every product through ``ops.linear``
-    (its result cast back to x's dtype), GELU in float32: the bits the chain must keep."""
-    from dsvl2.model.ops import linear
+    (its result cast back to x's dtype), GELU in float32: the bits the chain must keep. The
+    attention: torch's float32 one, or where the policy gives it bf16 products
+    (``ops.attention_in_bf16``) the native kernel on contiguous copies of q, k, v."""
+    from dsvl2.model import native
+    from dsvl2.model.ops import attention_in_bf16, linear
 
     n, p, w = x.shape
     att = block.attn
     h = block.norm1(x)
     qkv = linear(h, att.qkv.weight, att.qkv.bias).view(n, p, 3, att.heads, w // att.heads).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
-    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, p, w)
+    if attention_in_bf16(h, att.qkv.weight):
+        bf = torch.bfloat16
+        o = native.attention_bf16(q.to(bf).contiguous(), k.to(bf).contiguous(), v.to(bf).contiguous(),
+                                  (w // att.heads) ** -0.5)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v)
+    o = o.transpose(1, 2).reshape(n, p, w)
     x = x + linear(o, att.proj.weight, att.proj.bias)
     mlp = block.mlp
     h = F.gelu(linear(block.norm2(x), mlp.fc1.weight, mlp.fc1.bias), approximate="tanh")
@@ -659,3 +668,32 @@ def test_cache_pool_sizes(variant):
     assert cache.nbytes() == 10 * 8 * per_token * cfg.num_hidden_layers * 4
     assert KVCache.bytes_per_token(cfg, torch.float32) * 8 == cache.block_bytes
     assert all(not t[0].any() for layer in cache.layers for t in layer)  # the null block is zero
+
+
+def test_scratch_buffers_made_under_inference_mode_are_writable_outside_it():
+    """The per-thread buffers (``scratch.buffer``, ``native.scratch_buffer``) are made on first
+    use; made under torch.inference_mode they must still take writes outside it (a product
+    after a ``torch.inference_mode`` block used to fail with "Inplace update to inference
+    tensor"). A fresh thread, so the buffers are new."""
+    import threading
+
+    from dsvl2.model import native, scratch
+
+    w = torch.randn(37, 53).to(torch.bfloat16)
+    got, errors = [], []
+
+    def run():
+        try:
+            with torch.inference_mode():
+                scratch.upcast(w, torch.float32)
+                native.scratch_buffer(100, torch.float32)
+            got.append(scratch.upcast(w * 2, torch.float32).clone())
+            native.scratch_buffer(100, torch.float32).fill_(1.0)
+        except RuntimeError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert not errors, errors
+    assert torch.equal(got[0], (w * 2).float())

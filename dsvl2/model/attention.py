@@ -65,6 +65,13 @@ class MHA(nn.Module):
         k = apply_rope(k, ctx.cos, ctx.sin, interleaved=False).transpose(1, 2)  # [B, T, Hk, hd]
         if ctx.cache is not None:
             k, v = ctx.write_and_read(self.layer, (k, v))  # [B, S, Hk, hd]
+        if ops.attention_in_bf16(x, self.q_proj.weight) and self.hd % 2 == 0:
+            # bf16 products (native kernel), grouped kv heads read in place; out [B, T, H, hd]
+            bf = torch.bfloat16
+            out = torch.empty((b, t, self.h, self.hd), dtype=q.dtype)
+            native.attention_bf16(q.to(bf), k.transpose(1, 2).to(bf), v.transpose(1, 2).to(bf), self.scale,
+                                  ctx.mask, out=out.transpose(1, 2))
+            return self.o_proj(out.view(b, t, self.h * self.hd))
         k, v = k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype)  # [B, Hk, S, hd]
         if self.hk != self.h:
             k = k.repeat_interleave(self.h // self.hk, dim=1)
@@ -128,7 +135,12 @@ class MLA(nn.Module):
             ckv = ckv.to(x.dtype)
         if absorbed is None:
             absorbed = t <= self.absorb_max_tokens
-        out = self._absorbed(q_nope, q_pe, ckv, ctx.mask) if absorbed else self._expanded(q_nope, q_pe, ckv, ctx.mask)
+        if absorbed:
+            out = self._absorbed(q_nope, q_pe, ckv, ctx.mask)
+        elif ops.attention_in_bf16(x, self.kv_b_proj.weight):
+            out = self._expanded_bf16(q_nope, q_pe, ckv, ctx.mask)
+        else:
+            out = self._expanded(q_nope, q_pe, ckv, ctx.mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.h * self.dv))  # out [B, H, T, dv]
 
     def native_decode(self, x: torch.Tensor, ctx: StepContext) -> bool:
@@ -184,6 +196,27 @@ class MLA(nn.Module):
             # leave the other columns' sums as they were; they are cut off below.
             v = F.pad(v, (0, pad))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)[..., : self.dv]
+
+    def _expanded_bf16(self, q_nope, q_pe, ckv, mask) -> torch.Tensor:
+        """``_expanded`` with bf16 products (``ops.attention_in_bf16``): k_nope / v expanded
+        in bf16 (the bits ``kv_b_proj``'s float32 result has, rounded back), q and k
+        assembled in bf16, the native kernel; float32 [B, H, T, dv] (a view of [B, T, H, dv],
+        so the caller's transpose is free)."""
+        b, s, _ = ckv.shape
+        h, t = self.h, q_nope.shape[2]
+        latent, k_pe = ckv.split([self.r, self.dr], dim=-1)
+        kv = ops.linear_narrow(latent, self.kv_b_proj.weight).to(torch.bfloat16)
+        kv = kv.view(b, s, h, self.dn + self.dv)
+        k = torch.empty((b, s, h, self.dn + self.dr), dtype=torch.bfloat16)
+        k[..., : self.dn] = kv[..., : self.dn]
+        k[..., self.dn:] = k_pe[:, :, None]
+        q = torch.empty((b, t, h, self.dn + self.dr), dtype=torch.bfloat16)
+        q[..., : self.dn] = q_nope.transpose(1, 2)
+        q[..., self.dn:] = q_pe.transpose(1, 2)
+        out = torch.empty((b, t, h, self.dv), dtype=torch.float32)
+        native.attention_bf16(q.transpose(1, 2), k.transpose(1, 2), kv[..., self.dn:].transpose(1, 2), self.scale,
+                              mask, out=out.transpose(1, 2))
+        return out.transpose(1, 2)
 
     def _absorbed(self, q_nope, q_pe, ckv, mask) -> torch.Tensor:
         b, h, t, _ = q_nope.shape

@@ -105,6 +105,23 @@ def native_block(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return native_blocks and native_product(x, *weights)
 
 
+# Prefill / vision attention beside bf16 products runs on the native bf16 kernel
+# (``native.attention_bf16``) where the CPU has AVX-512 BF16; tests switch it off to
+# compare with torch's float32 attention.
+native_attention = True
+
+
+def attention_in_bf16(x: torch.Tensor, weight) -> bool:
+    """The attention of a prefill step or of the vision tower whose products compute in bf16
+    (this process's policy, a bf16 or quantised ``weight`` beside it, not a decode step) runs
+    with bf16 products too, on the native kernel, where it is usable here. As flash
+    attention in the bf16 reference: float32 scores and softmax, bf16 inputs to both
+    products. Float32 weights (the oracle) and decode steps never."""
+    return (native_attention and _big_in_weights and x.dtype == torch.float32 and x.is_cpu
+            and (isinstance(weight, QuantWeight) or weight.dtype == torch.bfloat16)
+            and not decoding_active() and native.attention_usable())
+
+
 def _in_weight_dtype(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Against narrower (bf16) weights on the CPU, compute in the weights' dtype in a decode
     step, and in every step on machines with native bf16 matrix units (``native/policy.py``)."""

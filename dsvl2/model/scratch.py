@@ -32,5 +32,8 @@ def buffer(n: int, dtype: torch.dtype) -> torch.Tensor:
         bufs = _scratch.bufs = {}
     buf = bufs.get(dtype)
     if buf is None or buf.numel() < n:
-        buf = bufs[dtype] = torch.empty(n, dtype=dtype)
+        # a normal tensor even when first made under torch.inference_mode (an inference
+        # tensor could not be written outside it: the next product outside would fail)
+        with torch.inference_mode(False):
+            buf = bufs[dtype] = torch.empty(n, dtype=dtype)
     return buf[:n]

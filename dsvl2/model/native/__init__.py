@@ -20,6 +20,8 @@ layer's weights once, for callers that keep them (the plan).
 dequantised in registers, each weight row read once for all rows), a whole MoE layer (or
 one gated MLP) of them in one call, and dequantises blocks of rows for the prefill GEMMs;
 ``dequant.c`` does the same for int8 (values x bf16 row scales, one pass).
+``attention.c`` runs the attention of prefill and of the vision tower with bf16 products
+on CPUs with AVX-512 BF16, where the kernel policy runs the products around it in bf16.
 
 Numbers: activations stay float32 (torch's bf16 path rounds them to bf16 first), so the
 result is closer to the float32 reference than the torch bf16 path's; a row's bits do
@@ -42,11 +44,13 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import weakref
 
 import torch
 
 from .build import (FLAGS, HERE, SOURCES, available, cache_path, cpu_ok, prepare, require, reset, stand_in,
                     status)
+from .cpu import cpu_info
 
 __all__ = ["FLAGS", "HERE", "SOURCES", "available", "cache_path", "cpu_ok", "prepare", "require", "reset",
            "stand_in", "status"]  # and the kernels' wrappers below
@@ -92,7 +96,8 @@ def scratch_buffer(n: int, dtype: torch.dtype) -> torch.Tensor:
         bufs = _local.bufs = {}
     buf = bufs.get(dtype)
     if buf is None or buf.numel() < n:
-        buf = bufs[dtype] = torch.empty(max(n, 1), dtype=dtype)
+        with torch.inference_mode(False):  # writable outside inference mode too (see scratch.buffer)
+            buf = bufs[dtype] = torch.empty(max(n, 1), dtype=dtype)
     return buf
 
 
@@ -772,3 +777,90 @@ def mla_decode(x: torch.Tensor, wq, kv_a, kv_norm: torch.Tensor, kv_b: torch.Ten
     layer = _mla_layer(fn, wq, kv_a, kv_norm, kv_b, wo, x.shape[1], r, heads, dn, dr, dv, eps, scale, q_a, q_norm,
                        q_eps, biases)
     return _mla_run(fn, layer, x, cos, sin, cache, table, pos)
+
+
+# ---- prefill and vision attention with bf16 products (attention.c) --------------------------
+
+ATTENTION_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
+# A mask value at or below this hides its key: its weight exp(s + mask - max) is exactly 0
+# whenever any key of the row is visible (the model's masks use the dtype's min).
+HIDDEN = -1e30
+_attention: list = [None, False]  # (the library it was decided for, whether the kernel runs)
+
+
+def attention_usable() -> bool:
+    """``attention_bf16`` runs here: the kernels built, by a compiler with the AVX-512 BF16
+    intrinsics (``attention.c``), on a CPU with AVX-512 BF16."""
+    if not available():
+        return False
+    lib = require()
+    if _attention[0] is not lib:
+        flags = cpu_info()[1]
+        _attention[:] = [lib, all(f in flags for f in ATTENTION_FLAGS) and bool(lib.dsvl2_attention_built())]
+    return _attention[1]
+
+
+def _attention_limits(mask: torch.Tensor, b: int, t: int, s: int) -> torch.Tensor:
+    """int32 [B, T]: 1 + the last key each query row sees (0: none). The kernel skips the keys
+    after it (all hidden). One mask serves every layer of a step: the limits are kept for the
+    next call with the same mask (same object, unchanged, same B), which is not kept alive."""
+    memo = getattr(_local, "attention_limits", None)
+    if memo is not None and memo[0]() is mask and memo[1] == (mask._version, b):
+        return memo[2]
+    last = ((mask[:, 0] > HIDDEN) * torch.arange(1, s + 1, dtype=torch.int32)).amax(-1)  # [B or 1, T]
+    lim = last.to(torch.int32).expand(b, t).contiguous()
+    _local.attention_limits = (weakref.ref(mask), (mask._version, b), lim)
+    return lim
+
+
+def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                   mask: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``softmax(scale q k^T + mask) v`` per head with bf16 products (``attention.c``: scores
+    accumulated in float32, softmax in float32, its weights rounded to bf16 for the product
+    with v): q bf16 [B, H, T, dk], k / v bf16 [B, Hk, S, dk] / [B, Hk, S, dv] (H a multiple
+    of Hk: grouped kv heads), any strides with the last dimension contiguous, dk and dv even;
+    mask: an additive float mask [B or 1, 1, T, S] or None; out: float32 or bf16 [B, H, T, dv]
+    (last dimension contiguous) written in place, or None for a new float32 one. Returns out.
+    Only where ``attention_usable()``."""
+    fn = "attention_bf16"
+
+    def four(name, x, want):
+        if not (isinstance(x, torch.Tensor) and x.dtype is _BF16 and x.is_cpu and x.ndim == 4 and x.stride(3) == 1
+                and all(n > 0 for n in x.shape)):
+            raise _bad(fn, name, x, f"bf16 {want} on the CPU, no size 0, the last dimension contiguous")
+
+    four("q", q, "[B, H, T, dk]")
+    b, h, t, dk = q.shape
+    four("k", k, f"[{b}, Hk, S, {dk}]")
+    four("v", v, f"[{b}, Hk, S, dv]")
+    hk, s = k.shape[1], k.shape[2]
+    if k.shape[0] != b or k.shape[3] != dk or h % hk or dk % 2:
+        raise _bad(fn, "k", k, f"bf16 [{b}, Hk, S, {dk}] with Hk dividing {h} (q's heads) and dk even")
+    dv = v.shape[3]
+    if v.shape[:3] != (b, hk, s) or dv % 2:
+        raise _bad(fn, "v", v, f"bf16 [{b}, {hk}, {s}, dv] (k's rows) with dv even")
+    mst = (0, 0)
+    lim = None
+    if mask is not None:
+        if not (isinstance(mask, torch.Tensor) and mask.is_cpu and mask.dtype.is_floating_point and mask.ndim == 4
+                and mask.shape[0] in (1, b) and mask.shape[1:] == (1, t, s)):
+            raise _bad(fn, "mask", mask, f"a float mask [{b} or 1, 1, {t}, {s}] on the CPU")
+        if mask.dtype is not _F32 or mask.stride(3) != 1:
+            mask = mask.to(_F32).contiguous()
+        lim = _attention_limits(mask, b, t, s)
+        mst = (mask.stride(0) if mask.shape[0] == b else 0, mask.stride(2))
+    if out is None:
+        out = torch.empty((b, h, t, dv), dtype=_F32)
+    elif not (isinstance(out, torch.Tensor) and out.dtype in (_F32, _BF16) and out.is_cpu
+              and out.shape == (b, h, t, dv) and out.stride(3) == 1):
+        raise _bad(fn, "out", out, f"float32 or bf16 [{b}, {h}, {t}, {dv}] on the CPU, the last dimension contiguous")
+    st = torch.tensor([*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *mst], dtype=_I64)
+    rc = require().dsvl2_attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                                        int(out.dtype is _BF16), b, h, hk, t, s, dk, dv, float(scale),
+                                        None if mask is None else mask.data_ptr(),
+                                        None if lim is None else lim.data_ptr(), st.data_ptr())
+    if rc == -1:
+        raise MemoryError(f"native.{fn}: no memory for the kernel's scratch (S = {s}, dk = {dk}, dv = {dv})")
+    if rc != 0:
+        raise RuntimeError(f"native.{fn}: this build of the kernels lacks it (attention_usable() is False)")
+    return out

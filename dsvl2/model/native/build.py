@@ -38,7 +38,7 @@ from .cpu import cpu_info
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "bf16.c", HERE / "layers.c", HERE / "step.c", HERE / "mla.c",
-           HERE / "int4.c", HERE / "dequant.c")  # + products.h, which all include
+           HERE / "int4.c", HERE / "dequant.c", HERE / "attention.c")  # + products.h
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared")
 log = logging.getLogger("dsvl2.native")
 _lock = threading.Lock()
@@ -243,6 +243,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dsvl2_mla_decode.restype = ctypes.c_int
     lib.dsvl2_mla_scratch.argtypes = [i64] * 8
     lib.dsvl2_mla_scratch.restype = i64
+    lib.dsvl2_attention_built.argtypes = []
+    lib.dsvl2_attention_built.restype = ctypes.c_int
+    lib.dsvl2_attention_bf16.argtypes = [p, p, p, p, ctypes.c_int, i64, i64, i64, i64, i64, i64, i64, f32, p, p, p]
+    lib.dsvl2_attention_bf16.restype = ctypes.c_int
 
 
 def _load() -> ctypes.CDLL | None:

@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 from .engine.driver import Driver, Handle, QueueSink, raise_for_error
-from .engine import openmp
+from .engine import heap, openmp
 from .engine.engine import Engine, GenerationOutput
 from .engine.sampling import SamplingParams
 from .errors import ConversationError, DSVL2Error, GenerationError
@@ -183,6 +183,9 @@ def user_turn(text: str, images: Sequence | None = None) -> dict:
 # at most about one decode step plus this many prompt tokens (or one image tile) of a
 # newcomer's admission between two tokens.
 STEP_TOKENS = 512
+# ... and of a step in which no stream is running (nobody waits for a token): a lone
+# prompt prefills in chunks of this many tokens (engine/scheduler.py says what it saves).
+IDLE_STEP_TOKENS = 4096
 
 
 class VLModel:
@@ -204,7 +207,7 @@ class VLModel:
                 raise DSVL2Error(f"kv_cache_bytes: {e}") from None
         self.driver = Driver(Engine(model, processor.tokenizer, max_batch_size=max_batch_size,
                                     step_tokens=step_tokens, kv_cache_bytes=kv_cache_bytes,
-                                    prefix_caching=prefix_caching))
+                                    prefix_caching=prefix_caching, idle_step_tokens=IDLE_STEP_TOKENS))
 
     @property
     def engine(self) -> Engine:
@@ -406,9 +409,11 @@ def load(model: str | Path = "demo", *, dtype: str | torch.dtype = "auto", devic
     blocks of equal prefixes (a photo, a system prompt, earlier turns) between requests."""
     folder = resolve_model(model)
     _warn_demo(folder)
+    heap.one_arena()  # before the loading starts threads (engine/heap.py)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     net = load_model(folder, dt, dev, progress=progress, quantize=quantize)
+    heap.keep_freed_memory()  # steps reuse freed pages instead of faulting new ones (engine/heap.py)
     vl = VLModel(net, Processor.from_pretrained(folder), folder, max_batch_size=max_batch_size,
                  step_tokens=step_tokens, kv_cache_bytes=kv_cache_bytes, prefix_caching=prefix_caching)
     # the dtype of vision / prefill products on this machine (model/native/policy.py)

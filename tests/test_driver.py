@@ -188,6 +188,35 @@ def test_scheduler_plan_respects_the_budget():
     assert [w.chunks for w in unlimited.plan()] == [[(c, 128)], [(c, 128)], [(c, 44)]]
 
 
+def test_scheduler_idle_budget_only_while_no_stream_runs():
+    """With nobody decoding, a step's budget is ``idle_tokens`` (where larger): a lone prompt
+    prefills in one chunk; as soon as a stream runs, ``step_tokens`` bounds the step again."""
+    class R:
+        def __init__(self, rid, tiles, toks):
+            self.rid, self.tiles_total, self.tiles_done = rid, tiles, 0
+            self.prefill_len, self.prefilled, self.chunk_size = toks, 0, None
+
+    kv = KVManager(BlockPool(8, 16, 1))
+    s = Scheduler(4, kv, step_tokens=512, tile_cost=729, idle_tokens=4096)
+    a = R(0, 7, 1431)
+    s.admitting = [a]
+    work = s.plan()  # 5 tiles (3645 of 4096), the other 2 wait for the next step
+    assert len(work) == 1 and isinstance(work[0], Vision) and work[0].k == 5
+    a.tiles_done = 7
+    assert s.plan()[0].chunks == [(a, 1431)]
+    s.running = [object()]  # a stream runs: 511 left for admission
+    assert s.plan()[0].chunks == [(a, 511)]
+    s.running = []
+    a.prefill_len = 9000  # longer than the idle budget: chunks of 4096
+    assert s.plan()[0].chunks == [(a, 4096)]
+    small_idle = Scheduler(4, kv, step_tokens=512, idle_tokens=100)  # never below step_tokens
+    small_idle.admitting = [a]
+    assert small_idle.plan()[0].chunks == [(a, 512)]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="idle_tokens"):
+            Scheduler(4, kv, step_tokens=512, idle_tokens=bad)
+
+
 def test_driver_on_a_plain_engine_equals_generate(model, alone):
     eng = Engine(model.model, model.processor.tokenizer, step_tokens=100)
     d = Driver(eng)

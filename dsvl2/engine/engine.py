@@ -155,7 +155,8 @@ class Engine:
     One caller at a time: ``step`` is not thread-safe. Share an engine between threads or
     iterators through a ``Driver``. ``max_batch_size``: requests admitted at once;
     ``step_tokens``: the scheduler's per-step token budget (None: admission work is never
-    split, the whole prompt prefills at once); ``kv_cache_bytes``: the KV pool (None:
+    split, the whole prompt prefills at once); ``idle_step_tokens``: the budget of a step in
+    which no stream is running (None: ``step_tokens``); ``kv_cache_bytes``: the KV pool (None:
     ``default_kv_cache_bytes``); ``block_size``: tokens per block; ``prefix_caching``:
     share the blocks of equal prefixes between requests (``kv_manager``); ``sampler``:
     picks the next tokens (None: an open ``seams.use_sampler`` block's, else
@@ -165,7 +166,8 @@ class Engine:
     def __init__(self, model: DeepseekVL2, tokenizer: Tokenizer, max_batch_size: int = 16,
                  cache_dtype: torch.dtype | None = None, context_window: int | None = None,
                  step_tokens: int | None = None, kv_cache_bytes: int | None = None,
-                 block_size: int = BLOCK_SIZE, prefix_caching: bool = True, sampler: Sampler | None = None):
+                 block_size: int = BLOCK_SIZE, prefix_caching: bool = True, sampler: Sampler | None = None,
+                 idle_step_tokens: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = model.cfg.language
@@ -194,7 +196,7 @@ class Engine:
         self.kv = KVManager(self.pool, prefix_caching)
         vc = model.cfg.vision
         self.scheduler = Scheduler(max_batch_size, self.kv, step_tokens,
-                                   tile_cost=(vc.image_size // vc.patch_size) ** 2)
+                                   tile_cost=(vc.image_size // vc.patch_size) ** 2, idle_tokens=idle_step_tokens)
         self.output = OutputProcessor(tokenizer.decode)
         self.eos_ids = {i for i in (tokenizer.eos_id, self.cfg.eos_token_id) if i is not None}
         # Optional hook for long work: progress(stage, done, total) with stage "vision"

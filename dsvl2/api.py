@@ -188,6 +188,20 @@ STEP_TOKENS = 512
 IDLE_STEP_TOKENS = 4096
 
 
+def first_request_bytes(cfg, step_tokens: int) -> int:
+    """About the heap a first request grows on the CPU (what ``heap.reserve`` faults in at
+    load): a prefill step of up to 2048 tokens (float32 rows of the width, 16 per token, and
+    the dense MLP's bf16 intermediates) and a vision step of 5 tiles (the most one step of
+    the idle budget takes: float32 rows of the tower's width, 6 per patch, and its MLP's bf16
+    hidden). For the real tiny model 440 MiB, where its first 7-tile photo (c01) grew the
+    heap to 460 MiB."""
+    lang, vis = cfg.language, cfg.vision
+    tokens = min(step_tokens, 2048)
+    prefill = tokens * (lang.hidden_size * 4 * 16 + lang.intermediate_size * 2 * 4)
+    patches = 5 * (vis.image_size // vis.patch_size) ** 2
+    return prefill + patches * (vis.width * 4 * 6 + vis.mlp_hidden * 2 * 2)
+
+
 class VLModel:
     """A loaded DeepSeek-VL2 model with its processor and generation engine."""
 
@@ -420,5 +434,7 @@ def load(model: str | Path = "demo", *, dtype: str | torch.dtype = "auto", devic
     vl.kernels = policy.choose(dev, dt)
     ops.apply_kernel_choice(vl.kernels)
     native.prepare(dev)  # build / load the native decode kernels now, not in the first request (model/native)
+    if dev.type == "cpu" and heap.keep_freed_memory():
+        heap.reserve(first_request_bytes(net.cfg, IDLE_STEP_TOKENS))  # its page faults now (engine/heap.py)
     openmp.release()  # this thread's OpenMP team: the driver's alone runs the model (engine/openmp.py)
     return vl

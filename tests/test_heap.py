@@ -73,3 +73,36 @@ def test_system_malloc_is_left_alone(monkeypatch):
     assert not heap.wanted() and heap.keep_freed_memory() is False
     monkeypatch.setenv("DSVL2_MALLOC", "")
     assert heap.wanted()
+
+
+def test_load_reserves_about_a_first_requests_heap():
+    """``api.first_request_bytes`` grows with the model's widths (a prefill step of up to
+    2048 tokens and a 5-tile vision step), and never counts more than 2048 prompt tokens."""
+    import dsvl2
+    from dsvl2.api import first_request_bytes
+    from dsvl2.config import load_config
+
+    configs = os.path.join(os.path.dirname(dsvl2.__file__), "assets", "configs")
+    tiny, base = (load_config(os.path.join(configs, f"{n}.json")) for n in ("tiny", "base"))
+    assert 300 << 20 < first_request_bytes(tiny, 4096) < first_request_bytes(base, 4096) < 1 << 30
+    assert first_request_bytes(tiny, 4096) == first_request_bytes(tiny, 2048) > first_request_bytes(tiny, 512)
+
+
+@pytest.mark.skipif(heap._mallopt() is None, reason="not glibc: keep_freed_memory() changes nothing there")
+def test_reserved_pages_serve_the_next_allocations():
+    """After ``reserve(n)`` (and the settings), a block of n / 2 faults almost none of its
+    pages: they were faulted in by the reserve and kept in the heap."""
+    script = r"""
+import json, resource, torch
+from dsvl2.engine import heap
+assert heap.keep_freed_memory()
+heap.reserve(64 << 20)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+b = torch.empty(32 << 20, dtype=torch.uint8); b.fill_(1)
+print(json.dumps({"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before,
+                  "pages": (32 << 20) // resource.getpagesize()}))
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["faults"] < out["pages"] // 20

@@ -36,11 +36,7 @@ static inline __m256i round_bf16_8(__m256 v) {
     return _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
 }
 
-static inline AVX512 __m512i round_bf16_16(__m512 v) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    return _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-}
+/* round_bf16_16 (16 lanes): products.h */
 
 static void row_tail(const int8_t *q, float s, int64_t k0, int64_t K, float *o32, uint16_t *o16) {
     for (int64_t k = k0; k < K; k++) {

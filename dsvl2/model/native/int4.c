@@ -227,14 +227,6 @@ static inline uint16_t to_bf16(float f) {
     return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 
-/* 16 lanes of float32 as bf16 (nearest even, by integer arithmetic as to_bf16), in the low
-   16 bits of each 32-bit lane */
-static inline AVX512 __m512i to_bf16_16(__m512 v) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    return _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-}
-
 /* one group of G values (G / 2 bytes, a multiple of 16) of a row, 32 values a step: the 16
    bytes widened to 32-bit lanes, low and high nibbles (even and odd columns) each as
    (u - 8) * s, then put side by side in column order: as bf16 pairs in one 32-bit lane
@@ -249,7 +241,7 @@ static AVX512 void dequant_group_512(const uint8_t *b, int64_t G, float s, float
         const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(d, mask), eight)), vs);
         const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(d, 4), eight)), vs);
         if (o16)
-            _mm512_storeu_si512(o16 + 2 * j, _mm512_or_si512(to_bf16_16(lo), _mm512_slli_epi32(to_bf16_16(hi), 16)));
+            _mm512_storeu_si512(o16 + 2 * j, _mm512_or_si512(round_bf16_16(lo), _mm512_slli_epi32(round_bf16_16(hi), 16)));
         else {
             _mm512_storeu_ps(o32 + 2 * j, _mm512_permutex2var_ps(lo, first, hi));
             _mm512_storeu_ps(o32 + 2 * j + 16, _mm512_permutex2var_ps(lo, second, hi));

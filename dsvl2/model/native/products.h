@@ -16,6 +16,14 @@ static inline float bf16_to_f32(uint16_t v) {
     return f;
 }
 
+/* 16 float32 lanes as bf16, rounded to nearest even by integer arithmetic (as torch rounds
+   a finite float32; vcvtneps2bf16 would flush denormals), in the low 16 bits of each lane */
+static inline __attribute__((target("avx512f"))) __m512i round_bf16_16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+}
+
 /* the 8 lanes of s added in one fixed order: halves, then pairs, then the last two */
 static inline float hsum8(__m256 s) {
     __m128 lo = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));

@@ -58,7 +58,7 @@ def run(env_value: str | None) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(heap._mallopt() is None, reason="not glibc: keep_freed_memory() changes nothing there")
+@pytest.mark.skipif(not heap.available(), reason="not glibc: keep_freed_memory() changes nothing there")
 def test_freed_blocks_are_reused_after_load_and_not_with_system_malloc():
     tuned = run(None)
     assert tuned["applied"] is True
@@ -88,7 +88,7 @@ def test_load_reserves_about_a_first_requests_heap():
     assert first_request_bytes(tiny, 4096) == first_request_bytes(tiny, 2048) > first_request_bytes(tiny, 512)
 
 
-@pytest.mark.skipif(heap._mallopt() is None, reason="not glibc: keep_freed_memory() changes nothing there")
+@pytest.mark.skipif(not heap.available(), reason="not glibc: keep_freed_memory() changes nothing there")
 def test_reserved_pages_serve_the_next_allocations():
     """After ``reserve(n)`` (and the settings), a block of n / 2 faults almost none of its
     pages: they were faulted in by the reserve and kept in the heap."""

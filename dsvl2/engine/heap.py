@@ -32,7 +32,7 @@ import ctypes.util
 import functools
 import os
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's malloc.h
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's values for mallopt
 MMAP_THRESHOLD = 1 << 30  # larger blocks (a KV pool, a checkpoint-sized buffer) stay mappings
 TRIM_THRESHOLD = (1 << 31) - 1  # the largest an int takes: the heap top is never trimmed
 
@@ -51,6 +51,11 @@ def _mallopt():
     return fn
 
 
+def available() -> bool:
+    """Whether this process's C library is glibc (whose malloc these settings tune)."""
+    return _mallopt() is not None
+
+
 def wanted() -> bool:
     """Unless ``DSVL2_MALLOC=system``."""
     return os.environ.get("DSVL2_MALLOC", "").strip().lower() != "system"
@@ -61,7 +66,7 @@ def reserve(nbytes: int) -> bool:
     pages stay in the heap, and the next steps' tensors are cut from them instead of faulting
     new ones; ``api.load`` reserves about what a first photo's request would fault, so that
     cost moves into the load. False (nothing done) where the settings are not in force."""
-    if nbytes <= 0 or not (_mallopt() is not None and wanted()):
+    if nbytes <= 0 or not (available() and wanted()):
         return False
     import torch
 

@@ -436,5 +436,7 @@ def load(model: str | Path = "demo", *, dtype: str | torch.dtype = "auto", devic
     native.prepare(dev)  # build / load the native decode kernels now, not in the first request (model/native)
     if dev.type == "cpu" and heap.keep_freed_memory():
         heap.reserve(first_request_bytes(net.cfg, IDLE_STEP_TOKENS))  # its page faults now (engine/heap.py)
+        first = min(IDLE_STEP_TOKENS, 2048)  # and those of its KV blocks (model/cache.py)
+        vl.engine.cache.touch(-(-first // vl.engine.block_size))
     openmp.release()  # this thread's OpenMP team: the driver's alone runs the model (engine/openmp.py)
     return vl

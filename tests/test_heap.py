@@ -106,3 +106,36 @@ print(json.dumps({"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt -
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["faults"] < out["pages"] // 20
+
+
+def test_touched_kv_blocks_are_committed_and_zero():
+    """``KVCache.touch(n)``: blocks 1..n of every pool hold zeros (the null block too), the
+    blocks after them are left alone, and writing the touched blocks later faults almost
+    none of their pages (``api.load`` touches a first request's blocks this way)."""
+    import resource
+
+    import torch
+
+    from dsvl2.config import LanguageConfig
+    from dsvl2.model.cache import KVCache
+
+    cfg = LanguageConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2,
+                         intermediate_size=64, vocab_size=32, use_mla=False)
+    kv = KVCache(cfg, num_blocks=600, block_size=64)  # 2 layers x (k, v) x 600 x 64 x 4 x 64 float32: 38 MiB each
+    assert kv.touch(400) == 400 and kv.touch(10_000) == 599
+    fresh = KVCache(cfg, num_blocks=600, block_size=64)
+    fresh.touch(400)
+    k, v = fresh.layers[0]
+    assert torch.count_nonzero(k[:401]) == 0 and torch.count_nonzero(v[:401]) == 0
+
+    def fault_writes(cache):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for layer in cache.layers:
+            for t in layer:
+                t[1:401].fill_(1.0)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    untouched = KVCache(cfg, num_blocks=600, block_size=64)
+    pages = 4 * 400 * 64 * 4 * 64 * 4 // resource.getpagesize()
+    assert fault_writes(untouched) > pages // 2  # the pool is committed only when written
+    assert fault_writes(fresh) < pages // 20

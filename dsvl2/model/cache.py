@@ -65,6 +65,19 @@ class KVCache:
             for t in layer:
                 t[NULL_BLOCK].zero_()
 
+    def touch(self, blocks: int) -> int:
+        """Write the first ``blocks`` blocks after the null block of every pool (zeros), so
+        their pages are committed now rather than by the first request's prefill: the block
+        pool hands out the lowest free ids first (``engine/blocks.py``). ``api.load`` touches
+        a first photo's worth (2048 tokens: 45 thousand page faults out of tiny's first c01
+        request). Returns the blocks touched."""
+        n = max(0, min(int(blocks), self.num_blocks - 1))
+        if n:
+            for layer in self.layers:
+                for t in layer:
+                    t[1:1 + n].zero_()
+        return n
+
     def _shapes(self) -> list[tuple[int, ...]]:
         c, nb, bs = self.cfg, self.num_blocks, self.block_size
         if c.use_mla:

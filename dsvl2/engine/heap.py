@@ -22,7 +22,8 @@ is not glibc nothing changes.
 
 The first request still faults its working set in (the heap starts empty): 129 thousand
 pages for the first c01 photo on tiny, ~5 s of system time in this VM, the second photo
-26 thousand. ``reserve()`` faults about that much in while the model loads.
+26 thousand. ``reserve()`` faults about that much in while the model loads (and
+``api.load`` writes the KV blocks a first request gets: ``KVCache.touch``).
 """
 
 from __future__ import annotations

@@ -36,6 +36,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "products.h"
+
 /* AVX-512 BF16 intrinsics: GCC 10+, clang 9+; elsewhere the entry point says so (-2) */
 #if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
 #define HAVE_BF16 1
@@ -73,12 +75,8 @@ static inline BF16 __m512 exp_neg(__m512 x) {
     return _mm512_maskz_scalef_ps((__mmask16)~tiny, p, n);
 }
 
-/* float32 -> bf16, nearest even (finite values) */
-static inline BF16 __m256i to_bf16(__m512 v) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16));
-}
+/* 16 float32 lanes -> 16 bf16 values, nearest even (finite values; products.h) */
+static inline BF16 __m256i to_bf16(__m512 v) { return _mm512_cvtepi32_epi16(round_bf16_16(v)); }
 
 /* k rows [S, dk] (row stride ks) -> kp: per block of 32 keys, dk / 2 groups of 32 words,
    word l of group d = columns (2d, 2d + 1) of key 32 jb + l; keys past S are zero */

@@ -22,21 +22,14 @@
 
 #define AVX512 __attribute__((target("avx512f,avx512bw")))
 
-/* a finite float32 as bf16, rounded to nearest even (as torch rounds) */
-static inline uint16_t round_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-}
-
-/* the same for 8 / 16 lanes, the result in the low 16 bits of each 32-bit lane */
+/* round_bf16 (one value) and round_bf16_16 (16 lanes): products.h; the same for 8 lanes,
+   the result in the low 16 bits of each 32-bit lane */
 static inline __m256i round_bf16_8(__m256 v) {
     const __m256i u = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     return _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
 }
 
-/* round_bf16_16 (16 lanes): products.h */
 
 static void row_tail(const int8_t *q, float s, int64_t k0, int64_t K, float *o32, uint16_t *o16) {
     for (int64_t k = k0; k < K; k++) {

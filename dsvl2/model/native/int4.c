@@ -220,13 +220,6 @@ void dsvl2_linear_i4(const float *x, int64_t M, int64_t K, const uint8_t *q, con
     team4(w, xp, M, K, G, q, scale, N, y, N);
 }
 
-/* a finite float32 as bf16, rounded to nearest even (as torch rounds) */
-static inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-}
-
 /* one group of G values (G / 2 bytes, a multiple of 16) of a row, 32 values a step: the 16
    bytes widened to 32-bit lanes, low and high nibbles (even and odd columns) each as
    (u - 8) * s, then put side by side in column order: as bf16 pairs in one 32-bit lane
@@ -269,8 +262,8 @@ void dsvl2_dequant_i4(const uint8_t *q, const uint16_t *scale, int64_t N, int64_
                 dequant_group_512(b + j0, G, s, obf16 ? NULL : o32 + 2 * j0, obf16 ? o16 + 2 * j0 : NULL);
             else if (obf16)
                 for (int64_t j = j0; j < j1; j++) {
-                    o16[2 * j] = to_bf16((float)((b[j] & 15) - 8) * s);
-                    o16[2 * j + 1] = to_bf16((float)((b[j] >> 4) - 8) * s);
+                    o16[2 * j] = round_bf16((float)((b[j] & 15) - 8) * s);
+                    o16[2 * j + 1] = round_bf16((float)((b[j] >> 4) - 8) * s);
                 }
             else
                 for (int64_t j = j0; j < j1; j++) {

@@ -1,6 +1,7 @@
 /* Shared between the kernels of dsvl2.model.native (bf16.c: products; layers.c: norms,
    attention and routing of a decode step; mla.c: the MLA attention block; int4.c: int4
-   products; step.c: all decoder layers of a step). */
+   products; step.c: all decoder layers of a step; dequant.c: dequantisation; attention.c:
+   prefill attention). */
 #ifndef DSVL2_PRODUCTS_H
 #define DSVL2_PRODUCTS_H
 #include <immintrin.h>
@@ -16,8 +17,15 @@ static inline float bf16_to_f32(uint16_t v) {
     return f;
 }
 
-/* 16 float32 lanes as bf16, rounded to nearest even by integer arithmetic (as torch rounds
-   a finite float32; vcvtneps2bf16 would flush denormals), in the low 16 bits of each lane */
+/* a finite float32 as bf16, rounded to nearest even (as torch rounds) */
+static inline uint16_t round_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+/* the same for 16 float32 lanes, by integer arithmetic (vcvtneps2bf16 would flush
+   denormals), in the low 16 bits of each lane */
 static inline __attribute__((target("avx512f"))) __m512i round_bf16_16(__m512 v) {
     const __m512i u = _mm512_castps_si512(v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));

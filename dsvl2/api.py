@@ -186,17 +186,20 @@ STEP_TOKENS = 512
 # ... and of a step in which no stream is running (nobody waits for a token): a lone
 # prompt prefills in chunks of this many tokens (engine/scheduler.py says what it saves).
 IDLE_STEP_TOKENS = 4096
+# The prompt tokens a first request is assumed to prefill (a photo's prompt is ~1400):
+# ``load`` faults in the heap and the KV blocks of that many while the model loads.
+FIRST_REQUEST_TOKENS = 2048
 
 
 def first_request_bytes(cfg, step_tokens: int) -> int:
     """About the heap a first request grows on the CPU (what ``heap.reserve`` faults in at
-    load): a prefill step of up to 2048 tokens (float32 rows of the width, 16 per token, and
-    the dense MLP's bf16 intermediates) and a vision step of 5 tiles (the most one step of
-    the idle budget takes: float32 rows of the tower's width, 6 per patch, and its MLP's bf16
-    hidden). For the real tiny model 440 MiB, where its first 7-tile photo (c01) grew the
-    heap to 460 MiB."""
+    load): a prefill step of up to ``FIRST_REQUEST_TOKENS`` tokens (float32 rows of the
+    width, 16 per token, and the dense MLP's bf16 intermediates) and a vision step of 5
+    tiles (the most one step of the idle budget takes: float32 rows of the tower's width, 6
+    per patch, and its MLP's bf16 hidden). For the real tiny model 423 MiB, where its first
+    7-tile photo (c01) grew the heap to 460 MiB."""
     lang, vis = cfg.language, cfg.vision
-    tokens = min(step_tokens, 2048)
+    tokens = min(step_tokens, FIRST_REQUEST_TOKENS)
     prefill = tokens * (lang.hidden_size * 4 * 16 + lang.intermediate_size * 2 * 4)
     patches = 5 * (vis.image_size // vis.patch_size) ** 2
     return prefill + patches * (vis.width * 4 * 6 + vis.mlp_hidden * 2 * 2)
@@ -427,16 +430,16 @@ def load(model: str | Path = "demo", *, dtype: str | torch.dtype = "auto", devic
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     net = load_model(folder, dt, dev, progress=progress, quantize=quantize)
-    heap.keep_freed_memory()  # steps reuse freed pages instead of faulting new ones (engine/heap.py)
+    kept = heap.keep_freed_memory()  # steps reuse freed pages instead of faulting new ones (engine/heap.py)
     vl = VLModel(net, Processor.from_pretrained(folder), folder, max_batch_size=max_batch_size,
                  step_tokens=step_tokens, kv_cache_bytes=kv_cache_bytes, prefix_caching=prefix_caching)
     # the dtype of vision / prefill products on this machine (model/native/policy.py)
     vl.kernels = policy.choose(dev, dt)
     ops.apply_kernel_choice(vl.kernels)
     native.prepare(dev)  # build / load the native decode kernels now, not in the first request (model/native)
-    if dev.type == "cpu" and heap.keep_freed_memory():
+    if dev.type == "cpu" and kept:
         heap.reserve(first_request_bytes(net.cfg, IDLE_STEP_TOKENS))  # its page faults now (engine/heap.py)
-        first = min(IDLE_STEP_TOKENS, 2048)  # and those of its KV blocks (model/cache.py)
+        first = min(IDLE_STEP_TOKENS, FIRST_REQUEST_TOKENS)  # and those of its KV blocks (model/cache.py)
         vl.engine.cache.touch(-(-first // vl.engine.block_size))
     openmp.release()  # this thread's OpenMP team: the driver's alone runs the model (engine/openmp.py)
     return vl

@@ -49,15 +49,15 @@ class Attention(nn.Module):
         hd = w // self.heads
         qkv = linear_narrow(x, self.qkv.weight, self.qkv.bias)  # bf16 where the products are
         narrow = qkv.dtype
+        qkv = qkv.view(n, p, 3, self.heads, hd).permute(2, 0, 3, 1, 4)  # [3, N, H, P, hd]
         heads = torch.empty((n, p, self.heads, hd), dtype=narrow)  # the heads side by side, for proj
         if narrow is torch.bfloat16 and attention_in_bf16(x, self.qkv.weight) and hd % 2 == 0:
             # bf16 products here too (native kernel): q, k, v read in place from qkv, the
             # result written in place into ``heads``
-            q, k, v = qkv.view(n, p, 3, self.heads, hd).permute(2, 0, 3, 1, 4).unbind(0)  # [N, H, P, hd]
+            q, k, v = qkv.unbind(0)
             native.attention_bf16(q, k, v, hd ** -0.5, out=heads.transpose(1, 2))
         else:
-            qkv = qkv.view(n, p, 3, self.heads, hd).permute(2, 0, 3, 1, 4).to(x.dtype)
-            q, k, v = qkv.unbind(0)  # [N, H, P, hd]
+            q, k, v = qkv.to(x.dtype).unbind(0)
             out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(hd), no mask
             heads.copy_(out.transpose(1, 2))  # [N, H, P, hd] -> [N, P, H, hd], the products' dtype
         return linear_narrow(heads.view(n, p, w), self.proj.weight, self.proj.bias)

@@ -431,11 +431,16 @@ def load(model: str | Path = "demo", *, dtype: str | torch.dtype = "auto", devic
     dt = pick_dtype(dtype, dev)
     net = load_model(folder, dt, dev, progress=progress, quantize=quantize)
     kept = heap.keep_freed_memory()  # steps reuse freed pages instead of faulting new ones (engine/heap.py)
+    # the dtype of vision / prefill products on this machine (model/native/policy.py)
+    kernels = policy.choose(dev, dt)
+    ops.apply_kernel_choice(kernels)
+    if kernels.big_products == "bf16":
+        # the vision tower's weights reordered once for oneDNN (model/prepack.py), before the
+        # KV cache is sized from the memory left
+        net.vision.prepack()
     vl = VLModel(net, Processor.from_pretrained(folder), folder, max_batch_size=max_batch_size,
                  step_tokens=step_tokens, kv_cache_bytes=kv_cache_bytes, prefix_caching=prefix_caching)
-    # the dtype of vision / prefill products on this machine (model/native/policy.py)
-    vl.kernels = policy.choose(dev, dt)
-    ops.apply_kernel_choice(vl.kernels)
+    vl.kernels = kernels
     native.prepare(dev)  # build / load the native decode kernels now, not in the first request (model/native)
     if dev.type == "cpu" and kept:
         heap.reserve(first_request_bytes(net.cfg, IDLE_STEP_TOKENS))  # its page faults now (engine/heap.py)

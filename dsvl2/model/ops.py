@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
+from . import native, prepack
 from .native import policy
 from .quant import QuantWeight
 from .scratch import upcast  # noqa: F401  (ops.upcast: the name callers use)
@@ -176,10 +176,38 @@ def weight_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose weights may be stored in a narrower dtype than the activations."""
+    """nn.Linear whose weights may be stored in a narrower dtype than the activations.
+
+    ``prepack()`` keeps a oneDNN-reordered copy of a bf16 weight beside it (``prepack.py``)
+    for ``narrow``: the vision tower's products, run in bf16 where the policy says so."""
+
+    packed: torch.Tensor | None = None
+    _packed_of: tuple[int, int] | None = None  # (data_ptr, version) of the weight packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+    def prepack(self, rows: int = 729) -> bool:
+        """Reorder the bf16 weight once for ``narrow`` (where ``prepack.usable()``); True if done."""
+        w = self.weight
+        if not (isinstance(w, torch.Tensor) and w.dtype is torch.bfloat16 and w.is_cpu and prepack.usable()):
+            return False
+        self.packed = prepack.pack(w, rows)
+        self._packed_of = (w.data_ptr(), w._version)
+        return True
+
+    def narrow(self, x: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:
+        """``linear_narrow(x, weight, bias)``, then the tanh GELU if asked. Where the product
+        runs in bf16 and the weight is prepacked (and unchanged since): one oneDNN call on
+        the reordered weight, same bits as ``linear_narrow``; with ``gelu_tanh`` the GELU
+        runs on the float32 accumulator before the one rounding (``prepack.py``)."""
+        w = self.weight
+        if (self.packed is not None and _in_weight_dtype(x, w) and not decoding_active()
+                and self._packed_of == (w.data_ptr(), w._version)):
+            b = None if self.bias is None else self.bias.to(w.dtype)
+            return prepack.product(x.to(w.dtype), self.packed, b, gelu_tanh)
+        h = linear_narrow(x, w, self.bias)
+        return F.gelu(h, approximate="tanh") if gelu_tanh else h
 
 
 class RMSNorm(nn.Module):

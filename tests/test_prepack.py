@@ -1,0 +1,172 @@
+"""oneDNN-reordered bf16 weights (dsvl2/model/prepack.py, ops.Linear.prepack / narrow):
+the reordered product against torch's plain one (bits), the fused tanh GELU against float64
+and against the unfused chain, when ``narrow`` must ignore the reordered copy, and the vision
+tower prepacked against itself unpacked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsvl2.config import VisionConfig
+from dsvl2.model import ops, prepack
+from dsvl2.model.ops import Linear, linear_narrow
+
+BF = torch.bfloat16
+needs_onednn_bf16 = pytest.mark.skipif(not prepack.usable(),
+                                       reason="hardware: no oneDNN bf16 products on this CPU / torch")
+
+
+def _bf16_linear(n: int, k: int, bias: bool = True, seed: int = 0) -> Linear:
+    torch.manual_seed(seed)
+    lin = Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.normal_(0, k ** -0.5)
+        if bias:
+            lin.bias.normal_(0, 0.5)
+    return lin.to(BF)
+
+
+@pytest.fixture
+def bf16_policy():
+    before = ops.big_products_in_weights_dtype()
+    ops.set_big_products_in_weights_dtype(True)
+    yield
+    ops.set_big_products_in_weights_dtype(before)
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize("shape", [(1, 1, 64), (3, 29, 64), (1, 300, 64), (17, 64)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_reordered_product_has_plain_bits(shape, bias):
+    lin = _bf16_linear(40, 64, bias)
+    x = torch.randn(*shape).to(BF)
+    got = prepack.product(x, prepack.pack(lin.weight), lin.bias)
+    assert got.dtype is BF and got.shape == (*shape[:-1], 40)
+    assert torch.equal(got, F.linear(x, lin.weight, lin.bias))
+
+
+@needs_onednn_bf16
+def test_reordered_product_reads_strided_input():
+    """oneDNN's op misreads a transposed input; ``product`` hands it a contiguous one."""
+    lin = _bf16_linear(24, 32)
+    x = torch.randn(32, 50).to(BF).t()  # [50, 32], not contiguous
+    assert torch.equal(prepack.product(x, prepack.pack(lin.weight), lin.bias), F.linear(x, lin.weight, lin.bias))
+
+
+@needs_onednn_bf16
+def test_rows_hint_does_not_change_bits():
+    lin = _bf16_linear(96, 128)
+    x = torch.randn(2, 37, 128).to(BF)
+    outs = [prepack.product(x, prepack.pack(lin.weight, rows), lin.bias, True) for rows in (1, 37, 729, 5000)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+@needs_onednn_bf16
+def test_fused_gelu_is_float32_gelu_rounded_once():
+    """fc1 + tanh GELU in one call: within one bf16 rounding (plus float32 noise) of the float64
+    GELU of the float64 product, and on average closer to it than the unfused chain, which
+    rounds twice."""
+    lin = _bf16_linear(256, 192, seed=1)
+    x = (torch.randn(3, 50, 192) * 2).to(BF)
+    fused = prepack.product(x, prepack.pack(lin.weight), lin.bias, gelu_tanh=True)
+    unfused = F.gelu(F.linear(x, lin.weight, lin.bias), approximate="tanh")
+    z = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+    ref = F.gelu(z, approximate="tanh")
+    err = (fused.double() - ref).abs()
+    # half a bf16 ulp of the value, plus the float32 accumulation's error carried through the
+    # GELU (slope <= 1.13) for values near zero
+    bound = ref.abs() * 2.0 ** -8 + 1e-5 * (z.abs() + 1)
+    assert (err <= bound).all(), (err / bound).max()
+    assert err.mean() < (unfused.double() - ref).abs().mean()
+    assert not torch.equal(fused, unfused)  # the rounding it saves is real at these sizes
+
+
+@needs_onednn_bf16
+def test_narrow_uses_the_reordered_weight_with_the_same_bits(bf16_policy):
+    lin = _bf16_linear(72, 48)
+    x = torch.randn(2, 9, 48)
+    want = linear_narrow(x, lin.weight, lin.bias)
+    assert lin.prepack(9) and lin.packed is not None
+    got = lin.narrow(x)
+    assert got.dtype is BF and torch.equal(got, want)
+    fused = lin.narrow(x, gelu_tanh=True)
+    assert torch.equal(fused, prepack.product(x.to(BF), lin.packed, lin.bias, True))
+
+
+@needs_onednn_bf16
+def test_narrow_ignores_a_stale_reordered_weight(bf16_policy):
+    """A weight changed in place after ``prepack`` (a reload into the same module): ``narrow``
+    computes with the new values, not the reordered copy of the old ones."""
+    lin = _bf16_linear(32, 16)
+    assert lin.prepack()
+    with torch.no_grad():
+        lin.weight.mul_(-2)
+    x = torch.randn(5, 16)
+    assert torch.equal(lin.narrow(x), linear_narrow(x, lin.weight, lin.bias))
+    assert torch.equal(lin.narrow(x, gelu_tanh=True), F.gelu(linear_narrow(x, lin.weight, lin.bias),
+                                                             approximate="tanh"))
+
+
+@needs_onednn_bf16
+def test_narrow_ignores_the_reordered_weight_outside_bf16_products():
+    """float32 products (the other policy) and decode steps never take the oneDNN path."""
+    lin = _bf16_linear(32, 16)
+    assert lin.prepack()
+    x = torch.randn(4, 16)
+    before = ops.big_products_in_weights_dtype()
+    ops.set_big_products_in_weights_dtype(False)
+    try:
+        got = lin.narrow(x, gelu_tanh=True)
+        assert got.dtype is torch.float32
+        assert torch.equal(got, F.gelu(ops.linear(x, lin.weight, lin.bias), approximate="tanh"))
+    finally:
+        ops.set_big_products_in_weights_dtype(before)
+    with ops.decoding():
+        assert torch.equal(lin.narrow(x), linear_narrow(x, lin.weight, lin.bias))
+
+
+def test_prepack_refuses_what_it_cannot_reorder():
+    """float32 weights (the oracle's) are never reordered; ``narrow`` is then ``linear_narrow``."""
+    lin = Linear(16, 8)
+    assert lin.prepack() is False and lin.packed is None
+    x = torch.randn(3, 16)
+    assert torch.equal(lin.narrow(x), linear_narrow(x, lin.weight, lin.bias))
+    assert torch.equal(lin.narrow(x, gelu_tanh=True), F.gelu(lin(x), approximate="tanh"))
+
+
+@needs_onednn_bf16
+def test_vision_tower_prepacked_matches_unpacked(bf16_policy):
+    """A whole (small) tower: prepacked, every product but fc1 + GELU has the unpacked bits, so
+    the output differs only by the GELU's saved rounding: close, and closer to float32."""
+    from dsvl2.model.vision import VisionTransformer
+
+    cfg = VisionConfig(width=64, layers=2, heads=4, mlp_ratio=3.7362, image_size=56, patch_size=14)
+    torch.manual_seed(0)
+    tower = VisionTransformer(cfg)
+    with torch.no_grad():
+        for prm in tower.parameters():
+            prm.normal_(0, 0.2)
+    exact = VisionTransformer(cfg)
+    exact.load_state_dict(tower.state_dict())  # float32 weights: the float32 tower
+    tower = tower.to(BF)
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.inference_mode():
+        plain = tower(pixels)
+        assert tower.prepack()
+        packed = tower(pixels)
+        truth = exact(pixels)
+    assert packed.dtype is torch.float32
+    assert not torch.equal(packed, plain)
+    assert torch.allclose(packed, plain, rtol=0.05, atol=0.05)
+    assert (packed - truth).abs().mean() <= (plain - truth).abs().mean() * 1.05
+
+
+def test_load_prepacks_the_vision_tower_where_vision_runs_in_bf16():
+    import dsvl2
+
+    m = dsvl2.load("demo")
+    lins = [lin for b in m.model.vision.blocks for lin in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2)]
+    want = m.kernels.big_products == "bf16" and prepack.usable()
+    assert all((lin.packed is not None) == want for lin in lins)

@@ -247,3 +247,33 @@ def test_int8_experts_match_dequantised_reference(variant, t, k, e):
         dense = native.gated_mlp_int8(x, gate[0], up[0], down[0])
         assert torch.equal(dense, native.experts_int8(x, torch.zeros(t, 1, dtype=torch.long),
                                                       torch.ones(t, 1), gate, up, down))
+
+
+@needs_native
+@pytest.mark.parametrize("n", [1, 23, 24, 49, 384, 1000, 6200])  # around the chunk sizes (24-384 rows)
+def test_products_do_not_depend_on_the_thread_count(n):
+    """The team shares rows out in chunks to whichever thread is free (products.h
+    team_chunk): a row's bits must not depend on which thread, nor how many, computed it,
+    for bf16, int8 and int4 weights."""
+    from dsvl2.model import quant
+
+    k = 256
+    x = _x(3, k)
+    w = _bf16(n, k)
+    q8, s8 = quant.quantize_int8(_x(n, k, seed=2) * 0.05)
+    q4, s4 = quant.quantize_int4(_x(n, k, seed=4) * 0.05, 128)
+
+    def run():
+        return native.linear(x, w), native.linear_int8(x, q8, s8), native.linear_int4(x, q4, s4)
+
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)

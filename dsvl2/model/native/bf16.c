@@ -179,13 +179,12 @@ void dsvl2_any_rows(const float *x, int64_t ldx, int64_t M, int64_t K, const voi
     else rows(x, ldx, M, K, (const uint16_t *)w, NULL, n0, n1, y, ldy);
 }
 
-/* split [0, N) among the team in contiguous blocks (each thread streams its own rows) */
+/* [0, N) shared out among the team in chunks (products.h team_chunk) */
 void dsvl2_team_rows(const float *x, int64_t ldx, int64_t M, int64_t K, const void *w, const uint16_t *scale,
                       int64_t N, float *y, int64_t ldy) {
-    int nt = omp_get_num_threads(), t = omp_get_thread_num();
-    int64_t per = (N + nt - 1) / nt;
-    int64_t n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
-    if (n0 < n1) dsvl2_any_rows(x, ldx, M, K, w, scale, n0, n1, y, ldy);
+    const int64_t ch = team_chunk(N, omp_get_num_threads());
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t n0 = 0; n0 < N; n0 += ch) dsvl2_any_rows(x, ldx, M, K, w, scale, n0, n0 + ch < N ? n0 + ch : N, y, ldy);
 }
 
 /* y [M, N] = x [M, K] . w[N, K]^T (+ bias [N] float32, may be NULL) */

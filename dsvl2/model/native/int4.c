@@ -199,13 +199,12 @@ static void rows4(int w, const float *xp, int64_t M, int64_t K, int64_t G, const
     else rows_avx2(xp, M, K, G, q, scale, n0, n1, y, ldy);
 }
 
-/* the calling team splits [0, N) into contiguous blocks, one per thread */
+/* [0, N) shared out among the calling team in chunks (products.h team_chunk) */
 static void team4(int w, const float *xp, int64_t M, int64_t K, int64_t G, const uint8_t *q,
                   const uint16_t *scale, int64_t N, float *y, int64_t ldy) {
-    int nt = omp_get_num_threads(), t = omp_get_thread_num();
-    int64_t per = (N + nt - 1) / nt;
-    int64_t n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
-    if (n0 < n1) rows4(w, xp, M, K, G, q, scale, n0, n1, y, ldy);
+    const int64_t ch = team_chunk(N, omp_get_num_threads());
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t n0 = 0; n0 < N; n0 += ch) rows4(w, xp, M, K, G, q, scale, n0, n0 + ch < N ? n0 + ch : N, y, ldy);
 }
 
 /* y [M, N] = x [M, K] . w^T, w the int4 weight (q [N, K/2], scale [N, K/G]);

@@ -111,12 +111,12 @@ static void product_rows(const float *x, int64_t ldx, int64_t M, int64_t K, cons
     else dsvl2_any_rows(x, ldx, M, K, w->w, w->kind == W_INT8 ? w->scale : NULL, n0, n1, y, ldy);
 }
 
-/* the calling team splits [0, N) into contiguous blocks, one per thread (as dsvl2_team_rows) */
+/* [0, N) shared out among the calling team in chunks (as dsvl2_team_rows, products.h team_chunk) */
 static void team_product(const float *x, int64_t ldx, int64_t M, int64_t K, const dsvl2_mla_weight *w, int64_t N,
                          float *y, int64_t ldy) {
-    int nt = omp_get_num_threads(), t = omp_get_thread_num();
-    int64_t per = (N + nt - 1) / nt, n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
-    if (n0 < n1) product_rows(x, ldx, M, K, w, n0, n1, y, ldy);
+    const int64_t ch = team_chunk(N, omp_get_num_threads());
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t n0 = 0; n0 < N; n0 += ch) product_rows(x, ldx, M, K, w, n0, n0 + ch < N ? n0 + ch : N, y, ldy);
 }
 
 /* interleaved RoPE of one rope part (the reference de-interleaves (2i, 2i + 1) -> evens

@@ -151,6 +151,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.cat(parts, dim=-1)
 
 
+def _stays_narrow(x: torch.Tensor, weight) -> bool:
+    """A vision / prefill product that computes in the (bf16) weight's dtype, whose result
+    ``linear_narrow`` and ``Linear.narrow`` keep in that dtype."""
+    return isinstance(weight, torch.Tensor) and _in_weight_dtype(x, weight) and not decoding_active()
+
+
 def linear_narrow(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``linear``, except that where the product computes in the (bf16) weights' dtype its
     result stays in that dtype instead of returning to x's: for chains of big products
@@ -161,7 +167,7 @@ def linear_narrow(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     tanh GELU, checked in tests/test_model.py; not of torch's erf GELU, so check any other
     op before chaining it), and ``x + y`` with y bf16 promotes exactly.
     Elsewhere (float32 or quantised weights, another policy): ``linear`` itself."""
-    if (isinstance(weight, torch.Tensor) and _in_weight_dtype(x, weight) and not decoding_active()):
+    if _stays_narrow(x, weight):
         return F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
     return linear(x, weight, bias)
 
@@ -202,8 +208,7 @@ class Linear(nn.Linear):
         the reordered weight, same bits as ``linear_narrow``; with ``gelu_tanh`` the GELU
         runs on the float32 accumulator before the one rounding (``prepack.py``)."""
         w = self.weight
-        if (self.packed is not None and _in_weight_dtype(x, w) and not decoding_active()
-                and self._packed_of == (w.data_ptr(), w._version)):
+        if self.packed is not None and _stays_narrow(x, w) and self._packed_of == (w.data_ptr(), w._version):
             b = None if self.bias is None else self.bias.to(w.dtype)
             return prepack.product(x.to(w.dtype), self.packed, b, gelu_tanh)
         h = linear_narrow(x, w, self.bias)

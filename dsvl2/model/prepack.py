@@ -33,10 +33,8 @@ _BF16 = torch.bfloat16
 def usable() -> bool:
     """This torch has the oneDNN ops, multiplies bf16 on this CPU, and a probe of the
     reordered product gives ``F.linear``'s bits (a 3-D input, a bias, an odd row count)."""
-    ops = getattr(torch.ops, "mkldnn", None)
-    try:
-        if not (torch.backends.mkldnn.is_available() and ops is not None
-                and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    try:  # a torch without these ops raises AttributeError / RuntimeError on the lookup
+        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
             return False
         g = torch.Generator().manual_seed(0)
         w = torch.randn(48, 64, generator=g).to(_BF16)

@@ -134,6 +134,47 @@ def _fp32_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return 2 * (k * u / (1 - k * u)) * (x.double().abs() @ w.double().abs().T)
 
 
+def _digits(variant: str, group: int) -> bool:
+    """Whether int4 products of this group size take the integer digits (int4.c, "avx512-vnni")."""
+    return variant == "avx512-vnni" and group % 128 == 0
+
+
+def _digits_error(x: torch.Tensor) -> torch.Tensor:
+    """How far the value the digits stand for can be from each x (int4.c): half a unit of
+    the last digit, (max |x| of its block of 128) / 127 / 2^15, plus 4 roundings of x."""
+    blocks = x.double().abs().unflatten(-1, (-1, 128)).amax(-1, keepdim=True)
+    unit = (blocks / 127 * 2.0 ** -15).expand(*blocks.shape[:-1], 128).flatten(-2)
+    return unit + 4 * 2.0 ** -24 * x.double().abs()
+
+
+@needs_native
+def test_int4_digits_edge_values():
+    """The digits path (where the CPU has AVX-512 VNNI) on what a block can hold: a value 1e6
+    times its neighbours (they keep 2^-22 of the block's largest, as _digits_error says), an
+    all-zero block (its sum exactly 0), values below 2^-100 (scaled, not lost), and a NaN or
+    an infinity (the output is not finite, as in the float product)."""
+    qw, ref_w = _qweight(4, 64, 512)
+    before = native.quant_variant()
+    try:
+        for v in native.QUANT_VARIANTS:
+            if native.quant_variant(v) != v:
+                continue
+            x = _x(4, 512)
+            x[0, 5] = 1e6
+            x[1, :128] = 0
+            x[2] = x[2] * 1e-35
+            y = native.linear_int4(x, qw.data, qw.scale)
+            ref = F.linear(x.double(), ref_w.double())
+            bound = _fp32_bound(x, ref_w) + (_digits_error(x) @ ref_w.double().abs().T if _digits(v, 128) else 0)
+            assert ((y.double() - ref).abs() <= bound).all(), v
+            assert (y[2] != 0).all()
+            for bad in (float("nan"), float("inf")):
+                x[3, 300] = bad
+                assert not native.linear_int4(x, qw.data, qw.scale)[3].isfinite().any(), (v, bad)
+    finally:
+        native.quant_variant(before)
+
+
 @pytest.mark.parametrize("bits, n, k, kind", [(8, 48, 96, "int8"), (4, 48, 128, "int4pack"), (4, 40, 64, "int4")])
 @pytest.mark.parametrize("decoding", [False, True])
 def test_torch_kernels_match_dequantised_reference(no_native, bits, n, k, kind, decoding):
@@ -154,13 +195,16 @@ def test_torch_kernels_match_dequantised_reference(no_native, bits, n, k, kind, 
 def test_native_int4_linear_matches_float32_reference(variant, m, n, k):
     """Groups 128 (K = 384, 1280), 64 (K = 64) and 32 (K = 96, 32); N not a multiple of 16.
     The weight is dequantised exactly, so the kernel and torch's float32 product of the
-    dequantised weight differ by float32 rounding of the sums only (``_fp32_bound``)."""
+    dequantised weight differ by float32 rounding of the sums only (``_fp32_bound``), and
+    on the digits path (groups of 128 with AVX-512 VNNI) by the digits' rounding of x
+    (``_digits_error``)."""
     qw, ref_w = _qweight(4, n, k)
     assert qw.kind == "int4" and qw.group == quant.int4_group(k)
     x = _x(m, k)
     y = native.linear_int4(x, qw.data, qw.scale)
     ref = F.linear(x, ref_w)
-    assert ((y.double() - ref.double()).abs() <= _fp32_bound(x, ref_w)).all()
+    bound = _fp32_bound(x, ref_w) + (_digits_error(x) @ ref_w.double().abs().T if _digits(variant, qw.group) else 0)
+    assert ((y.double() - ref.double()).abs() <= bound).all()
     with ops.decoding():
         assert torch.equal(ops.linear(x, qw), y)  # a decode step's int4 product is this kernel
     out = torch.empty(n, k)

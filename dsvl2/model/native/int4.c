@@ -25,6 +25,10 @@
    differ from each other in the last bits: one variant serves a whole process).
    Compiled with -ffp-contract=off.
 
+   Where the CPU has AVX-512 VNNI and G is a multiple of 128, the products take another
+   road: integer digits of the activations against the nibbles (``tile_dig``, below),
+   within 2^-22 of each block's largest activation of the float paths' value.
+
    Tiles: R activation rows x C weight rows per pass (as bf16.c): a dequantised weight
    block serves R rows; a thread's weight rows are read as C streams side by side. The
    whole MoE layer (``dsvl2_moe_i4``) follows bf16.c's ``dsvl2_moe``: pairs sorted by expert,
@@ -44,21 +48,28 @@
 #define UNROLL _Pragma("GCC unroll 4")
 #define AVX512 __attribute__((target("avx512f")))
 
-/* The variant of the quantised products in use (int4 here, int8 in bf16.c): 1 = AVX-512,
-   0 = AVX2, -1 = not decided yet (the CPU decides). */
-static int wide_ = -1;
+/* The variant of the quantised products in use (int4 here, int8 in bf16.c): 2 = AVX-512 with
+   VNNI (int4 products by integer digits, below; int8 as 1), 1 = AVX-512, 0 = AVX2, -1 = not
+   decided yet (the CPU decides: the highest it has). */
+static int variant_ = -1;
 
-int dsvl2_quant_wide(void) {
-    if (wide_ < 0) wide_ = __builtin_cpu_supports("avx512f") ? 1 : 0;
-    return wide_;
+static int cpu_variant(void) {
+    if (!__builtin_cpu_supports("avx512f")) return 0;
+    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") ? 2 : 1;
 }
-static int wide(void) { return dsvl2_quant_wide(); }
 
-/* Which variant the quantised products use: want 1 asks for AVX-512 (where the CPU has it),
-   0 for AVX2, -1 only asks. Returns the variant now in use (tests run both on one machine). */
+static int variant(void) {
+    if (variant_ < 0) variant_ = cpu_variant();
+    return variant_;
+}
+
+int dsvl2_quant_wide(void) { return variant() >= 1; }
+
+/* Which variant the quantised products use: want 2, 1 or 0 asks for it (or the highest below
+   it the CPU has), -1 only asks. Returns the variant now in use (tests run each on one machine). */
 int dsvl2_quant_variant(int want) {
-    if (want >= 0) wide_ = want && __builtin_cpu_supports("avx512f");
-    return wide();
+    if (want >= 0) variant_ = want < cpu_variant() ? want : cpu_variant();
+    return variant();
 }
 
 /* x [M, K] (row stride ldx) -> xp [M, K] in nibble order for L-lane vectors: per 2L
@@ -191,11 +202,153 @@ static ATTR void rows_##V(const float *xp, int64_t M, int64_t K, int64_t G, cons
 DEFINE_ROWS4(avx2, , 2, 2)
 DEFINE_ROWS4(512, AVX512, 4, 3)
 
+/* AVX-512 VNNI ("digits"): where G is a multiple of 128, each row of x is written, per
+   block of 128 columns, as three signed 8-bit digits per value against a block scale
+   sx = max|x| / 127:  x ~ sx (d0 + d1 / 128 + d2 / 128^2),  d0 in [-127, 127], d1, d2 in
+   [-64, 64] (each digit the rounded remainder of the one before: the value to within
+   sx / 2^15, i.e. 2^-22 of the block's largest), and the products of the nibbles u with
+   the digits are summed exactly in 32-bit integers by vpdpbusd (64 byte products per
+   instruction, where the float path takes an FMA per 16 weights and two table lookups).
+   Per block and output: the lanes' (sum u d0) 2^14 + (sum u d1) 2^7 + (sum u d2) less
+   8 sum (d0 2^14 + d1 2^7 + d2) (the "- 8" of the stored format, precomputed per block and
+   lane: at most 4e8, no overflow), converted to float32 once and times the weight's group
+   scale and sx. A row's numbers depend on that row only (its digits, then one fixed
+   sequence per block); they differ from the float paths by the digits' rounding
+   (tests/test_quant.py holds them to the float32 product within that bound).
+
+   A prepared row keeps the float row's size, 512 bytes a block: the digits d0 of its even
+   columns (64 bytes: byte i is column 2i, the low nibbles' columns), of its odd columns,
+   then d1 and d2 the same way, the 16 lanes' corrections (int32), sx 2^-14 (float32), padding. */
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define DIGIT_BLOCK 128
+#define DIGIT_BYTES 512
+#define DIGIT_CORR 384
+#define DIGIT_SCALE 448
+
+/* one block: 128 float32 values in column order -> its 512 prepared bytes (o may be src) */
+static VNNI void digits_block(const float *src, uint8_t *o) {
+    __m512 t[8];
+    __m512 a = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (int i = 0; i < 8; i++) {
+        t[i] = _mm512_loadu_ps(src + 16 * i);
+        a = _mm512_max_ps(a, _mm512_abs_ps(t[i]));
+        nan |= _mm512_cmp_ps_mask(t[i], t[i], _CMP_UNORD_Q);
+    }
+    float m = _mm512_reduce_max_ps(a), unscale = 1.0f;
+    memset(o, 0, DIGIT_SCALE);
+    if (nan || m == INFINITY || m == 0.0f) { /* no digits: a non-finite value makes every sum NaN */
+        const float sx = m == 0.0f && !nan ? 0.0f : NAN;
+        memcpy(o + DIGIT_SCALE, &sx, 4);
+        return;
+    }
+    if (m < 0x1p-100f) { /* 127 / m would overflow: digits of the values times 2^100 */
+        for (int i = 0; i < 8; i++) t[i] = _mm512_mul_ps(t[i], _mm512_set1_ps(0x1p100f));
+        m *= 0x1p100f;
+        unscale = 0x1p-100f;
+    }
+    const __m512 inv = _mm512_set1_ps(127.0f / m), base = _mm512_set1_ps(128.0f);
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    const int rn = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    for (int j = 0; j < 4; j++)
+        for (int half = 0; half < 2; half++) {
+            /* columns 32j + 2i (+1 for the odd half), i = 0..15: bytes 16j .. 16j + 15 of the half */
+            const __m512 v = _mm512_mul_ps(_mm512_permutex2var_ps(t[2 * j], half ? odd : even, t[2 * j + 1]), inv);
+            const __m512 d0 = _mm512_roundscale_ps(v, rn);
+            const __m512 r1 = _mm512_mul_ps(_mm512_sub_ps(v, d0), base); /* both steps exact */
+            const __m512 d1 = _mm512_roundscale_ps(r1, rn);
+            const __m512 d2 = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(r1, d1), base), rn);
+            const __m512 d[3] = {d0, d1, d2};
+            for (int k = 0; k < 3; k++)
+                _mm_storeu_si128((__m128i *)(o + 128 * k + 64 * half + 16 * j),
+                                 _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(d[k])));
+        }
+    /* per lane (columns 8l .. 8l + 7): -8 (S0 2^14 + S1 2^7 + S2), Sk the lane's digits k summed */
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512i s[3];
+    for (int k = 0; k < 3; k++) {
+        s[k] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(o + 128 * k));
+        s[k] = _mm512_dpbusd_epi32(s[k], ones, _mm512_loadu_si512(o + 128 * k + 64));
+    }
+    const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(s[0], 14), _mm512_slli_epi32(s[1], 7)), s[2]);
+    _mm512_storeu_si512(o + DIGIT_CORR, _mm512_mullo_epi32(sum, _mm512_set1_epi32(-8)));
+    const float sx = m / 127.0f * (unscale * 0x1p-14f); /* the digits' sums are in units of 2^-14 */
+    memcpy(o + DIGIT_SCALE, &sx, 4);
+}
+
+/* M rows of x (row stride ldx, K a multiple of 128) prepared into out (row stride K floats'
+   bytes); out may be x when ldx = K */
+static VNNI void digits(const float *x, int64_t ldx, int64_t M, int64_t K, float *out) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < K / DIGIT_BLOCK; b++)
+            digits_block(x + m * ldx + b * DIGIT_BLOCK, (uint8_t *)(out + m * K) + b * DIGIT_BYTES);
+}
+
+/* R prepared rows (xp, row stride ldx floats) against the C weight rows n, n + step, ... */
+static inline __attribute__((always_inline)) VNNI void tile_dig(
+        const float *xp, int64_t ldx, const int R, const uint8_t *q, const uint16_t *scale, int64_t K, int64_t G,
+        int64_t n, int64_t step, const int C, int pf, float *y, int64_t ldy) {
+    const int64_t kb = K / 2, ng = K / G, per = G / DIGIT_BLOCK;
+    const uint8_t *wr[4];
+    const uint16_t *sr[4];
+    __m512 acc[4][4];
+    const __m512i m15 = _mm512_set1_epi8(15);
+    UNROLL for (int c = 0; c < C; c++) {
+        wr[c] = q + (n + c * step) * kb;
+        sr[c] = scale + (n + c * step) * ng;
+    }
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < K / DIGIT_BLOCK; b++) {
+        __m512i lo[4], hi[4];
+        __m512 s[4];
+        UNROLL for (int c = 0; c < C; c++) {
+            if (pf) _mm_prefetch((const char *)(wr[c] + b * 64 + PREFETCH4), _MM_HINT_T0);
+            const __m512i w = _mm512_loadu_si512(wr[c] + b * 64);
+            lo[c] = _mm512_and_si512(w, m15);                       /* even columns */
+            hi[c] = _mm512_and_si512(_mm512_srli_epi32(w, 4), m15); /* odd columns */
+            s[c] = _mm512_set1_ps(bf16_to_f32(sr[c][b / per]));
+        }
+        UNROLL for (int r = 0; r < R; r++) {
+            const uint8_t *d = (const uint8_t *)(xp + r * ldx) + b * DIGIT_BYTES;
+            const __m512 sx = _mm512_set1_ps(*(const float *)(d + DIGIT_SCALE));
+            UNROLL for (int c = 0; c < C; c++) {
+                __m512i a0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[c], _mm512_loadu_si512(d));
+                a0 = _mm512_dpbusd_epi32(a0, hi[c], _mm512_loadu_si512(d + 64));
+                __m512i a1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[c], _mm512_loadu_si512(d + 128));
+                a1 = _mm512_dpbusd_epi32(a1, hi[c], _mm512_loadu_si512(d + 192));
+                __m512i a2 = _mm512_dpbusd_epi32(_mm512_loadu_si512(d + DIGIT_CORR), lo[c], _mm512_loadu_si512(d + 256));
+                a2 = _mm512_dpbusd_epi32(a2, hi[c], _mm512_loadu_si512(d + 320));
+                const __m512i l = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(a0, 14), _mm512_slli_epi32(a1, 7)), a2);
+                acc[r][c] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(l), s[c]), sx, acc[r][c]);
+            }
+        }
+    }
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int c = 0; c < C; c++) {
+        const __m512 a = acc[r][c];
+        const __m256 h = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
+        y[r * ldy + n + c * step] = hsum8(_mm256_add_ps(_mm512_castps512_ps256(a), h));
+    }
+}
+
+DEFINE_ROWS4(dig, VNNI, 4, 3)
+
+/* the path of an int4 product of groups G in variant v: 2 digits (G a multiple of 128), 1
+   AVX-512 floats, 0 AVX2 floats */
+static int path4(int v, int64_t G) { return v == 2 && G % DIGIT_BLOCK == 0 ? 2 : v > 0; }
+
+/* M rows of x (row stride ldx, K wide) as path p's products read them, into xp (row stride K) */
+static void prepare(int p, const float *x, int64_t ldx, int64_t M, int64_t K, float *xp) {
+    if (p == 2) digits(x, ldx, M, K, xp);
+    else order(x, ldx, M, K, xp, p ? 16 : 8);
+}
+
 /* rows [n0, n1) of y for all M rows of xp (in the nibble order of variant w, row stride K);
    a call reads the variant once (``wide``) and passes it down */
 static void rows4(int w, const float *xp, int64_t M, int64_t K, int64_t G, const uint8_t *q, const uint16_t *scale,
                   int64_t n0, int64_t n1, float *y, int64_t ldy) {
-    if (w) rows_512(xp, M, K, G, q, scale, n0, n1, y, ldy);
+    if (w == 2) rows_dig(xp, M, K, G, q, scale, n0, n1, y, ldy);
+    else if (w) rows_512(xp, M, K, G, q, scale, n0, n1, y, ldy);
     else rows_avx2(xp, M, K, G, q, scale, n0, n1, y, ldy);
 }
 
@@ -211,8 +364,8 @@ static void team4(int w, const float *xp, int64_t M, int64_t K, int64_t G, const
    xp: float32 scratch [M, K] (x in nibble order) */
 void dsvl2_linear_i4(const float *x, int64_t M, int64_t K, const uint8_t *q, const uint16_t *scale, int64_t G,
                      int64_t N, float *y, float *xp) {
-    const int w = wide();
-    order(x, K, M, K, xp, w ? 16 : 8);
+    const int w = path4(variant(), G);
+    prepare(w, x, K, M, K, xp);
     int nt = omp_get_max_threads();
     if ((int64_t)N * K < (1 << 17)) nt = 1; /* a fork costs more than the product */
 #pragma omp parallel num_threads(nt)
@@ -248,7 +401,7 @@ static AVX512 void dequant_group_512(const uint8_t *b, int64_t G, float s, float
 void dsvl2_dequant_i4(const uint8_t *q, const uint16_t *scale, int64_t N, int64_t K, int64_t G, void *out,
                       int obf16) {
     const int64_t kb = K / 2, ng = K / G;
-    const int w = wide() && G % 32 == 0;
+    const int w = dsvl2_quant_wide() && G % 32 == 0;
 #pragma omp parallel for schedule(static) if (N * K >= (1 << 17))
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *b = q + n * kb;
@@ -290,6 +443,16 @@ static void silu_ordered(float *g, const float *u, int64_t F, int L) {
     }
 }
 
+/* silu(g) * u of one pair's F values, written over g as path p's products read them */
+static void silu_prepared(int p, float *g, const float *u, int64_t F) {
+    if (p != 2) {
+        silu_ordered(g, u, F, p ? 16 : 8);
+        return;
+    }
+    for (int64_t j = 0; j < F; j++) g[j] = silu_mul4(g[j], u[j]);
+    digits(g, F, 1, F, g);
+}
+
 /* Routed SiLU-gated experts with int4 weights for T tokens, each choosing k of E:
      out[t] = sum over its choices in ascending expert id of wt[t, j] * down_e(silu(gate_e x) * up_e x)
    gate / up: q [E, F, D/2], scales [E, F, D/Gd]; down: q [E, D, F/2], scales [E, D, F/Gf];
@@ -310,8 +473,8 @@ int dsvl2_moe_i4(const float *x, int64_t T, int64_t D, const int64_t *idx, const
     float *g = xs + P * D; /* [P, F]  gate, then silu(gate) * up in nibble order */
     float *u = g + P * F;  /* [P, F]  up */
     float *ys = u + P * F; /* [P, D]  each pair's expert output */
-    const int w = wide(), L = w ? 16 : 8;
-    for (int64_t i = 0; i < P; i++) order(x + (order_[i] / k) * D, D, 1, D, xs + i * D, L);
+    const int wd = path4(variant(), Gd), wf = path4(variant(), Gf); /* gate / up, down */
+    for (int64_t i = 0; i < P; i++) prepare(wd, x + (order_[i] / k) * D, D, 1, D, xs + i * D);
     const int64_t gstride = F * (D / Gd), dstride = D * (F / Gf); /* scales per expert */
 
     int nt = omp_get_max_threads();
@@ -329,10 +492,10 @@ int dsvl2_moe_i4(const float *x, int64_t T, int64_t D, const int64_t *idx, const
                 int64_t mid2 = 2 * before + COST_STREAM4 + c;
                 before += COST_STREAM4 + c;
                 if ((mid2 * nth) / (2 * total) != th) continue;
-                rows4(w, xs + s * D, c, D, Gd, gq + e * F * D / 2, gs + e * gstride, 0, F, g + s * F, F);
-                rows4(w, xs + s * D, c, D, Gd, uq + e * F * D / 2, us + e * gstride, 0, F, u + s * F, F);
-                for (int64_t i = s; i < s + c; i++) silu_ordered(g + i * F, u + i * F, F, L);
-                rows4(w, g + s * F, c, F, Gf, dq + e * D * F / 2, ds + e * dstride, 0, D, ys + s * D, D);
+                rows4(wd, xs + s * D, c, D, Gd, gq + e * F * D / 2, gs + e * gstride, 0, F, g + s * F, F);
+                rows4(wd, xs + s * D, c, D, Gd, uq + e * F * D / 2, us + e * gstride, 0, F, u + s * F, F);
+                for (int64_t i = s; i < s + c; i++) silu_prepared(wf, g + i * F, u + i * F, F);
+                rows4(wf, g + s * F, c, F, Gf, dq + e * D * F / 2, ds + e * dstride, 0, D, ys + s * D, D);
             }
         }
     } else {
@@ -341,13 +504,13 @@ int dsvl2_moe_i4(const float *x, int64_t T, int64_t D, const int64_t *idx, const
             for (int64_t e = 0; e < E; e++) {
                 int64_t s = start[e], c = start[e + 1] - s;
                 if (c == 0) continue; /* same decision in every thread */
-                team4(w, xs + s * D, c, D, Gd, gq + e * F * D / 2, gs + e * gstride, F, g + s * F, F);
-                team4(w, xs + s * D, c, D, Gd, uq + e * F * D / 2, us + e * gstride, F, u + s * F, F);
+                team4(wd, xs + s * D, c, D, Gd, gq + e * F * D / 2, gs + e * gstride, F, g + s * F, F);
+                team4(wd, xs + s * D, c, D, Gd, uq + e * F * D / 2, us + e * gstride, F, u + s * F, F);
 #pragma omp barrier
 #pragma omp for schedule(static)
-                for (int64_t i = s; i < s + c; i++) silu_ordered(g + i * F, u + i * F, F, L);
+                for (int64_t i = s; i < s + c; i++) silu_prepared(wf, g + i * F, u + i * F, F);
                 /* implicit barrier */
-                team4(w, g + s * F, c, F, Gf, dq + e * D * F / 2, ds + e * dstride, D, ys + s * D, D);
+                team4(wf, g + s * F, c, F, Gf, dq + e * D * F / 2, ds + e * dstride, D, ys + s * D, D);
             }
         }
     }

@@ -135,8 +135,7 @@ def _fp32_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _digits(variant: str, group: int) -> bool:
-    """Whether int4 products of this group size (int8 ones of this width) take the integer
-    digits (int4.c, "avx512-vnni")."""
+    """Whether int4 products of this group size take the integer digits (int4.c, "avx512-vnni")."""
     return variant == "avx512-vnni" and group % 128 == 0
 
 
@@ -149,15 +148,12 @@ def _digits_error(x: torch.Tensor) -> torch.Tensor:
 
 
 @needs_native
-@pytest.mark.parametrize("bits", [4, 8])
-def test_digits_edge_values(bits):
-    """The digits path (where the CPU has AVX-512 VNNI; int4 and int8 weights) on what a
-    block can hold: a value 1e6 times its neighbours (they keep 2^-22 of the block's
-    largest, as _digits_error says), an all-zero block (its sum exactly 0), values below
-    2^-100 (scaled, not lost), and a NaN or an infinity (the output is not finite, as in the
-    float product); every variant the CPU has."""
-    qw, ref_w = _qweight(bits, 64, 512)
-    product = native.linear_int4 if bits == 4 else native.linear_int8
+def test_int4_digits_edge_values():
+    """The digits path (where the CPU has AVX-512 VNNI) on what a block can hold: a value 1e6
+    times its neighbours (they keep 2^-22 of the block's largest, as _digits_error says), an
+    all-zero block (its sum exactly 0), values below 2^-100 (scaled, not lost), and a NaN or
+    an infinity (the output is not finite, as in the float product)."""
+    qw, ref_w = _qweight(4, 64, 512)
     before = native.quant_variant()
     try:
         for v in native.QUANT_VARIANTS:
@@ -167,14 +163,14 @@ def test_digits_edge_values(bits):
             x[0, 5] = 1e6
             x[1, :128] = 0
             x[2] = x[2] * 1e-35
-            y = product(x, qw.data, qw.scale)
+            y = native.linear_int4(x, qw.data, qw.scale)
             ref = F.linear(x.double(), ref_w.double())
             bound = _fp32_bound(x, ref_w) + (_digits_error(x) @ ref_w.double().abs().T if _digits(v, 128) else 0)
             assert ((y.double() - ref).abs() <= bound).all(), v
             assert (y[2] != 0).all()
             for bad in (float("nan"), float("inf")):
                 x[3, 300] = bad
-                assert not product(x, qw.data, qw.scale)[3].isfinite().any(), (v, bad)
+                assert not native.linear_int4(x, qw.data, qw.scale)[3].isfinite().any(), (v, bad)
     finally:
         native.quant_variant(before)
 

@@ -19,10 +19,9 @@ benchmarks/bench_quant_kernels.py on a 2-thread Zen 4 (AVX-512, avx512_bf16):
 * inside ``ops.decoding()``: the native kernels (``model/native``: ``linear_int8`` /
   ``linear_int4``, and whole MoE layers in ``experts_int8`` / ``experts_int4``): float32
   activations, each weight row read once for all rows, int4 dequantised in registers from
-  the stored format (or, where the CPU has AVX-512 VNNI and the groups, or the int8
-  widths, are multiples of 128, the weights multiplied in integers with three 8-bit digits
-  of each activation: within 2^-22 of the largest activation of each block of 128, see
-  ``native/int4.c``). A base MoE layer in int4 (72 experts, top-6) takes 1.5 / 5.4 / 18 ms
+  the stored format (or, where the CPU has AVX-512 VNNI and the groups are of 128, its
+  nibbles multiplied in integers with three 8-bit digits of each activation: within
+  2^-22 of the largest activation of each block of 128, see ``native/int4.c``). A base MoE layer in int4 (72 experts, top-6) takes 1.5 / 5.4 / 18 ms
   at 1 / 4 / 16 tokens (0.92 / 0.89 / 0.68 of the measured read bandwidth), against
   2.5 / 9.4 / 26 ms for the per-expert loop over torch's int4pack mm. Without the native kernels: ``torch._weight_int8pack_mm`` (bf16
   activations) for int8, torch's ``_weight_int4pack_mm_for_cpu`` for int4 (see below).

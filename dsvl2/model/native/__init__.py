@@ -184,9 +184,7 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     x = _flat(x)
     y = torch.empty((*lead, n), dtype=_F32)
     lib = require()
-    m = x.numel() // k
-    xp = scratch_buffer(m * k, _F32)
-    lib.dsvl2_linear_i8(x.data_ptr(), m, k, q.data_ptr(), scale.data_ptr(), n, y.data_ptr(), xp.data_ptr())
+    lib.dsvl2_linear_i8(x.data_ptr(), x.numel() // k, k, q.data_ptr(), scale.data_ptr(), n, y.data_ptr())
     return y
 
 
@@ -316,9 +314,8 @@ QUANT_VARIANTS = ("avx2", "avx512", "avx512-vnni")
 def quant_variant(name: str | None = None) -> str:
     """The instruction set of the quantised products (int4, and int8 but for prefill's
     dequantisation) in this process: "avx512-vnni" where the CPU has AVX-512 VNNI (int4
-    products of groups of 128 and int8 products of widths that are multiples of 128 by
-    integer digits of the activations, ``int4.c``, ``bf16.c``; the others as "avx512"),
-    "avx512" where it has AVX-512F, else "avx2" (``int4.c``, ``bf16.c``; each
+    products of groups of 128 by integer digits of the activations, ``int4.c``; int8 as
+    "avx512"), "avx512" where it has AVX-512F, else "avx2" (``int4.c``, ``bf16.c``; each
     row's bits depend on it, never on the batch). ``name`` chooses one (or the highest
     below it the CPU has): tests run each here."""
     if name is not None and name not in QUANT_VARIANTS:
@@ -745,7 +742,7 @@ def _mla_run(fn: str, layer: MLALayer, x, cos, sin, cache, table, pos) -> torch.
     x = _flat(x)
     lib = require()
     w = table.shape[1]
-    scratch = scratch_buffer(lib.dsvl2_mla_scratch(b, layer.D, layer.H, layer.dn, layer.dr, layer.dv, layer.r, layer.qr,
+    scratch = scratch_buffer(lib.dsvl2_mla_scratch(b, layer.H, layer.dn, layer.dr, layer.dv, layer.r, layer.qr,
                                                    w * bs), _F32)
     out = torch.empty((b, layer.D), dtype=_F32)
     rc = lib.dsvl2_mla_decode(ctypes.byref(layer), x.data_ptr(), b, cos.data_ptr(), sin.data_ptr(),

@@ -170,64 +170,11 @@ static inline __attribute__((always_inline)) AVX512 void tile_i8w(
 }
 DEFINE_WALK(rows_i8w, int8_t, tile_i8w, AVX512)
 
-/* int8 weights on AVX-512 VNNI (the "avx512-vnni" variant, K a multiple of 128): the rows
-   of x come prepared as integer digits (int4.c ``digits_block``: per block of 128 columns
-   three 8-bit digits of each value, two int32 corrections, the block's scale sx), the
-   weights are read as unsigned bytes (w + 128: one xor) and vpdpbusd sums 64 byte products
-   an instruction, exactly, in 32-bit lanes: per block and output (sum u d0) 2^14 +
-   (sum u d1) 2^7 + (sum u d2), less 128 sum(d) (the corrections, in lane 0), converted to
-   float32 and times sx; one 16-lane accumulator over the blocks, one fixed reduction, the
-   row's scale. Within 2^-22 of each block's largest activation of the float value (the
-   digits' rounding), a function of the row alone; four instructions per 16 weights fewer
-   than the float path (widen, convert, FMA at each row). */
-#define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
-static inline __attribute__((always_inline)) VNNI void tile_i8d(
-        const float *x, int64_t ldx, const int R, const int8_t *w, int64_t K, int64_t n, int64_t step, const int C,
-        int pf, float *y, int64_t ldy, const uint16_t *scale) {
-    const int8_t *wr[STREAMS];
-    __m512 acc[3][STREAMS];
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    const __m512 two14 = _mm512_set1_ps(16384.0f);
-    UNROLL for (int c = 0; c < C; c++) wr[c] = w + (n + c * step) * K;
-    UNROLL for (int r = 0; r < R; r++) UNROLL for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < K / 128; b++) {
-        __m512i u0[STREAMS], u1[STREAMS];
-        UNROLL for (int c = 0; c < C; c++) {
-            if (pf) {
-                _mm_prefetch((const char *)(wr[c] + 128 * b + PREFETCH), _MM_HINT_T0);
-                _mm_prefetch((const char *)(wr[c] + 128 * b + 64 + PREFETCH), _MM_HINT_T0);
-            }
-            u0[c] = _mm512_xor_si512(_mm512_loadu_si512(wr[c] + 128 * b), flip);
-            u1[c] = _mm512_xor_si512(_mm512_loadu_si512(wr[c] + 128 * b + 64), flip);
-        }
-        UNROLL for (int r = 0; r < R; r++) {
-            const uint8_t *d = (const uint8_t *)(x + r * ldx) + 512 * b;
-            const __m512 sx = _mm512_set1_ps(*(const float *)(d + 448));
-            const __m512i c0 = _mm512_maskz_loadu_epi32(1, d + 384), c12 = _mm512_maskz_loadu_epi32(1, d + 388);
-            UNROLL for (int c = 0; c < C; c++) {
-                __m512i a0 = _mm512_dpbusd_epi32(c0, u0[c], _mm512_loadu_si512(d));
-                a0 = _mm512_dpbusd_epi32(a0, u1[c], _mm512_loadu_si512(d + 64));
-                __m512i a1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u0[c], _mm512_loadu_si512(d + 128));
-                a1 = _mm512_dpbusd_epi32(a1, u1[c], _mm512_loadu_si512(d + 192));
-                __m512i a2 = _mm512_dpbusd_epi32(c12, u0[c], _mm512_loadu_si512(d + 256));
-                a2 = _mm512_dpbusd_epi32(a2, u1[c], _mm512_loadu_si512(d + 320));
-                const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0), two14,
-                                                 _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(a1, 7), a2)));
-                acc[r][c] = _mm512_fmadd_ps(f, sx, acc[r][c]);
-            }
-        }
-    }
-    UNROLL for (int r = 0; r < R; r++) UNROLL for (int c = 0; c < C; c++)
-        y[r * ldy + n + c * step] = ROW_SCALE(hsum16(acc[r][c]), n + c * step);
-}
-DEFINE_WALK(rows_i8d, int8_t, tile_i8d, VNNI)
-
 /* bf16 weights (scale NULL) or int8 weights with per-row bf16 scales (AVX-512 where the
    quantised products' variant is, dsvl2_quant_variant) */
 void dsvl2_any_rows(const float *x, int64_t ldx, int64_t M, int64_t K, const void *w, const uint16_t *scale,
                             int64_t n0, int64_t n1, float *y, int64_t ldy) {
-    if (scale && dsvl2_int8_digits(K)) rows_i8d(x, ldx, M, K, (const int8_t *)w, scale, n0, n1, y, ldy);
-    else if (scale && dsvl2_quant_wide()) rows_i8w(x, ldx, M, K, (const int8_t *)w, scale, n0, n1, y, ldy);
+    if (scale && dsvl2_quant_wide()) rows_i8w(x, ldx, M, K, (const int8_t *)w, scale, n0, n1, y, ldy);
     else if (scale) rows_i8(x, ldx, M, K, (const int8_t *)w, scale, n0, n1, y, ldy);
     else rows(x, ldx, M, K, (const uint16_t *)w, NULL, n0, n1, y, ldy);
 }
@@ -256,12 +203,6 @@ void dsvl2_linear(const float *x, int64_t M, int64_t K, const uint16_t *w, int64
 #define COST_STREAM 2
 
 static inline float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
-
-/* silu(g) * u of one pair's F values written over g, then as digits where digits is set */
-static void silu_rows(float *g, const float *u, int64_t F, int digits) {
-    for (int64_t f = 0; f < F; f++) g[f] = silu_mul(g[f], u[f]);
-    if (digits) dsvl2_digits8(g, F, 1, F, g);
-}
 
 /* Routed (or dense) SiLU-gated experts for T tokens, each choosing k of E experts:
      out[t] = sum over its choices in ascending expert id of wt[t, j] * down_e(silu(gate_e x) * up_e x)
@@ -292,9 +233,6 @@ int dsvl2_moe(const float *x, int64_t T, int64_t D, const int64_t *idx, const fl
     float *u = g + P * F;       /* [P, F]  up */
     float *ys = u + P * F;      /* [P, D]  each pair's expert output */
     for (int64_t i = 0; i < P; i++) memcpy(xs + i * D, x + (order[i] / k) * D, D * sizeof(float));
-    /* int8 products that read integer digits (dsvl2_int8_digits): gate / up's rows, down's */
-    const int dd = esize == 1 && dsvl2_int8_digits(D), df = esize == 1 && dsvl2_int8_digits(F);
-    if (dd) dsvl2_digits8(xs, D, P, D, xs);
 
     int nt = omp_get_max_threads();
     if (used >= 2 * nt) {
@@ -315,7 +253,8 @@ int dsvl2_moe(const float *x, int64_t T, int64_t D, const int64_t *idx, const fl
                 if ((mid2 * nth) / (2 * total) != th) continue;
                 dsvl2_any_rows(xs + s * D, D, c, D, gb + e * F * D * esize, gs ? gs + e * F : NULL, 0, F, g + s * F, F);
                 dsvl2_any_rows(xs + s * D, D, c, D, ub + e * F * D * esize, us ? us + e * F : NULL, 0, F, u + s * F, F);
-                for (int64_t i = s; i < s + c; i++) silu_rows(g + i * F, u + i * F, F, df);
+                for (int64_t i = s; i < s + c; i++)
+                    for (int64_t f = 0; f < F; f++) g[i * F + f] = silu_mul(g[i * F + f], u[i * F + f]);
                 dsvl2_any_rows(g + s * F, F, c, F, db + e * D * F * esize, ds ? ds + e * D : NULL, 0, D, ys + s * D, D);
             }
         }
@@ -329,7 +268,8 @@ int dsvl2_moe(const float *x, int64_t T, int64_t D, const int64_t *idx, const fl
                 dsvl2_team_rows(xs + s * D, D, c, D, ub + e * F * D * esize, us ? us + e * F : NULL, F, u + s * F, F);
 #pragma omp barrier
 #pragma omp for schedule(static)
-                for (int64_t i = s; i < s + c; i++) silu_rows(g + i * F, u + i * F, F, df);
+                for (int64_t i = s; i < s + c; i++)
+                    for (int64_t f = 0; f < F; f++) g[i * F + f] = silu_mul(g[i * F + f], u[i * F + f]);
                 /* implicit barrier */
                 dsvl2_team_rows(g + s * F, F, c, F, db + e * D * F * esize, ds ? ds + e * D : NULL, D, ys + s * D, D);
             }
@@ -339,16 +279,11 @@ int dsvl2_moe(const float *x, int64_t T, int64_t D, const int64_t *idx, const fl
     return 0;
 }
 
-/* y [M, N] = x [M, K] . (scale [N] * q [N, K])^T: int8 weights, bf16 per-row scales;
-   xp: float32 scratch [M, K] (x as digits, where dsvl2_int8_digits(K)) */
+/* y [M, N] = x [M, K] . (scale [N] * q [N, K])^T: int8 weights, bf16 per-row scales */
 void dsvl2_linear_i8(const float *x, int64_t M, int64_t K, const int8_t *q, const uint16_t *scale, int64_t N,
-                     float *y, float *xp) {
+                     float *y) {
     int nt = omp_get_max_threads();
     if ((int64_t)N * K < (1 << 16)) nt = 1;
-    if (dsvl2_int8_digits(K)) {
-        dsvl2_digits8(x, K, M, K, xp);
-        x = xp;
-    }
 #pragma omp parallel num_threads(nt)
     dsvl2_team_rows(x, K, M, K, q, scale, N, y, N);
 }

@@ -207,7 +207,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     i64, p = ctypes.c_int64, ctypes.c_void_p
     lib.dsvl2_linear.argtypes = [p, i64, i64, p, i64, p, p]
     lib.dsvl2_linear.restype = None
-    lib.dsvl2_linear_i8.argtypes = [p, i64, i64, p, p, i64, p, p]
+    lib.dsvl2_linear_i8.argtypes = [p, i64, i64, p, p, i64, p]
     lib.dsvl2_linear_i8.restype = None
     lib.dsvl2_linear_i4.argtypes = [p, i64, i64, p, p, i64, i64, p, p]
     lib.dsvl2_linear_i4.restype = None
@@ -241,7 +241,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dsvl2_decode_order.restype = i64
     lib.dsvl2_mla_decode.argtypes = [p, p, i64, p, p, p, ctypes.c_int, i64, i64, p, i64, p, p, p]
     lib.dsvl2_mla_decode.restype = ctypes.c_int
-    lib.dsvl2_mla_scratch.argtypes = [i64] * 9
+    lib.dsvl2_mla_scratch.argtypes = [i64] * 8
     lib.dsvl2_mla_scratch.restype = i64
     lib.dsvl2_attention_built.argtypes = []
     lib.dsvl2_attention_built.restype = ctypes.c_int

@@ -49,8 +49,7 @@
 #define AVX512 __attribute__((target("avx512f")))
 
 /* The variant of the quantised products in use (int4 here, int8 in bf16.c): 2 = AVX-512 with
-   VNNI (products by integer digits, below, where the sizes allow; else as 1), 1 = AVX-512,
-   0 = AVX2, -1 = not
+   VNNI (int4 products by integer digits, below; int8 as 1), 1 = AVX-512, 0 = AVX2, -1 = not
    decided yet (the CPU decides: the highest it has). */
 static int variant_ = -1;
 
@@ -226,11 +225,8 @@ DEFINE_ROWS4(512, AVX512, 4, 3)
 #define DIGIT_CORR 384
 #define DIGIT_SCALE 448
 
-/* one block: 128 float32 values in column order -> its 512 prepared bytes (o may be src):
-   for int4 (nibble = 1) as above; for int8 (nibble = 0, bf16.c ``tile_i8d``) the digits in
-   column order and, at DIGIT_CORR, two int32: -128 S0 and -128 (S1 2^7 + S2), Sk the
-   block's digits k summed (the int8 weights are read as unsigned, w + 128) */
-static VNNI void digits_block(const float *src, uint8_t *o, int nibble) {
+/* one block: 128 float32 values in column order -> its 512 prepared bytes (o may be src) */
+static VNNI void digits_block(const float *src, uint8_t *o) {
     __m512 t[8];
     __m512 a = _mm512_setzero_ps();
     __mmask16 nan = 0;
@@ -255,51 +251,39 @@ static VNNI void digits_block(const float *src, uint8_t *o, int nibble) {
     const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
     const int rn = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-    for (int j = 0; j < 8; j++) {
-        /* int4: columns 32 (j / 2) + 2i (+1 for odd j), i = 0..15, at bytes 64 (j % 2) + 16 (j / 2);
-           int8: columns 16j + i at bytes 16j */
-        const int half = j & 1, jj = j >> 1;
-        const __m512 col = nibble ? _mm512_permutex2var_ps(t[2 * jj], half ? odd : even, t[2 * jj + 1]) : t[j];
-        const int at = nibble ? 64 * half + 16 * jj : 16 * j;
-        const __m512 v = _mm512_mul_ps(col, inv);
-        const __m512 d0 = _mm512_roundscale_ps(v, rn);
-        const __m512 r1 = _mm512_mul_ps(_mm512_sub_ps(v, d0), base); /* both steps exact */
-        const __m512 d1 = _mm512_roundscale_ps(r1, rn);
-        const __m512 d2 = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(r1, d1), base), rn);
-        const __m512 d[3] = {d0, d1, d2};
-        for (int k = 0; k < 3; k++)
-            _mm_storeu_si128((__m128i *)(o + 128 * k + at), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(d[k])));
-    }
-    /* per lane (int4: columns 8l .. 8l + 7): Sk, the lane's digits k summed */
+    for (int j = 0; j < 4; j++)
+        for (int half = 0; half < 2; half++) {
+            /* columns 32j + 2i (+1 for the odd half), i = 0..15: bytes 16j .. 16j + 15 of the half */
+            const __m512 v = _mm512_mul_ps(_mm512_permutex2var_ps(t[2 * j], half ? odd : even, t[2 * j + 1]), inv);
+            const __m512 d0 = _mm512_roundscale_ps(v, rn);
+            const __m512 r1 = _mm512_mul_ps(_mm512_sub_ps(v, d0), base); /* both steps exact */
+            const __m512 d1 = _mm512_roundscale_ps(r1, rn);
+            const __m512 d2 = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(r1, d1), base), rn);
+            const __m512 d[3] = {d0, d1, d2};
+            for (int k = 0; k < 3; k++)
+                _mm_storeu_si128((__m128i *)(o + 128 * k + 64 * half + 16 * j),
+                                 _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(d[k])));
+        }
+    /* per lane (columns 8l .. 8l + 7): -8 (S0 2^14 + S1 2^7 + S2), Sk the lane's digits k summed */
     const __m512i ones = _mm512_set1_epi8(1);
     __m512i s[3];
     for (int k = 0; k < 3; k++) {
         s[k] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(o + 128 * k));
         s[k] = _mm512_dpbusd_epi32(s[k], ones, _mm512_loadu_si512(o + 128 * k + 64));
     }
-    if (nibble) { /* -8 (S0 2^14 + S1 2^7 + S2) per lane */
-        const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(s[0], 14), _mm512_slli_epi32(s[1], 7)), s[2]);
-        _mm512_storeu_si512(o + DIGIT_CORR, _mm512_mullo_epi32(sum, _mm512_set1_epi32(-8)));
-    } else {
-        const int32_t c[2] = {-128 * _mm512_reduce_add_epi32(s[0]),
-                              -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(s[1], 7), s[2]))};
-        memcpy(o + DIGIT_CORR, c, sizeof c);
-    }
+    const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(s[0], 14), _mm512_slli_epi32(s[1], 7)), s[2]);
+    _mm512_storeu_si512(o + DIGIT_CORR, _mm512_mullo_epi32(sum, _mm512_set1_epi32(-8)));
     const float sx = m / 127.0f * (unscale * 0x1p-14f); /* the digits' sums are in units of 2^-14 */
     memcpy(o + DIGIT_SCALE, &sx, 4);
 }
 
 /* M rows of x (row stride ldx, K a multiple of 128) prepared into out (row stride K floats'
    bytes); out may be x when ldx = K */
-static VNNI void digits(const float *x, int64_t ldx, int64_t M, int64_t K, float *out, int nibble) {
+static VNNI void digits(const float *x, int64_t ldx, int64_t M, int64_t K, float *out) {
     for (int64_t m = 0; m < M; m++)
         for (int64_t b = 0; b < K / DIGIT_BLOCK; b++)
-            digits_block(x + m * ldx + b * DIGIT_BLOCK, (uint8_t *)(out + m * K) + b * DIGIT_BYTES, nibble);
+            digits_block(x + m * ldx + b * DIGIT_BLOCK, (uint8_t *)(out + m * K) + b * DIGIT_BYTES);
 }
-
-int dsvl2_int8_digits(int64_t K) { return variant() == 2 && K % DIGIT_BLOCK == 0; }
-
-void dsvl2_digits8(const float *x, int64_t ldx, int64_t M, int64_t K, float *out) { digits(x, ldx, M, K, out, 0); }
 
 /* R prepared rows (xp, row stride ldx floats) against the C weight rows n, n + step, ... */
 static inline __attribute__((always_inline)) VNNI void tile_dig(
@@ -355,7 +339,7 @@ static int path4(int v, int64_t G) { return v == 2 && G % DIGIT_BLOCK == 0 ? 2 :
 
 /* M rows of x (row stride ldx, K wide) as path p's products read them, into xp (row stride K) */
 static void prepare(int p, const float *x, int64_t ldx, int64_t M, int64_t K, float *xp) {
-    if (p == 2) digits(x, ldx, M, K, xp, 1);
+    if (p == 2) digits(x, ldx, M, K, xp);
     else order(x, ldx, M, K, xp, p ? 16 : 8);
 }
 
@@ -466,7 +450,7 @@ static void silu_prepared(int p, float *g, const float *u, int64_t F) {
         return;
     }
     for (int64_t j = 0; j < F; j++) g[j] = silu_mul4(g[j], u[j]);
-    digits(g, F, 1, F, g, 1);
+    digits(g, F, 1, F, g);
 }
 
 /* Routed SiLU-gated experts with int4 weights for T tokens, each choosing k of E:

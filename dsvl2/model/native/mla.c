@@ -111,12 +111,6 @@ static void product_rows(const float *x, int64_t ldx, int64_t M, int64_t K, cons
     else dsvl2_any_rows(x, ldx, M, K, w->w, w->kind == W_INT8 ? w->scale : NULL, n0, n1, y, ldy);
 }
 
-/* what a product of weight w reads for the rows x of width K: x itself, or (int8 weights
-   whose products read integer digits, products.h dsvl2_int8_digits) their prepared copy xd */
-static const float *digits_in(const dsvl2_mla_weight *w, int64_t K, const float *x, const float *xd) {
-    return w->kind == W_INT8 && dsvl2_int8_digits(K) ? xd : x;
-}
-
 /* [0, N) shared out among the calling team in chunks (as dsvl2_team_rows, products.h team_chunk) */
 static void team_product(const float *x, int64_t ldx, int64_t M, int64_t K, const dsvl2_mla_weight *w, int64_t N,
                          float *y, int64_t ldy) {
@@ -283,10 +277,10 @@ DEFINE_ATTEND(attend_f32, float, _mm256_loadu_ps, id1)
 DEFINE_ATTEND(attend_bf16, uint16_t, widen8, bf16_to_f32)
 
 /* float32 scratch of dsvl2_mla_decode for B rows of up to S positions each */
-int64_t dsvl2_mla_scratch(int64_t B, int64_t D, int64_t H, int64_t dn, int64_t dr, int64_t dv, int64_t r,
-                          int64_t qr, int64_t S) {
+int64_t dsvl2_mla_scratch(int64_t B, int64_t H, int64_t dn, int64_t dr, int64_t dv, int64_t r, int64_t qr,
+                          int64_t S) {
     const int64_t Lk = r + dr;
-    return B * H * (dn + dr) + 2 * B * qr + 2 * B * Lk + B * H * (Lk + r + dv) + B * (D + qr + H * dv)
+    return B * H * (dn + dr) + 2 * B * qr + 2 * B * Lk + B * H * (Lk + r + dv)
            + B * ((S + CHUNK - 1) / CHUNK) * H * (CHUNK + r + 2);
 }
 
@@ -295,7 +289,7 @@ int64_t dsvl2_mla_scratch(int64_t B, int64_t D, int64_t H, int64_t dn, int64_t d
    row b's token written at position pos[b] (block table[b, pos[b] / BS], slot pos[b] %
    BS; table [B, W] int64) and attending over its positions 0 .. pos[b]; out [B, D].
    Attention in units of CHUNK positions of one row (any thread), merged per row and head
-   in position order. scratch: dsvl2_mla_scratch(B, D, H, dn, dr, dv, r, qr, W * BS) floats.
+   in position order. scratch: dsvl2_mla_scratch(B, H, dn, dr, dv, r, qr, W * BS) floats.
    Returns -1 when a position or block id is out of range, -2 for sizes it cannot take
    (dr odd, a size < 1, kv_b int8); nothing is written then. */
 int dsvl2_mla_decode(const dsvl2_mla *L, const float *x, int64_t B, const float *cos, const float *sin, void *pool,
@@ -307,33 +301,25 @@ int dsvl2_mla_decode(const dsvl2_mla *L, const float *x, int64_t B, const float 
     if (dsvl2_check_tables(B, NB, BS, table, W, pos)) return -1;
     const int64_t nq = H * (dn + dr), per_unit = H * (CHUNK + r + 2);
     float *q = scratch, *qa = q + B * nq, *qn = qa + B * qr, *kva = qn + B * qr, *ckv = kva + B * Lk;
-    float *qc = ckv + B * Lk, *lat = qc + B * H * Lk, *att = lat + B * H * r;
-    /* the inputs of the int8 products that read integer digits (digits_in), prepared */
-    float *xd = att + B * H * dv, *qnd = xd + B * D, *attd = qnd + B * qr, *parts = attd + B * H * dv;
-    const float *xa = digits_in(&L->kv_a, D, x, xd), *xq = digits_in(qr ? &L->q_a : &L->q, D, x, xd);
-    if (xa != x || xq != x) dsvl2_digits8(x, D, B, D, xd);
-    const float *qin = qr ? digits_in(&L->q_b, qr, qn, qnd) : qn, *ain = digits_in(&L->o, H * dv, att, attd);
+    float *qc = ckv + B * Lk, *lat = qc + B * H * Lk, *att = lat + B * H * r, *parts = att + B * H * dv;
     int64_t ustart[B + 1]; /* row b's units: ustart[b] .. ustart[b + 1] - 1 */
     ustart[0] = 0;
     for (int64_t b = 0; b < B; b++) ustart[b + 1] = ustart[b] + (pos[b] + CHUNK) / CHUNK;
 #pragma omp parallel
     {
-        team_product(xa, D, B, D, &L->kv_a, Lk, kva, Lk);
+        team_product(x, D, B, D, &L->kv_a, Lk, kva, Lk);
         if (qr) {
-            team_product(xq, D, B, D, &L->q_a, qr, qa, qr);
+            team_product(x, D, B, D, &L->q_a, qr, qa, qr);
 #pragma omp barrier
 #pragma omp single
-            {
-                for (int64_t b = 0; b < B; b++) {
-                    for (int64_t i = 0; L->b_q_a && i < qr; i++) qa[b * qr + i] += L->b_q_a[i];
-                    dsvl2_rmsnorm(qa + b * qr, 1, qr, L->q_norm, (int)L->q_norm_bf16, L->q_eps, qn + b * qr);
-                }
-                if (qin != qn) dsvl2_digits8(qn, qr, B, qr, qnd);
+            for (int64_t b = 0; b < B; b++) {
+                for (int64_t i = 0; L->b_q_a && i < qr; i++) qa[b * qr + i] += L->b_q_a[i];
+                dsvl2_rmsnorm(qa + b * qr, 1, qr, L->q_norm, (int)L->q_norm_bf16, L->q_eps, qn + b * qr);
             }
             /* implicit barrier */
-            team_product(qin, qr, B, qr, &L->q_b, nq, q, nq);
+            team_product(qn, qr, B, qr, &L->q_b, nq, q, nq);
         } else {
-            team_product(xq, D, B, D, &L->q, nq, q, nq);
+            team_product(x, D, B, D, &L->q, nq, q, nq);
         }
 #pragma omp barrier
 #pragma omp single
@@ -403,12 +389,7 @@ int dsvl2_mla_decode(const dsvl2_mla *L, const float *x, int64_t B, const float 
             product_rows(lat + h * r, H * r, B, r, &uv, 0, dv, att + h * dv, H * dv);
         }
         /* implicit barrier */
-        if (ain != att) {
-#pragma omp single
-            dsvl2_digits8(att, H * dv, B, H * dv, attd);
-            /* implicit barrier */
-        }
-        team_product(ain, H * dv, B, H * dv, &L->o, D, out, D);
+        team_product(att, H * dv, B, H * dv, &L->o, D, out, D);
     }
     for (int64_t b = 0; L->b_o && b < B; b++)
         for (int64_t i = 0; i < D; i++) out[b * D + i] += L->b_o[i];

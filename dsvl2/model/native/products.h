@@ -79,12 +79,6 @@ void dsvl2_any_rows(const float *x, int64_t ldx, int64_t M, int64_t K, const voi
                     int64_t n0, int64_t n1, float *y, int64_t ldy);
 /* 1 where the quantised products (int4.c, int8 in bf16.c) use AVX-512, else 0 (int4.c) */
 int dsvl2_quant_wide(void);
-/* 1 where int8 products of width K take their activations as integer digits (int4.c: the
-   AVX-512 VNNI variant, K a multiple of 128): dsvl2_any_rows / dsvl2_team_rows with int8
-   weights then read rows that dsvl2_digits8 prepared (same size as the float rows, row
-   stride K); every caller prepares them first */
-int dsvl2_int8_digits(int64_t K);
-void dsvl2_digits8(const float *x, int64_t ldx, int64_t M, int64_t K, float *out);
 /* The calling OpenMP team shares [0, N) out in chunks of TEAM_CHUNK(N, nt) rows, each taken
    by whichever thread is free (dynamic; no barrier at the end). A static split into one
    block a thread made the faster thread wait at the next barrier for the slower one (15 %
@@ -138,7 +132,7 @@ int dsvl2_mha_decode(const float *x, int64_t B, int64_t D, int64_t H, int64_t Hk
                      const float *bq, const float *bk, const float *bv, const float *bo,
                      const float *cos, const float *sin, float *kc, float *vc, int64_t NB, int64_t BS,
                      const int64_t *table, int64_t W, const int64_t *pos, float scale, float *out, float *scratch);
-int64_t dsvl2_mla_scratch(int64_t B, int64_t D, int64_t H, int64_t dn, int64_t dr, int64_t dv, int64_t r, int64_t qr,
+int64_t dsvl2_mla_scratch(int64_t B, int64_t H, int64_t dn, int64_t dr, int64_t dv, int64_t r, int64_t qr,
                           int64_t S);
 int dsvl2_mla_decode(const dsvl2_mla *L, const float *x, int64_t B, const float *cos, const float *sin, void *pool,
                      int cache_bf16, int64_t NB, int64_t BS, const int64_t *table, int64_t W, const int64_t *pos,

@@ -58,7 +58,7 @@ int64_t dsvl2_decode_scratch(const dsvl2_decoder *M, int64_t B, int64_t S) {
     int64_t p = B * max64(M->k, 1), need = p * (2 * M->D + 2 * M->Fmax); /* dsvl2_moe, dsvl2_moe_i4 */
     for (int64_t i = 0; i < M->nl; i++) {
         const dsvl2_mla *a = M->layers[i].mla;
-        need = max64(need, a ? dsvl2_mla_scratch(B, a->D, a->H, a->dn, a->dr, a->dv, a->r, a->qr, S)
+        need = max64(need, a ? dsvl2_mla_scratch(B, a->H, a->dn, a->dr, a->dv, a->r, a->qr, S)
                              : dsvl2_mha_scratch(B, M->H, M->Hk, M->hd, S));
     }
     return 3 * B * M->D + B * M->Emax + need;

@@ -44,6 +44,10 @@ the machine: the interleaving keeps the comparison fair, not the absolute figure
 ``--tiny`` adds the real tiny model's expert products with one weight called repeatedly
 (read from cache): torch's bf16 product against the native bf16 / int8 / int4 kernels.
 
+Native quantised candidates run in the variant in use (``native.quant_variant``: on a CPU
+with AVX-512 VNNI, the integer digits) and again as ``name[variant]`` in every other
+variant the CPU has (e.g. ``native_int4[avx512]``, the float path), one after the other.
+
 Usage: ``python benchmarks/bench_quant_kernels.py [--quick] [--tiny] [--moe-prefill]
 [--moe-repeats N]`` (``--quick``: fewer repeats, B = 1 and 16 only). About 35 s on 2 quiet
 Zen 4 threads, and a minute more for the prefill MoE layers (1 GB of random weights).
@@ -115,6 +119,42 @@ def int8_weight(e: int, n: int, k: int, seed: int) -> quant.QuantWeight:
     return quant.QuantWeight("int8", (e, n, k), data, scale)
 
 
+def other_variants() -> list[str]:
+    """The quantised products' variants this CPU has besides the one in use (``native.quant_variant``)."""
+    if not native.available():
+        return []
+    now = native.quant_variant()
+    try:
+        return [v for v in native.QUANT_VARIANTS if v != now and native.quant_variant(v) == v]
+    finally:
+        native.quant_variant(now)
+
+
+def in_variant(fn, variant: str):
+    """fn run with the quantised products' variant ``variant``, the one in use restored after."""
+    def run(*args):
+        now = native.quant_variant()
+        native.quant_variant(variant)
+        try:
+            return fn(*args)
+        finally:
+            native.quant_variant(now)
+    return run
+
+
+def with_variants(cands: dict, names: tuple[str, ...]) -> dict:
+    """cands plus, for each native candidate in ``names``, ``name[variant]`` for every other
+    variant the CPU has (the same call, in that variant: e.g. int4 by integer digits on
+    AVX-512 VNNI against the float path on AVX-512)."""
+    out = dict(cands)
+    for name in names:
+        if name in cands:
+            for v in other_variants():
+                fn = cands[name]
+                out[f"{name}[{v}]"] = (in_variant(fn[0], v), fn[1]) if isinstance(fn, tuple) else in_variant(fn, v)
+    return out
+
+
 def row(t: tuple[float, float], nbytes: float, flops: float | None = None) -> dict:
     """Best and median ms; GB/s (and GFLOP/s) of the best call, as the bandwidth is a best of 5."""
     best, med = t
@@ -154,6 +194,7 @@ def bench_products(rows: tuple[int, ...], reps: int) -> dict:
                 cands["native_int8"] = (lambda x, i: native.linear_int8(x, w.data[i], w.scale[i]), one)
             cands["int8pack"] = (lambda x, i: torch._weight_int8pack_mm(x.to(torch.bfloat16), w.data[i], w.scale[i]),
                                  one)
+        cands = with_variants(cands, ("native_int4", "native_int8"))
         out = {"shape": [n, k]}
         for m in rows:
             x = torch.randn(m, k)
@@ -199,6 +240,7 @@ def bench_layers(rows: tuple[int, ...], reps: int) -> dict:
         if bits == 4:
             packed = [as_int4pack(w) for w in (gate, up, down)]
             cands["int4pack"] = lambda x, i, wt: experts_loop(x, i, wt, *packed)
+        cands = with_variants(cands, (f"native_int{bits}",))
         out = {"D": d, "F": f, "experts": e, "top_k": 6, "bits": bits}
         g = torch.Generator().manual_seed(0)
         for m in rows:
@@ -239,6 +281,7 @@ def bench_tiny_products(reps: int) -> dict:
                 cands |= {"native_bf16": lambda: native.linear(xf, wb),
                           "native_int8": lambda: native.linear_int8(xf, w8.data, w8.scale),
                           "native_int4": lambda: native.linear_int4(xf, w4.data, w4.scale)}
+                cands = with_variants(cands, ("native_int8", "native_int4"))
             out[f"B{m}"] = {c: row(times(fn, reps), 0, 2 * m * n * k) for c, fn in cands.items()}
             for r in out[f"B{m}"].values():
                 del r["GB_s"]  # read from cache: no bandwidth to speak of

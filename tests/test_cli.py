@@ -555,6 +555,22 @@ def test_info_demo_json(capsys):
     assert d["params_total"] == d["weights"]["params_in_files"] > 0
 
 
+def test_info_names_the_quantised_products_variant(capsys):
+    """The instruction set of the int8 / int4 decode products on this machine: the variant
+    the kernels report (the CPU's highest), in the JSON and on its own line."""
+    from dsvl2.model import native
+
+    rc, out, err = cli(capsys, "info", "--json", "demo")
+    assert rc == 0, err
+    want = native.quant_variant() if native.available() else None
+    assert json.loads(out)["native_decode"]["quant_variant"] == want
+    rc, out, err = cli(capsys, "info", "demo")
+    assert rc == 0, err
+    if want:
+        line = next(x for x in out.splitlines() if x.startswith("int8 / int4 decode"))
+        assert want in line and ("digits" in line) == (want == "avx512-vnni")
+
+
 def test_info_without_a_model_shows_the_demo(capsys):
     demo = cli(capsys, "info", "demo")
     rc, out, err = cli(capsys, "info")

@@ -250,6 +250,15 @@ def _bytes(x: int) -> str:
     return f"{x} B"
 
 
+# what each variant of the quantised decode products (native.quant_variant) does
+QUANT_VARIANT_WORDS = {
+    "avx512-vnni": "int4 products by integer digits of the activations (AVX-512 VNNI, groups of 128), "
+                   "int8 widened to float32 on AVX-512",
+    "avx512": "int8 / int4 widened to float32 on AVX-512",
+    "avx2": "int8 / int4 widened to float32 on AVX2",
+}
+
+
 def format_info(d: Mapping[str, Any]) -> str:
     """One screen of aligned ``key: value`` lines for a ``describe`` result."""
     ex = d.get("experts")
@@ -312,6 +321,8 @@ def format_info(d: Mapping[str, Any]) -> str:
     if nd:
         how = "native" if nd["native_decode"] else "torch's bf16 kernels"
         rows.append(("decode products", f"{how} ({nd['reason']})"))
+        if nd.get("quant_variant"):
+            rows.append(("int8 / int4 decode", f"{nd['quant_variant']}: {QUANT_VARIANT_WORDS[nd['quant_variant']]}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}} : {val}" for k, val in rows)
 
@@ -334,6 +345,8 @@ def cmd_info(args) -> int:
     d["kernels"] = kernels.choose("cpu", torch.bfloat16).to_dict()  # what bf16 weights would run with here
     from ..model import native
     d["native_decode"] = native.status()  # decode-step products with bf16 weights (model/native)
+    # which instruction set the int8 / int4 decode products use here (each row's bits depend on it)
+    d["native_decode"]["quant_variant"] = native.quant_variant() if native.available() else None
     print(json.dumps(d, indent=2, default=str) if args.json else format_info(d))
     return 0
 

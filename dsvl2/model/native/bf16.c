@@ -136,10 +136,6 @@ DEFINE_ROWS(rows_i8, int8_t, widen8_i8, widen1_i8, ROW_SCALE)
 static inline __attribute__((always_inline)) AVX512 __m512 widen16_i8(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
-static inline __attribute__((always_inline)) AVX512 float hsum16(__m512 s) {
-    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1));
-    return hsum8(_mm256_add_ps(_mm512_castps512_ps256(s), hi));
-}
 static inline __attribute__((always_inline)) AVX512 void tile_i8w(
         const float *x, int64_t ldx, const int R, const int8_t *w, int64_t K, int64_t n, int64_t step, const int C,
         int pf, float *y, int64_t ldy, const uint16_t *scale) {

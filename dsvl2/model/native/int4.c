@@ -164,11 +164,8 @@ static inline __attribute__((always_inline)) AVX512 void tile_512(
             }
         }
     }
-    UNROLL for (int r = 0; r < R; r++) UNROLL for (int c = 0; c < C; c++) {
-        const __m512 a = _mm512_add_ps(ev[r][c], od[r][c]);
-        const __m256 h = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
-        y[r * ldy + n + c * step] = hsum8(_mm256_add_ps(_mm512_castps512_ps256(a), h));
-    }
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int c = 0; c < C; c++)
+        y[r * ldy + n + c * step] = hsum16(_mm512_add_ps(ev[r][c], od[r][c]));
 }
 
 /* Per variant: every row of xp against the C weight rows n, n + step, ... (ROWS rows a
@@ -324,11 +321,8 @@ static inline __attribute__((always_inline)) VNNI void tile_dig(
             }
         }
     }
-    UNROLL for (int r = 0; r < R; r++) UNROLL for (int c = 0; c < C; c++) {
-        const __m512 a = acc[r][c];
-        const __m256 h = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
-        y[r * ldy + n + c * step] = hsum8(_mm256_add_ps(_mm512_castps512_ps256(a), h));
-    }
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int c = 0; c < C; c++)
+        y[r * ldy + n + c * step] = hsum16(acc[r][c]);
 }
 
 DEFINE_ROWS4(dig, VNNI, 4, 3)
@@ -343,8 +337,8 @@ static void prepare(int p, const float *x, int64_t ldx, int64_t M, int64_t K, fl
     else order(x, ldx, M, K, xp, p ? 16 : 8);
 }
 
-/* rows [n0, n1) of y for all M rows of xp (in the nibble order of variant w, row stride K);
-   a call reads the variant once (``wide``) and passes it down */
+/* rows [n0, n1) of y for all M rows of xp (prepared for path w by ``prepare``, row stride K);
+   a call reads the variant once (``path4``) and passes the path down */
 static void rows4(int w, const float *xp, int64_t M, int64_t K, int64_t G, const uint8_t *q, const uint16_t *scale,
                   int64_t n0, int64_t n1, float *y, int64_t ldy) {
     if (w == 2) rows_dig(xp, M, K, G, q, scale, n0, n1, y, ldy);
@@ -361,7 +355,7 @@ static void team4(int w, const float *xp, int64_t M, int64_t K, int64_t G, const
 }
 
 /* y [M, N] = x [M, K] . w^T, w the int4 weight (q [N, K/2], scale [N, K/G]);
-   xp: float32 scratch [M, K] (x in nibble order) */
+   xp: float32 scratch [M, K] (x as the product's path reads it: ``prepare``) */
 void dsvl2_linear_i4(const float *x, int64_t M, int64_t K, const uint8_t *q, const uint16_t *scale, int64_t G,
                      int64_t N, float *y, float *xp) {
     const int w = path4(variant(), G);
@@ -469,8 +463,8 @@ int dsvl2_moe_i4(const float *x, int64_t T, int64_t D, const int64_t *idx, const
     const int64_t used = sort_pairs(idx, P, E, order_), *start = order_ + P;
     if (used < 0) return -1;
 
-    float *xs = scratch;   /* [P, D]  the pairs' inputs in nibble order, grouped by expert */
-    float *g = xs + P * D; /* [P, F]  gate, then silu(gate) * up in nibble order */
+    float *xs = scratch;   /* [P, D]  the pairs' inputs, prepared (``prepare``), grouped by expert */
+    float *g = xs + P * D; /* [P, F]  gate, then silu(gate) * up, prepared */
     float *u = g + P * F;  /* [P, F]  up */
     float *ys = u + P * F; /* [P, D]  each pair's expert output */
     const int wd = path4(variant(), Gd), wf = path4(variant(), Gf); /* gate / up, down */

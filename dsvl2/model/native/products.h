@@ -40,6 +40,12 @@ static inline float hsum8(__m256 s) {
     return _mm_cvtss_f32(lo);
 }
 
+/* the 16 lanes of s added in one fixed order: the two halves, then hsum8 */
+static inline __attribute__((always_inline, target("avx512f"))) float hsum16(__m512 s) {
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1));
+    return hsum8(_mm256_add_ps(_mm512_castps512_ps256(s), hi));
+}
+
 /* The (token, choice) pairs p = t k + j of T tokens choosing k of E experts (idx [T k];
    NULL: every pair expert 0) sorted by expert, stable: order[0 .. P) the pairs, order[P ..
    P + E] where each expert's run starts (E + 1 entries), then E entries of scratch.
@@ -79,7 +85,7 @@ void dsvl2_any_rows(const float *x, int64_t ldx, int64_t M, int64_t K, const voi
                     int64_t n0, int64_t n1, float *y, int64_t ldy);
 /* 1 where the quantised products (int4.c, int8 in bf16.c) use AVX-512, else 0 (int4.c) */
 int dsvl2_quant_wide(void);
-/* The calling OpenMP team shares [0, N) out in chunks of TEAM_CHUNK(N, nt) rows, each taken
+/* The calling OpenMP team shares [0, N) out in chunks of team_chunk(N, nt) rows, each taken
    by whichever thread is free (dynamic; no barrier at the end). A static split into one
    block a thread made the faster thread wait at the next barrier for the slower one (15 %
    of a tiny decode step's samples sat in libgomp, 12 % after; small int8 decode 12.0-14.7

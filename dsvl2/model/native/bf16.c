@@ -211,10 +211,12 @@ static inline float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * 
    (both NULL: one dense MLP, E = k = 1). Returns -1 (and does nothing) on an expert id
    outside [0, E).
    scratch: float32 [T*k*(2D + 2F)]; order: int64 [T*k + 2E + 1] (see native/__init__.py).
+   One mlp_call (products.h): mlp_begin, dsvl2_moe_team8 by a team, mlp_end.
 
    Work split: with several experts in use, each thread takes whole experts (gate, up,
    SiLU and down of all of that expert's tokens) so the threads never wait for each
-   other inside the layer; a single expert (a dense MLP) is split by output rows instead.
+   other inside the layer; a single expert (a dense MLP) is split by output rows instead
+   (its SiLU by values).
    Each pair's output is computed by the same code whoever computes it, and a token's
    sum is formed afterwards in ascending expert id, so it does not depend on the split
    nor on the other tokens. */
@@ -222,61 +224,56 @@ int dsvl2_moe(const float *x, int64_t T, int64_t D, const int64_t *idx, const fl
               const void *gate, const void *up, const void *down, int64_t E, int64_t F,
               float *out, float *scratch, int64_t *order,
               int64_t esize, const uint16_t *gs, const uint16_t *us, const uint16_t *ds) {
-    const char *gb = (const char *)gate, *ub = (const char *)up, *db = (const char *)down;
-    const int64_t P = T * k;
-    /* idx == NULL: one dense MLP (E = k = 1, every weight 1) */
-    const int64_t used = sort_pairs(idx, P, E, order), *start = order + P;
-    if (used < 0) return -1;
+    const dsvl2_mlp m = {gate, up, down, gs, us, ds, esize == 1 ? MLP_INT8 : MLP_BF16, E, F, 0, 0};
+    mlp_call c;
+    if (mlp_begin(&c, &m, x, T, D, idx, wt, k, out, scratch, order)) return -1;
+#pragma omp parallel
+    dsvl2_moe_team8(&c);
+    mlp_end(&c);
+    return 0;
+}
 
-    float *xs = scratch;        /* [P, D]  the pairs' inputs, grouped by expert */
-    float *g = xs + P * D;      /* [P, F]  gate, then silu(gate) * up */
-    float *u = g + P * F;       /* [P, F]  up */
-    float *ys = u + P * F;      /* [P, D]  each pair's expert output */
-    for (int64_t i = 0; i < P; i++) memcpy(xs + i * D, x + (order[i] / k) * D, D * sizeof(float));
-
-    int nt = omp_get_max_threads();
-    if (used >= 2 * nt) {
+/* dsvl2_moe's products (products.h mlp_call): every thread of the team calls it */
+void dsvl2_moe_team8(const mlp_call *mc) {
+    const dsvl2_mlp *m = mc->m;
+    const int64_t esize = m->format == MLP_INT8 ? 1 : 2, E = m->E, F = m->F, D = mc->D;
+    const char *gb = (const char *)m->gate, *ub = (const char *)m->up, *db = (const char *)m->down;
+    const uint16_t *gs = m->gs, *us = m->us, *ds = m->ds;
+    const int64_t *start = mc->order + mc->T * mc->k;
+    float *xs = mc->xs, *g = mc->g, *u = mc->u, *ys = mc->ys;
+    const int th = omp_get_thread_num(), nth = omp_get_num_threads();
+    if (mc->used >= 2 * nth) {
         /* whole experts per thread: contiguous runs of about equal cost, an expert costing
            its weights' stream plus its rows (COST_STREAM + c, in units of one row) */
         int64_t total = 0;
         for (int64_t e = 0; e < E; e++)
             if (start[e + 1] > start[e]) total += COST_STREAM + start[e + 1] - start[e];
-#pragma omp parallel num_threads(nt)
-        {
-            int th = omp_get_thread_num(), nth = omp_get_num_threads();
-            int64_t before = 0; /* cost of the experts before e */
-            for (int64_t e = 0; e < E; e++) {
-                int64_t s = start[e], c = start[e + 1] - s;
-                if (c == 0) continue;
-                int64_t mid2 = 2 * before + COST_STREAM + c; /* twice the midpoint of e's cost */
-                before += COST_STREAM + c;
-                if ((mid2 * nth) / (2 * total) != th) continue;
-                dsvl2_any_rows(xs + s * D, D, c, D, gb + e * F * D * esize, gs ? gs + e * F : NULL, 0, F, g + s * F, F);
-                dsvl2_any_rows(xs + s * D, D, c, D, ub + e * F * D * esize, us ? us + e * F : NULL, 0, F, u + s * F, F);
-                for (int64_t i = s; i < s + c; i++)
-                    for (int64_t f = 0; f < F; f++) g[i * F + f] = silu_mul(g[i * F + f], u[i * F + f]);
-                dsvl2_any_rows(g + s * F, F, c, F, db + e * D * F * esize, ds ? ds + e * D : NULL, 0, D, ys + s * D, D);
-            }
+        int64_t before = 0; /* cost of the experts before e */
+        for (int64_t e = 0; e < E; e++) {
+            int64_t s = start[e], c = start[e + 1] - s;
+            if (c == 0) continue;
+            int64_t mid2 = 2 * before + COST_STREAM + c; /* twice the midpoint of e's cost */
+            before += COST_STREAM + c;
+            if ((mid2 * nth) / (2 * total) != th) continue;
+            dsvl2_any_rows(xs + s * D, D, c, D, gb + e * F * D * esize, gs ? gs + e * F : NULL, 0, F, g + s * F, F);
+            dsvl2_any_rows(xs + s * D, D, c, D, ub + e * F * D * esize, us ? us + e * F : NULL, 0, F, u + s * F, F);
+            for (int64_t i = s; i < s + c; i++)
+                for (int64_t f = 0; f < F; f++) g[i * F + f] = silu_mul(g[i * F + f], u[i * F + f]);
+            dsvl2_any_rows(g + s * F, F, c, F, db + e * D * F * esize, ds ? ds + e * D : NULL, 0, D, ys + s * D, D);
         }
-    } else {
-#pragma omp parallel num_threads(nt)
-        {
-            for (int64_t e = 0; e < E; e++) {
-                int64_t s = start[e], c = start[e + 1] - s;
-                if (c == 0) continue; /* same decision in every thread */
-                dsvl2_team_rows(xs + s * D, D, c, D, gb + e * F * D * esize, gs ? gs + e * F : NULL, F, g + s * F, F);
-                dsvl2_team_rows(xs + s * D, D, c, D, ub + e * F * D * esize, us ? us + e * F : NULL, F, u + s * F, F);
+        return;
+    }
+    for (int64_t e = 0; e < E; e++) {
+        int64_t s = start[e], c = start[e + 1] - s;
+        if (c == 0) continue; /* same decision in every thread */
+        dsvl2_team_rows(xs + s * D, D, c, D, gb + e * F * D * esize, gs ? gs + e * F : NULL, F, g + s * F, F);
+        dsvl2_team_rows(xs + s * D, D, c, D, ub + e * F * D * esize, us ? us + e * F : NULL, F, u + s * F, F);
 #pragma omp barrier
 #pragma omp for schedule(static)
-                for (int64_t i = s; i < s + c; i++)
-                    for (int64_t f = 0; f < F; f++) g[i * F + f] = silu_mul(g[i * F + f], u[i * F + f]);
-                /* implicit barrier */
-                dsvl2_team_rows(g + s * F, F, c, F, db + e * D * F * esize, ds ? ds + e * D : NULL, D, ys + s * D, D);
-            }
-        }
+        for (int64_t i = s * F; i < (s + c) * F; i++) g[i] = silu_mul(g[i], u[i]);
+        /* implicit barrier */
+        dsvl2_team_rows(g + s * F, F, c, F, db + e * D * F * esize, ds ? ds + e * D : NULL, D, ys + s * D, D);
     }
-    combine_pairs(ys, order, wt, T, k, D, out);
-    return 0;
 }
 
 /* y [M, N] = x [M, K] . (scale [N] * q [N, K])^T: int8 weights, bf16 per-row scales */

@@ -459,55 +459,60 @@ int dsvl2_moe_i4(const float *x, int64_t T, int64_t D, const int64_t *idx, const
                  const uint8_t *gq, const uint16_t *gs, const uint8_t *uq, const uint16_t *us, const uint8_t *dq,
                  const uint16_t *ds, int64_t E, int64_t F, int64_t Gd, int64_t Gf, float *out, float *scratch,
                  int64_t *order_) {
-    const int64_t P = T * k;
-    const int64_t used = sort_pairs(idx, P, E, order_), *start = order_ + P;
-    if (used < 0) return -1;
+    const dsvl2_mlp m = {gq, uq, dq, gs, us, ds, MLP_INT4, E, F, Gd, Gf};
+    mlp_call c;
+    if (mlp_begin(&c, &m, x, T, D, idx, wt, k, out, scratch, order_)) return -1;
+#pragma omp parallel
+    dsvl2_moe_team4(&c);
+    mlp_end(&c);
+    return 0;
+}
 
-    float *xs = scratch;   /* [P, D]  the pairs' inputs, prepared (``prepare``), grouped by expert */
-    float *g = xs + P * D; /* [P, F]  gate, then silu(gate) * up, prepared */
-    float *u = g + P * F;  /* [P, F]  up */
-    float *ys = u + P * F; /* [P, D]  each pair's expert output */
+/* dsvl2_moe_i4's inputs gathered into mc->xs, prepared for the gate / up path (mlp_begin) */
+void dsvl2_moe_gather4(const mlp_call *mc) {
+    const int64_t D = mc->D, k = mc->k;
+    const int wd = path4(variant(), mc->m->Gd);
+    for (int64_t i = 0; i < mc->T * k; i++) prepare(wd, mc->x + (mc->order[i] / k) * D, D, 1, D, mc->xs + i * D);
+}
+
+/* dsvl2_moe_i4's products (products.h mlp_call): every thread of the team calls it */
+void dsvl2_moe_team4(const mlp_call *mc) {
+    const dsvl2_mlp *m = mc->m;
+    const int64_t E = m->E, F = m->F, D = mc->D, Gd = m->Gd, Gf = m->Gf;
+    const uint8_t *gq = m->gate, *uq = m->up, *dq = m->down;
+    const uint16_t *gs = m->gs, *us = m->us, *ds = m->ds;
+    const int64_t *start = mc->order + mc->T * mc->k;
+    float *xs = mc->xs, *g = mc->g, *u = mc->u, *ys = mc->ys;
     const int wd = path4(variant(), Gd), wf = path4(variant(), Gf); /* gate / up, down */
-    for (int64_t i = 0; i < P; i++) prepare(wd, x + (order_[i] / k) * D, D, 1, D, xs + i * D);
-    const int64_t gstride = F * (D / Gd), dstride = D * (F / Gf); /* scales per expert */
-
-    int nt = omp_get_max_threads();
-    if (used >= 2 * nt) {
+    const int64_t gstride = F * (D / Gd), dstride = D * (F / Gf);   /* scales per expert */
+    const int th = omp_get_thread_num(), nth = omp_get_num_threads();
+    if (mc->used >= 2 * nth) {
         int64_t total = 0;
         for (int64_t e = 0; e < E; e++)
             if (start[e + 1] > start[e]) total += COST_STREAM4 + start[e + 1] - start[e];
-#pragma omp parallel num_threads(nt)
-        {
-            int th = omp_get_thread_num(), nth = omp_get_num_threads();
-            int64_t before = 0;
-            for (int64_t e = 0; e < E; e++) {
-                int64_t s = start[e], c = start[e + 1] - s;
-                if (c == 0) continue;
-                int64_t mid2 = 2 * before + COST_STREAM4 + c;
-                before += COST_STREAM4 + c;
-                if ((mid2 * nth) / (2 * total) != th) continue;
-                rows4(wd, xs + s * D, c, D, Gd, gq + e * F * D / 2, gs + e * gstride, 0, F, g + s * F, F);
-                rows4(wd, xs + s * D, c, D, Gd, uq + e * F * D / 2, us + e * gstride, 0, F, u + s * F, F);
-                for (int64_t i = s; i < s + c; i++) silu_prepared(wf, g + i * F, u + i * F, F);
-                rows4(wf, g + s * F, c, F, Gf, dq + e * D * F / 2, ds + e * dstride, 0, D, ys + s * D, D);
-            }
+        int64_t before = 0;
+        for (int64_t e = 0; e < E; e++) {
+            int64_t s = start[e], c = start[e + 1] - s;
+            if (c == 0) continue;
+            int64_t mid2 = 2 * before + COST_STREAM4 + c;
+            before += COST_STREAM4 + c;
+            if ((mid2 * nth) / (2 * total) != th) continue;
+            rows4(wd, xs + s * D, c, D, Gd, gq + e * F * D / 2, gs + e * gstride, 0, F, g + s * F, F);
+            rows4(wd, xs + s * D, c, D, Gd, uq + e * F * D / 2, us + e * gstride, 0, F, u + s * F, F);
+            for (int64_t i = s; i < s + c; i++) silu_prepared(wf, g + i * F, u + i * F, F);
+            rows4(wf, g + s * F, c, F, Gf, dq + e * D * F / 2, ds + e * dstride, 0, D, ys + s * D, D);
         }
-    } else {
-#pragma omp parallel num_threads(nt)
-        {
-            for (int64_t e = 0; e < E; e++) {
-                int64_t s = start[e], c = start[e + 1] - s;
-                if (c == 0) continue; /* same decision in every thread */
-                team4(wd, xs + s * D, c, D, Gd, gq + e * F * D / 2, gs + e * gstride, F, g + s * F, F);
-                team4(wd, xs + s * D, c, D, Gd, uq + e * F * D / 2, us + e * gstride, F, u + s * F, F);
+        return;
+    }
+    for (int64_t e = 0; e < E; e++) {
+        int64_t s = start[e], c = start[e + 1] - s;
+        if (c == 0) continue; /* same decision in every thread */
+        team4(wd, xs + s * D, c, D, Gd, gq + e * F * D / 2, gs + e * gstride, F, g + s * F, F);
+        team4(wd, xs + s * D, c, D, Gd, uq + e * F * D / 2, us + e * gstride, F, u + s * F, F);
 #pragma omp barrier
 #pragma omp for schedule(static)
-                for (int64_t i = s; i < s + c; i++) silu_prepared(wf, g + i * F, u + i * F, F);
-                /* implicit barrier */
-                team4(wf, g + s * F, c, F, Gf, dq + e * D * F / 2, ds + e * dstride, D, ys + s * D, D);
-            }
-        }
+        for (int64_t i = s; i < s + c; i++) silu_prepared(wf, g + i * F, u + i * F, F);
+        /* implicit barrier */
+        team4(wf, g + s * F, c, F, Gf, dq + e * D * F / 2, ds + e * dstride, D, ys + s * D, D);
     }
-    combine_pairs(ys, order_, wt, T, k, D, out);
-    return 0;
 }

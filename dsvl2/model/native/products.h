@@ -79,6 +79,63 @@ static inline void combine_pairs(const float *ys, const int64_t *order, const fl
     }
 }
 
+/* SiLU-gated MLP weights: E stacked experts, or one dense MLP (E = 1). gate / up [E, F, D],
+   down [E, D, F]: bf16 values (scales NULL), int8 values with bf16 per-row scales ([E, F],
+   [E, F], [E, D]), or int4 nibbles ([E, F, D/2], [E, D, F/2]) with bf16 per-group scales
+   ([E, F, D/Gd], [E, D, F/Gf]) */
+enum { MLP_BF16 = 0, MLP_INT8 = 1, MLP_INT4 = 2 };
+typedef struct {
+    const void *gate, *up, *down;
+    const uint16_t *gs, *us, *ds;
+    int64_t format, E, F, Gd, Gf; /* MLP_*; F = 0: no such MLP (shared experts); Gd / Gf: int4 only */
+} dsvl2_mlp;
+
+/* One call of an MLP m for T tokens choosing k of its experts each (idx / wt [T, k]; NULL:
+   a dense MLP, k = 1) in three parts: mlp_begin (serial: the pairs sorted by expert, their
+   inputs gathered into scratch), mlp_team (called by every thread of an OpenMP team: the
+   products; no barrier at its end, so a team may go on to another call's products, as
+   step.c does with the shared experts after the routed ones) and, after the team's next
+   barrier, mlp_end (serial: each token's pairs summed into out). Which thread computes a
+   pair's rows never changes their bits. scratch: T k (2D + 2F) floats; order: T k + 2E + 1
+   int64s. */
+typedef struct {
+    const dsvl2_mlp *m;
+    const float *x, *wt;
+    const int64_t *idx;
+    int64_t T, D, k, used; /* used: experts that received pairs */
+    float *xs, *g, *u, *ys, *out; /* scratch parts: [P, D], [P, F], [P, F], [P, D]; P = T k */
+    int64_t *order;
+} mlp_call;
+
+void dsvl2_moe_gather4(const mlp_call *c); /* int4.c: the inputs prepared for its path */
+void dsvl2_moe_team4(const mlp_call *c);   /* int4.c */
+void dsvl2_moe_team8(const mlp_call *c);   /* bf16.c: bf16 and int8 weights */
+
+/* Returns -1 (nothing else done) for an expert id outside [0, E) */
+static inline int mlp_begin(mlp_call *c, const dsvl2_mlp *m, const float *x, int64_t T, int64_t D,
+                            const int64_t *idx, const float *wt, int64_t k, float *out, float *scratch,
+                            int64_t *order) {
+    const int64_t P = T * k, F = m->F;
+    *c = (mlp_call){.m = m, .x = x, .wt = wt, .idx = idx, .T = T, .D = D, .k = k, .out = out, .order = order};
+    c->used = sort_pairs(idx, P, m->E, order);
+    if (c->used < 0) return -1;
+    c->xs = scratch, c->g = c->xs + P * D, c->u = c->g + P * F, c->ys = c->u + P * F;
+    if (m->format == MLP_INT4) dsvl2_moe_gather4(c);
+    else
+        for (int64_t i = 0; i < P; i++) memcpy(c->xs + i * D, x + (order[i] / k) * D, D * sizeof(float));
+    return 0;
+}
+
+static inline void mlp_team(const mlp_call *c) {
+    if (c->m->format == MLP_INT4) dsvl2_moe_team4(c);
+    else dsvl2_moe_team8(c);
+}
+
+static inline void mlp_end(const mlp_call *c) { combine_pairs(c->ys, c->order, c->wt, c->T, c->k, c->D, c->out); }
+
+/* the floats of scratch an mlp_call of T tokens choosing k needs */
+static inline int64_t mlp_scratch(int64_t T, int64_t k, int64_t D, int64_t F) { return T * k * (2 * D + 2 * F); }
+
 /* y[m, n] for n in [n0, n1), all M rows: bf16 weights (scale NULL) or int8 weights with
    bf16 per-row scales. Same per-(row, output) operation sequence whatever M. */
 void dsvl2_any_rows(const float *x, int64_t ldx, int64_t M, int64_t K, const void *w, const uint16_t *scale,

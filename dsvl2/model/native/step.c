@@ -19,18 +19,6 @@
 
 #include "products.h"
 
-enum { MLP_BF16 = 0, MLP_INT8 = 1, MLP_INT4 = 2 };
-
-/* SiLU-gated MLP weights: E stacked experts, or one dense MLP (E = 1). gate / up [E, F, D],
-   down [E, D, F]: bf16 values (scales NULL), int8 values with bf16 per-row scales ([E, F],
-   [E, F], [E, D]), or int4 nibbles ([E, F, D/2], [E, D, F/2]) with bf16 per-group scales
-   ([E, F, D/Gd], [E, D, F/Gf]), as dsvl2_moe / dsvl2_moe_i4 take them */
-typedef struct {
-    const void *gate, *up, *down;
-    const uint16_t *gs, *us, *ds;
-    int64_t format, E, F, Gd, Gf; /* MLP_*; F = 0: no such MLP (shared experts); Gd / Gf: int4 only */
-} dsvl2_mlp;
-
 /* one decoder layer */
 typedef struct {
     const uint16_t *ln1, *ln2;         /* bf16 RMSNorm weights [D] before attention / MLP */
@@ -55,7 +43,8 @@ static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 /* float32 scratch of dsvl2_decode_layers for B rows reading up to S positions */
 int64_t dsvl2_decode_scratch(const dsvl2_decoder *M, int64_t B, int64_t S) {
-    int64_t p = B * max64(M->k, 1), need = p * (2 * M->D + 2 * M->Fmax); /* dsvl2_moe, dsvl2_moe_i4 */
+    /* the routed experts' call and the shared experts' beside it (mlp_call) */
+    int64_t need = mlp_scratch(B, max64(M->k, 1), M->D, M->Fmax) + mlp_scratch(B, 1, M->D, M->Fmax);
     for (int64_t i = 0; i < M->nl; i++) {
         const dsvl2_mla *a = M->layers[i].mla;
         need = max64(need, a ? dsvl2_mla_scratch(B, a->H, a->dn, a->dr, a->dv, a->r, a->qr, S)
@@ -64,17 +53,30 @@ int64_t dsvl2_decode_scratch(const dsvl2_decoder *M, int64_t B, int64_t S) {
     return 3 * B * M->D + B * M->Emax + need;
 }
 
-/* int64 scratch of dsvl2_decode_layers (the experts' sort) */
-int64_t dsvl2_decode_order(int64_t B, int64_t k, int64_t Emax) { return B * (k > 1 ? k : 1) + 2 * Emax + 1; }
+/* int64 scratch of dsvl2_decode_layers (the experts' sort: the routed call's, the shared one's) */
+int64_t dsvl2_decode_order(int64_t B, int64_t k, int64_t Emax) { return B * (k > 1 ? k : 1) + 2 * Emax + 1 + B + 3; }
 
-/* the MLP m for B rows of x (idx / wt: k choices a row, or NULL for a dense MLP) */
+/* the MLP m for B rows of x (idx / wt: k choices a row, or NULL for a dense MLP) into out;
+   with a second MLP s (shared experts: dense, F > 0) s's output into sout, both in one
+   team: a thread done with its share of m's experts goes on to s's rows (the whole-expert
+   split of m leaves one thread waiting for the other otherwise; small int8 decode: 70-145
+   us a layer with the read in a fast spell). */
 static int run_mlp(const dsvl2_mlp *m, const float *x, int64_t B, int64_t D, const int64_t *idx, const float *wt,
-                   int64_t k, float *out, float *scratch, int64_t *order) {
-    if (m->format == MLP_INT4)
-        return dsvl2_moe_i4(x, B, D, idx, wt, k, m->gate, m->gs, m->up, m->us, m->down, m->ds, m->E, m->F, m->Gd,
-                            m->Gf, out, scratch, order);
-    return dsvl2_moe(x, B, D, idx, wt, k, m->gate, m->up, m->down, m->E, m->F, out, scratch, order,
-                     m->format == MLP_INT8 ? 1 : 2, m->gs, m->us, m->ds);
+                   int64_t k, float *out, const dsvl2_mlp *s, float *sout, float *scratch, int64_t *order) {
+    mlp_call c[2];
+    const int two = s && s->F;
+    if (mlp_begin(&c[0], m, x, B, D, idx, wt, k, out, scratch, order)) return -3;
+    if (two)
+        mlp_begin(&c[1], s, x, B, D, NULL, NULL, 1, sout, scratch + mlp_scratch(B, k, D, m->F),
+                  order + B * k + 2 * m->E + 1);
+#pragma omp parallel
+    {
+        mlp_team(&c[0]);
+        if (two) mlp_team(&c[1]);
+    }
+    mlp_end(&c[0]);
+    if (two) mlp_end(&c[1]);
+    return 0;
 }
 
 /* x [B, D] (float32, in place): the embeddings in, the last layer's output out.
@@ -114,13 +116,11 @@ int dsvl2_decode_layers(const dsvl2_decoder *M, float *x, int64_t B, void *const
             if (dsvl2_route(logits, B, L->mlp.E, k, (int)M->method, (int)M->sigmoid, L->bias, M->G, M->topk_group,
                             (int)M->norm, M->scaling, li, lw))
                 return -3;
-            if (run_mlp(&L->mlp, h, B, D, li, lw, k, a, rest, order)) return -3;
-            if (L->shared.F) {
-                run_mlp(&L->shared, h, B, D, NULL, NULL, 1, sh, rest, order);
+            if (run_mlp(&L->mlp, h, B, D, li, lw, k, a, &L->shared, sh, rest, order)) return -3;
+            if (L->shared.F)
                 for (int64_t j = 0; j < B * D; j++) a[j] = a[j] + sh[j];
-            }
         } else {
-            run_mlp(&L->mlp, h, B, D, NULL, NULL, 1, a, rest, order);
+            run_mlp(&L->mlp, h, B, D, NULL, NULL, 1, a, NULL, NULL, rest, order);
         }
         for (int64_t j = 0; j < B * D; j++) x[j] = x[j] + a[j];
     }

@@ -220,15 +220,15 @@ static inline __attribute__((always_inline)) void o_tile_##NAME(const CT *const 
         _mm256_storeu_ps(o + g * r + j + 8, acc[g][1]);                                                               \
     }                                                                                                                 \
 }                                                                                                                     \
-static void NAME(const float *qc, int64_t H, int64_t r, int64_t Lk, float scale, const CT *pool, const int64_t *tab,  \
-                 int64_t BS, int64_t s0, int64_t s1, float *sc, float *m, float *l, float *o) {                       \
+static void NAME(const float *qc, int64_t h0, int64_t H, int64_t r, int64_t Lk, float scale, const CT *pool,          \
+                 const int64_t *tab, int64_t BS, int64_t s0, int64_t s1, float *sc, float *m, float *l, float *o) {   \
     const CT *rows[CHUNK];                                                                                            \
     const int64_t n = s1 - s0;                                                                                        \
     for (int64_t s = s0; s < s1; s++) rows[s - s0] = pool + (tab[s / BS] * BS + s % BS) * Lk;                         \
-    for (int64_t h = 0; h < H; h += 4) {                                                                              \
+    for (int64_t h = h0; h < H; h += 4) {                                                                             \
         const int64_t nh = H - h < 4 ? H - h : 4;                                                                     \
         for (int64_t i = 0; i < n; i += 2) {                                                                          \
-            if (h == 0) /* the first pass brings the unit's rows in: the next pair ahead */                           \
+            if (h == h0) /* the first pass brings the unit's rows in: the next pair ahead */                          \
                 for (int64_t t = i + 2; t < i + 4 && t < n; t++)                                                      \
                     for (int64_t c = 0; c < Lk * (int64_t)sizeof(CT); c += 64)                                        \
                         _mm_prefetch((const char *)rows[t] + c, _MM_HINT_T0);                                         \
@@ -244,7 +244,7 @@ static void NAME(const float *qc, int64_t H, int64_t r, int64_t Lk, float scale,
                 }                                                                                                     \
         }                                                                                                             \
     }                                                                                                                 \
-    for (int64_t h = 0; h < H; h++) {                                                                                 \
+    for (int64_t h = h0; h < H; h++) {                                                                                \
         float *sh = sc + h * CHUNK, mx = -INFINITY, sum = 0.0f;                                                       \
         for (int64_t i = 0; i < n; i++) mx = sh[i] > mx ? sh[i] : mx;                                                 \
         for (int64_t i = 0; i < n; i++) sum += (sh[i] = expf(sh[i] - mx));                                            \
@@ -254,20 +254,20 @@ static void NAME(const float *qc, int64_t H, int64_t r, int64_t Lk, float scale,
        16 values of all positions stay in L1 for the head groups */                                                   \
     int64_t j = 0;                                                                                                    \
     for (; j + 16 <= r; j += 16)                                                                                      \
-        for (int64_t h = 0; h < H; h += 4) {                                                                          \
+        for (int64_t h = h0; h < H; h += 4) {                                                                         \
             if (H - h >= 4) o_tile_##NAME(rows, n, j, sc + h * CHUNK, 4, o + h * r, r);                               \
             else                                                                                                      \
                 for (int64_t g = h; g < H; g++) o_tile_##NAME(rows, n, j, sc + g * CHUNK, 1, o + g * r, r);           \
         }                                                                                                             \
     for (; j + 8 <= r; j += 8)                                                                                        \
-        for (int64_t h = 0; h < H; h++) {                                                                             \
+        for (int64_t h = h0; h < H; h++) {                                                                            \
             __m256 acc = _mm256_setzero_ps();                                                                         \
             for (int64_t i = 0; i < n; i++)                                                                           \
                 acc = _mm256_fmadd_ps(_mm256_set1_ps(sc[h * CHUNK + i]), LOAD8(rows[i] + j), acc);                    \
             _mm256_storeu_ps(o + h * r + j, acc);                                                                     \
         }                                                                                                             \
     for (; j < r; j++)                                                                                                \
-        for (int64_t h = 0; h < H; h++) {                                                                             \
+        for (int64_t h = h0; h < H; h++) {                                                                            \
             float acc = 0.0f;                                                                                         \
             for (int64_t i = 0; i < n; i++) acc = fmaf(sc[h * CHUNK + i], LOAD1(rows[i][j]), acc);                    \
             o[h * r + j] = acc;                                                                                       \
@@ -289,8 +289,9 @@ int64_t dsvl2_mla_scratch(int64_t B, int64_t H, int64_t dn, int64_t dr, int64_t 
    (normalised); cos / sin [B, dr]; pool [NB, BS, r + dr] float32 (cache_bf16 = 0) or bf16,
    row b's token written at position pos[b] (block table[b, pos[b] / BS], slot pos[b] %
    BS; table [B, W] int64) and attending over its positions 0 .. pos[b]; out [B, D].
-   Attention in units of CHUNK positions of one row (any thread), merged per row and head
-   in position order. scratch: dsvl2_mla_scratch(B, H, dn, dr, dv, r, qr, W * BS) floats.
+   Attention in units of CHUNK positions of one row and some of its heads (any thread),
+   merged per row and head in position order.
+   scratch: dsvl2_mla_scratch(B, H, dn, dr, dv, r, qr, W * BS) floats.
    Returns -1 when a position or block id is out of range, -2 for sizes it cannot take
    (dr odd, a size < 1, kv_b int8); nothing is written then. */
 int dsvl2_mla_decode(const dsvl2_mla *L, const float *x, int64_t B, const float *cos, const float *sin, void *pool,
@@ -306,6 +307,11 @@ int dsvl2_mla_decode(const dsvl2_mla *L, const float *x, int64_t B, const float 
     int64_t ustart[B + 1]; /* row b's units: ustart[b] .. ustart[b + 1] - 1 */
     ustart[0] = 0;
     for (int64_t b = 0; b < B; b++) ustart[b + 1] = ustart[b] + (pos[b] + CHUNK) / CHUNK;
+    /* fewer units than 4 a thread (a short context, few rows): each unit's heads in groups
+       of hg (a multiple of the score tiles' 4 heads, so every (head, position) still falls
+       in the same tile) taken apart; small int8, one row of ~80 positions: two units of
+       64 and 16 positions, one thread waited for the other's */
+    const int64_t ng = ustart[B] >= 4 * omp_get_max_threads() ? 1 : (H + 3) / 4, hg = ng == 1 ? H : 4;
 #pragma omp parallel
     {
         team_product(x, D, B, D, &L->kv_a, Lk, kva, Lk);
@@ -349,17 +355,18 @@ int dsvl2_mla_decode(const dsvl2_mla *L, const float *x, int64_t B, const float 
         }
         /* implicit barrier */
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t u = 0; u < ustart[B]; u++) {
+        for (int64_t v = 0; v < ustart[B] * ng; v++) {
+            const int64_t u = v / ng, h0 = (v % ng) * hg, h1 = h0 + hg < H ? h0 + hg : H;
             int64_t b = 0;
             while (ustart[b + 1] <= u) b++;
             const int64_t s0 = (u - ustart[b]) * CHUNK, n = pos[b] + 1, s1 = s0 + CHUNK < n ? s0 + CHUNK : n;
             float *part = parts + u * per_unit, *sc = part, *m = sc + H * CHUNK, *l = m + H, *o = l + H;
             if (cache_bf16)
-                attend_bf16(qc + b * H * Lk, H, r, Lk, L->scale, (const uint16_t *)pool, table + b * W, BS, s0, s1,
-                            sc, m, l, o);
+                attend_bf16(qc + b * H * Lk, h0, h1, r, Lk, L->scale, (const uint16_t *)pool, table + b * W, BS, s0,
+                            s1, sc, m, l, o);
             else
-                attend_f32(qc + b * H * Lk, H, r, Lk, L->scale, (const float *)pool, table + b * W, BS, s0, s1, sc,
-                           m, l, o);
+                attend_f32(qc + b * H * Lk, h0, h1, r, Lk, L->scale, (const float *)pool, table + b * W, BS, s0, s1,
+                           sc, m, l, o);
         }
         /* implicit barrier */
 #pragma omp for schedule(static)

@@ -211,7 +211,7 @@ static inline float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * 
    (both NULL: one dense MLP, E = k = 1). Returns -1 (and does nothing) on an expert id
    outside [0, E).
    scratch: float32 [T*k*(2D + 2F)]; order: int64 [T*k + 2E + 1] (see native/__init__.py).
-   One mlp_call (products.h): mlp_begin, dsvl2_moe_team8 by a team, mlp_end.
+   One mlp_call run start to end (products.h mlp_run; the products: dsvl2_moe_team8).
 
    Work split: with several experts in use, each thread takes whole experts (gate, up,
    SiLU and down of all of that expert's tokens) so the threads never wait for each
@@ -225,12 +225,7 @@ int dsvl2_moe(const float *x, int64_t T, int64_t D, const int64_t *idx, const fl
               float *out, float *scratch, int64_t *order,
               int64_t esize, const uint16_t *gs, const uint16_t *us, const uint16_t *ds) {
     const dsvl2_mlp m = {gate, up, down, gs, us, ds, esize == 1 ? MLP_INT8 : MLP_BF16, E, F, 0, 0};
-    mlp_call c;
-    if (mlp_begin(&c, &m, x, T, D, idx, wt, k, out, scratch, order)) return -1;
-#pragma omp parallel
-    dsvl2_moe_team8(&c);
-    mlp_end(&c);
-    return 0;
+    return mlp_run(&m, x, T, D, idx, wt, k, out, scratch, order);
 }
 
 /* dsvl2_moe's products (products.h mlp_call): every thread of the team calls it */

@@ -460,12 +460,7 @@ int dsvl2_moe_i4(const float *x, int64_t T, int64_t D, const int64_t *idx, const
                  const uint16_t *ds, int64_t E, int64_t F, int64_t Gd, int64_t Gf, float *out, float *scratch,
                  int64_t *order_) {
     const dsvl2_mlp m = {gq, uq, dq, gs, us, ds, MLP_INT4, E, F, Gd, Gf};
-    mlp_call c;
-    if (mlp_begin(&c, &m, x, T, D, idx, wt, k, out, scratch, order_)) return -1;
-#pragma omp parallel
-    dsvl2_moe_team4(&c);
-    mlp_end(&c);
-    return 0;
+    return mlp_run(&m, x, T, D, idx, wt, k, out, scratch, order_);
 }
 
 /* dsvl2_moe_i4's inputs gathered into mc->xs, prepared for the gate / up path (mlp_begin) */

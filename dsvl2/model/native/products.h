@@ -133,6 +133,18 @@ static inline void mlp_team(const mlp_call *c) {
 
 static inline void mlp_end(const mlp_call *c) { combine_pairs(c->ys, c->order, c->wt, c->T, c->k, c->D, c->out); }
 
+/* the MLP m for T tokens start to end, its products by a new team (dsvl2_moe, dsvl2_moe_i4,
+   a dense layer in step.c); -1 for an expert id outside [0, E) */
+static inline int mlp_run(const dsvl2_mlp *m, const float *x, int64_t T, int64_t D, const int64_t *idx,
+                          const float *wt, int64_t k, float *out, float *scratch, int64_t *order) {
+    mlp_call c;
+    if (mlp_begin(&c, m, x, T, D, idx, wt, k, out, scratch, order)) return -1;
+#pragma omp parallel
+    mlp_team(&c);
+    mlp_end(&c);
+    return 0;
+}
+
 /* the floats of scratch an mlp_call of T tokens choosing k needs */
 static inline int64_t mlp_scratch(int64_t T, int64_t k, int64_t D, int64_t F) { return T * k * (2 * D + 2 * F); }
 

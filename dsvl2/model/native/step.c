@@ -63,19 +63,18 @@ int64_t dsvl2_decode_order(int64_t B, int64_t k, int64_t Emax) { return B * (k >
    us a layer with the read in a fast spell). */
 static int run_mlp(const dsvl2_mlp *m, const float *x, int64_t B, int64_t D, const int64_t *idx, const float *wt,
                    int64_t k, float *out, const dsvl2_mlp *s, float *sout, float *scratch, int64_t *order) {
+    if (!(s && s->F)) return mlp_run(m, x, B, D, idx, wt, k, out, scratch, order) ? -3 : 0;
     mlp_call c[2];
-    const int two = s && s->F;
     if (mlp_begin(&c[0], m, x, B, D, idx, wt, k, out, scratch, order)) return -3;
-    if (two)
-        mlp_begin(&c[1], s, x, B, D, NULL, NULL, 1, sout, scratch + mlp_scratch(B, k, D, m->F),
-                  order + B * k + 2 * m->E + 1);
+    mlp_begin(&c[1], s, x, B, D, NULL, NULL, 1, sout, scratch + mlp_scratch(B, k, D, m->F),
+              order + B * k + 2 * m->E + 1);
 #pragma omp parallel
     {
         mlp_team(&c[0]);
-        if (two) mlp_team(&c[1]);
+        mlp_team(&c[1]);
     }
     mlp_end(&c[0]);
-    if (two) mlp_end(&c[1]);
+    mlp_end(&c[1]);
     return 0;
 }
 

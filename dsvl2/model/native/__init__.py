@@ -240,7 +240,7 @@ def _moe(fn: str, x: torch.Tensor, idx: torch.Tensor | None, wt: torch.Tensor | 
 
 
 def _moe_buffers(fn: str, x: torch.Tensor, idx, wt, e: int, f: int) -> tuple:
-    """What bf16.c ``dsvl2_moe`` and int4.c ``dsvl2_moe_i4`` take besides the weights, for x
+    """What mlp.c's ``dsvl2_moe`` and ``dsvl2_moe_i4`` take besides the weights, for x
     [..., D] through E experts of width F: (x flat, idx / wt checked and widened or None,
     tokens T, choices k, out [T, D], float32 scratch, int64 order)."""
     d = x.shape[-1]

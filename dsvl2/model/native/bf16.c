@@ -204,31 +204,8 @@ void dsvl2_linear(const float *x, int64_t M, int64_t K, const uint16_t *w, int64
 
 static inline float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
-/* Routed (or dense) SiLU-gated experts for T tokens, each choosing k of E experts:
-     out[t] = sum over its choices in ascending expert id of wt[t, j] * down_e(silu(gate_e x) * up_e x)
-   gate / up [E, F, D], down [E, D, F]: bf16 (esize 2, scales NULL) or int8 (esize 1) with
-   bf16 per-row scales gs / us [E, F], ds [E, D]; idx int64 [T, k]; wt float32 [T, k]
-   (both NULL: one dense MLP, E = k = 1). Returns -1 (and does nothing) on an expert id
-   outside [0, E).
-   scratch: float32 [T*k*(2D + 2F)]; order: int64 [T*k + 2E + 1] (see native/__init__.py).
-   One mlp_call run start to end (products.h mlp_run; the products: dsvl2_moe_team8).
-
-   Work split: with several experts in use, each thread takes whole experts (gate, up,
-   SiLU and down of all of that expert's tokens) so the threads never wait for each
-   other inside the layer; a single expert (a dense MLP) is split by output rows instead
-   (its SiLU by values).
-   Each pair's output is computed by the same code whoever computes it, and a token's
-   sum is formed afterwards in ascending expert id, so it does not depend on the split
-   nor on the other tokens. */
-int dsvl2_moe(const float *x, int64_t T, int64_t D, const int64_t *idx, const float *wt, int64_t k,
-              const void *gate, const void *up, const void *down, int64_t E, int64_t F,
-              float *out, float *scratch, int64_t *order,
-              int64_t esize, const uint16_t *gs, const uint16_t *us, const uint16_t *ds) {
-    const dsvl2_mlp m = {gate, up, down, gs, us, ds, esize == 1 ? MLP_INT8 : MLP_BF16, E, F, 0, 0};
-    return mlp_run(&m, x, T, D, idx, wt, k, out, scratch, order);
-}
-
-/* dsvl2_moe's products (products.h mlp_call): every thread of the team calls it */
+/* the products of mlp.c's dsvl2_moe (bf16 / int8 weights; products.h mlp_call): every thread
+   of the team calls it. Work split: mlp.c, above dsvl2_moe. */
 void dsvl2_moe_team8(const mlp_call *mc) {
     const dsvl2_mlp *m = mc->m;
     const int64_t esize = m->format == MLP_INT8 ? 1 : 2, E = m->E, F = m->F, D = mc->D;

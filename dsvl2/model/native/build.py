@@ -38,7 +38,7 @@ from .cpu import cpu_info
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "bf16.c", HERE / "layers.c", HERE / "step.c", HERE / "mla.c",
-           HERE / "int4.c", HERE / "dequant.c", HERE / "attention.c")  # + products.h
+           HERE / "int4.c", HERE / "mlp.c", HERE / "dequant.c", HERE / "attention.c")  # + products.h
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared")
 log = logging.getLogger("dsvl2.native")
 _lock = threading.Lock()

@@ -31,8 +31,9 @@
 
    Tiles: R activation rows x C weight rows per pass (as bf16.c): a dequantised weight
    block serves R rows; a thread's weight rows are read as C streams side by side. The
-   whole MoE layer (``dsvl2_moe_i4``) follows bf16.c's ``dsvl2_moe``: pairs sorted by expert,
-   gate / up, SiLU, down, a weighted sum in ascending expert id per token. */
+   whole MoE layer (mlp.c ``dsvl2_moe_i4``, its products here: ``dsvl2_moe_team4``) follows
+   ``dsvl2_moe``: pairs sorted by expert, gate / up, SiLU, down, a weighted sum in ascending
+   expert id per token. */
 
 #include <immintrin.h>
 #include <math.h>
@@ -447,30 +448,14 @@ static void silu_prepared(int p, float *g, const float *u, int64_t F) {
     digits(g, F, 1, F, g);
 }
 
-/* Routed SiLU-gated experts with int4 weights for T tokens, each choosing k of E:
-     out[t] = sum over its choices in ascending expert id of wt[t, j] * down_e(silu(gate_e x) * up_e x)
-   gate / up: q [E, F, D/2], scales [E, F, D/Gd]; down: q [E, D, F/2], scales [E, D, F/Gf];
-   idx int64 [T, k], wt float32 [T, k] (both NULL: one dense MLP, E = k = 1, as bf16.c's
-   dsvl2_moe). Returns -1 (and does nothing) on an expert id outside [0, E).
-   scratch: float32 [T*k*(2D + 2F)]; order: int64 [T*k + 2E + 1] (native/__init__.py).
-   Work split as bf16.c's dsvl2_moe: whole experts per thread when several are in use, else
-   each expert's output rows split among the team. */
-int dsvl2_moe_i4(const float *x, int64_t T, int64_t D, const int64_t *idx, const float *wt, int64_t k,
-                 const uint8_t *gq, const uint16_t *gs, const uint8_t *uq, const uint16_t *us, const uint8_t *dq,
-                 const uint16_t *ds, int64_t E, int64_t F, int64_t Gd, int64_t Gf, float *out, float *scratch,
-                 int64_t *order_) {
-    const dsvl2_mlp m = {gq, uq, dq, gs, us, ds, MLP_INT4, E, F, Gd, Gf};
-    return mlp_run(&m, x, T, D, idx, wt, k, out, scratch, order_);
-}
-
-/* dsvl2_moe_i4's inputs gathered into mc->xs, prepared for the gate / up path (mlp_begin) */
+/* mlp.c dsvl2_moe_i4's inputs gathered into mc->xs, prepared for the gate / up path */
 void dsvl2_moe_gather4(const mlp_call *mc) {
     const int64_t D = mc->D, k = mc->k;
     const int wd = path4(variant(), mc->m->Gd);
     for (int64_t i = 0; i < mc->T * k; i++) prepare(wd, mc->x + (mc->order[i] / k) * D, D, 1, D, mc->xs + i * D);
 }
 
-/* dsvl2_moe_i4's products (products.h mlp_call): every thread of the team calls it */
+/* the products of mlp.c's dsvl2_moe_i4 (products.h mlp_call): every thread of the team calls it */
 void dsvl2_moe_team4(const mlp_call *mc) {
     const dsvl2_mlp *m = mc->m;
     const int64_t E = m->E, F = m->F, D = mc->D, Gd = m->Gd, Gf = m->Gf;

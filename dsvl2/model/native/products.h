@@ -1,7 +1,7 @@
 /* Shared between the kernels of dsvl2.model.native (bf16.c: products; layers.c: norms,
    attention and routing of a decode step; mla.c: the MLA attention block; int4.c: int4
-   products; step.c: all decoder layers of a step; dequant.c: dequantisation; attention.c:
-   prefill attention). */
+   products; mlp.c: SiLU-gated MLPs and experts; step.c: all decoder layers of a step;
+   dequant.c: dequantisation; attention.c: prefill attention). */
 #ifndef DSVL2_PRODUCTS_H
 #define DSVL2_PRODUCTS_H
 #include <immintrin.h>
@@ -50,7 +50,7 @@ static inline __attribute__((always_inline, target("avx512f"))) float hsum16(__m
    NULL: every pair expert 0) sorted by expert, stable: order[0 .. P) the pairs, order[P ..
    P + E] where each expert's run starts (E + 1 entries), then E entries of scratch.
    Returns how many experts received pairs, or -1 (nothing sorted) for an id outside [0, E).
-   For dsvl2_moe (bf16.c) and dsvl2_moe_i4 (int4.c). */
+   For mlp.c. */
 static inline int64_t sort_pairs(const int64_t *idx, int64_t P, int64_t E, int64_t *order) {
     for (int64_t p = 0; idx && p < P; p++)
         if (idx[p] < 0 || idx[p] >= E) return -1;
@@ -91,11 +91,12 @@ typedef struct {
 } dsvl2_mlp;
 
 /* One call of an MLP m for T tokens choosing k of its experts each (idx / wt [T, k]; NULL:
-   a dense MLP, k = 1) in three parts: mlp_begin (serial: the pairs sorted by expert, their
-   inputs gathered into scratch), mlp_team (called by every thread of an OpenMP team: the
-   products; no barrier at its end, so a team may go on to another call's products, as
-   step.c does with the shared experts after the routed ones) and, after the team's next
-   barrier, mlp_end (serial: each token's pairs summed into out). Which thread computes a
+   a dense MLP, k = 1) in three parts (mlp.c): mlp_begin (serial: the pairs sorted by expert,
+   their inputs gathered into scratch), mlp_team (called by every thread of an OpenMP team:
+   the products, bf16.c dsvl2_moe_team8 or int4.c dsvl2_moe_team4; no barrier at its end, so
+   a team may go on to another call's products, as dsvl2_run_mlps does with the shared
+   experts after the routed ones) and, after the team's next barrier, mlp_end (serial: each
+   token's pairs summed into out). Which thread computes a
    pair's rows never changes their bits. scratch: T k (2D + 2F) floats; order: T k + 2E + 1
    int64s. */
 typedef struct {
@@ -111,39 +112,10 @@ void dsvl2_moe_gather4(const mlp_call *c); /* int4.c: the inputs prepared for it
 void dsvl2_moe_team4(const mlp_call *c);   /* int4.c */
 void dsvl2_moe_team8(const mlp_call *c);   /* bf16.c: bf16 and int8 weights */
 
-/* Returns -1 (nothing else done) for an expert id outside [0, E) */
-static inline int mlp_begin(mlp_call *c, const dsvl2_mlp *m, const float *x, int64_t T, int64_t D,
-                            const int64_t *idx, const float *wt, int64_t k, float *out, float *scratch,
-                            int64_t *order) {
-    const int64_t P = T * k, F = m->F;
-    *c = (mlp_call){.m = m, .x = x, .wt = wt, .idx = idx, .T = T, .D = D, .k = k, .out = out, .order = order};
-    c->used = sort_pairs(idx, P, m->E, order);
-    if (c->used < 0) return -1;
-    c->xs = scratch, c->g = c->xs + P * D, c->u = c->g + P * F, c->ys = c->u + P * F;
-    if (m->format == MLP_INT4) dsvl2_moe_gather4(c);
-    else
-        for (int64_t i = 0; i < P; i++) memcpy(c->xs + i * D, x + (order[i] / k) * D, D * sizeof(float));
-    return 0;
-}
-
-static inline void mlp_team(const mlp_call *c) {
-    if (c->m->format == MLP_INT4) dsvl2_moe_team4(c);
-    else dsvl2_moe_team8(c);
-}
-
-static inline void mlp_end(const mlp_call *c) { combine_pairs(c->ys, c->order, c->wt, c->T, c->k, c->D, c->out); }
-
-/* the MLP m for T tokens start to end, its products by a new team (dsvl2_moe, dsvl2_moe_i4,
-   a dense layer in step.c); -1 for an expert id outside [0, E) */
-static inline int mlp_run(const dsvl2_mlp *m, const float *x, int64_t T, int64_t D, const int64_t *idx,
-                          const float *wt, int64_t k, float *out, float *scratch, int64_t *order) {
-    mlp_call c;
-    if (mlp_begin(&c, m, x, T, D, idx, wt, k, out, scratch, order)) return -1;
-#pragma omp parallel
-    mlp_team(&c);
-    mlp_end(&c);
-    return 0;
-}
+/* the routed experts m (idx / wt: k choices a row) and, where s is not NULL and s->F > 0, the
+   shared experts s (dense) for B rows of x in one team (mlp.c) */
+int dsvl2_run_mlps(const dsvl2_mlp *m, const float *x, int64_t B, int64_t D, const int64_t *idx, const float *wt,
+                   int64_t k, float *out, const dsvl2_mlp *s, float *sout, float *scratch, int64_t *order);
 
 /* the floats of scratch an mlp_call of T tokens choosing k needs */
 static inline int64_t mlp_scratch(int64_t T, int64_t k, int64_t D, int64_t F) { return T * k * (2 * D + 2 * F); }

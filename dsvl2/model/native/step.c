@@ -56,28 +56,6 @@ int64_t dsvl2_decode_scratch(const dsvl2_decoder *M, int64_t B, int64_t S) {
 /* int64 scratch of dsvl2_decode_layers (the experts' sort: the routed call's, the shared one's) */
 int64_t dsvl2_decode_order(int64_t B, int64_t k, int64_t Emax) { return B * (k > 1 ? k : 1) + 2 * Emax + 1 + B + 3; }
 
-/* the MLP m for B rows of x (idx / wt: k choices a row, or NULL for a dense MLP) into out;
-   with a second MLP s (shared experts: dense, F > 0) s's output into sout, both in one
-   team: a thread done with its share of m's experts goes on to s's rows (the whole-expert
-   split of m leaves one thread waiting for the other otherwise; small int8 decode: 70-145
-   us a layer with the read in a fast spell). */
-static int run_mlp(const dsvl2_mlp *m, const float *x, int64_t B, int64_t D, const int64_t *idx, const float *wt,
-                   int64_t k, float *out, const dsvl2_mlp *s, float *sout, float *scratch, int64_t *order) {
-    if (!(s && s->F)) return mlp_run(m, x, B, D, idx, wt, k, out, scratch, order) ? -3 : 0;
-    mlp_call c[2];
-    if (mlp_begin(&c[0], m, x, B, D, idx, wt, k, out, scratch, order)) return -3;
-    mlp_begin(&c[1], s, x, B, D, NULL, NULL, 1, sout, scratch + mlp_scratch(B, k, D, m->F),
-              order + B * k + 2 * m->E + 1);
-#pragma omp parallel
-    {
-        mlp_team(&c[0]);
-        mlp_team(&c[1]);
-    }
-    mlp_end(&c[0]);
-    mlp_end(&c[1]);
-    return 0;
-}
-
 /* x [B, D] (float32, in place): the embeddings in, the last layer's output out.
    caches: MHA: 2 nl pointers, layer i's float32 key / value block pools [NB, BS, Hk, hd] at
    2i / 2i + 1; MLA: nl pointers, layer i's block pool [NB, BS, r + dr], float32 or bf16
@@ -115,11 +93,11 @@ int dsvl2_decode_layers(const dsvl2_decoder *M, float *x, int64_t B, void *const
             if (dsvl2_route(logits, B, L->mlp.E, k, (int)M->method, (int)M->sigmoid, L->bias, M->G, M->topk_group,
                             (int)M->norm, M->scaling, li, lw))
                 return -3;
-            if (run_mlp(&L->mlp, h, B, D, li, lw, k, a, &L->shared, sh, rest, order)) return -3;
+            if (dsvl2_run_mlps(&L->mlp, h, B, D, li, lw, k, a, &L->shared, sh, rest, order)) return -3;
             if (L->shared.F)
                 for (int64_t j = 0; j < B * D; j++) a[j] = a[j] + sh[j];
         } else {
-            run_mlp(&L->mlp, h, B, D, NULL, NULL, 1, a, NULL, NULL, rest, order);
+            dsvl2_run_mlps(&L->mlp, h, B, D, NULL, NULL, 1, a, NULL, NULL, rest, order);
         }
         for (int64_t j = 0; j < B * D; j++) x[j] = x[j] + a[j];
     }

@@ -1,14 +1,16 @@
 """Native kernels for x86 CPUs with AVX2 + FMA (AVX-512 chosen at run time where it helps):
 decode with bf16 / int8 / int4 weights (``bf16.c``, ``layers.c``, ``step.c``, ``mla.c``,
-``int4.c``) and the dequantisation of quantised weights for prefill GEMMs (``dequant.c``).
+``int4.c``, ``mlp.c``) and the dequantisation of quantised weights for prefill GEMMs
+(``dequant.c``).
 
 Why: a decode step is one matrix-vector product per weight, so its speed is the speed
 at which the weights stream from memory. torch's bf16 CPU GEMV converts and multiplies
 at ~7 GB/s per core here (compute-bound: two cores reach ~14 of the ~18 GB/s the memory
 gives) and re-reads the whole weight for every row of a batch (a 16-row product costs
 16 GEMVs). ``bf16.c`` widens bf16 by a shift, accumulates in float32 and reads each
-weight row once for all rows, and runs a whole MoE layer (sort by expert, gate / up,
-SiLU, down, weighted sum) in one call and one parallel region. ``layers.c`` does the small
+weight row once for all rows; ``mlp.c`` runs a whole MoE layer (sort by expert, gate / up,
+SiLU, down, weighted sum) in one call and one parallel region, its products in ``bf16.c`` or
+``int4.c``. ``layers.c`` does the small
 parts of a decode step (RMSNorm, the router, the whole MHA attention block) in one
 call each: as torch ops they cost more time than their bytes (~1200 ops per step).
 ``step.c`` runs all decoder layers of a decode step in one call where every block has a
@@ -17,8 +19,8 @@ native version (``model/decode_plan.py`` decides), so no Python runs between the
 compressed cache, read through the block tables) in one call; ``mla_layer`` checks a
 layer's weights once, for callers that keep them (the plan).
 ``int4.c`` does the products of int4 weights in their stored format (``model/quant.py``:
-dequantised in registers, each weight row read once for all rows), a whole MoE layer (or
-one gated MLP) of them in one call, and dequantises blocks of rows for the prefill GEMMs;
+dequantised in registers, each weight row read once for all rows), the products of a MoE
+layer (or one gated MLP) of them, and dequantises blocks of rows for the prefill GEMMs;
 ``dequant.c`` does the same for int8 (values x bf16 row scales, one pass).
 ``attention.c`` runs the attention of prefill and of the vision tower with bf16 products
 on CPUs with AVX-512 BF16, where the kernel policy runs the products around it in bf16.

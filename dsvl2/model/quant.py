@@ -21,10 +21,12 @@ benchmarks/bench_quant_kernels.py on a 2-thread Zen 4 (AVX-512, avx512_bf16):
   activations, each weight row read once for all rows, int4 dequantised in registers from
   the stored format (or, where the CPU has AVX-512 VNNI and the groups are of 128, its
   nibbles multiplied in integers with three 8-bit digits of each activation: within
-  2^-22 of the largest activation of each block of 128, see ``native/int4.c``). A base MoE layer in int4 (72 experts, top-6) takes 1.5 / 5.4 / 18 ms
-  at 1 / 4 / 16 tokens (0.92 / 0.89 / 0.68 of the measured read bandwidth), against
-  2.5 / 9.4 / 26 ms for the per-expert loop over torch's int4pack mm. Without the native kernels: ``torch._weight_int8pack_mm`` (bf16
-  activations) for int8, torch's ``_weight_int4pack_mm_for_cpu`` for int4 (see below).
+  2^-22 of the largest activation of each block of 128, see ``native/int4.c``). A base MoE
+  layer in int4 (72 experts, top-6) takes 1.5 / 5.4 / 18 ms at 1 / 4 / 16 tokens (0.92 /
+  0.89 / 0.68 of the measured read bandwidth), against 2.5 / 9.4 / 26 ms for the
+  per-expert loop over torch's int4pack mm. Without the native kernels:
+  ``torch._weight_int8pack_mm`` (bf16 activations) for int8, torch's
+  ``_weight_int4pack_mm_for_cpu`` for int4 (see below).
 * everywhere else (prefill, vision): the weight is dequantised a block of rows at a time
   (``BLOCK_ELEMS`` values: a whole expert matrix of the real models) into a reused
   per-thread buffer, in one native pass (``native.dequantize_int8`` / ``dequantize_int4``;

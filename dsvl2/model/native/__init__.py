@@ -10,9 +10,9 @@ gives) and re-reads the whole weight for every row of a batch (a 16-row product 
 16 GEMVs). ``bf16.c`` widens bf16 by a shift, accumulates in float32 and reads each
 weight row once for all rows; ``mlp.c`` runs a whole MoE layer (sort by expert, gate / up,
 SiLU, down, weighted sum) in one call and one parallel region, its products in ``bf16.c`` or
-``int4.c``. ``layers.c`` does the small
-parts of a decode step (RMSNorm, the router, the whole MHA attention block) in one
-call each: as torch ops they cost more time than their bytes (~1200 ops per step).
+``int4.c``. ``layers.c`` does the small parts of a decode step (RMSNorm, the router, the
+whole MHA attention block) in one call each: as torch ops they cost more time than their
+bytes (~1200 ops per step).
 ``step.c`` runs all decoder layers of a decode step in one call where every block has a
 native version (``model/decode_plan.py`` decides), so no Python runs between the layers.
 ``mla.c`` runs a whole MLA attention block of a decode step (the absorbed form over the

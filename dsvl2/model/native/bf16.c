@@ -214,19 +214,12 @@ void dsvl2_moe_team8(const mlp_call *mc) {
     const int64_t *start = mc->order + mc->T * mc->k;
     float *xs = mc->xs, *g = mc->g, *u = mc->u, *ys = mc->ys;
     const int th = omp_get_thread_num(), nth = omp_get_num_threads();
-    if (mc->used >= 2 * nth) {
-        /* whole experts per thread: contiguous runs of about equal cost, an expert costing
-           its weights' stream plus its rows (COST_STREAM + c, in units of one row) */
-        int64_t total = 0;
-        for (int64_t e = 0; e < E; e++)
-            if (start[e + 1] > start[e]) total += COST_STREAM + start[e + 1] - start[e];
-        int64_t before = 0; /* cost of the experts before e */
-        for (int64_t e = 0; e < E; e++) {
+    if (mc->used >= 2 * nth) { /* whole experts per thread (products.h expert_run) */
+        int64_t lo, hi;
+        expert_run(start, E, COST_STREAM, th, nth, &lo, &hi);
+        for (int64_t e = lo; e < hi; e++) {
             int64_t s = start[e], c = start[e + 1] - s;
             if (c == 0) continue;
-            int64_t mid2 = 2 * before + COST_STREAM + c; /* twice the midpoint of e's cost */
-            before += COST_STREAM + c;
-            if ((mid2 * nth) / (2 * total) != th) continue;
             dsvl2_any_rows(xs + s * D, D, c, D, gb + e * F * D * esize, gs ? gs + e * F : NULL, 0, F, g + s * F, F);
             dsvl2_any_rows(xs + s * D, D, c, D, ub + e * F * D * esize, us ? us + e * F : NULL, 0, F, u + s * F, F);
             for (int64_t i = s; i < s + c; i++)

@@ -466,17 +466,12 @@ void dsvl2_moe_team4(const mlp_call *mc) {
     const int wd = path4(variant(), Gd), wf = path4(variant(), Gf); /* gate / up, down */
     const int64_t gstride = F * (D / Gd), dstride = D * (F / Gf);   /* scales per expert */
     const int th = omp_get_thread_num(), nth = omp_get_num_threads();
-    if (mc->used >= 2 * nth) {
-        int64_t total = 0;
-        for (int64_t e = 0; e < E; e++)
-            if (start[e + 1] > start[e]) total += COST_STREAM4 + start[e + 1] - start[e];
-        int64_t before = 0;
-        for (int64_t e = 0; e < E; e++) {
+    if (mc->used >= 2 * nth) { /* whole experts per thread (products.h expert_run) */
+        int64_t lo, hi;
+        expert_run(start, E, COST_STREAM4, th, nth, &lo, &hi);
+        for (int64_t e = lo; e < hi; e++) {
             int64_t s = start[e], c = start[e + 1] - s;
             if (c == 0) continue;
-            int64_t mid2 = 2 * before + COST_STREAM4 + c;
-            before += COST_STREAM4 + c;
-            if ((mid2 * nth) / (2 * total) != th) continue;
             rows4(wd, xs + s * D, c, D, Gd, gq + e * F * D / 2, gs + e * gstride, 0, F, g + s * F, F);
             rows4(wd, xs + s * D, c, D, Gd, uq + e * F * D / 2, us + e * gstride, 0, F, u + s * F, F);
             for (int64_t i = s; i < s + c; i++) silu_prepared(wf, g + i * F, u + i * F, F);

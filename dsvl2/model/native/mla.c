@@ -171,10 +171,10 @@ static inline float id1(float v) { return v; }
 DEFINE_ABSORB(absorb_f32, float, _mm256_loadu_ps, id1)
 DEFINE_ABSORB(absorb_bf16, uint16_t, widen8, bf16_to_f32)
 
-/* Attention of one row's heads over its positions [s0, s1) (one work unit): scores sc[h,
-   s - s0] = (qc[h] . row_s) * scale, m[h] their max, p = exp(score - m) in place, l[h] the
-   sum of p in position order, o[h] = sum of p_s latent_s (unnormalised; positions in
-   order, one FMA each). row_s: the pool's slot of position s, found through the block
+/* Attention of one row's heads [h0, h1) over its positions [s0, s1) (one work unit):
+   scores sc[h, s - s0] = (qc[h] . row_s) * scale, m[h] their max, p = exp(score - m) in
+   place, l[h] the sum of p in position order, o[h] = sum of p_s latent_s (unnormalised;
+   positions in order, one FMA each). row_s: the pool's slot of position s, found through the block
    table tab once per unit. Score tiles: 4 heads x 2 positions (a head's q stays in L1
    while the unit's rows stream from L2); per (head, position) one 8-lane FMA accumulator
    over the Lk values, hsum8, the tail in order, whatever tile it falls in. */
@@ -220,13 +220,13 @@ static inline __attribute__((always_inline)) void o_tile_##NAME(const CT *const 
         _mm256_storeu_ps(o + g * r + j + 8, acc[g][1]);                                                               \
     }                                                                                                                 \
 }                                                                                                                     \
-static void NAME(const float *qc, int64_t h0, int64_t H, int64_t r, int64_t Lk, float scale, const CT *pool,          \
+static void NAME(const float *qc, int64_t h0, int64_t h1, int64_t r, int64_t Lk, float scale, const CT *pool,         \
                  const int64_t *tab, int64_t BS, int64_t s0, int64_t s1, float *sc, float *m, float *l, float *o) {   \
     const CT *rows[CHUNK];                                                                                            \
     const int64_t n = s1 - s0;                                                                                        \
     for (int64_t s = s0; s < s1; s++) rows[s - s0] = pool + (tab[s / BS] * BS + s % BS) * Lk;                         \
-    for (int64_t h = h0; h < H; h += 4) {                                                                             \
-        const int64_t nh = H - h < 4 ? H - h : 4;                                                                     \
+    for (int64_t h = h0; h < h1; h += 4) {                                                                            \
+        const int64_t nh = h1 - h < 4 ? h1 - h : 4;                                                                   \
         for (int64_t i = 0; i < n; i += 2) {                                                                          \
             if (h == h0) /* the first pass brings the unit's rows in: the next pair ahead */                          \
                 for (int64_t t = i + 2; t < i + 4 && t < n; t++)                                                      \
@@ -244,7 +244,7 @@ static void NAME(const float *qc, int64_t h0, int64_t H, int64_t r, int64_t Lk, 
                 }                                                                                                     \
         }                                                                                                             \
     }                                                                                                                 \
-    for (int64_t h = h0; h < H; h++) {                                                                                \
+    for (int64_t h = h0; h < h1; h++) {                                                                               \
         float *sh = sc + h * CHUNK, mx = -INFINITY, sum = 0.0f;                                                       \
         for (int64_t i = 0; i < n; i++) mx = sh[i] > mx ? sh[i] : mx;                                                 \
         for (int64_t i = 0; i < n; i++) sum += (sh[i] = expf(sh[i] - mx));                                            \
@@ -254,20 +254,20 @@ static void NAME(const float *qc, int64_t h0, int64_t H, int64_t r, int64_t Lk, 
        16 values of all positions stay in L1 for the head groups */                                                   \
     int64_t j = 0;                                                                                                    \
     for (; j + 16 <= r; j += 16)                                                                                      \
-        for (int64_t h = h0; h < H; h += 4) {                                                                         \
-            if (H - h >= 4) o_tile_##NAME(rows, n, j, sc + h * CHUNK, 4, o + h * r, r);                               \
+        for (int64_t h = h0; h < h1; h += 4) {                                                                        \
+            if (h1 - h >= 4) o_tile_##NAME(rows, n, j, sc + h * CHUNK, 4, o + h * r, r);                              \
             else                                                                                                      \
-                for (int64_t g = h; g < H; g++) o_tile_##NAME(rows, n, j, sc + g * CHUNK, 1, o + g * r, r);           \
+                for (int64_t g = h; g < h1; g++) o_tile_##NAME(rows, n, j, sc + g * CHUNK, 1, o + g * r, r);          \
         }                                                                                                             \
     for (; j + 8 <= r; j += 8)                                                                                        \
-        for (int64_t h = h0; h < H; h++) {                                                                            \
+        for (int64_t h = h0; h < h1; h++) {                                                                           \
             __m256 acc = _mm256_setzero_ps();                                                                         \
             for (int64_t i = 0; i < n; i++)                                                                           \
                 acc = _mm256_fmadd_ps(_mm256_set1_ps(sc[h * CHUNK + i]), LOAD8(rows[i] + j), acc);                    \
             _mm256_storeu_ps(o + h * r + j, acc);                                                                     \
         }                                                                                                             \
     for (; j < r; j++)                                                                                                \
-        for (int64_t h = h0; h < H; h++) {                                                                            \
+        for (int64_t h = h0; h < h1; h++) {                                                                           \
             float acc = 0.0f;                                                                                         \
             for (int64_t i = 0; i < n; i++) acc = fmaf(sc[h * CHUNK + i], LOAD1(rows[i][j]), acc);                    \
             o[h * r + j] = acc;                                                                                       \

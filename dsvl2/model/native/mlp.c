@@ -99,7 +99,7 @@ int dsvl2_run_mlps(const dsvl2_mlp *m, const float *x, int64_t B, int64_t D, con
     mlp_call c[2];
     if (mlp_begin(&c[0], m, x, B, D, idx, wt, k, out, scratch, order)) return -3;
     mlp_begin(&c[1], s, x, B, D, NULL, NULL, 1, sout, scratch + mlp_scratch(B, k, D, m->F),
-              order + B * k + 2 * m->E + 1);
+              order + mlp_order(B, k, m->E));
 #pragma omp parallel
     {
         mlp_team(&c[0]);

@@ -64,6 +64,31 @@ static inline int64_t sort_pairs(const int64_t *idx, int64_t P, int64_t E, int64
     return used;
 }
 
+/* Whole experts per thread (mlp.c's split when several experts are in use): thread th of nth
+   takes the experts [*lo, *hi) (those among them that received pairs), a contiguous run of
+   about equal cost. An expert costs its weights' stream plus its rows (cost + its pairs, in
+   units of one row) and goes to the thread whose share of the total holds its cost's
+   midpoint. start: sort_pairs' run starts [E + 1]. */
+static inline void expert_run(const int64_t *start, int64_t E, int64_t cost, int th, int nth, int64_t *lo,
+                              int64_t *hi) {
+    int64_t total = 0, before = 0; /* before: cost of the experts before e */
+    for (int64_t e = 0; e < E; e++)
+        if (start[e + 1] > start[e]) total += cost + start[e + 1] - start[e];
+    *lo = *hi = E;
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t c = start[e + 1] - start[e];
+        if (c == 0) continue;
+        const int64_t mid2 = 2 * before + cost + c; /* twice the midpoint of e's cost */
+        before += cost + c;
+        const int64_t owner = (mid2 * nth) / (2 * total);
+        if (owner > th) break; /* the owners only grow with e */
+        if (owner == th) {
+            if (*lo == E) *lo = e;
+            *hi = e + 1;
+        }
+    }
+}
+
 /* out [T, D] = each token's pairs' outputs ys [P, D] (in sort_pairs' order) times their
    weights wt [P] (NULL: 1), added in ascending expert id: a token's sum does not depend on
    the other tokens nor on which thread computed each pair */
@@ -96,9 +121,8 @@ typedef struct {
    the products, bf16.c dsvl2_moe_team8 or int4.c dsvl2_moe_team4; no barrier at its end, so
    a team may go on to another call's products, as dsvl2_run_mlps does with the shared
    experts after the routed ones) and, after the team's next barrier, mlp_end (serial: each
-   token's pairs summed into out). Which thread computes a
-   pair's rows never changes their bits. scratch: T k (2D + 2F) floats; order: T k + 2E + 1
-   int64s. */
+   token's pairs summed into out). Which thread computes a pair's rows never changes their
+   bits. scratch: mlp_scratch floats; order: mlp_order int64s. */
 typedef struct {
     const dsvl2_mlp *m;
     const float *x, *wt;
@@ -119,6 +143,8 @@ int dsvl2_run_mlps(const dsvl2_mlp *m, const float *x, int64_t B, int64_t D, con
 
 /* the floats of scratch an mlp_call of T tokens choosing k needs */
 static inline int64_t mlp_scratch(int64_t T, int64_t k, int64_t D, int64_t F) { return T * k * (2 * D + 2 * F); }
+/* the int64s of order it needs (sort_pairs: the pairs, E + 1 run starts, E of scratch) */
+static inline int64_t mlp_order(int64_t T, int64_t k, int64_t E) { return T * k + 2 * E + 1; }
 
 /* y[m, n] for n in [n0, n1), all M rows: bf16 weights (scale NULL) or int8 weights with
    bf16 per-row scales. Same per-(row, output) operation sequence whatever M. */

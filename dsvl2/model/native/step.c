@@ -54,7 +54,9 @@ int64_t dsvl2_decode_scratch(const dsvl2_decoder *M, int64_t B, int64_t S) {
 }
 
 /* int64 scratch of dsvl2_decode_layers (the experts' sort: the routed call's, the shared one's) */
-int64_t dsvl2_decode_order(int64_t B, int64_t k, int64_t Emax) { return B * (k > 1 ? k : 1) + 2 * Emax + 1 + B + 3; }
+int64_t dsvl2_decode_order(int64_t B, int64_t k, int64_t Emax) {
+    return mlp_order(B, max64(k, 1), Emax) + mlp_order(B, 1, 1);
+}
 
 /* x [B, D] (float32, in place): the embeddings in, the last layer's output out.
    caches: MHA: 2 nl pointers, layer i's float32 key / value block pools [NB, BS, Hk, hd] at

@@ -568,7 +568,7 @@ def test_info_names_the_quantised_products_variant(capsys):
     assert rc == 0, err
     if want:
         line = next(x for x in out.splitlines() if x.startswith("int8 / int4 decode"))
-        assert want in line and ("digits" in line) == (want == "avx512-vnni")
+        assert want in line and ("integer digits" in line) == (want in ("avx512-vnni", "avx2-digits"))
 
 
 def test_info_without_a_model_shows_the_demo(capsys):

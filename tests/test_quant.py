@@ -135,8 +135,8 @@ def _fp32_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _digits(variant: str, group: int) -> bool:
-    """Whether int4 products of this group size take the integer digits (int4.c, "avx512-vnni")."""
-    return variant == "avx512-vnni" and group % 128 == 0
+    """Whether int4 products of this group size take the integer digits (int4.c: "avx512-vnni", "avx2-digits")."""
+    return variant in ("avx512-vnni", "avx2-digits") and group % 128 == 0
 
 
 def _digits_error(x: torch.Tensor) -> torch.Tensor:
@@ -147,9 +147,64 @@ def _digits_error(x: torch.Tensor) -> torch.Tensor:
     return unit + 4 * 2.0 ** -24 * x.double().abs()
 
 
+def _digits_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int4.c's digits products written out in torch, for x without zero or non-finite blocks:
+    per block of 128 values of a row, sx = max |x| / 127 and three digits (d0 = round(x / sx),
+    then the rounded remainders times 128, each step in float32); per lane (8 columns) the
+    exact integer sum of (u - 8) (d0 2^14 + d1 2^7 + d2), then in float32: the sum times the
+    weight's group scale, fused-multiply-added with sx 2^-14 into the lane's accumulator
+    (block after block; a float32 product is exact in float64, so only a tie of the float64
+    sum rounds differently: not in these data), the 16 lanes added as hsum16 adds them."""
+    m_rows, k = x.shape
+    blocks = k // 128
+    per = k // scale.shape[1] // 128
+    xb = x.view(m_rows, blocks, 128)
+    big = xb.abs().amax(-1, keepdim=True)
+    v = xb * (torch.tensor(127.0) / big)
+    d0 = torch.round(v)
+    r1 = (v - d0) * 128
+    d1 = torch.round(r1)
+    d2 = torch.round((r1 - d1) * 128)
+    dig = (d0.long() * 2 ** 14 + d1.long() * 2 ** 7 + d2.long()).view(m_rows, 1, blocks, 16, 8)
+    u = torch.stack([q & 15, q >> 4], -1).flatten(-2).long() - 8  # [N, K], column order
+    lane = (u.view(1, -1, blocks, 16, 8) * dig).sum(-1).float()  # [M, N, blocks, 16], exact integers
+    s = scale.float().repeat_interleave(per, -1)[None, :, :, None]  # [1, N, blocks, 1]
+    sx = (big / 127 * 2.0 ** -14).view(m_rows, 1, blocks, 1)
+    acc = torch.zeros(m_rows, q.shape[0], 16)
+    for b in range(blocks):
+        acc = ((lane[:, :, b] * s[:, :, b]).double() * sx[:, :, b].double() + acc.double()).float()
+    a = acc[..., :8] + acc[..., 8:]
+    a = a[..., :4] + a[..., 4:]
+    return (a[..., 0] + a[..., 2]) + (a[..., 1] + a[..., 3])
+
+
+@needs_native
+@pytest.mark.parametrize("k, group", [(512, 128), (768, 256)])
+def test_int4_digits_paths_give_the_documented_bits(k, group):
+    """Each digits path this CPU has ("avx2-digits" on every x86-64 CPU the kernels run on,
+    "avx512-vnni" where it has VNNI) gives, bit for bit, what _digits_reference writes out:
+    so the two paths give the same bits, and a row's bits depend on that row alone."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(40, k, generator=g) * k ** -0.5
+    q, s = quant.quantize_int4(w, group)
+    x = _x(3, k) * torch.logspace(-3, 3, k)
+    want = _digits_reference(x, q, s)
+    before = native.quant_variant()
+    ran = []
+    try:
+        for v in ("avx2-digits", "avx512-vnni"):
+            if native.quant_variant(v) == v:
+                ran.append(v)
+                assert torch.equal(native.linear_int4(x, q, s), want), v
+                assert torch.equal(native.linear_int4(x[1:2], q, s), want[1:2]), v
+    finally:
+        native.quant_variant(before)
+    assert "avx2-digits" in ran
+
+
 @needs_native
 def test_int4_digits_edge_values():
-    """The digits path (where the CPU has AVX-512 VNNI) on what a block can hold: a value 1e6
+    """The digits paths (AVX-512 VNNI, AVX2) on what a block can hold: a value 1e6
     times its neighbours (they keep 2^-22 of the block's largest, as _digits_error says), an
     all-zero block (its sum exactly 0), values below 2^-100 (scaled, not lost), and a NaN or
     an infinity (the output is not finite, as in the float product)."""
@@ -196,7 +251,7 @@ def test_native_int4_linear_matches_float32_reference(variant, m, n, k):
     """Groups 128 (K = 384, 1280), 64 (K = 64) and 32 (K = 96, 32); N not a multiple of 16.
     The weight is dequantised exactly, so the kernel and torch's float32 product of the
     dequantised weight differ by float32 rounding of the sums only (``_fp32_bound``), and
-    on the digits path (groups of 128 with AVX-512 VNNI) by the digits' rounding of x
+    on the digits paths (groups of 128) by the digits' rounding of x
     (``_digits_error``)."""
     qw, ref_w = _qweight(4, n, k)
     assert qw.kind == "int4" and qw.group == quant.int4_group(k)
@@ -473,7 +528,7 @@ def test_native_int4_refuses_bad_arguments():
         native.gated_mlp_int4(_x(2, 64), gate, up, down)  # expert stacks where one MLP's weights go
     with pytest.raises(ValueError, match="gated_mlp_int4: up must be an int4 QuantWeight"):
         native.gated_mlp_int4(_x(2, 64), gate[0], g8[0], down[0])
-    with pytest.raises(ValueError, match="name must be one of avx2, avx512"):
+    with pytest.raises(ValueError, match="name must be one of avx2, avx2-digits, avx512, avx512-vnni"):
         native.quant_variant("sse2")
 
 

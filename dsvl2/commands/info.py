@@ -255,6 +255,8 @@ QUANT_VARIANT_WORDS = {
     "avx512-vnni": "int4 products by integer digits of the activations (AVX-512 VNNI, groups of 128), "
                    "int8 widened to float32 on AVX-512",
     "avx512": "int8 / int4 widened to float32 on AVX-512",
+    "avx2-digits": "int4 products by integer digits of the activations (AVX2, groups of 128), "
+                   "int8 widened to float32 on AVX2",
     "avx2": "int8 / int4 widened to float32 on AVX2",
 }
 

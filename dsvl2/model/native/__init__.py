@@ -310,16 +310,18 @@ def _int4_group(fn: str, name: str, q: torch.Tensor, scale: torch.Tensor, shape:
     return k // ng
 
 
-QUANT_VARIANTS = ("avx2", "avx512", "avx512-vnni")
+QUANT_VARIANTS = ("avx2", "avx2-digits", "avx512", "avx512-vnni")  # in order of preference
 
 
 def quant_variant(name: str | None = None) -> str:
     """The instruction set of the quantised products (int4, and int8 but for prefill's
-    dequantisation) in this process: "avx512-vnni" where the CPU has AVX-512 VNNI (int4
-    products of groups of 128 by integer digits of the activations, ``int4.c``; int8 as
-    "avx512"), "avx512" where it has AVX-512F, else "avx2" (``int4.c``, ``bf16.c``; each
-    row's bits depend on it, never on the batch). ``name`` chooses one (or the highest
-    below it the CPU has): tests run each here."""
+    dequantisation) in this process, the highest the CPU has: "avx512-vnni" where the CPU
+    has AVX-512 VNNI (int4 products of groups of 128 by integer digits of the activations,
+    ``int4.c``; int8 as "avx512"), "avx512" where it has AVX-512F, else "avx2-digits" (the
+    same digits and the same bits on AVX2; int8 as "avx2"); "avx2" (int8 and int4 widened
+    to float32 on AVX2) is the fallback the digits replace (``int4.c``, ``bf16.c``; each
+    row's bits depend on the variant, never on the batch). ``name`` chooses one (or the
+    highest below it the CPU has): tests run each here."""
     if name is not None and name not in QUANT_VARIANTS:
         raise ValueError(f"native.quant_variant: name must be one of {', '.join(QUANT_VARIANTS)} or None, got {name!r}")
     lib = require()

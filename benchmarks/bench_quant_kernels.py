@@ -45,8 +45,9 @@ the machine: the interleaving keeps the comparison fair, not the absolute figure
 (read from cache): torch's bf16 product against the native bf16 / int8 / int4 kernels.
 
 Native quantised candidates run in the variant in use (``native.quant_variant``: on a CPU
-with AVX-512 VNNI, the integer digits) and again as ``name[variant]`` in every other
-variant the CPU has (e.g. ``native_int4[avx512]``, the float path), one after the other.
+with AVX-512 VNNI, or without AVX-512, int4 by integer digits) and again as
+``name[variant]`` in every other variant the CPU has (e.g. ``native_int4[avx512]``, the
+float path), one after the other.
 
 Usage: ``python benchmarks/bench_quant_kernels.py [--quick] [--tiny] [--moe-prefill]
 [--moe-repeats N]`` (``--quick``: fewer repeats, B = 1 and 16 only). About 35 s on 2 quiet

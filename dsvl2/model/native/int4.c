@@ -27,9 +27,9 @@
    Compiled with -ffp-contract=off.
 
    Where G is a multiple of 128, the products take another road (variant "avx512-vnni",
-   and "avx2-digits" on CPUs without AVX-512): integer digits of the activations against the nibbles
-   (``tile_dig`` with AVX-512 VNNI, ``tile_dig2`` with AVX2, below; the same bits), within
-   2^-22 of each block's largest activation of the float paths' value.
+   and "avx2-digits" on CPUs without AVX-512): integer digits of the activations against
+   the nibbles (``tile_dig`` with AVX-512 VNNI, ``tile_dig2`` with AVX2, below; the same
+   bits), within 2^-22 of each block's largest activation of the float paths' value.
 
    Tiles: R activation rows x C weight rows per pass (as bf16.c): a dequantised weight
    block serves R rows; a thread's weight rows are read as C streams side by side. The
@@ -286,11 +286,13 @@ static void digits_block(const float *src, uint8_t *o) {
     for (int h = 0; h < 2; h++) {
         __m256i s[3];
         for (int k = 0; k < 3; k++) {
-            const __m256i e = _mm256_maddubs_epi16(ones8, _mm256_loadu_si256((const __m256i *)(o + 128 * k + 32 * h)));
-            const __m256i d = _mm256_maddubs_epi16(ones8, _mm256_loadu_si256((const __m256i *)(o + 128 * k + 64 + 32 * h)));
+            const uint8_t *dk = o + 128 * k + 32 * h; /* digits k of the even columns; + 64: the odd */
+            const __m256i e = _mm256_maddubs_epi16(ones8, _mm256_loadu_si256((const __m256i *)dk));
+            const __m256i d = _mm256_maddubs_epi16(ones8, _mm256_loadu_si256((const __m256i *)(dk + 64)));
             s[k] = _mm256_madd_epi16(_mm256_add_epi16(e, d), ones16);
         }
-        const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(s[0], 14), _mm256_slli_epi32(s[1], 7)), s[2]);
+        const __m256i sum =
+            _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(s[0], 14), _mm256_slli_epi32(s[1], 7)), s[2]);
         _mm256_storeu_si256((__m256i *)(o + DIGIT_CORR + 32 * h), _mm256_mullo_epi32(sum, _mm256_set1_epi32(-8)));
     }
     const float sx = m / 127.0f * (unscale * 0x1p-14f); /* the digits' sums are in units of 2^-14 */

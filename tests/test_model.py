@@ -409,11 +409,13 @@ def _fields(cfg) -> dict:
 
 def _vision_block_cast_per_product(block, x):
     """One SigLIP block as before ``ops.linear_narrow``: every product through ``ops.linear``
-    (its result cast back to x's dtype), GELU in float32: the bits the chain must keep. The
+    (its result cast back to x's dtype), GELU in float32 (torch's where the chain's GELU runs on
+    bf16, whose bits it must round to; else the tower's native one where built): the bits
+    the chain must keep. The
     attention: torch's float32 one, or where the policy gives it bf16 products
     (``ops.attention_in_bf16``) the native kernel on contiguous copies of q, k, v."""
     from dsvl2.model import native
-    from dsvl2.model.ops import attention_in_bf16, linear
+    from dsvl2.model.ops import attention_in_bf16, big_products_in_weights_dtype, linear
 
     n, p, w = x.shape
     att = block.attn
@@ -429,7 +431,11 @@ def _vision_block_cast_per_product(block, x):
     o = o.transpose(1, 2).reshape(n, p, w)
     x = x + linear(o, att.proj.weight, att.proj.bias)
     mlp = block.mlp
-    h = F.gelu(linear(block.norm2(x), mlp.fc1.weight, mlp.fc1.bias), approximate="tanh")
+    h = linear(block.norm2(x), mlp.fc1.weight, mlp.fc1.bias)
+    if big_products_in_weights_dtype() or not native.available():
+        h = F.gelu(h, approximate="tanh")
+    else:  # float32 products: the tower's float32 GELU is the native one (tests/test_native_gelu.py)
+        h = native.gelu_tanh_(h.contiguous())
     return x + linear(h, mlp.fc2.weight, mlp.fc2.bias)
 
 

@@ -22,6 +22,7 @@ layer's weights once, for callers that keep them (the plan).
 dequantised in registers, each weight row read once for all rows), the products of a MoE
 layer (or one gated MLP) of them, and dequantises blocks of rows for the prefill GEMMs;
 ``dequant.c`` does the same for int8 (values x bf16 row scales, one pass).
+``gelu.c`` applies the vision tower's tanh GELU to a float32 hidden in place.
 ``attention.c`` runs the attention of prefill and of the vision tower with bf16 products
 on CPUs with AVX-512 BF16, where the kernel policy runs the products around it in bf16.
 
@@ -454,6 +455,16 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     lib = require()
     lib.dsvl2_rmsnorm(x.data_ptr(), x.numel() // d, d, weight.data_ptr(), weight.dtype is _BF16, eps, y.data_ptr())
     return y
+
+
+def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
+    """The tanh GELU of a contiguous float32 CPU tensor, in place (``gelu.c``: to a few
+    float32 ulps of ``F.gelu(x, approximate="tanh")``); returns x."""
+    if not (x.dtype is _F32 and x.is_cpu and x.is_contiguous()):
+        raise _bad("gelu_tanh_", "x", x, "a contiguous float32 tensor on the CPU")
+    if x.numel():
+        require().dsvl2_gelu_tanh(x.data_ptr(), x.numel())
+    return x
 
 
 def route_greedy(x: torch.Tensor, gate: torch.Tensor, k: int, sigmoid: bool, norm: bool,

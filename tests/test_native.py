@@ -176,7 +176,8 @@ def variant(request):
 
 
 @needs_native
-@pytest.mark.parametrize("m,n,k", [(1, 896, 1280), (4, 333, 96), (16, 50, 33), (3, 1, 7), (2, 9, 2048 + 47)])
+@pytest.mark.parametrize("m,n,k", [(1, 896, 1280), (4, 333, 96), (16, 50, 33), (3, 1, 7), (2, 9, 2048 + 47),
+                                   (3, 17, 59)])
 def test_int8_linear_matches_dequantised_float64(variant, m, n, k):
     from dsvl2.model import quant
 

@@ -43,14 +43,14 @@ def _rand(*shape, seed=0, scale=1.0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
 
 
-def _qkv(b, h, hk, t, s, dk, dv, seed=0):
+def random_qkv(b, h, hk, t, s, dk, dv, seed=0):
     """bf16 q [B, H, T, dk], k [B, Hk, S, dk], v [B, Hk, S, dv]. q is scaled up so that the
     softmax is peaked (a few keys carry most of the weight), not a near-uniform average."""
     return (_rand(b, h, t, dk, seed=seed, scale=2.0).to(BF), _rand(b, hk, s, dk, seed=seed + 1).to(BF),
             _rand(b, hk, s, dv, seed=seed + 2).to(BF))
 
 
-def _causal(b, t, s):
+def causal_mask(b, t, s):
     """[B, 1, T, S]: query i (at position S - T + i) sees keys 0 .. S - T + i."""
     visible = torch.ones(t, s, dtype=torch.bool).tril(s - t)
     return torch.zeros(b, 1, t, s).masked_fill_(~visible, MIN)
@@ -63,7 +63,7 @@ def _scores(q, k, scale, mask):
     return s if mask is None else s + mask.double()
 
 
-def _v(v, h):
+def v_per_head(v, h):
     """float64 v with its kv heads repeated for the H query heads [B, H, S, dv]."""
     return v.double().repeat_interleave(h // v.shape[1], dim=1)
 
@@ -77,7 +77,7 @@ def modelled(q, k, v, scale, mask=None, delta=0.0):
     / sum, up / down the roundings of the weight x (1 +- delta)."""
     s = _scores(q, k, scale, mask)
     e = (s - s.amax(-1, keepdim=True)).exp()
-    vv, total = _v(v, q.shape[1]), e.sum(-1, keepdim=True)
+    vv, total = v_per_head(v, q.shape[1]), e.sum(-1, keepdim=True)
     out = (e.to(BF).double() @ vv) / total
     if not delta:
         return out
@@ -87,7 +87,7 @@ def modelled(q, k, v, scale, mask=None, delta=0.0):
 
 def plain(q, k, v, scale, mask=None):
     """softmax(scale q k^T + mask) v in float64, nothing rounded."""
-    return _scores(q, k, scale, mask).softmax(-1) @ _v(v, q.shape[1])
+    return _scores(q, k, scale, mask).softmax(-1) @ v_per_head(v, q.shape[1])
 
 
 def _err(got, want, v):
@@ -135,8 +135,8 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_matches_the_modelled_rounding_and_plain_float64(case):
     b, h, hk, t, s, dk, dv, kind = CASES[case]
-    q, k, v = _qkv(b, h, hk, t, s, dk, dv)
-    mask = _causal(b, t, s) if kind == "causal" else None
+    q, k, v = random_qkv(b, h, hk, t, s, dk, dv)
+    mask = causal_mask(b, t, s) if kind == "causal" else None
     scale = dk ** -0.5
     got = native.attention_bf16(q, k, v, scale, mask)
     assert got.dtype == torch.float32 and got.shape == (b, h, t, dv)
@@ -149,13 +149,13 @@ def test_padding_queries_without_visible_keys_average_all_keys():
     queries are padding and see no key (every mask value MIN): torch's softmax over equal
     scores, a uniform average of all S keys' v, finite."""
     b, h, hk, t, s, dk, dv = 2, 4, 2, 10, 41, 64, 40
-    q, k, v = _qkv(b, h, hk, t, s, dk, dv, seed=3)
-    mask = _causal(b, t, s)
+    q, k, v = random_qkv(b, h, hk, t, s, dk, dv, seed=3)
+    mask = causal_mask(b, t, s)
     mask[1] = MIN
-    mask[1, 0, :3, :5] = _causal(1, 3, 5)[0, 0]
+    mask[1, 0, :3, :5] = causal_mask(1, 3, 5)[0, 0]
     got = native.attention_bf16(q, k, v, 0.125, mask)
     assert torch.isfinite(got).all()
-    uniform = _v(v, h)[1].mean(1, keepdim=True).expand(h, t - 3, dv)  # [H, T - 3, dv]
+    uniform = v_per_head(v, h)[1].mean(1, keepdim=True).expand(h, t - 3, dv)  # [H, T - 3, dv]
     assert _err(got[1, :, 3:], uniform, v) < BASE_TOL  # weights all exp(0) = 1: exact in bf16
     assert_like_the_kernel(got, q, k, v, 0.125, mask)
 
@@ -164,8 +164,8 @@ def test_padding_queries_without_visible_keys_average_all_keys():
 @pytest.mark.parametrize("case", ["vision", "mla_chunk"])
 def test_bf16_out_is_the_float32_out_rounded(case):
     b, h, hk, t, s, dk, dv, kind = CASES[case]
-    q, k, v = _qkv(b, h, hk, t, s, dk, dv, seed=5)
-    mask = _causal(b, t, s) if kind == "causal" else None
+    q, k, v = random_qkv(b, h, hk, t, s, dk, dv, seed=5)
+    mask = causal_mask(b, t, s) if kind == "causal" else None
     f32 = native.attention_bf16(q, k, v, dk ** -0.5, mask)
     out = torch.full((b, h, t, dv), float("nan"), dtype=BF)
     assert native.attention_bf16(q, k, v, dk ** -0.5, mask, out=out) is out
@@ -184,7 +184,7 @@ def test_strided_views_of_a_fused_qkv_give_the_bits_of_contiguous_copies():
     native.attention_bf16(q, k, v, hd ** -0.5, out=heads_out.transpose(1, 2))
     want = native.attention_bf16(q.contiguous(), k.contiguous(), v.contiguous(), hd ** -0.5)
     assert torch.equal(heads_out.transpose(1, 2), want)
-    mask = _causal(1, p, p)
+    mask = causal_mask(1, p, p)
     got = native.attention_bf16(q, k, v, hd ** -0.5, mask.expand(n, 1, p, p))
     want = native.attention_bf16(q.contiguous(), k.contiguous(), v.contiguous(), hd ** -0.5,
                                  mask.repeat(n, 1, 1, 1))
@@ -195,8 +195,8 @@ def test_strided_views_of_a_fused_qkv_give_the_bits_of_contiguous_copies():
 @needs_kernel
 def test_a_rows_bits_do_not_depend_on_the_other_rows():
     b, h, hk, t, s, dk, dv = 3, 4, 2, 13, 40, 192, 128
-    q, k, v = _qkv(b, h, hk, t, s, dk, dv, seed=11)
-    mask = _causal(b, t, s)
+    q, k, v = random_qkv(b, h, hk, t, s, dk, dv, seed=11)
+    mask = causal_mask(b, t, s)
     mask[2, :, :, 30:] = MIN  # a shorter row
     both = native.attention_bf16(q, k, v, 0.1, mask)
     for i in range(b):
@@ -210,8 +210,8 @@ def test_queries_in_two_calls_give_the_bits_of_one_call(split):
     """The first queries of a prefill, then the rest (the same keys, their mask rows): the
     bits of all of them at once; splits inside and at the kernel's 8-query tiles."""
     b, h, hk, t, s, dk, dv = 2, 4, 1, 21, 47, 72, 72
-    q, k, v = _qkv(b, h, hk, t, s, dk, dv, seed=13)
-    mask = _causal(b, t, s)
+    q, k, v = random_qkv(b, h, hk, t, s, dk, dv, seed=13)
+    mask = causal_mask(b, t, s)
     whole = native.attention_bf16(q, k, v, 0.2, mask)
     first = native.attention_bf16(q[:, :, :split], k, v, 0.2, mask[:, :, :split])
     rest = native.attention_bf16(q[:, :, split:], k, v, 0.2, mask[:, :, split:])
@@ -223,8 +223,8 @@ def test_a_mask_changed_in_place_changes_the_result():
     """The wrapper remembers the keys each query row sees per mask; writing into the mask
     (its version changes) must be seen, both hiding keys and showing them again."""
     b, h, hk, t, s, dk, dv = 1, 2, 2, 9, 40, 32, 32
-    q, k, v = _qkv(b, h, hk, t, s, dk, dv, seed=17)
-    mask = _causal(b, t, s)
+    q, k, v = random_qkv(b, h, hk, t, s, dk, dv, seed=17)
+    mask = causal_mask(b, t, s)
     causal = native.attention_bf16(q, k, v, 0.3, mask)
     mask.zero_()  # every key visible: keys the memo's limits would skip now count
     everything = native.attention_bf16(q, k, v, 0.3, mask)
@@ -241,10 +241,10 @@ def test_one_mask_broadcast_over_batches_of_different_sizes():
     """A [1, 1, T, S] mask used with B = 1, then with B = 3 (the memo of its limits is per B):
     every row of the second call equals a call with a fresh copy of the mask."""
     t, s, dk, dv = 11, 37, 16, 16
-    mask = _causal(1, t, s)
-    q1, k1, v1 = _qkv(1, 2, 2, t, s, dk, dv, seed=21)
+    mask = causal_mask(1, t, s)
+    q1, k1, v1 = random_qkv(1, 2, 2, t, s, dk, dv, seed=21)
     native.attention_bf16(q1, k1, v1, 0.25, mask)
-    q, k, v = _qkv(3, 2, 2, t, s, dk, dv, seed=22)
+    q, k, v = random_qkv(3, 2, 2, t, s, dk, dv, seed=22)
     got = native.attention_bf16(q, k, v, 0.25, mask)
     assert torch.equal(got, native.attention_bf16(q, k, v, 0.25, mask.clone()))
     assert_like_the_kernel(got, q, k, v, 0.25, mask.expand(3, 1, t, s))
@@ -252,13 +252,13 @@ def test_one_mask_broadcast_over_batches_of_different_sizes():
 
 @needs_kernel
 def test_bad_arguments_raise_value_errors_naming_them():
-    q, k, v = _qkv(1, 4, 2, 5, 7, 16, 16)
+    q, k, v = random_qkv(1, 4, 2, 5, 7, 16, 16)
     with pytest.raises(ValueError, match=r"attention_bf16: q must be"):
         native.attention_bf16(q.float(), k, v, 0.25)
     with pytest.raises(ValueError, match=r"attention_bf16: k must be"):
         native.attention_bf16(q, k[..., :14], v, 0.25)
     with pytest.raises(ValueError, match=r"attention_bf16: k must be"):
-        native.attention_bf16(q, _qkv(1, 3, 3, 5, 7, 16, 16)[1], v, 0.25)  # 3 kv heads for 4
+        native.attention_bf16(q, random_qkv(1, 3, 3, 5, 7, 16, 16)[1], v, 0.25)  # 3 kv heads for 4
     with pytest.raises(ValueError, match=r"attention_bf16: out must be"):
         native.attention_bf16(q, k, v, 0.25, out=torch.empty(1, 4, 5, 8))
     with pytest.raises(ValueError, match=r"attention_bf16: mask must be"):
@@ -342,14 +342,14 @@ def test_attention_in_bf16_only_for_bf16_prefill_under_the_bf16_policy(monkeypat
 
 # ---- the model's prefill ----------------------------------------------------------------------
 
-def _filled(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+def filled(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     with torch.no_grad():
         for i, (name, p) in enumerate(module.named_parameters()):
             p.copy_(_rand(*p.shape, seed=seed + i, scale=0.3) + (1.0 if "layernorm" in name else 0.0))
     return module.to(BF)
 
 
-def _prefill_chunk(cfg: LanguageConfig, module, native_on: bool, monkeypatch) -> tuple[torch.Tensor, int]:
+def prefill_chunk(cfg: LanguageConfig, module, native_on: bool, monkeypatch) -> tuple[torch.Tensor, int]:
     """A prefill chunk of T = 13 tokens after 20 cached ones per row (row 1 padded: its last
     4 queries are pads, its keys from 29 on hidden), under the bf16 policy: the output and
     the number of ``native.attention_bf16`` calls."""
@@ -360,7 +360,7 @@ def _prefill_chunk(cfg: LanguageConfig, module, native_on: bool, monkeypatch) ->
         pool.copy_(_rand(*pool.shape, seed=40, scale=0.5))
     positions = torch.arange(cached, s).expand(b, t)
     cos, sin = RotaryEmbedding(cfg)(positions)
-    mask = _causal(b, t, s)
+    mask = causal_mask(b, t, s)
     mask[1, :, :, cached + t - 4:] = MIN
     ctx = StepContext(cos, sin, mask, cache=cache, table=row_tables(b, 48, bs), write_pos=positions, kv_len=s)
     calls = []
@@ -379,8 +379,8 @@ def _prefill_chunk(cfg: LanguageConfig, module, native_on: bool, monkeypatch) ->
 
 
 def _check_model(cfg, module, monkeypatch):
-    fast, calls = _prefill_chunk(cfg, module, True, monkeypatch)
-    slow, none = _prefill_chunk(cfg, module, False, monkeypatch)
+    fast, calls = prefill_chunk(cfg, module, True, monkeypatch)
+    slow, none = prefill_chunk(cfg, module, False, monkeypatch)
     assert (calls, none) == (1, 0)
     assert torch.isfinite(fast).all()
     # o_proj's result is bf16 under the policy (one ulp at the max: 2^-8 ~ 4e-3 of it); the
@@ -395,11 +395,11 @@ def test_mla_prefill_chunk_with_the_kernel_matches_torch_attention(monkeypatch):
     cfg = LanguageConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=32, use_mla=True,
                          kv_lora_rank=40, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=24,
                          q_lora_rank=24)
-    _check_model(cfg, _filled(MLA(cfg, 0), seed=0), monkeypatch)
+    _check_model(cfg, filled(MLA(cfg, 0), seed=0), monkeypatch)
 
 
 @needs_kernel
 def test_mha_prefill_chunk_with_grouped_kv_heads_and_the_kernel_matches_torch_attention(monkeypatch):
     cfg = LanguageConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                          vocab_size=32, use_mla=False)
-    _check_model(cfg, _filled(MHA(cfg, 0), seed=10), monkeypatch)
+    _check_model(cfg, filled(MHA(cfg, 0), seed=10), monkeypatch)

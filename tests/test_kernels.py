@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsvl2.model import ops
+from dsvl2.model import native, ops
 from dsvl2.model.native import policy as kernels
 from dsvl2.checkpoint.load import load_model
 from _paths import GOLDEN
@@ -18,7 +18,9 @@ from _paths import GOLDEN
 @pytest.fixture(autouse=True)
 def no_env(monkeypatch, tmp_path):
     monkeypatch.delenv("DSVL2_BIG_PRODUCTS", raising=False)
+    monkeypatch.delenv("DSVL2_ATTENTION", raising=False)
     monkeypatch.setenv("DSVL2_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(ops, "attention_kernel", ops.attention_kernel)  # restored afterwards
     yield
     ops.set_big_products_in_weights_dtype(False)
 
@@ -56,6 +58,60 @@ def test_measurement_is_cached_per_machine():
     assert kernels.cache_file().is_file()
 
 
+def _products(fp32: float, bf16: float):
+    return {torch.float32: fp32, torch.bfloat16: bf16}.get
+
+
+@pytest.mark.parametrize("native_ms, torch_ms, want", [(13.1, 5.2, "torch"), (13.1, 11.0, "native"),
+                                                       (6.0, 9.0, "native")])
+def test_attention_kernel_is_torchs_only_where_clearly_faster(native_ms, torch_ms, want):
+    """Both attention kernels timed where bf16 products are chosen; torch's taken at
+    TORCH_ATTENTION_MARGIN (1.2x) or more (13.1 / 5.2 ms: an AMX Xeon's figures)."""
+    times = {"native": native_ms, "torch": torch_ms}
+    c = kernels.choose("cpu", torch.bfloat16, flags={"amx_bf16"}, measure=_products(260.0, 1965.0),
+                       use_cache=False, measure_attention=times.get)
+    assert c.big_products == "bf16" and c.attention == want
+    assert c.measured == {"fp32_gflops": 260.0, "bf16_gflops": 1965.0, "attention_native_ms": native_ms,
+                          "attention_torch_ms": torch_ms}
+    ops.apply_kernel_choice(c)
+    assert ops.attention_kernel == want
+
+
+def test_attention_is_not_timed_where_products_stay_float32():
+    def never(kernel):
+        raise AssertionError("no attention measurement without bf16 products")
+
+    c = kernels.choose("cpu", torch.bfloat16, flags={"avx512_bf16"}, measure=_products(150.0, 20.0),
+                       use_cache=False, measure_attention=never)
+    assert (c.big_products, c.attention) == ("fp32", "native")
+
+
+def test_attention_choice_is_cached_with_the_products(monkeypatch):
+    calls = []
+
+    def timing(kernel):
+        calls.append(kernel)
+        return {"native": 13.0, "torch": 5.0}[kernel]
+
+    first = kernels.choose("cpu", torch.bfloat16, flags={"amx_bf16"}, measure=_products(100.0, 300.0),
+                           measure_attention=timing)
+    again = kernels.choose("cpu", torch.bfloat16, flags={"amx_bf16"}, measure=_products(100.0, 300.0),
+                           measure_attention=timing)
+    assert first == again and first.attention == "torch" and calls == ["native", "torch"]
+
+
+def test_attention_override(monkeypatch):
+    monkeypatch.setenv("DSVL2_ATTENTION", "native")
+    c = kernels.choose("cpu", torch.bfloat16, flags={"amx_bf16"}, measure=_products(100.0, 300.0),
+                       use_cache=False, measure_attention={"native": 13.0, "torch": 5.0}.get)
+    assert c.attention == "native"
+    monkeypatch.setenv("DSVL2_ATTENTION", "torch")
+    assert kernels.choose("cpu", torch.bfloat16, flags={"avx2"}).attention == "torch"
+    monkeypatch.setenv("DSVL2_ATTENTION", "fast")
+    with pytest.raises(ValueError, match="native or torch"):
+        kernels.choose("cpu", torch.bfloat16, flags={"avx2"})
+
+
 def test_float32_weights_and_gpus_never_cast():
     assert kernels.choose("cpu", torch.float32).big_products == "weights"
     assert kernels.choose("cuda", torch.bfloat16).big_products == "weights"
@@ -69,9 +125,11 @@ def test_override(monkeypatch):
         kernels.choose("cpu", torch.bfloat16)
 
 
-def test_bf16_big_products_agree_with_the_fp32_path():
+@pytest.mark.parametrize("attention", ["native", "torch"])
+def test_bf16_big_products_agree_with_the_fp32_path(attention, monkeypatch):
     """Vision and a prefill forward with bf16 products vs the fp32 upcast path, same bf16
-    weights: equal within bf16 rounding, and the greedy top-1 of the prompt agrees."""
+    weights, on either attention kernel (the native one where the CPU has it, else torch's
+    float32 attention): equal within bf16 rounding."""
     model = load_model(GOLDEN / "small", torch.bfloat16)
     tiles = torch.rand(2, 3, 384, 384, generator=torch.Generator().manual_seed(0)) * 2 - 1
     ids = torch.randint(3, 2600, (1, 40), generator=torch.Generator().manual_seed(1))
@@ -85,8 +143,13 @@ def test_bf16_big_products_agree_with_the_fp32_path():
             return feats, model.language(x, ctx).logits
 
     f32_feats, f32_logits = run()
-    ops.apply_kernel_choice(kernels.KernelChoice("bf16", "test"))
+    ops.apply_kernel_choice(kernels.KernelChoice("bf16", "test", attention=attention))
+    calls = []
+    real = native.attention_bf16_torch
+    monkeypatch.setattr(native, "attention_bf16_torch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     bf_feats, bf_logits = run()
+    # torch's kernel: every layer of the tower and of the language model (T >= 8 everywhere)
+    assert len(calls) == (model.cfg.vision.layers + model.cfg.language.num_hidden_layers if attention == "torch" else 0)
     assert not torch.equal(bf_feats, f32_feats)  # the bf16 path really ran
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
     # bf16 keeps 8 bits of mantissa (relative rounding 2^-9 ~ 0.2 %) per product

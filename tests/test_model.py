@@ -413,9 +413,10 @@ def _vision_block_cast_per_product(block, x):
     bf16, whose bits it must round to; else the tower's native one where built): the bits
     the chain must keep. The
     attention: torch's float32 one, or where the policy gives it bf16 products
-    (``ops.attention_in_bf16``) the native kernel on contiguous copies of q, k, v."""
+    (``ops.attention_in_bf16``) the kernel the policy chose (``ops.attention_bf16``) on
+    contiguous copies of q, k, v."""
     from dsvl2.model import native
-    from dsvl2.model.ops import attention_in_bf16, big_products_in_weights_dtype, linear
+    from dsvl2.model.ops import attention_bf16, attention_in_bf16, big_products_in_weights_dtype, linear
 
     n, p, w = x.shape
     att = block.attn
@@ -424,8 +425,8 @@ def _vision_block_cast_per_product(block, x):
     q, k, v = qkv.unbind(0)
     if attention_in_bf16(h, att.qkv.weight):
         bf = torch.bfloat16
-        o = native.attention_bf16(q.to(bf).contiguous(), k.to(bf).contiguous(), v.to(bf).contiguous(),
-                                  (w // att.heads) ** -0.5)
+        o = attention_bf16(q.to(bf).contiguous(), k.to(bf).contiguous(), v.to(bf).contiguous(),
+                           (w // att.heads) ** -0.5)
     else:
         o = F.scaled_dot_product_attention(q, k, v)
     o = o.transpose(1, 2).reshape(n, p, w)

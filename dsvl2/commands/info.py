@@ -319,6 +319,11 @@ def format_info(d: Mapping[str, Any]) -> str:
     k = d.get("kernels")
     if k:
         rows.append(("big products", f"{k['big_products']} on this machine: {k['reason']}"))
+        if k["big_products"] == "bf16":
+            m = k.get("measured") or {}
+            timed = (f" (one vision tile: native {m['attention_native_ms']} ms, torch {m['attention_torch_ms']} ms)"
+                     if "attention_torch_ms" in m else "")
+            rows.append(("bf16 attention", f"{k.get('attention', 'native')} kernel{timed}"))
     nd = d.get("native_decode")
     if nd:
         how = "native" if nd["native_decode"] else "torch's bf16 kernels"

@@ -66,11 +66,11 @@ class MHA(nn.Module):
         if ctx.cache is not None:
             k, v = ctx.write_and_read(self.layer, (k, v))  # [B, S, Hk, hd]
         if ops.attention_in_bf16(x, self.q_proj.weight) and self.hd % 2 == 0:
-            # bf16 products (native kernel), grouped kv heads read in place; out [B, T, H, hd]
+            # bf16 products (ops.attention_bf16), grouped kv heads read in place; out [B, T, H, hd]
             bf = torch.bfloat16
             out = torch.empty((b, t, self.h, self.hd), dtype=q.dtype)
-            native.attention_bf16(q.to(bf), k.transpose(1, 2).to(bf), v.transpose(1, 2).to(bf), self.scale,
-                                  ctx.mask, out=out.transpose(1, 2))
+            ops.attention_bf16(q.to(bf), k.transpose(1, 2).to(bf), v.transpose(1, 2).to(bf), self.scale,
+                               ctx.mask, out=out.transpose(1, 2))
             return self.o_proj(out.view(b, t, self.h * self.hd))
         k, v = k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype)  # [B, Hk, S, hd]
         if self.hk != self.h:
@@ -200,7 +200,7 @@ class MLA(nn.Module):
     def _expanded_bf16(self, q_nope, q_pe, ckv, mask) -> torch.Tensor:
         """``_expanded`` with bf16 products (``ops.attention_in_bf16``): k_nope / v expanded
         in bf16 (the bits ``kv_b_proj``'s float32 result has, rounded back), q and k
-        assembled in bf16, the native kernel; float32 [B, H, T, dv] (a view of [B, T, H, dv],
+        assembled in bf16, ``ops.attention_bf16``; float32 [B, H, T, dv] (a view of [B, T, H, dv],
         so the caller's transpose is free)."""
         b, s, _ = ckv.shape
         h, t = self.h, q_nope.shape[2]
@@ -214,8 +214,8 @@ class MLA(nn.Module):
         q[..., : self.dn] = q_nope.transpose(1, 2)
         q[..., self.dn:] = q_pe.transpose(1, 2)
         out = torch.empty((b, t, h, self.dv), dtype=torch.float32)
-        native.attention_bf16(q.transpose(1, 2), k.transpose(1, 2), kv[..., self.dn:].transpose(1, 2), self.scale,
-                              mask, out=out.transpose(1, 2))
+        ops.attention_bf16(q.transpose(1, 2), k.transpose(1, 2), kv[..., self.dn:].transpose(1, 2), self.scale,
+                           mask, out=out.transpose(1, 2))
         return out.transpose(1, 2)
 
     def _absorbed(self, q_nope, q_pe, ckv, mask) -> torch.Tensor:

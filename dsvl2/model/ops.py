@@ -73,8 +73,10 @@ def set_big_products_in_weights_dtype(flag: bool) -> None:
 def apply_kernel_choice(choice: "policy.KernelChoice") -> None:
     """Make a ``native.policy.choose`` result this process's policy. "weights" changes
     nothing: float32 weights and GPUs never cast, whatever the policy."""
+    global attention_kernel
     if choice.big_products in ("fp32", "bf16"):
         set_big_products_in_weights_dtype(choice.big_products == "bf16")
+    attention_kernel = choice.attention
 
 
 def big_products_in_weights_dtype() -> bool:
@@ -108,8 +110,8 @@ def native_block(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return native_blocks and native_product(x, *weights)
 
 
-# Prefill / vision attention beside bf16 products runs on the native bf16 kernel
-# (``native.attention_bf16``) where the CPU has AVX-512 BF16; tests switch it off to
+# Prefill / vision attention beside bf16 products runs with bf16 products too
+# (``attention_bf16`` below) where the CPU has AVX-512 BF16; tests switch it off to
 # compare with torch's float32 attention.
 native_attention = True
 
@@ -122,7 +124,24 @@ def attention_in_bf16(x: torch.Tensor, weight) -> bool:
     products. Float32 weights (the oracle) and decode steps never."""
     return (native_attention and _big_in_weights and x.dtype == torch.float32 and x.is_cpu
             and (isinstance(weight, QuantWeight) or weight.dtype == torch.bfloat16)
-            and not decoding_active() and native.attention_usable())
+            and not decoding_active() and (attention_kernel == "torch" or native.attention_usable()))
+
+
+# Which kernel computes that attention (``attention_bf16``): "native" (``attention.c``) or
+# "torch" (``scaled_dot_product_attention`` on the bf16 inputs, whose products oneDNN runs on
+# AMX tiles where the CPU has them); the kernel policy measures both (``native/policy.py``).
+attention_kernel = "native"
+# Calls with fewer query rows than this stay native: torch's call costs more than its work
+# there (1 query of 200 keys: 0.31 against 0.20 ms; 4 of 1,431: even; 16: 0.75x the time).
+TORCH_ATTENTION_MIN_ROWS = 8
+
+
+def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                   mask: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``native.attention_bf16`` (its contract) on the kernel the policy chose."""
+    if attention_kernel == "torch" and getattr(q, "ndim", 0) == 4 and q.shape[2] >= TORCH_ATTENTION_MIN_ROWS:
+        return native.attention_bf16_torch(q, k, v, scale, mask, out=out)
+    return native.attention_bf16(q, k, v, scale, mask, out=out)
 
 
 def _in_weight_dtype(x: torch.Tensor, weight: torch.Tensor) -> bool:

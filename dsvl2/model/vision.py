@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ProjectorConfig, VisionConfig
-from . import native
+from . import ops
 from .ops import LayerNorm, Linear, attention_in_bf16
 
 
@@ -52,10 +52,10 @@ class Attention(nn.Module):
         qkv = qkv.view(n, p, 3, self.heads, hd).permute(2, 0, 3, 1, 4)  # [3, N, H, P, hd]
         heads = torch.empty((n, p, self.heads, hd), dtype=narrow)  # the heads side by side, for proj
         if narrow is torch.bfloat16 and attention_in_bf16(x, self.qkv.weight) and hd % 2 == 0:
-            # bf16 products here too (native kernel): q, k, v read in place from qkv, the
-            # result written in place into ``heads``
+            # bf16 products here too (the policy's kernel, ops.attention_bf16): q, k, v read in
+            # place from qkv, the result written in place into ``heads``
             q, k, v = qkv.unbind(0)
-            native.attention_bf16(q, k, v, hd ** -0.5, out=heads.transpose(1, 2))
+            ops.attention_bf16(q, k, v, hd ** -0.5, out=heads.transpose(1, 2))
         else:
             q, k, v = qkv.to(x.dtype).unbind(0)
             out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(hd), no mask

@@ -12,6 +12,14 @@ AVX-512 BF16 and AMX CPUs it is several times faster than fp32 (AMX: ~1.9 TFLOP/
   that bf16 is faster; else fp32;
 * any other CPU: fp32 (weights upcast a layer at a time), without measuring.
 
+The attention beside bf16 products (``ops.attention_bf16``) has two kernels: the native one
+(``attention.c``, AVX-512 BF16) and torch's ``scaled_dot_product_attention`` on the bf16
+inputs, whose products oneDNN runs on AMX tiles where the CPU has them (2.2x the native
+kernel on vision tiles there, slower than it on AVX-512 BF16 alone). Where bf16 is chosen
+and the native kernel is usable, both run one vision tile's attention ([1, 16, 729, 72])
+and torch's is taken if it is at least ``TORCH_ATTENTION_MARGIN`` times as fast; else the
+native one. ``DSVL2_ATTENTION=native|torch`` overrides that.
+
 ``DSVL2_BIG_PRODUCTS=fp32|bf16`` overrides the choice. A measurement is cached per
 machine (CPU model, flags, torch version, threads) in ``kernels.json`` in dsvl2's cache
 directory (``dsvl2/cachedir.py``: ``$DSVL2_CACHE_DIR``, else ``$XDG_CACHE_HOME/dsvl2``, else
@@ -27,7 +35,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -43,7 +51,8 @@ class KernelChoice:
     big_products: str      # "fp32" | "bf16" | "weights" (GPU / float32 weights)
     reason: str
     cpu: str = ""
-    measured: dict | None = None  # GFLOP/s of the measured products, when measured
+    measured: dict | None = None  # GFLOP/s of the measured products (and attention ms), when measured
+    attention: str = "native"  # the bf16 attention's kernel (ops.attention_bf16): "native" | "torch"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +70,35 @@ def matmul_gflops(dtype: torch.dtype, m: int = 256, k: int = 2048, n: int = 2048
         torch.matmul(a, b)
         best = min(best, time.perf_counter() - t)
     return 2 * m * k * n / best / 1e9
+
+
+TORCH_ATTENTION_MARGIN = 1.2
+ATTENTION_SHAPE = (1, 16, 729, 72)  # one vision tile's attention: [B, heads, patches, head size]
+
+
+def attention_ms(kernel: str, reps: int = 3) -> float:
+    """The best of ``reps`` timed runs of one vision tile's bf16 attention (``ATTENTION_SHAPE``)
+    on ``kernel`` ("native" or "torch"), after a warm-up (milliseconds)."""
+    from . import attention_bf16, attention_bf16_torch
+
+    fn = attention_bf16 if kernel == "native" else attention_bf16_torch
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(ATTENTION_SHAPE, generator=g).to(torch.bfloat16) for _ in range(3))
+    out = torch.empty(ATTENTION_SHAPE, dtype=torch.bfloat16)
+    fn(q, k, v, 0.125, out=out)  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn(q, k, v, 0.125, out=out)
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+def _attention_override() -> str | None:
+    want = os.environ.get("DSVL2_ATTENTION")
+    if want and want not in ("native", "torch"):
+        raise ValueError(f"DSVL2_ATTENTION must be native or torch, got {want!r}")
+    return want or None
 
 
 CACHE_NAME = "kernels.json"
@@ -82,8 +120,20 @@ def _read_cache() -> dict:
 
 
 def choose(device: torch.device | str, weight_dtype: torch.dtype, flags: set[str] | None = None,
-           measure=None, use_cache: bool = True) -> KernelChoice:
-    """Decide (see the module docstring); ``flags`` / ``measure`` are for tests."""
+           measure=None, use_cache: bool = True, measure_attention=None) -> KernelChoice:
+    """Decide (see the module docstring); ``flags`` / ``measure`` / ``measure_attention``
+    (kernel -> ms) are for tests. With neither measurement given, the attention is measured
+    where the native kernel is usable (``attention_ms``)."""
+    if measure is None and measure_attention is None:
+        from . import attention_usable
+
+        measure_attention = attention_ms if attention_usable() else None
+    choice = _choose(device, weight_dtype, flags, measure, use_cache, measure_attention)
+    want = _attention_override()
+    return replace(choice, attention=want) if want else choice
+
+
+def _choose(device, weight_dtype, flags, measure, use_cache, measure_attention) -> KernelChoice:
     dev = torch.device(device)
     override = os.environ.get("DSVL2_BIG_PRODUCTS")
     if override:
@@ -100,7 +150,9 @@ def choose(device: torch.device | str, weight_dtype: torch.dtype, flags: set[str
     if not native:
         return KernelChoice("fp32", "no native bf16 matrix units (no amx_bf16 / avx512_bf16): bf16 GEMMs "
                                     "are slower than fp32 here, weights are upcast", name)
-    key = hashlib.sha1(f"{name}|{sorted(flags)}|{torch.__version__}|{torch.get_num_threads()}".encode()).hexdigest()
+    # "attention": entries cached before the attention was measured are not reused
+    key = hashlib.sha1(f"{name}|{sorted(flags)}|{torch.__version__}|{torch.get_num_threads()}|attention"
+                       .encode()).hexdigest()
     if use_cache:
         try:
             cached = _read_cache().get(key)
@@ -111,8 +163,14 @@ def choose(device: torch.device | str, weight_dtype: torch.dtype, flags: set[str
     measure = measure or matmul_gflops
     speeds = {"fp32_gflops": round(measure(torch.float32), 1), "bf16_gflops": round(measure(torch.bfloat16), 1)}
     pick = "bf16" if speeds["bf16_gflops"] > speeds["fp32_gflops"] else "fp32"
+    attention = "native"
+    if pick == "bf16" and measure_attention is not None:
+        speeds["attention_native_ms"] = round(measure_attention("native"), 2)
+        speeds["attention_torch_ms"] = round(measure_attention("torch"), 2)
+        if speeds["attention_torch_ms"] * TORCH_ATTENTION_MARGIN <= speeds["attention_native_ms"]:
+            attention = "torch"
     choice = KernelChoice(pick, f"{'/'.join(native)} present; measured bf16 {speeds['bf16_gflops']} vs fp32 "
-                                f"{speeds['fp32_gflops']} GFLOP/s", name, speeds)
+                                f"{speeds['fp32_gflops']} GFLOP/s", name, speeds, attention)
     if use_cache:  # atomically, into a checked directory; a read-only home only costs a measurement next time
         data = _read_cache()
         data[key] = choice.to_dict()

@@ -33,7 +33,11 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.proj.weight, self.proj.bias
         x = F.conv2d(x, w.to(x.dtype), b.to(x.dtype), stride=self.proj.stride)  # [N, W, 27, 27]
-        return x.flatten(2).transpose(1, 2)  # [N, P, W]
+        # [N, P, W], made contiguous once: the transposed view's layout would otherwise carry
+        # through every residual add of the tower (an add keeps its input's strides), and each
+        # LayerNorm would copy it to contiguous again (7 tiles of the real tower, bf16 products
+        # on an AMX Xeon: 4.0 -> 3.5 s, the same bits)
+        return x.flatten(2).transpose(1, 2).contiguous()
 
 
 class Attention(nn.Module):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LanguageConfig
-from . import native, ops
+from . import buckets, native, ops
 from .ops import GatedMLP, gated_mlp
 from .quant import QuantWeight
 from .scratch import buffer
@@ -165,11 +165,12 @@ class Experts(nn.Module):
         xd = x.to(dtype)
         out = torch.zeros_like(x)
         for e, pairs, sel in expert_runs(token, counts):
-            xe = xd.index_select(0, sel)  # [c, D] (6x faster than xd[sel] here)
-            g = F.linear(xe, self.gate_proj.dequantize_into(fd, e)).float()  # [c, F]
-            u = F.linear(xe, self.up_proj.dequantize_into(fd, e)).float()
-            a = F.silu(g).mul_(u).mul_(w[pairs, None]).to(dtype)
-            out.index_add_(0, sel, F.linear(a, self.down_proj.dequantize_into(df, e)).to(x.dtype))
+            # [c', D]: bf16 rows padded to a bucket (buckets.py); index_select 6x faster than xd[sel]
+            xe, c = buckets.padded_rows(xd.index_select(0, sel))
+            g = F.linear(xe, self.gate_proj.dequantize_into(fd, e))[:c].float()  # [c, F]
+            u = F.linear(xe, self.up_proj.dequantize_into(fd, e))[:c].float()
+            a, _ = buckets.padded_rows(F.silu(g).mul_(u).mul_(w[pairs, None]).to(dtype))
+            out.index_add_(0, sel, F.linear(a, self.down_proj.dequantize_into(df, e))[:c].to(x.dtype))
         return out
 
     def reference_dispatch(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native, prepack
+from . import buckets, native, prepack
 from .native import policy
 from .quant import QuantWeight
 from .scratch import upcast  # noqa: F401  (ops.upcast: the name callers use)
@@ -144,6 +144,11 @@ def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     return native.attention_bf16(q, k, v, scale, mask, out=out)
 
 
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``; outside decode steps a bf16 CPU product's rows padded to a bucket (``buckets.py``)."""
+    return buckets.linear(x, weight, bias, pad=not decoding_active())
+
+
 def _in_weight_dtype(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Against narrower (bf16) weights on the CPU, compute in the weights' dtype in a decode
     step, and in every step on machines with native bf16 matrix units (``native/policy.py``)."""
@@ -162,7 +167,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         # Decode: bf16 GEMVs read half the bytes; the result returns in x's dtype.
         if decoding_active() and native.usable(x, weight):  # float32 activations, weights read once for all rows
             return native.linear(x, weight, bias)
-        out = F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
+        out = linear_rows(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
         return out.to(x.dtype)
     n = weight.shape[0]
     rows = max(1, BLOCK_ELEMS // max(1, weight.shape[-1]))
@@ -191,7 +196,7 @@ def linear_narrow(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     op before chaining it), and ``x + y`` with y bf16 promotes exactly.
     Elsewhere (float32 or quantised weights, another policy): ``linear`` itself."""
     if _stays_narrow(x, weight):
-        return F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
+        return linear_rows(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
     return linear(x, weight, bias)
 
 
@@ -287,8 +292,9 @@ def gated_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch
     if _in_weight_dtype(x, gate):
         if decoding_active() and native.usable(x, gate, up, down):
             return native.gated_mlp(x, gate, up, down)
-        xb = x.to(gate.dtype)
-        return F.linear(F.silu(F.linear(xb, gate)) * F.linear(xb, up), down).to(x.dtype)
+        xb, m = buckets.padded_rows(x.to(gate.dtype), pad=not decoding_active())  # once for the three products
+        y = F.linear(F.silu(F.linear(xb, gate)) * F.linear(xb, up), down)
+        return y[:m].view(*x.shape[:-1], down.shape[0]).to(x.dtype)
     return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
 

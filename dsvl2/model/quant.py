@@ -52,9 +52,8 @@ checks it), so a decode row does not depend on its batch.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from . import native
+from . import buckets, native
 from .scratch import buffer  # the per-thread reused buffer
 
 INT4_GROUPS = (128, 64, 32)  # preferred first: 128 measured fastest on the real shapes
@@ -204,7 +203,7 @@ class QuantWeight:
         if self.kind == "int4pack":
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.data, self.group, self.scale)
         elif not decoding:
-            y = self.block_gemm(x2, torch.bfloat16 if bf16_products else torch.float32)
+            y = self.block_gemm(x2, torch.bfloat16 if bf16_products else torch.float32, pad=True)
         elif self.kind == "int8" and native.usable_int8(x2, self):
             y = native.linear_int8(x2, self.data, self.scale)  # float32 activations, see model/native
         elif self.kind == "int8":
@@ -215,14 +214,15 @@ class QuantWeight:
             y = self.block_gemm(x2, torch.bfloat16)
         return y.to(x.dtype).reshape(*lead, self.shape[-2])
 
-    def block_gemm(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def block_gemm(self, x: torch.Tensor, dtype: torch.dtype, pad: bool = False) -> torch.Tensor:
         """``x @ W.T`` for x [M, K] (an unstacked weight): W dequantised in blocks of rows into
         the per-thread buffer in ``dtype``, one GEMM per block with x cast to ``dtype``; the
-        result in ``dtype``."""
+        result in ``dtype``. ``pad`` (prefill): bf16 rows padded to a bucket (``buckets.py``)."""
         n, k = self.shape[-2:]
         rows = max(1, min(n, BLOCK_ELEMS // k))
         xd = x.to(dtype)
-        parts = [F.linear(xd, self.dequantized_rows(i, min(n, i + rows), dtype)) for i in range(0, n, rows)]
+        parts = [buckets.linear(xd, self.dequantized_rows(i, min(n, i + rows), dtype), pad=pad)
+                 for i in range(0, n, rows)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def dequantized_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:

@@ -19,16 +19,30 @@ def one_thread():
 
 @pytest.fixture(scope="module", autouse=True)
 def fp32_big_products():
-    """Every test module starts with vision / prefill products in float32. ``dsvl2.load``
-    applies this machine's kernel choice process-wide (``model/native/policy.py``: bf16 products
-    on CPUs with AMX or AVX-512 BF16 where a measurement says they are faster), which would
-    leak from one module into the next and make results depend on the test order. Within a
-    module the choice stays as its own loads set it (a module-scoped fixture's answers and
-    its tests' are computed alike). Restored afterwards."""
+    """Every test module starts with vision / prefill products in float32 and the native
+    bf16 attention kernel. ``dsvl2.load`` applies this machine's kernel choice process-wide
+    (``model/native/policy.py``: bf16 products on CPUs with AMX or AVX-512 BF16 where a
+    measurement says they are faster, and torch's attention kernel where it measured faster),
+    which would leak from one module into the next and make results depend on the test
+    order. Within a module the choice stays as its own loads set it (a module-scoped
+    fixture's answers and its tests' are computed alike). Restored afterwards."""
+    from dsvl2.model import ops
+
+    before = ops.big_products_in_weights_dtype(), ops.attention_kernel
+    ops.set_big_products_in_weights_dtype(False)
+    ops.attention_kernel = "native"
+    yield
+    ops.set_big_products_in_weights_dtype(before[0])
+    ops.attention_kernel = before[1]
+
+
+@pytest.fixture
+def bf16_policy():
+    """Vision / prefill products in bf16 for one test (the policy of CPUs with bf16 units)."""
     from dsvl2.model import ops
 
     before = ops.big_products_in_weights_dtype()
-    ops.set_big_products_in_weights_dtype(False)
+    ops.set_big_products_in_weights_dtype(True)
     yield
     ops.set_big_products_in_weights_dtype(before)
 

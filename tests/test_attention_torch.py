@@ -26,8 +26,8 @@ import torch
 from dsvl2.config import LanguageConfig
 from dsvl2.model import native, ops
 from dsvl2.model.attention import MHA, MLA
-from test_attention_bf16 import (BASE_TOL, BF, CASES, MIN, causal_mask, filled, needs_kernel, plain, prefill_chunk,
-                                 random_qkv, v_per_head)
+from test_attention_bf16 import (BASE_TOL, BF, CASES, MIN, causal_mask, filled, needs_kernel, padding_case, plain,
+                                 prefill_chunk, random_qkv)
 
 WEIGHTS = 2 ** -9  # the weights' bf16 rounding moves the average by at most this x max|v| (PLAIN_TOL)
 HALF_ULP = 2 ** -8  # bf16 keeps 8 significant bits: a rounding moves a value by at most 2^-8 of it
@@ -69,16 +69,12 @@ def test_a_wrong_scale_or_a_dropped_mask_is_seen():
 
 
 def test_rows_without_visible_keys_average_all_keys():
-    """Row 1's last queries are padding (every mask value MIN): the uniform average of all S
-    keys' v (equal scores), finite, as the native kernel and the reference give."""
-    b, h, hk, t, s, dk, dv = 2, 4, 2, 10, 41, 64, 40
-    q, k, v = random_qkv(b, h, hk, t, s, dk, dv, seed=3)
-    mask = causal_mask(b, t, s)
-    mask[1] = MIN
-    mask[1, 0, :3, :5] = causal_mask(1, 3, 5)[0, 0]
+    """``test_attention_bf16.padding_case``: row 1's last queries are padding (every mask
+    value MIN): the uniform average of all S keys' v (equal scores), finite, as the native
+    kernel and the reference give."""
+    q, k, v, mask, uniform = padding_case()
     got = native.attention_bf16_torch(q, k, v, 0.125, mask)
     assert torch.isfinite(got).all()
-    uniform = v_per_head(v, h)[1].mean(1, keepdim=True).expand(h, t - 3, dv)
     _assert_near(got[1, :, 3:], uniform, v)
     _assert_near(got[:, :, :3], plain(q, k, v, 0.125, mask)[:, :, :3], v)
 
@@ -121,16 +117,22 @@ def test_a_rows_bits_do_not_depend_on_the_other_rows_of_the_call():
         assert torch.equal(both[i:i + 1], alone), i
 
 
-def test_bad_arguments_raise_value_errors_naming_them():
+@pytest.mark.parametrize("name", ["attention_bf16", "attention_bf16_torch"])
+def test_bad_arguments_raise_value_errors_naming_them(name):
+    """Both kernels' wrappers share their checks, which run before any C does (so this runs
+    on every CPU for the native one too)."""
+    fn = getattr(native, name)
     q, k, v = random_qkv(1, 4, 2, 5, 7, 16, 16)
-    with pytest.raises(ValueError, match=r"attention_bf16_torch: q must be"):
-        native.attention_bf16_torch(q.float(), k, v, 0.25)
-    with pytest.raises(ValueError, match=r"attention_bf16_torch: k must be"):
-        native.attention_bf16_torch(q, random_qkv(1, 3, 3, 5, 7, 16, 16)[1], v, 0.25)  # 3 kv heads for 4
-    with pytest.raises(ValueError, match=r"attention_bf16_torch: out must be"):
-        native.attention_bf16_torch(q, k, v, 0.25, out=torch.empty(1, 4, 5, 8))
-    with pytest.raises(ValueError, match=r"attention_bf16_torch: mask must be"):
-        native.attention_bf16_torch(q, k, v, 0.25, torch.zeros(1, 1, 5, 6))
+    with pytest.raises(ValueError, match=rf"{name}: q must be"):
+        fn(q.float(), k, v, 0.25)
+    with pytest.raises(ValueError, match=rf"{name}: k must be"):
+        fn(q, k[..., :14], v, 0.25)
+    with pytest.raises(ValueError, match=rf"{name}: k must be"):
+        fn(q, random_qkv(1, 3, 3, 5, 7, 16, 16)[1], v, 0.25)  # 3 kv heads for 4
+    with pytest.raises(ValueError, match=rf"{name}: out must be"):
+        fn(q, k, v, 0.25, out=torch.empty(1, 4, 5, 8))
+    with pytest.raises(ValueError, match=rf"{name}: mask must be"):
+        fn(q, k, v, 0.25, torch.zeros(1, 1, 5, 6))
 
 
 # ---- the choice ------------------------------------------------------------------------------

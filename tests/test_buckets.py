@@ -82,14 +82,6 @@ def test_unpadded_products_are_f_linear_bit_for_bit():
     assert torch.equal(buckets.linear(x.float(), w.float(), b), F.linear(x.float(), w.float(), b))
 
 
-@pytest.fixture
-def bf16_policy():
-    before = ops.big_products_in_weights_dtype()
-    ops.set_big_products_in_weights_dtype(True)
-    yield
-    ops.set_big_products_in_weights_dtype(before)
-
-
 def _rows_seen(monkeypatch) -> list[int]:
     rows = []
     real = F.linear

@@ -37,14 +37,6 @@ def _bf16_linear(n: int, k: int, bias: bool = True, seed: int = 0) -> Linear:
     return lin.to(BF)
 
 
-@pytest.fixture
-def bf16_policy():
-    before = ops.big_products_in_weights_dtype()
-    ops.set_big_products_in_weights_dtype(True)
-    yield
-    ops.set_big_products_in_weights_dtype(before)
-
-
 @needs_onednn_bf16
 @pytest.mark.parametrize("shape", [(1, 1, 64), (3, 29, 64), (1, 300, 64), (17, 64)])
 @pytest.mark.parametrize("bias", [True, False])

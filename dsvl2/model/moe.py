@@ -137,7 +137,7 @@ class Experts(nn.Module):
         w = routing.weight.reshape(-1)[order].to(x.dtype)
         out = torch.zeros_like(x)
         for e, pairs, sel in expert_runs(token, counts):
-            out.index_add_(0, sel, self.expert(e, x[sel]) * w[pairs, None])
+            out.index_add_(0, sel, self.expert(e, x.index_select(0, sel)) * w[pairs, None])
         return out
 
     def dequantisable(self) -> bool:

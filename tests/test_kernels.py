@@ -21,6 +21,7 @@ def no_env(monkeypatch, tmp_path):
     monkeypatch.delenv("DSVL2_ATTENTION", raising=False)
     monkeypatch.setenv("DSVL2_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(ops, "attention_kernel", ops.attention_kernel)  # restored afterwards
+    monkeypatch.setattr(kernels, "_load_per_cpu", lambda: 0.0)  # a quiet machine unless a test says
     yield
     ops.set_big_products_in_weights_dtype(False)
 
@@ -117,6 +118,35 @@ def test_attention_choice_is_cached_with_the_products(monkeypatch):
     # timed in turns, ATTENTION_ROUNDS each, then cached
     assert first == again and first.attention == "torch"
     assert calls == ["native", "torch"] * kernels.ATTENTION_ROUNDS
+
+
+@pytest.mark.parametrize("load_then, load_now, measured_again", [(0.3, 0.1, False), (1.6, 1.4, False),
+                                                                  (1.6, 0.3, True)])
+def test_a_measurement_on_a_busy_machine_is_made_again_on_a_quiet_one(monkeypatch, load_then, load_now,
+                                                                       measured_again):
+    """The cache keeps the load average per CPU each measurement was taken at; one taken at
+    BUSY or more stands while the machine stays busy and is replaced at a quiet load."""
+    calls = []
+
+    def timing(kernel):
+        calls.append(kernel)
+        return {"native": 13.0, "torch": 5.0}[kernel]
+
+    def choose():
+        return kernels.choose("cpu", torch.bfloat16, flags={"amx_bf16"}, measure=_products(100.0, 300.0),
+                              measure_attention=timing)
+
+    monkeypatch.setattr(kernels, "_load_per_cpu", lambda: load_then)
+    first = choose()
+    monkeypatch.setattr(kernels, "_load_per_cpu", lambda: load_now)
+    calls.clear()
+    again = choose()
+    assert again == first and bool(calls) == measured_again
+    if measured_again:  # the quiet measurement replaced the busy one: it stands now
+        monkeypatch.setattr(kernels, "_load_per_cpu", lambda: 0.0)
+        calls.clear()
+        choose()
+        assert calls == []
 
 
 def test_attention_override(monkeypatch):

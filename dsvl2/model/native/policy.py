@@ -15,14 +15,16 @@ AVX-512 BF16 and AMX CPUs it is several times faster than fp32 (AMX: ~1.9 TFLOP/
 The attention beside bf16 products (``ops.attention_bf16``) has two kernels: the native one
 (``attention.c``, AVX-512 BF16) and torch's ``scaled_dot_product_attention`` on the bf16
 inputs, whose products oneDNN runs on AMX tiles where the CPU has them (2.2x the native
-kernel on vision tiles there, slower than it on AVX-512 BF16 alone). Where bf16 is chosen
-and the native kernel is usable, both run one vision tile's attention ([1, 16, 729, 72]),
-in turns (``ATTENTION_ROUNDS``, the best of each), and torch's is taken if it is at least
-``TORCH_ATTENTION_MARGIN`` times as fast; else the native one. ``DSVL2_ATTENTION=native|torch`` overrides that.
+kernel on vision tiles on an Intel Xeon with AMX). Where bf16 is chosen and the native
+kernel is usable, both run one vision tile's attention ([1, 16, 729, 72]), in turns
+(``ATTENTION_ROUNDS``, the best of each), and torch's is taken if it is at least
+``TORCH_ATTENTION_MARGIN`` times as fast; else the native one. ``DSVL2_ATTENTION=native|torch``
+overrides that.
 
-``DSVL2_BIG_PRODUCTS=fp32|bf16`` overrides the choice. A measurement is cached per
-machine (CPU model, flags, torch version, threads) in ``kernels.json`` in dsvl2's cache
-directory (``dsvl2/cachedir.py``: ``$DSVL2_CACHE_DIR``, else ``$XDG_CACHE_HOME/dsvl2``, else
+``DSVL2_BIG_PRODUCTS=fp32|bf16`` overrides the choice. A measurement is cached per machine
+(CPU model, flags, torch version, threads) with the load average it was taken at (one taken
+on a busy machine is made again at a load on a quiet one: ``BUSY``) in ``kernels.json`` in
+dsvl2's cache directory (``dsvl2/cachedir.py``: ``$DSVL2_CACHE_DIR``, else ``$XDG_CACHE_HOME/dsvl2``, else
 ``~/.cache/dsvl2``); a file there that is not ours alone (another owner, group / other
 writable, a symlink) is ignored, and the measurement made again. Decode steps read the weights in their own dtype
 (``ops.decoding``, ``native``), whatever is chosen here; either way a row's numbers do not depend
@@ -111,6 +113,19 @@ def _attention_override() -> str | None:
 
 
 CACHE_NAME = "kernels.json"
+# The load average per CPU at or above which a measurement is taken on a busy machine: both
+# kernels slow down, by different amounts (the attention's torch / native ratio measured 1.17
+# beside a test run, 2.25 on the quiet machine). Such a measurement is cached with its load
+# and made again at the next load on a quiet machine (below BUSY / 2).
+BUSY = 1.0
+
+
+def _load_per_cpu() -> float:
+    """The 1-minute load average per CPU this process may use (0 where there is none)."""
+    try:
+        return os.getloadavg()[0] / max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return 0.0
 
 
 def cache_file() -> Path:
@@ -160,11 +175,14 @@ def _choose(device, weight_dtype, flags, measure, use_cache, measure_attention) 
                        .encode()).hexdigest()
     if use_cache:
         try:
-            cached = _read_cache().get(key)
-            if cached:
+            cached = dict(_read_cache().get(key) or {})
+            busy_then = float(cached.pop("load_per_cpu", 0.0))
+            # a measurement taken on a busy machine stands until one can be taken on a quiet one
+            if cached and not (busy_then >= BUSY and _load_per_cpu() < BUSY / 2):
                 return KernelChoice(**cached)
         except (ValueError, TypeError):
             pass
+    load_now = _load_per_cpu()
     if measure is None and measure_attention is None:  # the real measurements, not a test's
         measure_attention = _attention_timing
     measure = measure or matmul_gflops
@@ -186,6 +204,6 @@ def _choose(device, weight_dtype, flags, measure, use_cache, measure_attention) 
                                 f"{speeds['fp32_gflops']} GFLOP/s", name, speeds, attention)
     if use_cache:  # atomically, into a checked directory; a read-only home only costs a measurement next time
         data = _read_cache()
-        data[key] = choice.to_dict()
+        data[key] = {**choice.to_dict(), "load_per_cpu": round(load_now, 2)}
         cachedir.write_file(CACHE_NAME, json.dumps(data, indent=1).encode())
     return choice

@@ -21,7 +21,7 @@ def no_env(monkeypatch, tmp_path):
     monkeypatch.delenv("DSVL2_ATTENTION", raising=False)
     monkeypatch.setenv("DSVL2_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(ops, "attention_kernel", ops.attention_kernel)  # restored afterwards
-    monkeypatch.setattr(kernels, "_load_per_cpu", lambda: 0.0)  # a quiet machine unless a test says
+    monkeypatch.setattr(kernels, "load_per_cpu", lambda: 0.0)  # a quiet machine unless a test says
     yield
     ops.set_big_products_in_weights_dtype(False)
 
@@ -136,14 +136,14 @@ def test_a_measurement_on_a_busy_machine_is_made_again_on_a_quiet_one(monkeypatc
         return kernels.choose("cpu", torch.bfloat16, flags={"amx_bf16"}, measure=_products(100.0, 300.0),
                               measure_attention=timing)
 
-    monkeypatch.setattr(kernels, "_load_per_cpu", lambda: load_then)
+    monkeypatch.setattr(kernels, "load_per_cpu", lambda: load_then)
     first = choose()
-    monkeypatch.setattr(kernels, "_load_per_cpu", lambda: load_now)
+    monkeypatch.setattr(kernels, "load_per_cpu", lambda: load_now)
     calls.clear()
     again = choose()
     assert again == first and bool(calls) == measured_again
     if measured_again:  # the quiet measurement replaced the busy one: it stands now
-        monkeypatch.setattr(kernels, "_load_per_cpu", lambda: 0.0)
+        monkeypatch.setattr(kernels, "load_per_cpu", lambda: 0.0)
         calls.clear()
         choose()
         assert calls == []

@@ -198,7 +198,7 @@ def test_cache_root_follows_dsvl2_cache_dir_then_xdg_then_home(monkeypatch, tmp_
                                   "folder 0777"])
 def test_kernel_choice_cache_not_ours_is_ignored(case, monkeypatch, tmp_path):
     monkeypatch.delenv("DSVL2_BIG_PRODUCTS", raising=False)
-    monkeypatch.setattr(kernels, "_load_per_cpu", lambda: 0.0)  # measurements on a quiet machine stand
+    monkeypatch.setattr(kernels, "load_per_cpu", lambda: 0.0)  # measurements on a quiet machine stand
     root = tmp_path / "cache"
     monkeypatch.setenv("DSVL2_CACHE_DIR", str(root))
     calls = []

@@ -120,7 +120,7 @@ CACHE_NAME = "kernels.json"
 BUSY = 1.0
 
 
-def _load_per_cpu() -> float:
+def load_per_cpu() -> float:
     """The 1-minute load average per CPU this process may use (0 where there is none)."""
     try:
         return os.getloadavg()[0] / max(1, len(os.sched_getaffinity(0)))
@@ -178,11 +178,11 @@ def _choose(device, weight_dtype, flags, measure, use_cache, measure_attention) 
             cached = dict(_read_cache().get(key) or {})
             busy_then = float(cached.pop("load_per_cpu", 0.0))
             # a measurement taken on a busy machine stands until one can be taken on a quiet one
-            if cached and not (busy_then >= BUSY and _load_per_cpu() < BUSY / 2):
+            if cached and not (busy_then >= BUSY and load_per_cpu() < BUSY / 2):
                 return KernelChoice(**cached)
         except (ValueError, TypeError):
             pass
-    load_now = _load_per_cpu()
+    load_now = load_per_cpu()
     if measure is None and measure_attention is None:  # the real measurements, not a test's
         measure_attention = _attention_timing
     measure = measure or matmul_gflops

@@ -91,8 +91,7 @@ DEFINE_WALK(NAME, WT, tile_##NAME, )
 
 /* The walk over a tile function TILE (R rows x C weight rows, as above), for weights WT:
    group_NAME runs every row of x, three at a time, against the C weight rows n, n + step,
-   ...; NAME computes rows [n0, n1) of y (row stride ldy) for all M rows of x (row stride
-   ldx), its weight rows read as STREAMS parts side by side. ATTR: a target attribute, or
+   ...; NAME (DEFINE_STREAMS) computes rows [n0, n1) of y. ATTR: a target attribute, or
    nothing. */
 #define DEFINE_WALK(NAME, WT, TILE, ATTR)                                                                     \
 static inline __attribute__((always_inline)) ATTR void group_##NAME(                                         \
@@ -107,11 +106,17 @@ static inline __attribute__((always_inline)) ATTR void group_##NAME(            
         else TILE(xm, ldx, 1, w, K, n, step, C, pf, ym, ldy, scale);                                         \
     }                                                                                                        \
 }                                                                                                            \
+DEFINE_STREAMS(NAME, WT, group_##NAME, ATTR)
+
+/* NAME computes rows [n0, n1) of y (row stride ldy) for all M rows of x (row stride ldx)
+   with GROUP (all rows of x against C weight rows n, n + step, ...), its weight rows read
+   as STREAMS parts side by side */
+#define DEFINE_STREAMS(NAME, WT, GROUP, ATTR)                                                                 \
 static ATTR void NAME(const float *x, int64_t ldx, int64_t M, int64_t K, const WT *w, const uint16_t *scale, \
                       int64_t n0, int64_t n1, float *y, int64_t ldy) {                                       \
     const int64_t part = (n1 - n0) / STREAMS;                                                                \
-    for (int64_t i = 0; i < part; i++) group_##NAME(x, ldx, M, w, K, n0 + i, part, STREAMS, y, ldy, scale); \
-    for (int64_t n = n0 + STREAMS * part; n < n1; n++) group_##NAME(x, ldx, M, w, K, n, 1, 1, y, ldy, scale); \
+    for (int64_t i = 0; i < part; i++) GROUP(x, ldx, M, w, K, n0 + i, part, STREAMS, y, ldy, scale);        \
+    for (int64_t n = n0 + STREAMS * part; n < n1; n++) GROUP(x, ldx, M, w, K, n, 1, 1, y, ldy, scale);      \
 }
 
 #define NO_SCALE(v, n) (v)
@@ -181,12 +186,7 @@ static inline __attribute__((always_inline)) void group_i8(
         else tile_i8(x + m * ldx, ldx, 1, w, K, n, step, C, pf, y + m * ldy, ldy, scale);
     }
 }
-static void rows_i8(const float *x, int64_t ldx, int64_t M, int64_t K, const int8_t *w, const uint16_t *scale,
-                    int64_t n0, int64_t n1, float *y, int64_t ldy) {
-    const int64_t part = (n1 - n0) / STREAMS;
-    for (int64_t i = 0; i < part; i++) group_i8(x, ldx, M, w, K, n0 + i, part, STREAMS, y, ldy, scale);
-    for (int64_t n = n0 + STREAMS * part; n < n1; n++) group_i8(x, ldx, M, w, K, n, 1, 1, y, ldy, scale);
-}
+DEFINE_STREAMS(rows_i8, int8_t, group_i8, )
 
 /* int8 weights on AVX-512 (the quantised products' variant, int4.c dsvl2_quant_variant):
    widening int8 to float32 costs two instructions per 8 weights on AVX2, which at one row

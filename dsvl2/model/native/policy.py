@@ -60,18 +60,23 @@ class KernelChoice:
         return asdict(self)
 
 
+def best_seconds(fn, reps: int) -> float:
+    """The best of ``reps`` timed calls of ``fn()``, after one untimed call (a warm-up)."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def matmul_gflops(dtype: torch.dtype, m: int = 256, k: int = 2048, n: int = 2048, reps: int = 3) -> float:
     """The best of ``reps`` timed [m, k] x [k, n] products in ``dtype``, after a warm-up (GFLOP/s)."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(m, k, generator=g).to(dtype)
     b = torch.randn(k, n, generator=g).to(dtype)
-    torch.matmul(a, b)  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2 * m * k * n / best / 1e9
+    return 2 * m * k * n / best_seconds(lambda: torch.matmul(a, b), reps) / 1e9
 
 
 TORCH_ATTENTION_MARGIN = 1.2
@@ -88,13 +93,7 @@ def attention_ms(kernel: str, reps: int = 3) -> float:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(ATTENTION_SHAPE, generator=g).to(torch.bfloat16) for _ in range(3))
     out = torch.empty(ATTENTION_SHAPE, dtype=torch.bfloat16)
-    fn(q, k, v, 0.125, out=out)  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn(q, k, v, 0.125, out=out)
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
+    return best_seconds(lambda: fn(q, k, v, 0.125, out=out), reps) * 1e3
 
 
 def _attention_timing(kernel: str) -> float | None:

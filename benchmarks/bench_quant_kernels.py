@@ -33,8 +33,10 @@ experts, D 2048, F 1408, int8) and of base (72 experts, D 2560, F 1536, int4 gro
 the big-product dtype this machine's kernel policy picks: ``old`` (the loop before: per
 expert three ``block_gemm`` s, int8 dequantised by torch ops, a copy then a multiply),
 ``new`` (``Experts.forward``: per expert and matrix one native dequantisation into a reused
-buffer and one GEMM), ``fused`` (the same with gate and up side by side in one [2F, D]
-buffer and one GEMM for both: the alternative, measured slower).
+buffer and one GEMM, ``native.amx`` off), ``fused`` (the same with gate and up side by side
+in one [2F, D] buffer and one GEMM for both: the alternative, measured slower), and on a
+CPU with AMX (bf16 products) ``amx`` (``Experts.forward`` with the products on AMX tiles,
+``native/amx.py``: no dequantised copy, no oneDNN reorder).
 Timed alternately in the same process, ``--moe-repeats`` rounds, best of each; GFLOP/s =
 2 x 3 matrices x 1431 x 6 x D x F / best, ``of_peak`` = that over the bf16 (or fp32) GEMM peak
 (``policy.matmul_gflops(dtype, 512)``) measured before and after each layer, the higher;
@@ -68,7 +70,7 @@ import torch.nn.functional as F
 
 from dsvl2.model import native, ops, quant
 from dsvl2.model.moe import Experts, Routing
-from dsvl2.model.native import policy
+from dsvl2.model.native import amx, policy
 from dsvl2.model.native.cpu import cpu_info
 from dsvl2.model.scratch import buffer, upcast
 
@@ -418,8 +420,10 @@ def moe_prefill_layer(bits: int, d: int, f: int, e: int, m: int, rounds: int, dt
     idx = torch.rand(m, e, generator=g).argsort(-1)[:, :6]
     wt = torch.rand(m, 6, generator=g)
     cands = {"old": lambda: old_moe_prefill(x, idx, wt, gate, up, down, dtype),
-             "new": lambda: mod(x, Routing(idx, wt)),
+             "new": lambda: experts_call(mod, x, idx, wt, use_amx=False),
              "fused": lambda: fused_moe_prefill(x, idx, wt, gate, up, down, dtype)}
+    if dtype is torch.bfloat16 and amx.usable():
+        cands["amx"] = lambda: experts_call(mod, x, idx, wt, use_amx=True)
     flops = 2 * 3 * m * 6 * d * f
     row = {"D": d, "F": f, "experts": e, "bits": bits, "GFLOP": round(flops / 1e9, 2), "load_start": load1()}
     peaks = [policy.matmul_gflops(dtype, 512)]
@@ -442,11 +446,24 @@ def moe_prefill_layer(bits: int, d: int, f: int, e: int, m: int, rounds: int, dt
                   "GFLOP_s": round(flops / best / 1e9, 1), "of_peak": round(flops / best / 1e9 / peak, 3)}
     row["new_over_old_speedup"] = round(min(ts["old"]) / min(ts["new"]), 2)
     row["new_over_fused_speedup"] = round(min(ts["fused"]) / min(ts["new"]), 2)
+    if "amx" in ts:
+        row["amx_over_new_speedup"] = round(min(ts["new"]) / min(ts["amx"]), 2)
     with torch.no_grad():
         ref = cands["old"]()
-        diff = (cands["new"]() - ref).abs().max() / ref.abs().max()
-        row["new_vs_old_max_abs_diff_over_max"] = round(diff.item(), 5)
+        for c in [c for c in cands if c != "old"]:
+            diff = (cands[c]() - ref).abs().max() / ref.abs().max()
+            row[f"{c}_vs_old_max_abs_diff_over_max"] = round(diff.item(), 5)
     return row
+
+
+def experts_call(mod: Experts, x, idx, wt, use_amx: bool) -> torch.Tensor:
+    """``mod`` on x with the experts' AMX products on or off (``native.amx.enabled``)."""
+    before = amx.enabled
+    amx.enabled = use_amx
+    try:
+        return mod(x, Routing(idx, wt))
+    finally:
+        amx.enabled = before
 
 
 def bench_moe_prefill(m: int, rounds: int, bf16: bool) -> dict:

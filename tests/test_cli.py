@@ -571,6 +571,24 @@ def test_info_names_the_quantised_products_variant(capsys):
         assert want in line and ("integer digits" in line) == (want in ("avx512-vnni", "avx2-digits"))
 
 
+def test_info_says_where_the_routed_experts_prefill_runs(capsys, monkeypatch):
+    """AMX tiles where the kernels grant them (``native.amx``), else oneDNN; off by its switch."""
+    from dsvl2.model.native import amx
+
+    for on in (True, False):
+        monkeypatch.setattr(amx, "enabled", on)
+        rc, out, err = cli(capsys, "info", "--json", "demo")
+        assert rc == 0, err
+        d = json.loads(out)
+        assert d["amx_experts"] == (on and amx.usable())
+        rc, out, err = cli(capsys, "info", "demo")
+        lines = [x for x in out.splitlines() if x.startswith("expert prefill")]
+        if d["kernels"]["big_products"] == "bf16":
+            assert len(lines) == 1 and ("AMX tiles" in lines[0]) == d["amx_experts"]
+        else:
+            assert not lines
+
+
 def test_info_without_a_model_shows_the_demo(capsys):
     demo = cli(capsys, "info", "demo")
     rc, out, err = cli(capsys, "info")

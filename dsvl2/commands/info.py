@@ -324,6 +324,10 @@ def format_info(d: Mapping[str, Any]) -> str:
             timed = (f" (one vision tile: native {m['attention_native_ms']} ms, torch {m['attention_torch_ms']} ms)"
                      if "attention_torch_ms" in m else "")
             rows.append(("bf16 attention", f"{k.get('attention', 'native')} kernel{timed}"))
+            if d.get("amx_experts") is not None:
+                rows.append(("expert prefill", "AMX tiles, stored weights read once (native/amx.c)"
+                             if d["amx_experts"] else
+                             "oneDNN GEMMs (quantised: each expert dequantised first); no AMX here or DSVL2_AMX=0"))
     nd = d.get("native_decode")
     if nd:
         how = "native" if nd["native_decode"] else "torch's bf16 kernels"
@@ -354,6 +358,9 @@ def cmd_info(args) -> int:
     d["native_decode"] = native.status()  # decode-step products with bf16 weights (model/native)
     # which instruction set the int8 / int4 decode products use here (each row's bits depend on it)
     d["native_decode"]["quant_variant"] = native.quant_variant() if native.available() else None
+    from ..model.native import amx
+    # the routed experts' prefill products on AMX tiles (model/native/amx.py), where bf16 products run
+    d["amx_experts"] = amx.enabled and amx.usable()
     print(json.dumps(d, indent=2, default=str) if args.json else format_info(d))
     return 0
 

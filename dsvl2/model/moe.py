@@ -35,6 +35,7 @@ from ..config import LanguageConfig
 from . import buckets, native, ops
 from .ops import GatedMLP, gated_mlp
 from .quant import QuantWeight
+from .native import amx
 from .scratch import buffer
 
 
@@ -132,6 +133,8 @@ class Experts(nn.Module):
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
         token = order // k  # token of each sorted pair
+        if not ops.decoding_active() and self.amx_ready():
+            return self.amx_prefill(x, token, routing.weight.reshape(-1)[order].float(), counts)
         if not ops.decoding_active() and self.dequantisable():  # decode rows must not depend on the batch: no GEMM
             return self.quantised_prefill(x, token, routing.weight.reshape(-1)[order].float(), counts)
         w = routing.weight.reshape(-1)[order].to(x.dtype)
@@ -145,6 +148,38 @@ class Experts(nn.Module):
         int4 in the stored format; not torch's opaque int4pack layout)."""
         return all(isinstance(w, QuantWeight) and w.kind in ("int8", "int4")
                    for w in (self.gate_proj, self.up_proj, self.down_proj))
+
+    def amx_ready(self) -> bool:
+        """The products of these experts outside decode run on AMX tiles (``native/amx.py``):
+        bf16 products chosen by the kernel policy, AMX usable, and every matrix bf16, int8 or
+        int4 in the stored format, of a shape the kernel takes."""
+        if not (amx.enabled and ops.big_products_in_weights_dtype() and amx.usable()):
+            return False
+        for w in (self.gate_proj, self.up_proj, self.down_proj):
+            n, k = w.shape[-2:]
+            if isinstance(w, QuantWeight):
+                if not (w.kind in ("int8", "int4") and amx.takes(n, k, w.group if w.kind == "int4" else 0)):
+                    return False
+            elif not (w.dtype is torch.bfloat16 and amx.takes(n, k)):
+                return False
+        return True
+
+    def amx_prefill(self, x: torch.Tensor, token: torch.Tensor, w: torch.Tensor, counts: list[int]
+                    ) -> torch.Tensor:
+        """The per-expert loop on AMX tiles (``native.amx.linear``: the stored weight read
+        once, no dequantised copy, no per-shape kernel): arguments as ``quantised_prefill``.
+        The activations enter the products as bf16 (as on the bf16 GEMM path); gate and up
+        come out in float32, SiLU, product and routing weight in float32 (the weight applied
+        before the down product), then the down product's float32 rows are summed per token."""
+        xd = x.to(torch.bfloat16)
+        out = torch.zeros_like(x)
+        for e, pairs, sel in expert_runs(token, counts):
+            xe = xd.index_select(0, sel)  # [c, D]
+            g = _amx_product(self.gate_proj, e, xe)  # float32 [c, F]
+            u = _amx_product(self.up_proj, e, xe)
+            a = F.silu(g).mul_(u).mul_(w[pairs, None]).to(torch.bfloat16)
+            out.index_add_(0, sel, _amx_product(self.down_proj, e, a).to(x.dtype))
+        return out
 
     def quantised_prefill(self, x: torch.Tensor, token: torch.Tensor, w: torch.Tensor, counts: list[int]
                           ) -> torch.Tensor:
@@ -181,6 +216,14 @@ class Experts(nn.Module):
                 e = int(routing.idx[t, j])
                 out[t] += self.expert(e, x[t:t + 1])[0] * routing.weight[t, j].to(x.dtype)
         return out
+
+
+def _amx_product(weight, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert ``e``'s matrix of ``weight`` (a bf16 [E, N, K] stack or a stacked int8 / int4
+    ``QuantWeight``) times the bf16 rows x on AMX tiles: float32 [rows, N]."""
+    if isinstance(weight, QuantWeight):
+        return amx.linear(x, weight.data[e], weight.scale[e], weight.group if weight.kind == "int4" else 0)
+    return amx.linear(x, weight[e])
 
 
 def expert_runs(token: torch.Tensor, counts: list[int]):

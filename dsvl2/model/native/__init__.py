@@ -25,6 +25,8 @@ layer (or one gated MLP) of them, and dequantises blocks of rows for the prefill
 ``gelu.c`` applies the vision tower's tanh GELU to a float32 hidden in place.
 ``attention.c`` runs the attention of prefill and of the vision tower with bf16 products
 on CPUs with AVX-512 BF16, where the kernel policy runs the products around it in bf16.
+``amx.c`` (wrapper: ``native/amx.py``) runs the routed experts' prefill products on Intel
+AMX tiles, reading bf16, int8 or int4 weights in their stored format.
 
 Numbers: activations stay float32 (torch's bf16 path rounds them to bf16 first), so the
 result is closer to the float32 reference than the torch bf16 path's; a row's bits do

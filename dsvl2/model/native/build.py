@@ -39,7 +39,7 @@ from .cpu import cpu_info
 HERE = Path(__file__).parent
 SOURCES = (HERE / "bf16.c", HERE / "layers.c", HERE / "step.c", HERE / "mla.c",
            HERE / "int4.c", HERE / "mlp.c", HERE / "dequant.c", HERE / "attention.c",
-           HERE / "gelu.c")  # + products.h
+           HERE / "gelu.c", HERE / "amx.c")  # + products.h
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared")
 log = logging.getLogger("dsvl2.native")
 _lock = threading.Lock()
@@ -246,6 +246,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dsvl2_mla_decode.restype = ctypes.c_int
     lib.dsvl2_mla_scratch.argtypes = [i64] * 8
     lib.dsvl2_mla_scratch.restype = i64
+    lib.dsvl2_amx_usable.argtypes = []
+    lib.dsvl2_amx_usable.restype = ctypes.c_int
+    lib.dsvl2_amx_linear.argtypes = [p, i64, i64, i64, ctypes.c_int, p, p, i64, i64, p, i64]
+    lib.dsvl2_amx_linear.restype = ctypes.c_int
     lib.dsvl2_attention_built.argtypes = []
     lib.dsvl2_attention_built.restype = ctypes.c_int
     lib.dsvl2_attention_bf16.argtypes = [p, p, p, p, ctypes.c_int, i64, i64, i64, i64, i64, i64, i64, f32, p, p, p]

@@ -1,0 +1,307 @@
+/* Prefill products on Intel AMX (dsvl2.model.native): y [M, N] float32 = x [M, K] bf16 times
+   W [N, K]^T, with W stored as bf16, or as int8 / int4 dequantised on the way into the tiles,
+   so that no dequantised copy of the whole weight is written to memory and read again, and
+   no GEMM library reorders it on every call (the quantised experts' prefill: per expert and
+   matrix, a dequantisation then a oneDNN GEMM that reorders its bf16 weight first).
+
+   Layout. A tile product TDPBF16PS computes C [16, 16] float32 += A [16, 32 bf16] B, B being
+   [16 pairs of k, 16 columns] (each 32-bit lane one column's two consecutive k). The weight
+   is A: 16 of its rows, 32 values of k each, loaded straight from a row-major bf16 panel
+   (the weight itself when stored as bf16, else 32 rows dequantised into a per-thread panel).
+   x is B: its 32-bit pairs transposed once per chunk of tokens into 1 KiB tiles (``pack_x``), rows past
+   M zero. So each C tile is [16 weight rows, 16 tokens], transposed on the way out.
+
+   Numbers: int8 values are exact in bf16, so each weight row's float32 sums are multiplied
+   by its scale afterwards (the weight is not rounded: closer to the float32 reference than
+   a bf16 GEMM of the dequantised weight); int4 values are dequantised to bf16 as
+   ``dsvl2_dequant_i4`` does (a group's scale varies along k), bf16 ones taken as they are.
+   Products of bf16 pairs are summed in float32 by the tile unit, in its own order, so the
+   result is within float32 summation error of the float64 product of the same bf16 values
+   (tests/test_amx.py), not bit for bit any other kernel's. A token's outputs do not
+   depend on the other tokens.
+
+   Split: per chunk of 256 tokens (their tiles and a panel stay in L2), the team packs the
+   chunk's tiles, then takes panels of 32 weight rows (static: each thread its own run of
+   consecutive panels, the next one prefetched while one multiplies).
+
+   Built only with GCC >= 11 on x86-64; elsewhere, and where the CPU (AMX-TILE, AMX-BF16,
+   AVX-512 BF16) or the kernel does not grant AMX, dsvl2_amx_usable() says 0 and the
+   callers keep their path. */
+
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "products.h"
+
+void dsvl2_dequant_i4(const uint8_t *q, const uint16_t *scale, int64_t N, int64_t K, int64_t G, void *out,
+                      int obf16);
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define DSVL2_AMX 1
+#endif
+
+#ifdef DSVL2_AMX
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16")))
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+/* 1 where the CPU has AMX-TILE and AMX-BF16 and the kernel lets this process use the tile
+   data (Linux asks each process to request it); 0 otherwise. Asked once. */
+static int amx_state = -1;
+
+static int amx_probe(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    if (!((d >> 24) & 1) || !((d >> 22) & 1)) return 0; /* AMX-TILE, AMX-BF16 */
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !((a >> 5) & 1)) return 0; /* AVX512-BF16 */
+    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw")) return 0;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+int dsvl2_amx_usable(void) {
+    if (amx_state < 0) amx_state = amx_probe();
+    return amx_state;
+}
+
+/* palette 1; tiles 0-3: C [16 rows, 64 bytes], 4-5: A, 6-7: B, all 16 x 64 bytes */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+static AMX void configure(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+    _tile_loadconfig(&cfg);
+}
+
+/* the 16 x 16 32-bit lanes of r transposed in place (interleaves, then 128-bit lanes) */
+static inline __attribute__((always_inline)) AMX void transpose16(__m512i r[16]) {
+    __m512i a[16], b[16];
+    for (int i = 0; i < 8; i++) {
+        a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) { /* b[4i + j], 128-bit lane L: column 4L + j of rows 4i..4i+3 */
+        b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+        b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+    }
+    for (int j = 0; j < 4; j++) {
+        const __m512i c0 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x88), c1 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xdd);
+        const __m512i d0 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x88);
+        const __m512i d1 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xdd);
+        r[j] = _mm512_shuffle_i32x4(c0, d0, 0x88);
+        r[4 + j] = _mm512_shuffle_i32x4(c1, d1, 0x88);
+        r[8 + j] = _mm512_shuffle_i32x4(c0, d0, 0xdd);
+        r[12 + j] = _mm512_shuffle_i32x4(c1, d1, 0xdd);
+    }
+}
+
+/* x [M, K] bf16 (row stride ldx values) as B tiles: tile (s, t) at xp + (s * Mt + t) * 512,
+   its row r holding, for each of the 16 tokens 16t..16t+15, the pair x[., 32s + 2r : +2]
+   (zero past M). Tokens are split among the team (called inside a parallel region). */
+static AMX void pack_x(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, uint16_t *xp) {
+    const int64_t Mt = (M + 15) / 16, S = K / 32;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < Mt; t++)
+        for (int64_t s = 0; s < S; s++) {
+            __m512i r[16];
+            for (int i = 0; i < 16; i++) {
+                const int64_t m = 16 * t + i;
+                r[i] = m < M ? _mm512_loadu_si512(x + m * ldx + 32 * s) : _mm512_setzero_si512();
+            }
+            transpose16(r);
+            uint16_t *tile = xp + (s * Mt + t) * 512;
+            for (int i = 0; i < 16; i++) _mm512_storeu_si512(tile + 32 * i, r[i]);
+        }
+}
+
+/* C tile ct ([16 weight rows n0.., 16 tokens m0..]) into y[m, n] for m < M, each weight
+   row's sums times its scale sc[n] first where sc is not NULL (int8) */
+static inline __attribute__((always_inline)) AMX void store_c(float *ct, const float *sc, int64_t n0, int64_t m0,
+                                                              int64_t M, float *y, int64_t ldy) {
+    __m512i r[16];
+    for (int i = 0; i < 16; i++)
+        r[i] = sc ? _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(ct + 16 * i), _mm512_set1_ps(sc[n0 + i])))
+                  : _mm512_loadu_si512(ct + 16 * i);
+    transpose16(r);
+    for (int i = 0; i < 16 && m0 + i < M; i++) _mm512_storeu_si512(y + (m0 + i) * ldy + n0, r[i]);
+}
+
+/* the stored rows of the thread's next panel, prefetched into L2 while this one multiplies
+   (the tile loads and the row-by-row dequantisation leave the hardware prefetcher behind):
+   32 rows of rb bytes, rs bytes apart, from next (NULL: none); a few lines a step */
+typedef struct {
+    const char *next;
+    int64_t rb, rs, line, lines, per;
+} ahead;
+
+static inline __attribute__((always_inline)) void prefetch_some(ahead *f) {
+    for (int64_t j = 0; j < f->per && f->line < f->lines; j++, f->line++) {
+        const int64_t lpr = (f->rb + 63) / 64;
+        _mm_prefetch(f->next + (f->line / lpr) * f->rs + (f->line % lpr) * 64, _MM_HINT_T1);
+    }
+}
+
+/* 32 weight rows (A tiles from a, row stride K) times every token tile of xp into y */
+static AMX void panel(const uint16_t *a, int64_t K, const uint16_t *xp, int64_t M, int64_t n0, const float *sc,
+                      float *y, int64_t ldy, float *ct, ahead *f) {
+    const int64_t Mt = (M + 15) / 16, S = K / 32, stride = 2 * K;
+    if (f->next) f->lines = 32 * ((f->rb + 63) / 64), f->line = 0, f->per = (f->lines + S * ((Mt + 1) / 2) - 1) / (S * ((Mt + 1) / 2));
+    else f->lines = 0;
+    int64_t t = 0;
+    for (; t + 2 <= Mt; t += 2) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t s = 0; s < S; s++) {
+            prefetch_some(f);
+            _tile_loadd(4, a + 32 * s, stride);
+            _tile_loadd(5, a + 16 * K + 32 * s, stride);
+            _tile_loadd(6, xp + (s * Mt + t) * 512, 64);
+            _tile_loadd(7, xp + (s * Mt + t + 1) * 512, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 5, 6);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, ct, 64);
+        _tile_stored(1, ct + 256, 64);
+        _tile_stored(2, ct + 512, 64);
+        _tile_stored(3, ct + 768, 64);
+        store_c(ct, sc, n0, 16 * t, M, y, ldy);
+        store_c(ct + 256, sc, n0 + 16, 16 * t, M, y, ldy);
+        store_c(ct + 512, sc, n0, 16 * t + 16, M, y, ldy);
+        store_c(ct + 768, sc, n0 + 16, 16 * t + 16, M, y, ldy);
+    }
+    if (t < Mt) {
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int64_t s = 0; s < S; s++) {
+            prefetch_some(f);
+            _tile_loadd(4, a + 32 * s, stride);
+            _tile_loadd(5, a + 16 * K + 32 * s, stride);
+            _tile_loadd(6, xp + (s * Mt + t) * 512, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 5, 6);
+        }
+        _tile_stored(0, ct, 64);
+        _tile_stored(1, ct + 256, 64);
+        store_c(ct, sc, n0, 16 * t, M, y, ldy);
+        store_c(ct + 256, sc, n0 + 16, 16 * t, M, y, ldy);
+    }
+}
+
+/* row of K int8 values as bf16, 32 a step (exact: 8 significant bits at most, so the
+   conversion's rounding never acts) */
+static inline __attribute__((always_inline)) AMX void widen_i8(const int8_t *q, int64_t K, uint16_t *o) {
+    for (int64_t k = 0; k < K; k += 32) {
+        const __m256i b = _mm256_loadu_si256((const __m256i *)(q + k));
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+        _mm512_storeu_si512(o + k, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+}
+
+/* tokens a chunk: x's tiles of a chunk (CHUNK x K bf16) and a panel stay in L2 */
+#define CHUNK 256
+
+/* one thread's part of dsvl2_amx_linear (inside its parallel region: the outlined region
+   does not take the target attributes, so the tile instructions live here). Per chunk of
+   tokens: x's tiles packed by the team, then each thread's panels of 32 weight rows. */
+static AMX void amx_team(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, int fmt, const void *w,
+                         const uint16_t *scale, const float *sc, int64_t G, int64_t N, float *y, int64_t ldy,
+                         uint16_t *xp, uint16_t *pan, float *cts) {
+    const int th = omp_get_thread_num();
+    uint16_t *mine = fmt ? pan + (int64_t)th * 32 * K : NULL;
+    configure();
+    for (int64_t m0 = 0; m0 < M; m0 += CHUNK) {
+        const int64_t mc = M - m0 < CHUNK ? M - m0 : CHUNK;
+        pack_x(x + m0 * ldx, ldx, mc, K, xp); /* ends in the omp for's barrier */
+        const int64_t P = N / 32, rb = fmt == 0 ? 2 * K : fmt == 1 ? K : K / 2;
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < P; p++) {
+            const int64_t n0 = 32 * p;
+            /* static schedule: a thread's panels are consecutive, its next one is p + 1 */
+            ahead f = {p + 1 < P ? (const char *)w + (n0 + 32) * rb : NULL, rb, rb, 0, 0, 0};
+            const uint16_t *a = (const uint16_t *)w + n0 * K;
+            if (fmt == 1) {
+                for (int i = 0; i < 32; i++) widen_i8((const int8_t *)w + (n0 + i) * K, K, mine + i * K);
+                a = mine;
+            } else if (fmt == 2) {
+                dsvl2_dequant_i4((const uint8_t *)w + n0 * K / 2, scale + n0 * (K / G), 32, K, G, mine, 1);
+                a = mine;
+            }
+            panel(a, K, xp, mc, n0, sc, y + m0 * ldy, ldy, cts + th * 1024, &f);
+        } /* its barrier: xp is free for the next chunk */
+    }
+    _tile_release();
+}
+
+/* the calling thread's work memory, at least n bytes, 64-byte aligned: kept for its next
+   call (a fresh allocation of a chunk's tiles, ~1 MiB, costs its page faults every call),
+   grown when too small; NULL when memory ran out */
+static __thread char *scratch_mem;
+static __thread size_t scratch_size;
+
+static char *scratch(size_t n) {
+    if (n > scratch_size) {
+        free(scratch_mem);
+        scratch_size = 0;
+        scratch_mem = aligned_alloc(64, (n + 63) / 64 * 64);
+        if (!scratch_mem) return NULL;
+        scratch_size = n;
+    }
+    return scratch_mem;
+}
+
+/* y [M, N] float32 (row stride ldy) = x [M, K] bf16 (row stride ldx) times W^T, W [N, K]:
+   fmt 0: bf16 values w; 1: int8 q with bf16 per-row scales [N] (each weight row's sums of
+   x times q, exact bf16 values, multiplied by its scale in float32: the weight is not
+   rounded); 2: int4 (two per byte, low nibble first) with bf16 scales [N, K / G] per group
+   of G along k, dequantised to bf16 as ``dsvl2_dequant_i4`` does. N and K multiples of 32
+   (and of G for int4, G a multiple of 32). Returns 0; -1 where AMX is not usable; -2 for a
+   shape it does not take; -3 where memory ran out. Nothing written unless 0. */
+int dsvl2_amx_linear(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, int fmt, const void *w,
+                     const uint16_t *scale, int64_t G, int64_t N, float *y, int64_t ldy) {
+    if (!dsvl2_amx_usable()) return -1;
+    if (M <= 0 || N <= 0 || N % 32 || K <= 0 || K % 32 || ldx < K || ldy < N || fmt < 0 || fmt > 2 ||
+        (fmt == 2 && (G <= 0 || G % 32 || K % G)))
+        return -2;
+    const int nt = omp_get_max_threads();
+    const size_t need = (size_t)CHUNK * K * 2 + (fmt ? (size_t)nt * 32 * K * 2 : 0) + (size_t)nt * 4096 +
+                        (fmt == 1 ? (size_t)N * 4 : 0);
+    char *buf = scratch(need);
+    if (!buf) return -3;
+    uint16_t *xp = (uint16_t *)buf, *pan = fmt ? xp + CHUNK * K : NULL;
+    float *cts = (float *)(buf + (size_t)CHUNK * K * 2 + (fmt ? (size_t)nt * 32 * K * 2 : 0));
+    float *sc = fmt == 1 ? cts + nt * 1024 : NULL;
+    for (int64_t n = 0; fmt == 1 && n < N; n++) sc[n] = bf16_to_f32(scale[n]);
+#pragma omp parallel num_threads(nt)
+    amx_team(x, ldx, M, K, fmt, w, scale, sc, G, N, y, ldy, xp, pan, cts);
+    return 0;
+}
+
+#else /* no AMX in this build */
+
+int dsvl2_amx_usable(void) { return 0; }
+
+int dsvl2_amx_linear(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, int fmt, const void *w,
+                     const uint16_t *scale, int64_t G, int64_t N, float *y, int64_t ldy) {
+    (void)x, (void)ldx, (void)M, (void)K, (void)fmt, (void)w, (void)scale, (void)G, (void)N, (void)y, (void)ldy;
+    return -1;
+}
+
+#endif

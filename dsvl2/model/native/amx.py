@@ -1,0 +1,114 @@
+"""Prefill products on Intel AMX tiles (``amx.c``): ``y = x @ W.T`` for bf16 activations and a
+weight stored as bf16, int8 or int4, the quantised formats dequantised on the way into the
+tiles.
+
+Why: with bf16 products on AMX the multiply is no longer what a routed expert's prefill
+waits for. Through torch, each expert matrix was dequantised into a buffer (written,
+then read), then oneDNN reordered that buffer into its own layout (read, written, read)
+before multiplying, and built a new kernel for each new row count. ``amx.c`` reads the
+stored weight once, 32 rows at a time into a panel that stays in L2, and keeps nothing
+per shape.
+
+When: the model calls it (``moe.Experts``) for the products of the routed experts outside
+decode (``Experts.amx_ready``): where the kernel policy runs big products in bf16
+(``ops.big_products_in_weights_dtype``), the CPU and kernel grant AMX (``usable``), and
+``enabled`` (the environment variable ``DSVL2_AMX=0`` turns it off at import).
+Measured on a 2-thread Xeon with AMX, each weight read from memory (whole layers:
+``benchmarks/bench_quant_kernels.py --moe-prefill``): against dequantise-then-oneDNN, an
+int8 / int4 expert matrix takes 0.4-0.65x the time at 16-256 rows, 0.8-0.9x at 512-768,
+0.98-1.0x at 1,431; a bf16 one (no dequantisation on either side) 0.55-0.8x at 16-256
+rows, 0.96-1.04x at 768-1,431. So every routed expert of a prefill runs here; the dense layers' products
+(all the prompt's rows, bf16 or dequantised blocks) stay on oneDNN.
+
+Numbers: see ``amx.c``: bf16 and int4 weights as the bf16 values ``dequantize_into``
+writes, int8 weights exact (the per-row scale applied to the float32 sums); float32 sums
+in the tile unit's order. A row's result does not depend on the other rows.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .build import available, require
+
+FORMATS = {"bf16": 0, "int8": 1, "int4": 2}  # amx.c's fmt
+enabled = os.environ.get("DSVL2_AMX", "1") != "0"
+
+_usable: list = [None, False]  # (the library it was decided for, the answer)
+_ERRORS = {-1: "AMX is not usable on this CPU / kernel", -2: "a shape amx.c does not take", -3: "out of memory"}
+
+
+def usable() -> bool:
+    """The kernels are built with the AMX code (GCC >= 11, x86-64), the CPU has AMX-TILE and
+    AMX-BF16, and the kernel granted this process the tile state."""
+    if not available():
+        return False
+    lib = require()
+    if _usable[0] is not lib:
+        _usable[:] = [lib, bool(lib.dsvl2_amx_usable())]
+    return _usable[1]
+
+
+def takes(n: int, k: int, group: int = 0) -> bool:
+    """A weight [n, k] (int4: groups of ``group`` along k) has a shape ``linear`` takes."""
+    return n > 0 and k > 0 and n % 32 == 0 and k % 32 == 0 and (not group or (group % 32 == 0 and k % group == 0))
+
+
+def _bad(name: str, t, expected: str) -> ValueError:
+    from . import describe
+
+    return ValueError(f"native.amx.linear: {name} must be {expected}, got {describe(t)}")
+
+
+def linear(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor | None = None, group: int = 0,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T`` in float32 [M, N] (into ``out`` when given: float32 [M, N], rows stride
+    >= N, last dim contiguous). x: bf16 [M, K], its last dim contiguous. W [N, K], one of:
+    bf16 ``values`` [N, K] (scale None); int8 ``values`` [N, K] with bf16 per-row ``scale``
+    [N]; int4 ``values`` uint8 [N, K/2] (two a byte, low nibble first, as ``quant`` stores
+    them) with bf16 ``scale`` [N, K/group]. All on the CPU, the weight and scales
+    contiguous; N, K multiples of 32 (``takes``). ``ValueError`` naming the argument
+    otherwise; ``RuntimeError`` where AMX is not usable."""
+    if not (isinstance(x, torch.Tensor) and x.dtype is torch.bfloat16 and x.is_cpu and x.ndim == 2
+            and x.shape[0] > 0 and x.stride(1) == 1 and x.stride(0) >= x.shape[1]):
+        raise _bad("x", x, "bf16 [M, K] (M > 0) on the CPU, its rows contiguous")
+    m, k = x.shape
+    if not (isinstance(values, torch.Tensor) and values.is_cpu and values.ndim == 2 and values.is_contiguous()):
+        raise _bad("values", values, "a contiguous 2-d weight on the CPU")
+    n = values.shape[0]
+    if values.dtype is torch.bfloat16:
+        fmt, kk, srows = 0, k, 0
+    elif values.dtype is torch.int8:
+        fmt, kk, srows = 1, k, 1
+    elif values.dtype is torch.uint8:
+        fmt, kk, srows = 2, k // 2, k // group if group > 0 else 0
+    else:
+        raise _bad("values", values, "bf16, int8 or uint8 (int4 pairs)")
+    if values.shape[1] != kk:
+        raise _bad("values", values, f"[N, {kk}] for x's K = {k}")
+    if fmt == 2 and not (group > 0 and group % 32 == 0 and k % group == 0):
+        raise ValueError(f"native.amx.linear: group must be a multiple of 32 dividing K = {k} for int4 values, "
+                         f"got {group!r}")
+    if not takes(n, k):
+        raise _bad("values", values, f"a weight with N and K multiples of 32 (K = {k})")
+    if fmt == 0:
+        if scale is not None:
+            raise _bad("scale", scale, "None for bf16 values")
+    else:
+        shape = (n,) if fmt == 1 else (n, srows)
+        if not (isinstance(scale, torch.Tensor) and scale.dtype is torch.bfloat16 and scale.is_cpu
+                and scale.is_contiguous() and tuple(scale.shape) == shape):
+            raise _bad("scale", scale, f"contiguous bf16 {list(shape)} on the CPU")
+    if out is None:
+        out = torch.empty(m, n, dtype=torch.float32)
+    elif not (isinstance(out, torch.Tensor) and out.dtype is torch.float32 and out.is_cpu and out.ndim == 2
+              and tuple(out.shape) == (m, n) and out.stride(1) == 1 and out.stride(0) >= n):
+        raise _bad("out", out, f"float32 [{m}, {n}] on the CPU, its last dim contiguous")
+    rc = require().dsvl2_amx_linear(x.data_ptr(), x.stride(0), m, k, fmt, values.data_ptr(),
+                                    None if scale is None else scale.data_ptr(), group if fmt == 2 else 0, n,
+                                    out.data_ptr(), out.stride(0))
+    if rc:
+        raise RuntimeError(f"native.amx.linear: {_ERRORS.get(rc, rc)}")
+    return out

@@ -1,0 +1,260 @@
+"""The routed experts' prefill products on AMX tiles (``dsvl2/model/native/amx.c``, ``amx.py``).
+
+Against independent facts: the float64 product of the same bf16 activations and the
+weight's values (int8: q * scale exactly; int4 and bf16: the bf16 values torch's own
+rounding gives), within the error bound of a float32 sum of K exact products
+(K * 2^-24 * sum |x w|, any summation order); a row's bits do not depend on the other rows
+(nor on the chunk of 256 rows it falls in); only y's [M, N] is written; strided rows equal
+contiguous ones; the model's routed experts take this path where it is usable and agree
+with the dequantise-then-GEMM path and with the float64 layer.
+
+The kernel needs a CPU with AMX (and Linux granting the tile state): those tests are
+skipped elsewhere. The argument checks and the "is it usable here" answer run on every CPU.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from dsvl2.model import native, ops, quant
+from dsvl2.model.moe import Experts, Routing
+from dsvl2.model.native import amx
+from dsvl2.model.native.cpu import cpu_info
+
+needs_amx = pytest.mark.skipif(not amx.usable(), reason="hardware: needs a CPU with AMX-TILE and AMX-BF16 "
+                                                        "(and the kernels built by GCC >= 11); this machine has not")
+BF = torch.bfloat16
+U = 2.0 ** -24  # float32 unit roundoff
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _x(m: int, k: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(m, k, generator=_gen(seed)).to(BF)
+
+
+def _bound(x: torch.Tensor, w64: torch.Tensor) -> torch.Tensor:
+    """K * u * sum_k |x w|: the error bound of a float32 sum of K exact products."""
+    return x.shape[1] * U * (x.double().abs() @ w64.abs().T)
+
+
+def _int8(n: int, k: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    return quant.quantize_int8(torch.randn(n, k, generator=_gen(seed)) * k ** -0.5)
+
+
+def _int4(n: int, k: int, group: int, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    return quant.quantize_int4(torch.randn(n, k, generator=_gen(seed)) * k ** -0.5, group)
+
+
+def test_usable_only_where_the_cpu_has_amx():
+    """The answer follows the CPU's flags (and the library built): never True without AMX."""
+    flags = cpu_info()[1]
+    if amx.usable():
+        assert native.available() and "amx_tile" in flags and "amx_bf16" in flags
+    elif native.available() and {"amx_tile", "amx_bf16", "avx512f", "avx512bw"} <= set(flags):
+        # a CPU with AMX whose kernel refused the tile state, or a build without the AMX code
+        assert native.require().dsvl2_amx_usable() == 0
+
+
+@needs_amx
+@pytest.mark.parametrize("m", [1, 15, 16, 17, 33, 300])
+@pytest.mark.parametrize("n, k", [(32, 32), (64, 96), (96, 2048), (2048, 160)])
+def test_bf16_weight_within_a_float32_sum_of_the_float64_product(m, n, k):
+    x = _x(m, k)
+    w = (torch.randn(n, k, generator=_gen(1)) * k ** -0.5).to(BF)
+    got = amx.linear(x, w)
+    ref = x.double() @ w.double().T
+    assert got.dtype is torch.float32 and got.shape == (m, n)
+    assert ((got.double() - ref).abs() <= _bound(x, w.double()) + 1e-30).all()
+
+
+@needs_amx
+@pytest.mark.parametrize("m", [1, 17, 134, 300])
+@pytest.mark.parametrize("n, k", [(64, 96), (1408, 2048), (2048, 1408)])
+def test_int8_weight_is_exact_q_times_scale(m, n, k):
+    """The int8 weight is not rounded: each row's sum of x q, times its scale in float32."""
+    x = _x(m, k, seed=3)
+    q, s = _int8(n, k)
+    got = amx.linear(x, q, s)
+    w = q.double() * s.double()[:, None]  # exact
+    ref = x.double() @ w.T
+    assert ((got.double() - ref).abs() <= _bound(x, w) + U * ref.abs() + 1e-30).all()
+    # rounding the weight to bf16 first (the dequantise-then-GEMM path) is a different, larger error
+    assert (got.double() - ref).abs().max() < (x.double() @ w.to(BF).double().T - ref).abs().max()
+
+
+@needs_amx
+@pytest.mark.parametrize("m", [1, 17, 134, 300])
+@pytest.mark.parametrize("n, k, group", [(64, 128, 32), (1536, 2560, 128), (2560, 1536, 128)])
+def test_int4_weight_is_its_bf16_dequantisation(m, n, k, group):
+    x = _x(m, k, seed=4)
+    q, s = _int4(n, k, group)
+    got = amx.linear(x, q, s, group)
+    w = quant.dequantize(q, s, 4).to(BF).double()  # torch's rounding of the float32 value
+    ref = x.double() @ w.T
+    assert ((got.double() - ref).abs() <= _bound(x, w) + 1e-30).all()
+
+
+@needs_amx
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+def test_a_row_does_not_depend_on_the_other_rows(fmt):
+    """Row i of a 300-row product (two chunks of 256) has the bits of row i alone."""
+    n, k = 64, 256
+    x = _x(300, k, seed=5)
+    if fmt == "bf16":
+        args = ((torch.randn(n, k, generator=_gen(6)) * 0.1).to(BF),)
+    elif fmt == "int8":
+        args = _int8(n, k)
+    else:
+        args = (*_int4(n, k, 128), 128)
+    y = amx.linear(x, *args)
+    for i in (0, 15, 16, 255, 256, 299):
+        assert torch.equal(amx.linear(x[i:i + 1], *args)[0], y[i])
+    assert torch.equal(amx.linear(x[250:270], *args), y[250:270])
+
+
+@needs_amx
+def test_writes_only_the_product_and_takes_strided_rows():
+    n, k = 64, 96
+    w = (torch.randn(n, k, generator=_gen(7)) * 0.1).to(BF)
+    big = _x(40, 2 * k, seed=8)
+    x = big[:, 32:32 + k]  # rows 2K apart
+    wide = torch.full((40, n + 5), float("nan"))
+    out = wide[:, :n]
+    assert amx.linear(x, w, out=out) is out
+    assert torch.equal(out, amx.linear(x.contiguous(), w))
+    assert torch.isnan(wide[:, n:]).all()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("x_float32", "x must be bf16"),
+    ("x_1d", "x must be bf16"),
+    ("x_cols_strided", "x must be bf16"),
+    ("n_not_32", "values must be a weight with N and K multiples of 32 (K = 96), got bfloat16 [48, 96]"),
+    ("k_not_32", "values must be a weight with N and K multiples of 32 (K = 80)"),
+    ("k_mismatch", "values must be [N, 96]"),
+    ("bf16_with_scale", "scale must be None"),
+    ("int8_no_scale", "scale must be contiguous bf16 [64]"),
+    ("int8_scale_shape", "scale must be contiguous bf16 [64]"),
+    ("int4_no_group", "group must be a multiple of 32 dividing K = 96"),
+    ("int4_scale_shape", "scale must be contiguous bf16 [64, 3]"),
+    ("float_values", "values must be bf16, int8 or uint8"),
+    ("out_shape", "out must be float32 [4, 64]"),
+])
+def test_refusals_name_the_argument(case, message):
+    """Checked before any C runs (so on every CPU): a ValueError naming what is wrong."""
+    x = _x(4, 96)
+    w = torch.zeros(64, 96, dtype=BF)
+    q8, s8 = _int8(64, 96)
+    q4, s4 = _int4(64, 96, 32)
+    args = {"x_float32": (x.float(), w), "x_1d": (x[0], w), "x_cols_strided": (_x(4, 192)[:, ::2], w),
+            "n_not_32": (x, w[:48]), "k_not_32": (_x(4, 80), torch.zeros(64, 80, dtype=BF)),
+            "k_mismatch": (x, torch.zeros(64, 64, dtype=BF)), "bf16_with_scale": (x, w, s8),
+            "int8_no_scale": (x, q8), "int8_scale_shape": (x, q8, s8[:32]), "int4_no_group": (x, q4, s4, 0),
+            "int4_scale_shape": (x, q4, s4[:, :2].contiguous(), 32), "float_values": (x, w.float()),
+            }.get(case)
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        if case == "out_shape":
+            amx.linear(x, w, out=torch.empty(4, 32))
+        else:
+            amx.linear(*args)
+    assert str(err.value).startswith("native.amx.linear: ")
+
+
+@needs_amx
+def test_the_c_side_refuses_shapes_it_does_not_take():
+    """The C entry point's own checks (-2, nothing written) behind the wrapper's."""
+    lib = native.require()
+    x, w = _x(4, 96), torch.zeros(48, 96, dtype=BF)
+    y = torch.full((4, 48), 7.0)
+    assert lib.dsvl2_amx_linear(x.data_ptr(), 96, 4, 96, 0, w.data_ptr(), None, 0, 48, y.data_ptr(), 48) == -2
+    assert lib.dsvl2_amx_linear(x.data_ptr(), 96, 4, 96, 3, w.data_ptr(), None, 0, 48, y.data_ptr(), 48) == -2
+    assert (y == 7.0).all()
+
+
+def _experts(fmt: str, e: int = 6, d: int = 128, f: int = 96) -> Experts:
+    mod = Experts(e, d, f)
+    for seed, name in enumerate(("gate_proj", "up_proj", "down_proj")):
+        p = getattr(mod, name)
+        w = torch.randn(p.shape, generator=_gen(20 + seed)) * p.shape[-1] ** -0.5
+        if fmt == "bf16":
+            p.data = w.to(BF)
+            continue
+        group = (quant.int4_group(p.shape[-1]) or 0) if fmt == "int4" else 0
+        qw = quant.QuantWeight.empty(8 if fmt == "int8" else 4, tuple(p.shape), group)
+        for i in range(e):
+            qv, sv = quant.quantize_int8(w[i]) if fmt == "int8" else quant.quantize_int4(w[i], group)
+            qw.set_data((i,), qv)
+            qw.set_scale((i,), sv)
+        del mod._parameters[name]
+        setattr(mod, name, qw)
+    return mod
+
+
+def _float64_layer(mod: Experts, x: torch.Tensor, r: Routing) -> torch.Tensor:
+    """The layer with every weight's float value (quantised: dequantised exactly) in float64."""
+    ref = Experts(*mod.gate_proj.shape[:1], mod.gate_proj.shape[2], mod.gate_proj.shape[1]).double()
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        w = getattr(mod, name)
+        val = torch.stack([w[i].dequantize() for i in range(w.shape[0])]) if isinstance(w, quant.QuantWeight) else w
+        getattr(ref, name).data.copy_(val.double())
+    return ref.reference_dispatch(x.double(), r)
+
+
+@needs_amx
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+def test_the_routed_experts_run_their_prefill_on_amx(monkeypatch, bf16_policy, fmt):
+    """With bf16 products chosen, Experts.forward outside decode calls amx.linear (three
+    products per used expert), and agrees with the dequantise-then-GEMM path (amx off) and
+    with the float64 layer to bf16 rounding of the activations; in decode it does not."""
+    mod = _experts(fmt)
+    g = _gen(9)
+    x = torch.randn(37, 128, generator=g)
+    r = Routing(torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(37)]), torch.rand(37, 2, generator=g))
+    assert mod.amx_ready()
+    calls = []
+    real = amx.linear
+    monkeypatch.setattr(amx, "linear", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    with torch.no_grad():
+        got = mod(x, r)
+        used = int((torch.bincount(r.idx.reshape(-1), minlength=6) > 0).sum())
+        assert len(calls) == 3 * used and sum(calls) == 3 * 37 * 2
+        monkeypatch.setattr(amx, "enabled", False)
+        assert not mod.amx_ready()
+        other = mod(x, r)
+    ref = _float64_layer(mod, x, r)
+    scale = ref.abs().max().item()
+    assert got.dtype is torch.float32 and got.shape == (37, 128)
+    assert (got.double() - ref).abs().max().item() <= 2e-2 * scale
+    assert (got.double() - other.double()).abs().max().item() <= 2e-2 * scale
+    if fmt == "int8":  # the weight exact, the activations rounded once: closer than the bf16 GEMM path
+        assert (got.double() - ref).abs().max() < (other.double() - ref).abs().max()
+
+
+@needs_amx
+def test_decode_and_float32_products_do_not_use_amx(monkeypatch):
+    mod = _experts("int8")
+    ops.set_big_products_in_weights_dtype(False)
+    assert not mod.amx_ready()  # float32 products (CPUs without bf16 units): the float32 GEMM path
+    monkeypatch.setattr(amx, "linear", lambda *a, **kw: pytest.fail("amx.linear called"))
+    x = torch.randn(3, 128)
+    r = Routing(torch.tensor([[0, 1], [2, 3], [4, 5]]), torch.rand(3, 2))
+    with torch.no_grad():
+        mod(x, r)
+        ops.set_big_products_in_weights_dtype(True)
+        try:
+            with ops.decoding():
+                mod(x, r)
+        finally:
+            ops.set_big_products_in_weights_dtype(False)
+
+
+def test_shapes_it_takes():
+    assert amx.takes(1408, 2048) and amx.takes(2560, 1536, 128) and amx.takes(64, 96, 32)
+    assert not amx.takes(48, 96) and not amx.takes(64, 80) and not amx.takes(64, 96, 64) and not amx.takes(64, 96, 48)
+    assert not amx.takes(0, 32)

@@ -258,3 +258,36 @@ def test_shapes_it_takes():
     assert amx.takes(1408, 2048) and amx.takes(2560, 1536, 128) and amx.takes(64, 96, 32)
     assert not amx.takes(48, 96) and not amx.takes(64, 80) and not amx.takes(64, 96, 64) and not amx.takes(64, 96, 48)
     assert not amx.takes(0, 32)
+
+
+@needs_amx
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dense_quantised_prefill_products_run_on_amx_unpadded(monkeypatch, bf16_policy, bits):
+    """An unstacked int8 / int4 weight's product outside decode (``ops.linear``: attention
+    projections, dense and shared MLPs) goes to amx.linear on the rows as they are (no
+    bucket padding), within a float32 sum of the float64 product of its values; switched
+    off, the dequantise-then-GEMM path (padded) gives the same to bf16 rounding."""
+    w = torch.randn(96, 128, generator=_gen(30)) * 128 ** -0.5
+    wq = quant.QuantWeight.quantize(w, bits)
+    x = torch.randn(37, 128, generator=_gen(31))
+    seen = []
+    real = amx.linear
+    monkeypatch.setattr(amx, "linear", lambda xx, *a, **kw: seen.append(xx.shape[0]) or real(xx, *a, **kw))
+    assert wq.amx_ready()
+    got = ops.linear(x, wq)
+    assert seen == [37] and got.dtype is torch.float32 and got.shape == (37, 96)
+    val = wq.dequantize(torch.float32).double()
+    if bits == 4:
+        val = val.to(BF).double()  # int4: the bf16 rounding of each value (amx.c)
+    xb = x.to(BF)
+    ref = xb.double() @ val.T
+    assert ((got.double() - ref).abs() <= _bound(xb, val) + U * ref.abs() + 1e-30).all()
+    monkeypatch.setattr(amx, "enabled", False)
+    assert not wq.amx_ready()
+    other = ops.linear(x, wq)
+    assert seen == [37]
+    assert ((other.double() - got.double()).abs() <= 2 ** -7 * (xb.double().abs() @ val.abs().T)).all()
+    with ops.decoding():  # decode steps keep their own kernels
+        monkeypatch.setattr(amx, "enabled", True)
+        ops.linear(x[:2], wq)
+    assert seen == [37]

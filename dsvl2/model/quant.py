@@ -54,6 +54,7 @@ from __future__ import annotations
 import torch
 
 from . import buckets, native
+from .native import amx
 from .scratch import buffer  # the per-thread reused buffer
 
 INT4_GROUPS = (128, 64, 32)  # preferred first: 128 measured fastest on the real shapes
@@ -202,6 +203,8 @@ class QuantWeight:
         x2 = x.reshape(-1, x.shape[-1])
         if self.kind == "int4pack":
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.data, self.group, self.scale)
+        elif not decoding and bf16_products and self.amx_ready():  # stored weight read once, no padding
+            y = amx.linear(x2.to(torch.bfloat16), self.data, self.scale, self.group if self.kind == "int4" else 0)
         elif not decoding:
             y = self.block_gemm(x2, torch.bfloat16 if bf16_products else torch.float32, pad=True)
         elif self.kind == "int8" and native.usable_int8(x2, self):
@@ -213,6 +216,12 @@ class QuantWeight:
         else:  # int4 stored format without the native kernels: a decode product in bf16
             y = self.block_gemm(x2, torch.bfloat16)
         return y.to(x.dtype).reshape(*lead, self.shape[-2])
+
+    def amx_ready(self) -> bool:
+        """Its bf16 products outside decode run on AMX tiles (``native/amx.py``): an unstacked
+        int8 or int4 weight of a shape the kernel takes, AMX usable and not switched off."""
+        return (self.kind in ("int8", "int4") and len(self.shape) == 2 and amx.enabled
+                and amx.takes(*self.shape, self.group if self.kind == "int4" else 0) and amx.usable())
 
     def block_gemm(self, x: torch.Tensor, dtype: torch.dtype, pad: bool = False) -> torch.Tensor:
         """``x @ W.T`` for x [M, K] (an unstacked weight): W dequantised in blocks of rows into

@@ -163,7 +163,7 @@ def test_refusals_name_the_argument(case, message):
             amx.linear(x, w, out=torch.empty(4, 32))
         else:
             amx.linear(*args)
-    assert str(err.value).startswith("native.amx.linear: ")
+    assert str(err.value).startswith("native.amx: ")
 
 
 @needs_amx
@@ -209,8 +209,8 @@ def _float64_layer(mod: Experts, x: torch.Tensor, r: Routing) -> torch.Tensor:
 @needs_amx
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
 def test_the_routed_experts_run_their_prefill_on_amx(monkeypatch, bf16_policy, fmt):
-    """With bf16 products chosen, Experts.forward outside decode calls amx.linear (three
-    products per used expert), and agrees with the dequantise-then-GEMM path (amx off) and
+    """With bf16 products chosen, Experts.forward outside decode calls amx.expert (one call
+    per used expert, on its rows), and agrees with the dequantise-then-GEMM path (amx off) and
     with the float64 layer to bf16 rounding of the activations; in decode it does not."""
     mod = _experts(fmt)
     g = _gen(9)
@@ -218,12 +218,12 @@ def test_the_routed_experts_run_their_prefill_on_amx(monkeypatch, bf16_policy, f
     r = Routing(torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(37)]), torch.rand(37, 2, generator=g))
     assert mod.amx_ready()
     calls = []
-    real = amx.linear
-    monkeypatch.setattr(amx, "linear", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    real = amx.expert
+    monkeypatch.setattr(amx, "expert", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
     with torch.no_grad():
         got = mod(x, r)
         used = int((torch.bincount(r.idx.reshape(-1), minlength=6) > 0).sum())
-        assert len(calls) == 3 * used and sum(calls) == 3 * 37 * 2
+        assert len(calls) == used and sum(calls) == 37 * 2
         monkeypatch.setattr(amx, "enabled", False)
         assert not mod.amx_ready()
         other = mod(x, r)
@@ -242,6 +242,7 @@ def test_decode_and_float32_products_do_not_use_amx(monkeypatch):
     ops.set_big_products_in_weights_dtype(False)
     assert not mod.amx_ready()  # float32 products (CPUs without bf16 units): the float32 GEMM path
     monkeypatch.setattr(amx, "linear", lambda *a, **kw: pytest.fail("amx.linear called"))
+    monkeypatch.setattr(amx, "expert", lambda *a, **kw: pytest.fail("amx.expert called"))
     x = torch.randn(3, 128)
     r = Routing(torch.tensor([[0, 1], [2, 3], [4, 5]]), torch.rand(3, 2))
     with torch.no_grad():
@@ -291,3 +292,66 @@ def test_dense_quantised_prefill_products_run_on_amx_unpadded(monkeypatch, bf16_
         monkeypatch.setattr(amx, "enabled", True)
         ops.linear(x[:2], wq)
     assert seen == [37]
+
+
+def _weight_args(fmt: str, n: int, k: int, seed: int) -> tuple:
+    """(values, scale, group) of an [n, k] weight in ``fmt``, and its values as float64 (int4:
+    the bf16 rounding amx.c uses)."""
+    w = torch.randn(n, k, generator=_gen(seed)) * k ** -0.5
+    if fmt == "bf16":
+        return (w.to(BF), None, 0), w.to(BF).double()
+    if fmt == "int8":
+        q, s = quant.quantize_int8(w)
+        return (q, s, 0), q.double() * s.double()[:, None]
+    group = quant.int4_group(k)
+    q, s = quant.quantize_int4(w, group)
+    return (q, s, group), quant.dequantize(q, s, 4).to(BF).double()
+
+
+@needs_amx
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("m", [1, 17, 300])
+def test_expert_is_down_of_the_bf16_rounded_gated_product(fmt, m):
+    """amx.expert = down(bf16(silu(gate x) * up x * wt)): against the float64 value of that
+    composition from the kernel's own gate / up products (amx.linear, checked above), within
+    the float32 sum bound plus one bf16 rounding step of the gated product (where float32
+    and float64 round it differently); and a row's bits do not depend on the other rows."""
+    d, f = 128, 96
+    (ga, _), (ua, _), (da, dv) = (_weight_args(fmt, f, d, 40), _weight_args(fmt, f, d, 41),
+                                  _weight_args(fmt, d, f, 42))
+    x = _x(m, d, seed=43)
+    wt = torch.rand(m, generator=_gen(44))
+    y = amx.expert(x, ga, ua, da, wt)
+    g, u = amx.linear(x, *ga).double(), amx.linear(x, *ua).double()
+    a = g / (1 + torch.exp(-g)) * u * wt.double()[:, None]
+    ab = a.to(BF).double()
+    ref = ab @ dv.T
+    assert y.dtype is torch.float32 and y.shape == (m, d)
+    bound = _bound(ab.to(BF), dv) + 2 ** -8 * (a.abs() @ dv.abs().T) + 1e-30
+    assert ((y.double() - ref).abs() <= bound).all()
+    assert ((y.double() - ref).abs() / bound).median() < 0.05  # rounding flips are rare, not the rule
+    for i in {0, m // 2, m - 1}:
+        assert torch.equal(amx.expert(x[i:i + 1].contiguous(), ga, ua, da, wt[i:i + 1].contiguous())[0], y[i])
+
+
+@pytest.mark.parametrize("case, message", [
+    ("formats_differ", "gate / up must be [F, 128] and down [128, F] in one format"),
+    ("down_shape", "gate / up must be [F, 128] and down [128, F] in one format"),
+    ("wt_shape", "wt must be contiguous float32 [4]"),
+    ("wt_dtype", "wt must be contiguous float32 [4]"),
+    ("x_strided", "x must be contiguous bf16 [M, D]"),
+    ("gate_k", "gate must be [N, 128] for K = 128"),
+])
+def test_expert_refusals_name_the_argument(case, message):
+    d, f = 128, 96
+    x = _x(4, d)
+    gb = (torch.zeros(f, d, dtype=BF), None, 0)
+    db = (torch.zeros(d, f, dtype=BF), None, 0)
+    q, s = _int8(d, f)
+    wt = torch.rand(4)
+    args = {"formats_differ": (x, gb, gb, (q, s, 0), wt), "down_shape": (x, gb, gb, (torch.zeros(96, 96, dtype=BF), None, 0), wt),
+            "wt_shape": (x, gb, gb, db, wt[:3]), "wt_dtype": (x, gb, gb, db, wt.double()),
+            "x_strided": (_x(4, 2 * d)[:, :d], gb, gb, db, wt),
+            "gate_k": (x, (torch.zeros(f, 64, dtype=BF), None, 0), gb, db, wt)}[case]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        amx.expert(*args)

@@ -166,19 +166,18 @@ class Experts(nn.Module):
 
     def amx_prefill(self, x: torch.Tensor, token: torch.Tensor, w: torch.Tensor, counts: list[int]
                     ) -> torch.Tensor:
-        """The per-expert loop on AMX tiles (``native.amx.linear``: the stored weight read
-        once, no dequantised copy, no per-shape kernel): arguments as ``quantised_prefill``.
-        The activations enter the products as bf16 (as on the bf16 GEMM path); gate and up
-        come out in float32, SiLU, product and routing weight in float32 (the weight applied
-        before the down product), then the down product's float32 rows are summed per token."""
+        """The per-expert loop on AMX tiles, one call an expert (``native.amx.expert``: the
+        stored weights read once, no dequantised copy, no per-shape kernel): arguments as
+        ``quantised_prefill``. The activations enter the products as bf16 (as on the bf16
+        GEMM path); gate and up come out in float32, SiLU, product and routing weight in
+        float32 (the weight applied before the down product, rounded to bf16 once), then the
+        down product's float32 rows are summed per token."""
         xd = x.to(torch.bfloat16)
         out = torch.zeros_like(x)
         for e, pairs, sel in expert_runs(token, counts):
-            xe = xd.index_select(0, sel)  # [c, D]
-            g = _amx_product(self.gate_proj, e, xe)  # float32 [c, F]
-            u = _amx_product(self.up_proj, e, xe)
-            a = F.silu(g).mul_(u).mul_(w[pairs, None]).to(torch.bfloat16)
-            out.index_add_(0, sel, _amx_product(self.down_proj, e, a).to(x.dtype))
+            y = amx.expert(xd.index_select(0, sel), _amx_slot(self.gate_proj, e), _amx_slot(self.up_proj, e),
+                           _amx_slot(self.down_proj, e), w[pairs])  # float32 [c, D]
+            out.index_add_(0, sel, y.to(x.dtype))
         return out
 
     def quantised_prefill(self, x: torch.Tensor, token: torch.Tensor, w: torch.Tensor, counts: list[int]
@@ -218,12 +217,12 @@ class Experts(nn.Module):
         return out
 
 
-def _amx_product(weight, e: int, x: torch.Tensor) -> torch.Tensor:
+def _amx_slot(weight, e: int) -> tuple:
     """Expert ``e``'s matrix of ``weight`` (a bf16 [E, N, K] stack or a stacked int8 / int4
-    ``QuantWeight``) times the bf16 rows x on AMX tiles: float32 [rows, N]."""
+    ``QuantWeight``) as ``native.amx`` takes it: (values, scale, group)."""
     if isinstance(weight, QuantWeight):
-        return amx.linear(x, weight.data[e], weight.scale[e], weight.group if weight.kind == "int4" else 0)
-    return amx.linear(x, weight[e])
+        return weight.data[e], weight.scale[e], weight.group if weight.kind == "int4" else 0
+    return weight[e], None, 0
 
 
 def expert_runs(token: torch.Tensor, counts: list[int]):

@@ -218,34 +218,89 @@ static inline __attribute__((always_inline)) AMX void widen_i8(const int8_t *q, 
 /* tokens a chunk: x's tiles of a chunk (CHUNK x K bf16) and a panel stay in L2 */
 #define CHUNK 256
 
+/* a weight [N, K] as stored: fmt 0 bf16, 1 int8 (bf16 row scales; sc: them as float32),
+   2 int4 (bf16 scales per group of G along k) */
+typedef struct {
+    int fmt;
+    const void *w;
+    const uint16_t *scale;
+    const float *sc;
+    int64_t G, N, K;
+} amx_weight;
+
+/* panel p (rows 32p..32p+31) of W times the chunk's tiles xp (mc tokens) into y (row
+   stride ldy); mine: this thread's panel buffer (32 x K bf16), ct: its 4 C tiles. A
+   thread's panels of one weight are consecutive (static schedule): p + 1 is prefetched. */
+static AMX void weight_panel(const amx_weight *W, int64_t p, const uint16_t *xp, int64_t mc, float *y, int64_t ldy,
+                             uint16_t *mine, float *ct) {
+    const int64_t K = W->K, n0 = 32 * p, rb = W->fmt == 0 ? 2 * K : W->fmt == 1 ? K : K / 2;
+    ahead f = {32 * (p + 1) < W->N ? (const char *)W->w + (n0 + 32) * rb : NULL, rb, rb, 0, 0, 0};
+    const uint16_t *a = (const uint16_t *)W->w + n0 * K;
+    if (W->fmt == 1) {
+        for (int i = 0; i < 32; i++) widen_i8((const int8_t *)W->w + (n0 + i) * K, K, mine + i * K);
+        a = mine;
+    } else if (W->fmt == 2) {
+        dsvl2_dequant_i4((const uint8_t *)W->w + n0 * K / 2, W->scale + n0 * (K / W->G), 32, K, W->G, mine, 1);
+        a = mine;
+    }
+    panel(a, K, xp, mc, n0, W->sc, y, ldy, ct, &f);
+}
+
 /* one thread's part of dsvl2_amx_linear (inside its parallel region: the outlined region
    does not take the target attributes, so the tile instructions live here). Per chunk of
    tokens: x's tiles packed by the team, then each thread's panels of 32 weight rows. */
-static AMX void amx_team(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, int fmt, const void *w,
-                         const uint16_t *scale, const float *sc, int64_t G, int64_t N, float *y, int64_t ldy,
-                         uint16_t *xp, uint16_t *pan, float *cts) {
+static AMX void linear_team(const uint16_t *x, int64_t ldx, int64_t M, const amx_weight *W, float *y, int64_t ldy,
+                            uint16_t *xp, uint16_t *pan, float *cts) {
     const int th = omp_get_thread_num();
-    uint16_t *mine = fmt ? pan + (int64_t)th * 32 * K : NULL;
+    uint16_t *mine = pan + (int64_t)th * 32 * W->K;
     configure();
     for (int64_t m0 = 0; m0 < M; m0 += CHUNK) {
         const int64_t mc = M - m0 < CHUNK ? M - m0 : CHUNK;
-        pack_x(x + m0 * ldx, ldx, mc, K, xp); /* ends in the omp for's barrier */
-        const int64_t P = N / 32, rb = fmt == 0 ? 2 * K : fmt == 1 ? K : K / 2;
+        pack_x(x + m0 * ldx, ldx, mc, W->K, xp); /* ends in the omp for's barrier */
 #pragma omp for schedule(static)
-        for (int64_t p = 0; p < P; p++) {
-            const int64_t n0 = 32 * p;
-            /* static schedule: a thread's panels are consecutive, its next one is p + 1 */
-            ahead f = {p + 1 < P ? (const char *)w + (n0 + 32) * rb : NULL, rb, rb, 0, 0, 0};
-            const uint16_t *a = (const uint16_t *)w + n0 * K;
-            if (fmt == 1) {
-                for (int i = 0; i < 32; i++) widen_i8((const int8_t *)w + (n0 + i) * K, K, mine + i * K);
-                a = mine;
-            } else if (fmt == 2) {
-                dsvl2_dequant_i4((const uint8_t *)w + n0 * K / 2, scale + n0 * (K / G), 32, K, G, mine, 1);
-                a = mine;
-            }
-            panel(a, K, xp, mc, n0, sc, y + m0 * ldy, ldy, cts + th * 1024, &f);
-        } /* its barrier: xp is free for the next chunk */
+        for (int64_t p = 0; p < W->N / 32; p++) weight_panel(W, p, xp, mc, y + m0 * ldy, ldy, mine, cts + th * 1024);
+        /* its barrier: xp is free for the next chunk */
+    }
+    _tile_release();
+}
+
+/* a [F] = bf16(silu(g) * u * w) for one row, F a multiple of 16: silu(g) = g / (1 + e^-g)
+   with e^-|g| (exp_neg16) for either sign (g e^-|g| / (1 + e^-|g|) below 0), in float32,
+   rounded to nearest even once */
+static inline __attribute__((always_inline)) AMX void gated_row(const float *g, const float *u, float w, int64_t F,
+                                                                uint16_t *a) {
+    const __m512 one = _mm512_set1_ps(1.0f), vw = _mm512_set1_ps(w);
+    for (int64_t f = 0; f < F; f += 16) {
+        const __m512 gv = _mm512_loadu_ps(g + f);
+        const __m512 t = exp_neg16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(gv)));
+        const __mmask16 neg = _mm512_cmp_ps_mask(gv, _mm512_setzero_ps(), _CMP_LT_OQ);
+        const __m512 s = _mm512_div_ps(_mm512_mask_mul_ps(gv, neg, gv, t), _mm512_add_ps(one, t));
+        const __m512 v = _mm512_mul_ps(_mm512_mul_ps(s, _mm512_loadu_ps(u + f)), vw);
+        _mm256_storeu_si256((__m256i *)(a + f), _mm512_cvtepi32_epi16(round_bf16_16(v)));
+    }
+}
+
+/* one thread's part of dsvl2_amx_expert: per chunk, gate and up (their panels shared out
+   as one list), the gated product rounded to bf16, its tiles, then down */
+static AMX void expert_team(const uint16_t *x, int64_t M, const amx_weight *W, const float *wt, float *y,
+                            uint16_t *xp, uint16_t *ap, uint16_t *a, float *g, float *u, uint16_t *pan, int64_t pk,
+                            float *cts) {
+    const int th = omp_get_thread_num();
+    const int64_t D = W[0].K, F = W[0].N, PF = F / 32;
+    uint16_t *mine = pan + (int64_t)th * 32 * pk;
+    float *ct = cts + th * 1024;
+    configure();
+    for (int64_t m0 = 0; m0 < M; m0 += CHUNK) {
+        const int64_t mc = M - m0 < CHUNK ? M - m0 : CHUNK;
+        pack_x(x + m0 * D, D, mc, D, xp);
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < 2 * PF; q++)
+            weight_panel(&W[q / PF], q % PF, xp, mc, q < PF ? g : u, F, mine, ct);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < mc; i++) gated_row(g + i * F, u + i * F, wt[m0 + i], F, a + i * F);
+        pack_x(a, F, mc, F, ap);
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < D / 32; p++) weight_panel(&W[2], p, ap, mc, y + m0 * D, D, mine, ct);
     }
     _tile_release();
 }
@@ -267,6 +322,21 @@ static char *scratch(size_t n) {
     return scratch_mem;
 }
 
+/* bytes rounded up to whole cache lines */
+static size_t lines(size_t n) { return (n + 63) / 64 * 64; }
+
+static int weight_ok(int fmt, int64_t N, int64_t K, int64_t G) {
+    return N > 0 && N % 32 == 0 && K > 0 && K % 32 == 0 && fmt >= 0 && fmt <= 2 &&
+           (fmt != 2 || (G > 0 && G % 32 == 0 && K % G == 0));
+}
+
+/* W's int8 row scales as float32 into sc (N of them); other formats: none */
+static const float *float_scales(const amx_weight *W, float *sc) {
+    if (W->fmt != 1) return NULL;
+    for (int64_t n = 0; n < W->N; n++) sc[n] = bf16_to_f32(W->scale[n]);
+    return sc;
+}
+
 /* y [M, N] float32 (row stride ldy) = x [M, K] bf16 (row stride ldx) times W^T, W [N, K]:
    fmt 0: bf16 values w; 1: int8 q with bf16 per-row scales [N] (each weight row's sums of
    x times q, exact bf16 values, multiplied by its scale in float32: the weight is not
@@ -277,20 +347,47 @@ static char *scratch(size_t n) {
 int dsvl2_amx_linear(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, int fmt, const void *w,
                      const uint16_t *scale, int64_t G, int64_t N, float *y, int64_t ldy) {
     if (!dsvl2_amx_usable()) return -1;
-    if (M <= 0 || N <= 0 || N % 32 || K <= 0 || K % 32 || ldx < K || ldy < N || fmt < 0 || fmt > 2 ||
-        (fmt == 2 && (G <= 0 || G % 32 || K % G)))
-        return -2;
+    if (M <= 0 || !weight_ok(fmt, N, K, G) || ldx < K || ldy < N) return -2;
     const int nt = omp_get_max_threads();
-    const size_t need = (size_t)CHUNK * K * 2 + (fmt ? (size_t)nt * 32 * K * 2 : 0) + (size_t)nt * 4096 +
-                        (fmt == 1 ? (size_t)N * 4 : 0);
-    char *buf = scratch(need);
+    const size_t xb = lines((size_t)CHUNK * K * 2), pb = lines((size_t)nt * 32 * K * 2), cb = (size_t)nt * 4096;
+    char *buf = scratch(xb + pb + cb + (size_t)N * 4);
     if (!buf) return -3;
-    uint16_t *xp = (uint16_t *)buf, *pan = fmt ? xp + CHUNK * K : NULL;
-    float *cts = (float *)(buf + (size_t)CHUNK * K * 2 + (fmt ? (size_t)nt * 32 * K * 2 : 0));
-    float *sc = fmt == 1 ? cts + nt * 1024 : NULL;
-    for (int64_t n = 0; fmt == 1 && n < N; n++) sc[n] = bf16_to_f32(scale[n]);
+    amx_weight W = {fmt, w, scale, NULL, G, N, K};
+    W.sc = float_scales(&W, (float *)(buf + xb + pb + cb));
 #pragma omp parallel num_threads(nt)
-    amx_team(x, ldx, M, K, fmt, w, scale, sc, G, N, y, ldy, xp, pan, cts);
+    linear_team(x, ldx, M, &W, y, ldy, (uint16_t *)buf, (uint16_t *)(buf + xb), (float *)(buf + xb + pb));
+    return 0;
+}
+
+/* One SiLU-gated expert on its M rows x [M, D] bf16 (contiguous), on AMX tiles:
+     y [M, D] float32 = down(bf16(silu(gate x) * (up x) * wt))
+   gate / up [F, D], down [D, F], all three in format fmt (as dsvl2_amx_linear) with their
+   scales gs / us / ds; int4 groups Gd along D (gate, up) and Gf along F (down). wt [M]
+   float32: each row's routing weight, applied before down (F values a row, not D). SiLU
+   in float32 with a vector exponential (``gated_row``: a few ulps from g / (1 + e^-g)),
+   times up and wt, rounded to nearest even bf16 once: the down product's input, as the
+   bf16 GEMM path rounds it. One parallel region: x's tiles packed once for gate and up, whose panels the
+   team shares out as one list. Returns as dsvl2_amx_linear. */
+int dsvl2_amx_expert(const uint16_t *x, int64_t M, int64_t D, int64_t F, int fmt, const void *gate,
+                     const uint16_t *gs, const void *up, const uint16_t *us, const void *down, const uint16_t *ds,
+                     int64_t Gd, int64_t Gf, const float *wt, float *y) {
+    if (!dsvl2_amx_usable()) return -1;
+    if (M <= 0 || !weight_ok(fmt, F, D, Gd) || !weight_ok(fmt, D, F, Gf)) return -2;
+    const int nt = omp_get_max_threads();
+    const int64_t pk = D > F ? D : F;
+    const size_t xb = lines((size_t)CHUNK * D * 2), ab = lines((size_t)CHUNK * F * 2), gb = lines((size_t)CHUNK * F * 4),
+                 pb = lines((size_t)nt * 32 * pk * 2), cb = (size_t)nt * 4096, sb = lines((size_t)(2 * F + D) * 4);
+    char *buf = scratch(xb + 2 * ab + 2 * gb + pb + cb + sb);
+    if (!buf) return -3;
+    char *at = buf;
+    uint16_t *xp = (uint16_t *)at, *ap = (uint16_t *)(at += xb), *a = (uint16_t *)(at += ab);
+    float *g = (float *)(at += ab), *u = (float *)(at += gb);
+    uint16_t *pan = (uint16_t *)(at += gb);
+    float *cts = (float *)(at += pb), *sc = (float *)(at += cb);
+    amx_weight W[3] = {{fmt, gate, gs, NULL, Gd, F, D}, {fmt, up, us, NULL, Gd, F, D}, {fmt, down, ds, NULL, Gf, D, F}};
+    W[0].sc = float_scales(&W[0], sc), W[1].sc = float_scales(&W[1], sc + F), W[2].sc = float_scales(&W[2], sc + 2 * F);
+#pragma omp parallel num_threads(nt)
+    expert_team(x, M, W, wt, y, xp, ap, a, g, u, pan, pk, cts);
     return 0;
 }
 
@@ -301,6 +398,14 @@ int dsvl2_amx_usable(void) { return 0; }
 int dsvl2_amx_linear(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, int fmt, const void *w,
                      const uint16_t *scale, int64_t G, int64_t N, float *y, int64_t ldy) {
     (void)x, (void)ldx, (void)M, (void)K, (void)fmt, (void)w, (void)scale, (void)G, (void)N, (void)y, (void)ldy;
+    return -1;
+}
+
+int dsvl2_amx_expert(const uint16_t *x, int64_t M, int64_t D, int64_t F, int fmt, const void *gate,
+                     const uint16_t *gs, const void *up, const uint16_t *us, const void *down, const uint16_t *ds,
+                     int64_t Gd, int64_t Gf, const float *wt, float *y) {
+    (void)x, (void)M, (void)D, (void)F, (void)fmt, (void)gate, (void)gs, (void)up, (void)us, (void)down, (void)ds;
+    (void)Gd, (void)Gf, (void)wt, (void)y;
     return -1;
 }
 

@@ -59,56 +59,104 @@ def takes(n: int, k: int, group: int = 0) -> bool:
 def _bad(name: str, t, expected: str) -> ValueError:
     from . import describe
 
-    return ValueError(f"native.amx.linear: {name} must be {expected}, got {describe(t)}")
+    return ValueError(f"native.amx: {name} must be {expected}, got {describe(t)}")
+
+
+def _weight(name: str, k: int, values, scale, group: int) -> tuple[int, int]:
+    """(amx.c's fmt, N) of a weight [N, k] given as ``linear`` takes it; ``ValueError`` naming
+    ``name`` otherwise."""
+    if not (isinstance(values, torch.Tensor) and values.is_cpu and values.ndim == 2 and values.is_contiguous()):
+        raise _bad(name, values, "a contiguous 2-d weight on the CPU")
+    n = values.shape[0]
+    if values.dtype is torch.bfloat16:
+        fmt, kk = 0, k
+    elif values.dtype is torch.int8:
+        fmt, kk = 1, k
+    elif values.dtype is torch.uint8:
+        fmt, kk = 2, k // 2
+    else:
+        raise _bad(name, values, "bf16, int8 or uint8 (int4 pairs)")
+    if values.shape[1] != kk:
+        raise _bad(name, values, f"[N, {kk}] for K = {k}")
+    if fmt == 2 and not (group > 0 and group % 32 == 0 and k % group == 0):
+        raise ValueError(f"native.amx: {name}'s group must be a multiple of 32 dividing K = {k} for int4 values, "
+                         f"got {group!r}")
+    if not takes(n, k):
+        raise _bad(name, values, f"a weight with N and K multiples of 32 (K = {k})")
+    sname = "scale" if name == "values" else f"{name} scale"
+    if fmt == 0:
+        if scale is not None:
+            raise _bad(sname, scale, "None for bf16 values")
+    else:
+        shape = (n,) if fmt == 1 else (n, k // group)
+        if not (isinstance(scale, torch.Tensor) and scale.dtype is torch.bfloat16 and scale.is_cpu
+                and scale.is_contiguous() and tuple(scale.shape) == shape):
+            raise _bad(sname, scale, f"contiguous bf16 {list(shape)} on the CPU")
+    return fmt, n
+
+
+def _rows(x) -> tuple[int, int]:
+    if not (isinstance(x, torch.Tensor) and x.dtype is torch.bfloat16 and x.is_cpu and x.ndim == 2
+            and x.shape[0] > 0 and x.stride(1) == 1 and x.stride(0) >= x.shape[1]):
+        raise _bad("x", x, "bf16 [M, K] (M > 0) on the CPU, its rows contiguous")
+    return x.shape
+
+
+def _check(rc: int, fn: str) -> None:
+    if rc:
+        raise RuntimeError(f"native.amx.{fn}: {_ERRORS.get(rc, rc)}")
 
 
 def linear(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor | None = None, group: int = 0,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T`` in float32 [M, N] (into ``out`` when given: float32 [M, N], rows stride
-    >= N, last dim contiguous). x: bf16 [M, K], its last dim contiguous. W [N, K], one of:
+    >= N, last dim contiguous). x: bf16 [M, K], its rows contiguous. W [N, K], one of:
     bf16 ``values`` [N, K] (scale None); int8 ``values`` [N, K] with bf16 per-row ``scale``
     [N]; int4 ``values`` uint8 [N, K/2] (two a byte, low nibble first, as ``quant`` stores
     them) with bf16 ``scale`` [N, K/group]. All on the CPU, the weight and scales
     contiguous; N, K multiples of 32 (``takes``). ``ValueError`` naming the argument
     otherwise; ``RuntimeError`` where AMX is not usable."""
-    if not (isinstance(x, torch.Tensor) and x.dtype is torch.bfloat16 and x.is_cpu and x.ndim == 2
-            and x.shape[0] > 0 and x.stride(1) == 1 and x.stride(0) >= x.shape[1]):
-        raise _bad("x", x, "bf16 [M, K] (M > 0) on the CPU, its rows contiguous")
-    m, k = x.shape
-    if not (isinstance(values, torch.Tensor) and values.is_cpu and values.ndim == 2 and values.is_contiguous()):
-        raise _bad("values", values, "a contiguous 2-d weight on the CPU")
-    n = values.shape[0]
-    if values.dtype is torch.bfloat16:
-        fmt, kk, srows = 0, k, 0
-    elif values.dtype is torch.int8:
-        fmt, kk, srows = 1, k, 1
-    elif values.dtype is torch.uint8:
-        fmt, kk, srows = 2, k // 2, k // group if group > 0 else 0
-    else:
-        raise _bad("values", values, "bf16, int8 or uint8 (int4 pairs)")
-    if values.shape[1] != kk:
-        raise _bad("values", values, f"[N, {kk}] for x's K = {k}")
-    if fmt == 2 and not (group > 0 and group % 32 == 0 and k % group == 0):
-        raise ValueError(f"native.amx.linear: group must be a multiple of 32 dividing K = {k} for int4 values, "
-                         f"got {group!r}")
-    if not takes(n, k):
-        raise _bad("values", values, f"a weight with N and K multiples of 32 (K = {k})")
-    if fmt == 0:
-        if scale is not None:
-            raise _bad("scale", scale, "None for bf16 values")
-    else:
-        shape = (n,) if fmt == 1 else (n, srows)
-        if not (isinstance(scale, torch.Tensor) and scale.dtype is torch.bfloat16 and scale.is_cpu
-                and scale.is_contiguous() and tuple(scale.shape) == shape):
-            raise _bad("scale", scale, f"contiguous bf16 {list(shape)} on the CPU")
+    m, k = _rows(x)
+    fmt, n = _weight("values", k, values, scale, group)
     if out is None:
         out = torch.empty(m, n, dtype=torch.float32)
     elif not (isinstance(out, torch.Tensor) and out.dtype is torch.float32 and out.is_cpu and out.ndim == 2
               and tuple(out.shape) == (m, n) and out.stride(1) == 1 and out.stride(0) >= n):
         raise _bad("out", out, f"float32 [{m}, {n}] on the CPU, its last dim contiguous")
-    rc = require().dsvl2_amx_linear(x.data_ptr(), x.stride(0), m, k, fmt, values.data_ptr(),
-                                    None if scale is None else scale.data_ptr(), group if fmt == 2 else 0, n,
-                                    out.data_ptr(), out.stride(0))
-    if rc:
-        raise RuntimeError(f"native.amx.linear: {_ERRORS.get(rc, rc)}")
+    _check(require().dsvl2_amx_linear(x.data_ptr(), x.stride(0), m, k, fmt, values.data_ptr(),
+                                      None if scale is None else scale.data_ptr(), group if fmt == 2 else 0, n,
+                                      out.data_ptr(), out.stride(0)), "linear")
     return out
+
+
+def expert(x: torch.Tensor, gate: tuple, up: tuple, down: tuple, wt: torch.Tensor) -> torch.Tensor:
+    """One SiLU-gated expert on its rows in one call (``amx.c`` ``dsvl2_amx_expert``):
+    ``down(bf16(silu(gate x) * up x * wt))`` in float32 [M, D]. x: bf16 [M, D], contiguous;
+    gate / up: ``(values, scale, group)`` of an [F, D] weight, down of a [D, F] one, as
+    ``linear`` takes them, all three in one format; wt: float32 [M] (each row's routing
+    weight). The same numbers as ``linear`` for gate and up, then SiLU in float32 (a vector
+    exponential: a few ulps), times up and wt, rounded to bf16 once, ``linear`` for down."""
+    m, d = _rows(x)
+    if not x.is_contiguous():
+        raise _bad("x", x, "contiguous bf16 [M, D]")
+    fg, f = _weight("gate", d, *gate)
+    fu, fu_n = _weight("up", d, *up)
+    fd, dn = _weight("down", f, *down)
+    if fu_n != f or dn != d or not fg == fu == fd:
+        raise ValueError(f"native.amx.expert: gate / up must be [F, {d}] and down [{d}, F] in one format, got "
+                         f"{_describe_all(gate, up, down)}")
+    if not (isinstance(wt, torch.Tensor) and wt.dtype is torch.float32 and wt.is_cpu and wt.is_contiguous()
+            and tuple(wt.shape) == (m,)):
+        raise _bad("wt", wt, f"contiguous float32 [{m}] on the CPU")
+    y = torch.empty(m, d, dtype=torch.float32)
+    ptr = (lambda t: None if t is None else t.data_ptr())
+    _check(require().dsvl2_amx_expert(x.data_ptr(), m, d, f, fg, gate[0].data_ptr(), ptr(gate[1]), up[0].data_ptr(),
+                                      ptr(up[1]), down[0].data_ptr(), ptr(down[1]), gate[2] if fg == 2 else 0,
+                                      down[2] if fg == 2 else 0, wt.data_ptr(), y.data_ptr()), "expert")
+    return y
+
+
+def _describe_all(*weights: tuple) -> str:
+    from . import describe
+
+    return ", ".join(describe(w[0]) for w in weights)

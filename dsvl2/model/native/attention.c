@@ -54,27 +54,6 @@ int dsvl2_attention_built(void) { return HAVE_BF16; }
 #define MR 8  /* query rows per tile */
 #define KB 32 /* keys per block of scores */
 
-/* e^x for x <= 0 (softmax's shifted scores) to a few float32 ulps: 2^n e^r with
-   |r| <= ln2 / 2, e^r by its Taylor polynomial to r^7; below -103 the result is 0 */
-static inline BF16 __m512 exp_neg(__m512 x) {
-    const __m512 lo = _mm512_set1_ps(-103.0f);
-    const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-    x = _mm512_max_ps(x, lo);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_maskz_scalef_ps((__mmask16)~tiny, p, n);
-}
-
 /* 16 float32 lanes -> 16 bf16 values, nearest even (finite values; products.h) */
 static inline BF16 __m256i to_bf16(__m512 v) { return _mm512_cvtepi32_epi16(round_bf16_16(v)); }
 
@@ -154,7 +133,7 @@ static BF16 float softmax_row(float *sc, const float *mask, int64_t n, int64_t n
     __m512 sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j += 16) {
         const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
-        const __m512 e = _mm512_maskz_mov_ps(m, exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + j), mx)));
+        const __m512 e = _mm512_maskz_mov_ps(m, exp_neg16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + j), mx)));
         sum = _mm512_add_ps(sum, e);
         _mm256_mask_storeu_epi16(pr + j, m, to_bf16(e));
     }

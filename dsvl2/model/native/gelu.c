@@ -10,7 +10,7 @@
    reference's formula; since (1 + tanh(u)) / 2 = 1 / (1 + e^(-2u)), it is computed from one
    exponential and one division (gelu8), without the cancellation of 1 + tanh(u) where
    tanh(u) is near -1 (torch's formula loses the small values there). e^t by the range
-   reduction and Taylor polynomial of attention.c's exp_neg. Results are within a few
+   reduction and Taylor polynomial of products.h's exp_neg16. Results are within a few
    float32 ulps of |x| of the exact value, as torch's are (tests/test_native_gelu.py checks
    both against float64). */
 
@@ -21,7 +21,7 @@
 /* e^r's Taylor coefficients, highest first: 1 / 7!, ..., 1 / 1!, 1 / 0! */
 static const float TAYLOR[8] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
 
-/* e^t for t <= 0, 8 lanes: 2^n e^r as attention.c's exp_neg; below -87 (where 2^n would
+/* e^t for t <= 0, 8 lanes: 2^n e^r as products.h's exp_neg16; below -87 (where 2^n would
    leave the normal floats) 0 */
 static inline __m256 exp_neg8(__m256 t) {
     const __m256 lo = _mm256_set1_ps(-87.0f);

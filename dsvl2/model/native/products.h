@@ -46,6 +46,28 @@ static inline __attribute__((always_inline, target("avx512f"))) float hsum16(__m
     return hsum8(_mm256_add_ps(_mm512_castps512_ps256(s), hi));
 }
 
+/* e^x for x <= 0 (attention.c: softmax's shifted scores; amx.c: SiLU), 16 lanes, to a few
+   float32 ulps: 2^n e^r with |r| <= ln2 / 2, e^r by its Taylor polynomial to r^7; below
+   -103 the result is 0 */
+static inline __attribute__((always_inline, target("avx512f"))) __m512 exp_neg16(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-103.0f);
+    const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_max_ps(x, lo);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_scalef_ps((__mmask16)~tiny, p, n);
+}
+
 /* The (token, choice) pairs p = t k + j of T tokens choosing k of E experts (idx [T k];
    NULL: every pair expert 0) sorted by expert, stable: order[0 .. P) the pairs, order[P ..
    P + E] where each expert's run starts (E + 1 entries), then E entries of scratch.

@@ -171,14 +171,41 @@ class Experts(nn.Module):
         ``quantised_prefill``. The activations enter the products as bf16 (as on the bf16
         GEMM path); gate and up come out in float32, SiLU, product and routing weight in
         float32 (the weight applied before the down product, rounded to bf16 once), then the
-        down product's float32 rows are summed per token."""
+        down product's float32 rows are summed per token. The experts with at most
+        ``amx.FEW_ROWS`` rows run together on the native decode kernel instead (float32
+        activations; their sums added after the others')."""
         xd = x.to(torch.bfloat16)
         out = torch.zeros_like(x)
+        few = self._few_rows_kernel(x)
+        small = []  # experts of at most amx.FEW_ROWS rows, for ``few`` in one call
         for e, pairs, sel in expert_runs(token, counts):
+            if few is not None and sel.numel() <= amx.FEW_ROWS:
+                small.append((e, pairs, sel))
+                continue
             y = amx.expert(xd.index_select(0, sel), _amx_slot(self.gate_proj, e), _amx_slot(self.up_proj, e),
                            _amx_slot(self.down_proj, e), w[pairs])  # float32 [c, D]
             out.index_add_(0, sel, y.to(x.dtype))
+        if small:
+            tok = torch.cat([sel for _, _, sel in small])
+            ids = torch.cat([torch.full((sel.numel(), 1), e, dtype=torch.int64) for e, _, sel in small])
+            wp = torch.cat([w[pairs] for _, pairs, _ in small])[:, None]
+            out.index_add_(0, tok, few(x.index_select(0, tok), ids, wp).to(x.dtype))
         return out
+
+    def _few_rows_kernel(self, x: torch.Tensor):
+        """The native decode kernel of these experts (``native.experts`` / ``_int8`` /
+        ``_int4``: float32 activations, each chosen expert's weights read once for its rows),
+        as ``f(rows, idx [P, 1], wt [P, 1])``, or None where it does not run. On AMX an
+        expert of a few rows is bound by reading its weight, which these kernels do at the
+        memory's pace and the tiles' panels do not (``amx.FEW_ROWS``)."""
+        g, u, d = self.gate_proj, self.up_proj, self.down_proj
+        if native.usable(x, g, u, d):
+            return lambda xs, idx, wt: native.experts(xs, idx, wt, g, u, d)
+        if native.usable_int8(x, g, u, d):
+            return lambda xs, idx, wt: native.experts_int8(xs, idx, wt, g, u, d)
+        if native.usable_int4(x, g, u, d):
+            return lambda xs, idx, wt: native.experts_int4(xs, idx, wt, g, u, d)
+        return None
 
     def quantised_prefill(self, x: torch.Tensor, token: torch.Tensor, w: torch.Tensor, counts: list[int]
                           ) -> torch.Tensor:

@@ -139,69 +139,69 @@ static inline __attribute__((always_inline)) AMX void store_c(float *ct, const f
     for (int i = 0; i < 16 && m0 + i < M; i++) _mm512_storeu_si512(y + (m0 + i) * ldy + n0, r[i]);
 }
 
-/* the stored rows of the thread's next panel, prefetched into L2 while this one multiplies
-   (the tile loads and the row-by-row dequantisation leave the hardware prefetcher behind):
-   32 rows of rb bytes, rs bytes apart, from next (NULL: none); a few lines a step */
+/* the thread's next panel as stored (32 consecutive rows: one block of bytes), prefetched
+   into L2 while this one multiplies (the tile loads and the row-by-row dequantisation leave
+   the hardware prefetcher behind): line `line` of `lines` next, `per` lines a step */
 typedef struct {
     const char *next;
-    int64_t rb, rs, line, lines, per;
+    int64_t line, lines, per;
 } ahead;
 
 static inline __attribute__((always_inline)) void prefetch_some(ahead *f) {
-    for (int64_t j = 0; j < f->per && f->line < f->lines; j++, f->line++) {
-        const int64_t lpr = (f->rb + 63) / 64;
-        _mm_prefetch(f->next + (f->line / lpr) * f->rs + (f->line % lpr) * 64, _MM_HINT_T1);
-    }
+    for (int64_t j = 0; j < f->per && f->line < f->lines; j++, f->line++)
+        _mm_prefetch(f->next + f->line * 64, _MM_HINT_T1);
 }
 
-/* 32 weight rows (A tiles from a, row stride K) times every token tile of xp into y */
-static AMX void panel(const uint16_t *a, int64_t K, const uint16_t *xp, int64_t M, int64_t n0, const float *sc,
-                      float *y, int64_t ldy, float *ct, ahead *f) {
-    const int64_t Mt = (M + 15) / 16, S = K / 32, stride = 2 * K;
-    if (f->next) f->lines = 32 * ((f->rb + 63) / 64), f->line = 0, f->per = (f->lines + S * ((Mt + 1) / 2) - 1) / (S * ((Mt + 1) / 2));
-    else f->lines = 0;
-    int64_t t = 0;
-    for (; t + 2 <= Mt; t += 2) {
-        _tile_zero(0);
-        _tile_zero(1);
+/* token tiles t (and t + 1 where two) of xp against 32 weight rows (A tiles from a, row
+   stride K): C tiles 0-1 (and 2-3), then into y. Called with two constant, so each case
+   compiles to its own loop. */
+static inline __attribute__((always_inline)) AMX void tile_block(const uint16_t *a, int64_t K, const uint16_t *xp,
+                                                                 int64_t Mt, int64_t t, int two, int64_t M, int64_t n0,
+                                                                 const float *sc, float *y, int64_t ldy, float *ct,
+                                                                 ahead *f) {
+    const int64_t S = K / 32, stride = 2 * K;
+    _tile_zero(0);
+    _tile_zero(1);
+    if (two) {
         _tile_zero(2);
         _tile_zero(3);
-        for (int64_t s = 0; s < S; s++) {
-            prefetch_some(f);
-            _tile_loadd(4, a + 32 * s, stride);
-            _tile_loadd(5, a + 16 * K + 32 * s, stride);
-            _tile_loadd(6, xp + (s * Mt + t) * 512, 64);
-            _tile_loadd(7, xp + (s * Mt + t + 1) * 512, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 5, 6);
+    }
+    for (int64_t s = 0; s < S; s++) {
+        prefetch_some(f);
+        _tile_loadd(4, a + 32 * s, stride);
+        _tile_loadd(5, a + 16 * K + 32 * s, stride);
+        _tile_loadd(6, xp + (s * Mt + t) * 512, 64);
+        if (two) _tile_loadd(7, xp + (s * Mt + t + 1) * 512, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 5, 6);
+        if (two) {
             _tile_dpbf16ps(2, 4, 7);
             _tile_dpbf16ps(3, 5, 7);
         }
-        _tile_stored(0, ct, 64);
-        _tile_stored(1, ct + 256, 64);
+    }
+    _tile_stored(0, ct, 64);
+    _tile_stored(1, ct + 256, 64);
+    store_c(ct, sc, n0, 16 * t, M, y, ldy);
+    store_c(ct + 256, sc, n0 + 16, 16 * t, M, y, ldy);
+    if (two) {
         _tile_stored(2, ct + 512, 64);
         _tile_stored(3, ct + 768, 64);
-        store_c(ct, sc, n0, 16 * t, M, y, ldy);
-        store_c(ct + 256, sc, n0 + 16, 16 * t, M, y, ldy);
         store_c(ct + 512, sc, n0, 16 * t + 16, M, y, ldy);
         store_c(ct + 768, sc, n0 + 16, 16 * t + 16, M, y, ldy);
     }
-    if (t < Mt) {
-        _tile_zero(0);
-        _tile_zero(1);
-        for (int64_t s = 0; s < S; s++) {
-            prefetch_some(f);
-            _tile_loadd(4, a + 32 * s, stride);
-            _tile_loadd(5, a + 16 * K + 32 * s, stride);
-            _tile_loadd(6, xp + (s * Mt + t) * 512, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 5, 6);
-        }
-        _tile_stored(0, ct, 64);
-        _tile_stored(1, ct + 256, 64);
-        store_c(ct, sc, n0, 16 * t, M, y, ldy);
-        store_c(ct + 256, sc, n0 + 16, 16 * t, M, y, ldy);
-    }
+}
+
+/* 32 weight rows (A tiles from a, row stride K) times every token tile of xp into y, two
+   token tiles at a time; the next panel's nb stored bytes at next (NULL: none) prefetched
+   over the steps */
+static AMX void panel(const uint16_t *a, int64_t K, const uint16_t *xp, int64_t M, int64_t n0, const float *sc,
+                      float *y, int64_t ldy, float *ct, const char *next, int64_t nb) {
+    const int64_t Mt = (M + 15) / 16, steps = K / 32 * ((Mt + 1) / 2);
+    ahead f = {next, 0, next ? (nb + 63) / 64 : 0, 0};
+    f.per = (f.lines + steps - 1) / steps;
+    int64_t t = 0;
+    for (; t + 2 <= Mt; t += 2) tile_block(a, K, xp, Mt, t, 1, M, n0, sc, y, ldy, ct, &f);
+    if (t < Mt) tile_block(a, K, xp, Mt, t, 0, M, n0, sc, y, ldy, ct, &f);
 }
 
 /* row of K int8 values as bf16, 32 a step (exact: 8 significant bits at most, so the
@@ -234,7 +234,7 @@ typedef struct {
 static AMX void weight_panel(const amx_weight *W, int64_t p, const uint16_t *xp, int64_t mc, float *y, int64_t ldy,
                              uint16_t *mine, float *ct) {
     const int64_t K = W->K, n0 = 32 * p, rb = W->fmt == 0 ? 2 * K : W->fmt == 1 ? K : K / 2;
-    ahead f = {32 * (p + 1) < W->N ? (const char *)W->w + (n0 + 32) * rb : NULL, rb, rb, 0, 0, 0};
+    const char *next = 32 * (p + 1) < W->N ? (const char *)W->w + (n0 + 32) * rb : NULL;
     const uint16_t *a = (const uint16_t *)W->w + n0 * K;
     if (W->fmt == 1) {
         for (int i = 0; i < 32; i++) widen_i8((const int8_t *)W->w + (n0 + i) * K, K, mine + i * K);
@@ -243,7 +243,7 @@ static AMX void weight_panel(const amx_weight *W, int64_t p, const uint16_t *xp,
         dsvl2_dequant_i4((const uint8_t *)W->w + n0 * K / 2, W->scale + n0 * (K / W->G), 32, K, W->G, mine, 1);
         a = mine;
     }
-    panel(a, K, xp, mc, n0, W->sc, y, ldy, ct, &f);
+    panel(a, K, xp, mc, n0, W->sc, y, ldy, ct, next, 32 * rb);
 }
 
 /* one thread's part of dsvl2_amx_linear (inside its parallel region: the outlined region

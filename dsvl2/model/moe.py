@@ -120,13 +120,9 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Grouped dispatch: x [N, D] -> [N, D]."""
-        if ops.native_product(x, self.gate_proj, self.up_proj, self.down_proj):
-            # the whole layer in one native call: each chosen expert's weights read once
-            return native.experts(x, routing.idx, routing.weight, self.gate_proj, self.up_proj, self.down_proj)
-        if ops.decoding_active() and native.usable_int8(x, self.gate_proj, self.up_proj, self.down_proj):
-            return native.experts_int8(x, routing.idx, routing.weight, self.gate_proj, self.up_proj, self.down_proj)
-        if ops.decoding_active() and native.usable_int4(x, self.gate_proj, self.up_proj, self.down_proj):
-            return native.experts_int4(x, routing.idx, routing.weight, self.gate_proj, self.up_proj, self.down_proj)
+        kernel = self.native_kernel(x) if ops.decoding_active() else None
+        if kernel is not None:  # the whole layer in one native call: each chosen expert's weights read once
+            return kernel(x, routing.idx, routing.weight)
         # Otherwise (prefill, or no native kernels) one expert at a time on its tokens.
         n, k = routing.idx.shape
         flat = routing.idx.reshape(-1)  # [N*K]
@@ -156,11 +152,8 @@ class Experts(nn.Module):
         if not (amx.enabled and ops.big_products_in_weights_dtype() and amx.usable()):
             return False
         for w in (self.gate_proj, self.up_proj, self.down_proj):
-            n, k = w.shape[-2:]
-            if isinstance(w, QuantWeight):
-                if not (w.kind in ("int8", "int4") and amx.takes(n, k, w.group if w.kind == "int4" else 0)):
-                    return False
-            elif not (w.dtype is torch.bfloat16 and amx.takes(n, k)):
+            if not (w.amx_takes() if isinstance(w, QuantWeight) else
+                    w.dtype is torch.bfloat16 and amx.takes(*w.shape[-2:])):
                 return False
         return True
 
@@ -176,7 +169,7 @@ class Experts(nn.Module):
         activations; their sums added after the others')."""
         xd = x.to(torch.bfloat16)
         out = torch.zeros_like(x)
-        few = self._few_rows_kernel(x)
+        few = self.native_kernel(x)
         small = []  # experts of at most amx.FEW_ROWS rows, for ``few`` in one call
         for e, pairs, sel in expert_runs(token, counts):
             if few is not None and sel.numel() <= amx.FEW_ROWS:
@@ -192,12 +185,13 @@ class Experts(nn.Module):
             out.index_add_(0, tok, few(x.index_select(0, tok), ids, wp).to(x.dtype))
         return out
 
-    def _few_rows_kernel(self, x: torch.Tensor):
+    def native_kernel(self, x: torch.Tensor):
         """The native decode kernel of these experts (``native.experts`` / ``_int8`` /
-        ``_int4``: float32 activations, each chosen expert's weights read once for its rows),
-        as ``f(rows, idx [P, 1], wt [P, 1])``, or None where it does not run. On AMX an
-        expert of a few rows is bound by reading its weight, which these kernels do at the
-        memory's pace and the tiles' panels do not (``amx.FEW_ROWS``)."""
+        ``_int4``: float32 activations, the whole layer in one call, each chosen expert's
+        weights read once for its rows), as ``f(rows, idx [T, k], wt [T, k])``, or None where
+        it does not run. Decode steps use it; so does ``amx_prefill`` for the experts of a few
+        rows, bound by reading their weights, which these kernels do at the memory's pace and
+        the tiles' panels do not (``amx.FEW_ROWS``)."""
         g, u, d = self.gate_proj, self.up_proj, self.down_proj
         if native.usable(x, g, u, d):
             return lambda xs, idx, wt: native.experts(xs, idx, wt, g, u, d)
@@ -248,7 +242,7 @@ def _amx_slot(weight, e: int) -> tuple:
     """Expert ``e``'s matrix of ``weight`` (a bf16 [E, N, K] stack or a stacked int8 / int4
     ``QuantWeight``) as ``native.amx`` takes it: (values, scale, group)."""
     if isinstance(weight, QuantWeight):
-        return weight.data[e], weight.scale[e], weight.group if weight.kind == "int4" else 0
+        return weight.amx_args(e)
     return weight[e], None, 0
 
 

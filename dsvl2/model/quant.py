@@ -204,7 +204,7 @@ class QuantWeight:
         if self.kind == "int4pack":
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.data, self.group, self.scale)
         elif not decoding and bf16_products and self.amx_ready():  # stored weight read once, no padding
-            y = amx.linear(x2.to(torch.bfloat16), self.data, self.scale, self.group if self.kind == "int4" else 0)
+            y = amx.linear(x2.to(torch.bfloat16), *self.amx_args())
         elif not decoding:
             y = self.block_gemm(x2, torch.bfloat16 if bf16_products else torch.float32, pad=True)
         elif self.kind == "int8" and native.usable_int8(x2, self):
@@ -220,8 +220,20 @@ class QuantWeight:
     def amx_ready(self) -> bool:
         """Its bf16 products outside decode run on AMX tiles (``native/amx.py``): an unstacked
         int8 or int4 weight of a shape the kernel takes, AMX usable and not switched off."""
-        return (self.kind in ("int8", "int4") and len(self.shape) == 2 and amx.enabled
-                and amx.takes(*self.shape, self.group if self.kind == "int4" else 0) and amx.usable())
+        return len(self.shape) == 2 and self.amx_takes() and amx.enabled and amx.usable()
+
+    def amx_takes(self) -> bool:
+        """An int8 or int4 (stored format) weight, or stack of them, whose matrices have a
+        shape ``native.amx`` takes."""
+        return self.kind in ("int8", "int4") and amx.takes(*self.shape[-2:], self.amx_args()[2])
+
+    def amx_args(self, index: int | None = None) -> tuple:
+        """(values, scale, group) of the weight, or of slot ``index`` of a stack, as
+        ``native.amx`` takes them (the group only for int4)."""
+        group = self.group if self.kind == "int4" else 0
+        if index is None:
+            return self.data, self.scale, group
+        return self.data[index], self.scale[index], group
 
     def block_gemm(self, x: torch.Tensor, dtype: torch.dtype, pad: bool = False) -> torch.Tensor:
         """``x @ W.T`` for x [M, K] (an unstacked weight): W dequantised in blocks of rows into

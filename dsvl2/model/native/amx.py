@@ -31,9 +31,9 @@ import os
 
 import torch
 
+from . import describe
 from .build import available, require
 
-FORMATS = {"bf16": 0, "int8": 1, "int4": 2}  # amx.c's fmt
 # An expert with at most this many rows runs on the native decode kernels instead
 # (``Experts.amx_prefill``): at 1-4 rows a tile panel's dequantisation, not the
 # multiply, is the cost (int4 [1536, 2560]: 0.27 ms against 0.07-0.15; int8 [1408, 2048]:
@@ -62,8 +62,6 @@ def takes(n: int, k: int, group: int = 0) -> bool:
 
 
 def _bad(name: str, t, expected: str) -> ValueError:
-    from . import describe
-
     return ValueError(f"native.amx: {name} must be {expected}, got {describe(t)}")
 
 
@@ -162,6 +160,4 @@ def expert(x: torch.Tensor, gate: tuple, up: tuple, down: tuple, wt: torch.Tenso
 
 
 def _describe_all(*weights: tuple) -> str:
-    from . import describe
-
     return ", ".join(describe(w[0]) for w in weights)

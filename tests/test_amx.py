@@ -6,7 +6,9 @@ rounding gives), within the error bound of a float32 sum of K exact products
 (K * 2^-24 * sum |x w|, any summation order); a row's bits do not depend on the other rows
 (nor on the chunk of 256 rows it falls in); only y's [M, N] is written; strided rows equal
 contiguous ones; the model's routed experts take this path where it is usable and agree
-with the dequantise-then-GEMM path and with the float64 layer.
+with the dequantise-then-GEMM path and with the float64 layer. The attention on AMX tiles
+(``amx_attention.c``) shares the native kernel's tests (tests/test_attention_bf16.py); here,
+where it runs and what its C side refuses.
 
 The kernel needs a CPU with AMX (and Linux granting the tile state): those tests are
 skipped elsewhere. The argument checks and the "is it usable here" answer run on every CPU.
@@ -175,6 +177,37 @@ def test_the_c_side_refuses_shapes_it_does_not_take():
     assert lib.dsvl2_amx_linear(x.data_ptr(), 96, 4, 96, 0, w.data_ptr(), None, 0, 48, y.data_ptr(), 48) == -2
     assert lib.dsvl2_amx_linear(x.data_ptr(), 96, 4, 96, 3, w.data_ptr(), None, 0, 48, y.data_ptr(), 48) == -2
     assert (y == 7.0).all()
+
+
+@pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.status()['reason']}")
+def test_the_attention_runs_exactly_where_amx_is_usable():
+    """``native.attention_bf16_amx`` (its numbers: tests/test_attention_bf16.py) answers where
+    ``amx.usable()``, and elsewhere raises a RuntimeError that says AMX is missing (the C
+    entry point's -1), never a wrong result."""
+    g = _gen(30)
+    q, k, v = (torch.randn(1, 2, 5, 16, generator=g).to(BF) for _ in range(3))
+    if amx.usable():
+        out = native.attention_bf16_amx(q, k, v, 0.25)
+        want = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * 0.25, -1) @ v.double()
+        assert (out.double() - want).abs().max() < 2 ** -8 * v.double().abs().max()
+    else:
+        with pytest.raises(RuntimeError, match="AMX is not usable"):
+            native.attention_bf16_amx(q, k, v, 0.25)
+
+
+@needs_amx
+def test_the_c_side_of_the_attention_refuses_shapes_it_does_not_take():
+    """``dsvl2_amx_attention``'s own checks (-2, nothing written): odd head sizes, kv heads
+    that do not divide the query heads, an empty call."""
+    lib = native.require()
+    q = torch.zeros(1, 2, 4, 16, dtype=BF)
+    out = torch.full((1, 2, 4, 16), 7.0)
+    st = torch.tensor([*q.stride()[:3]] * 3 + [*out.stride()[:3], 0, 0], dtype=torch.int64)
+    p = q.data_ptr()
+    for h, hk, t, dk, dv in ((2, 2, 4, 15, 16), (2, 2, 4, 16, 15), (2, 3, 4, 16, 16), (2, 2, 0, 16, 16)):
+        assert lib.dsvl2_amx_attention(p, p, p, out.data_ptr(), 0, 1, h, hk, t, 4, dk, dv, 0.25, None, None,
+                                       st.data_ptr()) == -2
+    assert (out == 7.0).all()
 
 
 def _experts(fmt: str, e: int = 6, d: int = 128, f: int = 96) -> Experts:

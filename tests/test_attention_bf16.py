@@ -1,5 +1,7 @@
 """The prefill / vision attention with bf16 products (dsvl2/model/native/attention.c, the
-wrapper ``native.attention_bf16``) and where the model chooses it (``ops.attention_in_bf16``).
+wrapper ``native.attention_bf16``), the same numbers on AMX tiles (amx_attention.c,
+``native.attention_bf16_amx``: every numeric test below runs on both kernels, ``attend``),
+and where the model chooses them (``ops.attention_in_bf16``).
 
 * When: ``attention_usable()`` is the native kernels, the CPU's AVX-512 BF16 flags and a
   build that has the kernel; the model takes it only for bf16 (or quantised) weights
@@ -14,8 +16,9 @@ wrapper ``native.attention_bf16``) and where the model chooses it (``ops.attenti
   other queries of its call; the mask's memo follows in-place changes of the mask.
 * The model: MLA and MHA prefill with the kernel against their torch float32 attention.
 
-The numeric tests need a CPU with AVX-512 BF16 (a hardware condition): elsewhere they skip
-and the tests of the choice check that the kernel is never chosen.
+The numeric tests need a CPU with AVX-512 BF16, and for the AMX kernel AMX (hardware
+conditions): elsewhere they skip and the tests of the choice check that the kernel is never
+chosen.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dsvl2.config import LanguageConfig
 from dsvl2.model import native, ops
 from dsvl2.model.attention import MHA, MLA
 from dsvl2.model.cache import KVCache, StepContext, row_tables
+from dsvl2.model.native import amx
 from dsvl2.model.native.cpu import cpu_info
 from dsvl2.model.rope import RotaryEmbedding
 
@@ -34,6 +38,21 @@ needs_kernel = pytest.mark.skipif(
     not native.attention_usable(),
     reason="hardware: attention_bf16 needs a CPU with AVX-512 BF16 (and the native kernels built with its "
            "intrinsics); this machine has not")
+
+KERNELS = {"native": (lambda: native.attention_bf16, native.attention_usable,
+                      "a CPU with AVX-512 BF16 (and the native kernels built with its intrinsics)"),
+           "amx": (lambda: native.attention_bf16_amx, lambda: native.attention_usable() and amx.usable(),
+                   "a CPU with AMX-TILE / AMX-BF16 that the kernel lets this process use, and a GCC >= 11 build")}
+
+
+@pytest.fixture(params=list(KERNELS))
+def attend(request):
+    """The kernel under test: attention.c's, or amx_attention.c's (the same documented numbers)."""
+    fn, usable, needs = KERNELS[request.param]
+    if not usable():
+        pytest.skip(f"hardware: the {request.param} attention kernel needs {needs}; this machine has not")
+    return fn()
+
 
 BF = torch.bfloat16
 MIN = torch.finfo(torch.float32).min  # the model's additive mask value for a hidden key
@@ -120,25 +139,26 @@ def assert_like_the_kernel(got, q, k, v, scale, mask=None):
 
 
 # (B, H, Hk, T, S, dk, dv, mask): head sizes of the vision tower (72) and MLA (192 / 128),
-# grouped kv heads (2 and 1 for 4), T and S across the kernel's tiles (8 queries, 32 keys)
+# grouped kv heads (2 and 1 for 4), T and S across the kernels' tiles (attention.c: 8
+# queries, 32 keys; amx_attention.c: 32 queries, 32 keys, 32 dims, 16 / 32 value columns)
 # and not multiples of them, a causal prefill chunk after S - T cached keys
 CASES = {
     "vision": (2, 3, 3, 37, 37, 72, 72, None),
     "mla_chunk": (1, 4, 4, 21, 53, 192, 128, "causal"),
     "gqa2_causal": (2, 4, 2, 11, 35, 64, 64, "causal"),
     "mqa_dv_tail": (1, 4, 1, 17, 17, 32, 48, "causal"),
-    "one_query": (1, 2, 1, 1, 45, 8, 6, None),
+    "one_query": (1, 2, 1, 1, 33, 8, 6, None),  # S = 32 + 1: a last key block of one key
+    "query_blocks": (1, 2, 2, 70, 101, 192, 128, "causal"),
 }
 
 
-@needs_kernel
 @pytest.mark.parametrize("case", CASES)
-def test_matches_the_modelled_rounding_and_plain_float64(case):
+def test_matches_the_modelled_rounding_and_plain_float64(attend, case):
     b, h, hk, t, s, dk, dv, kind = CASES[case]
     q, k, v = random_qkv(b, h, hk, t, s, dk, dv)
     mask = causal_mask(b, t, s) if kind == "causal" else None
     scale = dk ** -0.5
-    got = native.attention_bf16(q, k, v, scale, mask)
+    got = attend(q, k, v, scale, mask)
     assert got.dtype == torch.float32 and got.shape == (b, h, t, dv)
     assert_like_the_kernel(got, q, k, v, scale, mask)
 
@@ -155,31 +175,28 @@ def padding_case():
     return q, k, v, mask, v_per_head(v, h)[1].mean(1, keepdim=True).expand(h, t - 3, dv)
 
 
-@needs_kernel
-def test_padding_queries_without_visible_keys_average_all_keys():
+def test_padding_queries_without_visible_keys_average_all_keys(attend):
     """``padding_case``: torch's softmax over equal scores, a uniform average of all S keys'
     v, finite."""
     q, k, v, mask, uniform = padding_case()
-    got = native.attention_bf16(q, k, v, 0.125, mask)
+    got = attend(q, k, v, 0.125, mask)
     assert torch.isfinite(got).all()
     assert _err(got[1, :, 3:], uniform, v) < BASE_TOL  # weights all exp(0) = 1: exact in bf16
     assert_like_the_kernel(got, q, k, v, 0.125, mask)
 
 
-@needs_kernel
 @pytest.mark.parametrize("case", ["vision", "mla_chunk"])
-def test_bf16_out_is_the_float32_out_rounded(case):
+def test_bf16_out_is_the_float32_out_rounded(attend, case):
     b, h, hk, t, s, dk, dv, kind = CASES[case]
     q, k, v = random_qkv(b, h, hk, t, s, dk, dv, seed=5)
     mask = causal_mask(b, t, s) if kind == "causal" else None
-    f32 = native.attention_bf16(q, k, v, dk ** -0.5, mask)
+    f32 = attend(q, k, v, dk ** -0.5, mask)
     out = torch.full((b, h, t, dv), float("nan"), dtype=BF)
-    assert native.attention_bf16(q, k, v, dk ** -0.5, mask, out=out) is out
+    assert attend(q, k, v, dk ** -0.5, mask, out=out) is out
     assert torch.equal(out, f32.to(BF))
 
 
-@needs_kernel
-def test_strided_views_of_a_fused_qkv_give_the_bits_of_contiguous_copies():
+def test_strided_views_of_a_fused_qkv_give_the_bits_of_contiguous_copies(attend):
     """As the vision tower calls it: q, k, v views of one [N, P, 3, H, hd] tensor, the output
     written through a [N, H, P, hd] view of [N, P, H, hd]; a mask through a broadcast batch."""
     n, p, heads, hd = 2, 29, 3, 72
@@ -187,72 +204,68 @@ def test_strided_views_of_a_fused_qkv_give_the_bits_of_contiguous_copies():
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [N, H, P, hd]
     assert not q.is_contiguous()
     heads_out = torch.empty(n, p, heads, hd)
-    native.attention_bf16(q, k, v, hd ** -0.5, out=heads_out.transpose(1, 2))
-    want = native.attention_bf16(q.contiguous(), k.contiguous(), v.contiguous(), hd ** -0.5)
+    attend(q, k, v, hd ** -0.5, out=heads_out.transpose(1, 2))
+    want = attend(q.contiguous(), k.contiguous(), v.contiguous(), hd ** -0.5)
     assert torch.equal(heads_out.transpose(1, 2), want)
     mask = causal_mask(1, p, p)
-    got = native.attention_bf16(q, k, v, hd ** -0.5, mask.expand(n, 1, p, p))
-    want = native.attention_bf16(q.contiguous(), k.contiguous(), v.contiguous(), hd ** -0.5,
+    got = attend(q, k, v, hd ** -0.5, mask.expand(n, 1, p, p))
+    want = attend(q.contiguous(), k.contiguous(), v.contiguous(), hd ** -0.5,
                                  mask.repeat(n, 1, 1, 1))
     assert torch.equal(got, want)
     assert_like_the_kernel(got, q, k, v, hd ** -0.5, mask)
 
 
-@needs_kernel
-def test_a_rows_bits_do_not_depend_on_the_other_rows():
+def test_a_rows_bits_do_not_depend_on_the_other_rows(attend):
     b, h, hk, t, s, dk, dv = 3, 4, 2, 13, 40, 192, 128
     q, k, v = random_qkv(b, h, hk, t, s, dk, dv, seed=11)
     mask = causal_mask(b, t, s)
     mask[2, :, :, 30:] = MIN  # a shorter row
-    both = native.attention_bf16(q, k, v, 0.1, mask)
+    both = attend(q, k, v, 0.1, mask)
     for i in range(b):
-        alone = native.attention_bf16(q[i:i + 1], k[i:i + 1], v[i:i + 1], 0.1, mask[i:i + 1])
+        alone = attend(q[i:i + 1], k[i:i + 1], v[i:i + 1], 0.1, mask[i:i + 1])
         assert torch.equal(both[i:i + 1], alone), i
 
 
-@needs_kernel
-@pytest.mark.parametrize("split", [5, 8, 20])
-def test_queries_in_two_calls_give_the_bits_of_one_call(split):
+@pytest.mark.parametrize("split", [5, 8, 20, 32])
+def test_queries_in_two_calls_give_the_bits_of_one_call(attend, split):
     """The first queries of a prefill, then the rest (the same keys, their mask rows): the
-    bits of all of them at once; splits inside and at the kernel's 8-query tiles."""
-    b, h, hk, t, s, dk, dv = 2, 4, 1, 21, 47, 72, 72
+    bits of all of them at once; splits inside and at the kernels' 8- and 32-query tiles."""
+    b, h, hk, t, s, dk, dv = 2, 4, 1, 45, 71, 72, 72
     q, k, v = random_qkv(b, h, hk, t, s, dk, dv, seed=13)
     mask = causal_mask(b, t, s)
-    whole = native.attention_bf16(q, k, v, 0.2, mask)
-    first = native.attention_bf16(q[:, :, :split], k, v, 0.2, mask[:, :, :split])
-    rest = native.attention_bf16(q[:, :, split:], k, v, 0.2, mask[:, :, split:])
+    whole = attend(q, k, v, 0.2, mask)
+    first = attend(q[:, :, :split], k, v, 0.2, mask[:, :, :split])
+    rest = attend(q[:, :, split:], k, v, 0.2, mask[:, :, split:])
     assert torch.equal(torch.cat([first, rest], dim=2), whole)
 
 
-@needs_kernel
-def test_a_mask_changed_in_place_changes_the_result():
+def test_a_mask_changed_in_place_changes_the_result(attend):
     """The wrapper remembers the keys each query row sees per mask; writing into the mask
     (its version changes) must be seen, both hiding keys and showing them again."""
     b, h, hk, t, s, dk, dv = 1, 2, 2, 9, 40, 32, 32
     q, k, v = random_qkv(b, h, hk, t, s, dk, dv, seed=17)
     mask = causal_mask(b, t, s)
-    causal = native.attention_bf16(q, k, v, 0.3, mask)
+    causal = attend(q, k, v, 0.3, mask)
     mask.zero_()  # every key visible: keys the memo's limits would skip now count
-    everything = native.attention_bf16(q, k, v, 0.3, mask)
-    assert torch.equal(everything, native.attention_bf16(q, k, v, 0.3, None))
+    everything = attend(q, k, v, 0.3, mask)
+    assert torch.equal(everything, attend(q, k, v, 0.3, None))
     assert not torch.equal(everything, causal)
     mask[..., 20:] = MIN  # hide keys again
-    got = native.attention_bf16(q, k, v, 0.3, mask)
-    assert torch.equal(got, native.attention_bf16(q, k, v, 0.3, mask.clone()))
+    got = attend(q, k, v, 0.3, mask)
+    assert torch.equal(got, attend(q, k, v, 0.3, mask.clone()))
     assert_like_the_kernel(got, q, k, v, 0.3, mask)
 
 
-@needs_kernel
-def test_one_mask_broadcast_over_batches_of_different_sizes():
+def test_one_mask_broadcast_over_batches_of_different_sizes(attend):
     """A [1, 1, T, S] mask used with B = 1, then with B = 3 (the memo of its limits is per B):
     every row of the second call equals a call with a fresh copy of the mask."""
     t, s, dk, dv = 11, 37, 16, 16
     mask = causal_mask(1, t, s)
     q1, k1, v1 = random_qkv(1, 2, 2, t, s, dk, dv, seed=21)
-    native.attention_bf16(q1, k1, v1, 0.25, mask)
+    attend(q1, k1, v1, 0.25, mask)
     q, k, v = random_qkv(3, 2, 2, t, s, dk, dv, seed=22)
-    got = native.attention_bf16(q, k, v, 0.25, mask)
-    assert torch.equal(got, native.attention_bf16(q, k, v, 0.25, mask.clone()))
+    got = attend(q, k, v, 0.25, mask)
+    assert torch.equal(got, attend(q, k, v, 0.25, mask.clone()))
     assert_like_the_kernel(got, q, k, v, 0.25, mask.expand(3, 1, t, s))
 
 
@@ -340,10 +353,11 @@ def filled(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module.to(BF)
 
 
-def prefill_chunk(cfg: LanguageConfig, module, native_on: bool, monkeypatch) -> tuple[torch.Tensor, int]:
+def prefill_chunk(cfg: LanguageConfig, module, native_on: bool, monkeypatch,
+                  kernel: str = "native") -> tuple[torch.Tensor, int]:
     """A prefill chunk of T = 13 tokens after 20 cached ones per row (row 1 padded: its last
-    4 queries are pads, its keys from 29 on hidden), under the bf16 policy: the output and
-    the number of ``native.attention_bf16`` calls."""
+    4 queries are pads, its keys from 29 on hidden), under the bf16 policy with ``kernel``
+    ("native", "torch" or "amx") chosen: the output and the number of calls of its wrapper."""
     b, t, cached, bs = 2, 13, 20, 16
     s = cached + t
     cache = KVCache(cfg, 1 + b * 3, block_size=bs)
@@ -355,9 +369,11 @@ def prefill_chunk(cfg: LanguageConfig, module, native_on: bool, monkeypatch) -> 
     mask[1, :, :, cached + t - 4:] = MIN
     ctx = StepContext(cos, sin, mask, cache=cache, table=row_tables(b, 48, bs), write_pos=positions, kv_len=s)
     calls = []
-    real = native.attention_bf16
-    monkeypatch.setattr(native, "attention_bf16", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    name = {"native": "attention_bf16", "torch": "attention_bf16_torch", "amx": "attention_bf16_amx"}[kernel]
+    real = getattr(native, name)
+    monkeypatch.setattr(native, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
     monkeypatch.setattr(ops, "native_attention", native_on)
+    monkeypatch.setattr(ops, "attention_kernel", kernel)
     before = ops.big_products_in_weights_dtype()
     ops.set_big_products_in_weights_dtype(True)
     try:
@@ -369,9 +385,9 @@ def prefill_chunk(cfg: LanguageConfig, module, native_on: bool, monkeypatch) -> 
     return out, len(calls)
 
 
-def _check_model(cfg, module, monkeypatch):
-    fast, calls = prefill_chunk(cfg, module, True, monkeypatch)
-    slow, none = prefill_chunk(cfg, module, False, monkeypatch)
+def _check_model(cfg, module, monkeypatch, kernel):
+    fast, calls = prefill_chunk(cfg, module, True, monkeypatch, kernel)
+    slow, none = prefill_chunk(cfg, module, False, monkeypatch, kernel)
     assert (calls, none) == (1, 0)
     assert torch.isfinite(fast).all()
     # o_proj's result is bf16 under the policy (one ulp at the max: 2^-8 ~ 4e-3 of it); the
@@ -381,16 +397,18 @@ def _check_model(cfg, module, monkeypatch):
     assert not torch.equal(fast, slow)  # the kernel ran, not torch's float32 attention
 
 
-@needs_kernel
-def test_mla_prefill_chunk_with_the_kernel_matches_torch_attention(monkeypatch):
+def test_mla_prefill_chunk_with_the_kernel_matches_torch_attention(attend, monkeypatch):
     cfg = LanguageConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=32, use_mla=True,
                          kv_lora_rank=40, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=24,
                          q_lora_rank=24)
-    _check_model(cfg, filled(MLA(cfg, 0), seed=0), monkeypatch)
+    _check_model(cfg, filled(MLA(cfg, 0), seed=0), monkeypatch, _kernel_name(attend))
 
 
-@needs_kernel
-def test_mha_prefill_chunk_with_grouped_kv_heads_and_the_kernel_matches_torch_attention(monkeypatch):
+def test_mha_prefill_chunk_with_grouped_kv_heads_and_the_kernel_matches_torch_attention(attend, monkeypatch):
     cfg = LanguageConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                          vocab_size=32, use_mla=False)
-    _check_model(cfg, filled(MHA(cfg, 0), seed=10), monkeypatch)
+    _check_model(cfg, filled(MHA(cfg, 0), seed=10), monkeypatch, _kernel_name(attend))
+
+
+def _kernel_name(fn) -> str:
+    return "amx" if fn is native.attention_bf16_amx else "native"

@@ -11,7 +11,7 @@ it and the native kernel (``ops.attention_bf16``), and the model's prefill on it
   a transposed view, grouped kv heads, dv < dk (MLA) and dv > dk; a batch row's bits do not
   depend on the other rows of the call.
 * The choice: torch's kernel for calls of at least ``TORCH_ATTENTION_MIN_ROWS`` queries when
-  the policy chose it, the native one otherwise; MLA and MHA prefill chunks on it against
+  the policy chose it, the native one otherwise (the AMX one, when chosen, for every call); MLA and MHA prefill chunks on it against
   torch's float32 attention.
 
 torch's kernel runs on every CPU, so these tests run everywhere (slowly where there are no
@@ -117,10 +117,10 @@ def test_a_rows_bits_do_not_depend_on_the_other_rows_of_the_call():
         assert torch.equal(both[i:i + 1], alone), i
 
 
-@pytest.mark.parametrize("name", ["attention_bf16", "attention_bf16_torch"])
+@pytest.mark.parametrize("name", ["attention_bf16", "attention_bf16_torch", "attention_bf16_amx"])
 def test_bad_arguments_raise_value_errors_naming_them(name):
-    """Both kernels' wrappers share their checks, which run before any C does (so this runs
-    on every CPU for the native one too)."""
+    """The three kernels' wrappers share their checks, which run before any C does (so this
+    runs on every CPU for the native and AMX ones too)."""
     fn = getattr(native, name)
     q, k, v = random_qkv(1, 4, 2, 5, 7, 16, 16)
     with pytest.raises(ValueError, match=rf"{name}: q must be"):
@@ -138,7 +138,7 @@ def test_bad_arguments_raise_value_errors_naming_them(name):
 # ---- the choice ------------------------------------------------------------------------------
 
 def _counting(monkeypatch) -> dict:
-    calls = {"native": 0, "torch": 0}
+    calls = {"native": 0, "torch": 0, "amx": 0}
 
     def fake(kind):
         def run(q, k, v, scale, mask=None, out=None):
@@ -148,6 +148,7 @@ def _counting(monkeypatch) -> dict:
 
     monkeypatch.setattr(native, "attention_bf16", fake("native"))
     monkeypatch.setattr(native, "attention_bf16_torch", fake("torch"))
+    monkeypatch.setattr(native, "attention_bf16_amx", fake("amx"))
     return calls
 
 
@@ -157,11 +158,15 @@ def test_the_policys_kernel_runs_calls_of_enough_queries(monkeypatch):
     few, many = random_qkv(1, 2, 2, n - 1, 9, 8, 8), random_qkv(1, 2, 2, n, 9, 8, 8)
     monkeypatch.setattr(ops, "attention_kernel", "native")
     ops.attention_bf16(*many, 0.1)
-    assert calls == {"native": 1, "torch": 0}
+    assert calls == {"native": 1, "torch": 0, "amx": 0}
     monkeypatch.setattr(ops, "attention_kernel", "torch")
     ops.attention_bf16(*many, 0.1)
     ops.attention_bf16(*few, 0.1)
-    assert calls == {"native": 2, "torch": 1}
+    assert calls == {"native": 2, "torch": 1, "amx": 0}
+    monkeypatch.setattr(ops, "attention_kernel", "amx")  # every call, however few its queries
+    ops.attention_bf16(*many, 0.1)
+    ops.attention_bf16(*few, 0.1)
+    assert calls == {"native": 2, "torch": 1, "amx": 2}
 
 
 def test_with_torchs_kernel_chosen_the_native_one_is_not_required(monkeypatch):
@@ -188,11 +193,11 @@ def _check_model_on_torchs_kernel(cfg, module, monkeypatch):
     monkeypatch.setattr(native, "attention_bf16_torch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     monkeypatch.setattr(native, "attention_usable", lambda: False)  # the choice alone decides
     monkeypatch.setattr(ops, "attention_kernel", "torch")
-    fast, _ = prefill_chunk(cfg, module, True, monkeypatch)
+    fast, _ = prefill_chunk(cfg, module, True, monkeypatch, "torch")
     monkeypatch.setattr(native, "attention_bf16_torch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     monkeypatch.setattr(native, "attention_usable", lambda: False)
     monkeypatch.setattr(ops, "attention_kernel", "torch")
-    slow, _ = prefill_chunk(cfg, module, False, monkeypatch)
+    slow, _ = prefill_chunk(cfg, module, False, monkeypatch, "torch")
     assert len(calls) == 1  # the first run only
     assert torch.isfinite(fast).all()
     # o_proj's result is bf16 under the policy (an ulp at the max: 2^-8); q, the weights and

@@ -66,8 +66,9 @@ def _products(fp32: float, bf16: float):
 @pytest.mark.parametrize("native_ms, torch_ms, want", [(13.1, 5.2, "torch"), (13.1, 11.0, "native"),
                                                        (6.0, 9.0, "native")])
 def test_attention_kernel_is_torchs_only_where_clearly_faster(native_ms, torch_ms, want):
-    """Both attention kernels timed where bf16 products are chosen; torch's taken at
-    TORCH_ATTENTION_MARGIN (1.2x) or more (13.1 / 5.2 ms: an AMX Xeon's figures)."""
+    """Both attention kernels timed where bf16 products are chosen (the AMX one not usable:
+    its timing None); torch's taken at ATTENTION_MARGIN (1.2x) or more (13.1 / 5.2 ms: an
+    AMX Xeon's figures)."""
     times = {"native": native_ms, "torch": torch_ms}
     c = kernels.choose("cpu", torch.bfloat16, flags={"amx_bf16"}, measure=_products(260.0, 1965.0),
                        use_cache=False, measure_attention=times.get)
@@ -82,7 +83,7 @@ def test_attention_times_are_the_best_of_rounds_in_turns():
     """A moment of load that slows one round of a kernel does not decide: the best of each."""
     seq = {"native": iter([30.0, 13.0, 13.5]), "torch": iter([5.5, 25.0, 5.2])}
     c = kernels.choose("cpu", torch.bfloat16, flags={"amx_bf16"}, measure=_products(260.0, 1965.0),
-                       use_cache=False, measure_attention=lambda kernel: next(seq[kernel]))
+                       use_cache=False, measure_attention=lambda kernel: next(seq[kernel]) if kernel in seq else None)
     assert (c.measured["attention_native_ms"], c.measured["attention_torch_ms"], c.attention) == (13.0, 5.2, "torch")
 
 
@@ -109,15 +110,15 @@ def test_attention_choice_is_cached_with_the_products(monkeypatch):
 
     def timing(kernel):
         calls.append(kernel)
-        return {"native": 13.0, "torch": 5.0}[kernel]
+        return {"native": 13.0, "torch": 5.0}.get(kernel)  # no AMX kernel here
 
     first = kernels.choose("cpu", torch.bfloat16, flags={"amx_bf16"}, measure=_products(100.0, 300.0),
                            measure_attention=timing)
     again = kernels.choose("cpu", torch.bfloat16, flags={"amx_bf16"}, measure=_products(100.0, 300.0),
                            measure_attention=timing)
-    # timed in turns, ATTENTION_ROUNDS each, then cached
+    # asked for each kernel, then the usable ones timed in turns, ATTENTION_ROUNDS each; cached
     assert first == again and first.attention == "torch"
-    assert calls == ["native", "torch"] * kernels.ATTENTION_ROUNDS
+    assert calls == ["native", "torch", "amx"] + ["native", "torch"] * (kernels.ATTENTION_ROUNDS - 1)
 
 
 @pytest.mark.parametrize("load_then, load_now, measured_again", [(0.3, 0.1, False), (1.6, 1.4, False),
@@ -130,7 +131,7 @@ def test_a_measurement_on_a_busy_machine_is_made_again_on_a_quiet_one(monkeypatc
 
     def timing(kernel):
         calls.append(kernel)
-        return {"native": 13.0, "torch": 5.0}[kernel]
+        return {"native": 13.0, "torch": 5.0}.get(kernel)
 
     def choose():
         return kernels.choose("cpu", torch.bfloat16, flags={"amx_bf16"}, measure=_products(100.0, 300.0),
@@ -157,8 +158,52 @@ def test_attention_override(monkeypatch):
     monkeypatch.setenv("DSVL2_ATTENTION", "torch")
     assert kernels.choose("cpu", torch.bfloat16, flags={"avx2"}).attention == "torch"
     monkeypatch.setenv("DSVL2_ATTENTION", "fast")
-    with pytest.raises(ValueError, match="native or torch"):
+    with pytest.raises(ValueError, match="one of native, torch, amx"):
         kernels.choose("cpu", torch.bfloat16, flags={"avx2"})
+
+
+@pytest.mark.parametrize("usable", [True, False])
+def test_attention_override_amx_only_where_amx_runs(usable, monkeypatch):
+    monkeypatch.setattr(kernels, "amx_attention_usable", lambda: usable)
+    monkeypatch.setenv("DSVL2_ATTENTION", "amx")
+    if usable:
+        assert kernels.choose("cpu", torch.bfloat16, flags={"avx2"}).attention == "amx"
+    else:
+        with pytest.raises(ValueError, match="DSVL2_ATTENTION=amx needs a CPU and kernel with AMX"):
+            kernels.choose("cpu", torch.bfloat16, flags={"avx2"})
+
+
+@pytest.mark.parametrize("times, want", [({"native": 13.1, "torch": 5.2, "amx": 3.1}, "amx"),
+                                         ({"native": 13.1, "torch": 5.2, "amx": 6.0}, "torch"),
+                                         ({"native": 3.0, "torch": 5.2, "amx": 2.8}, "native")])
+def test_the_fastest_of_three_attention_kernels_where_clearly_faster_than_the_native_one(times, want):
+    """With AMX usable all three are timed in turns; the fastest is taken if ATTENTION_MARGIN
+    (1.2x) faster than the native one (3.0 / 2.8 is not)."""
+    c = kernels.choose("cpu", torch.bfloat16, flags={"amx_bf16"}, measure=_products(260.0, 1965.0),
+                       use_cache=False, measure_attention=times.get)
+    assert c.attention == want
+    assert {k: c.measured[f"attention_{k}_ms"] for k in times} == times
+
+
+def test_the_amx_switch_is_part_of_the_cache_key(monkeypatch):
+    """A choice cached with the AMX kernels usable (maybe "amx") does not serve a process
+    where they are off (``DSVL2_AMX=0``): measured again there."""
+    calls = []
+
+    def timing(kernel):
+        calls.append(kernel)
+        return {"native": 13.0, "torch": 5.0, "amx": 3.0}[kernel] if kernel != "amx" or amx_on else None
+
+    def choose():
+        return kernels.choose("cpu", torch.bfloat16, flags={"amx_bf16"}, measure=_products(100.0, 300.0),
+                              measure_attention=timing)
+
+    amx_on = True
+    monkeypatch.setattr(kernels, "amx_attention_usable", lambda: amx_on)
+    assert choose().attention == "amx"
+    amx_on = False
+    calls.clear()
+    assert choose().attention == "torch" and calls
 
 
 def test_float32_weights_and_gpus_never_cast():
@@ -174,11 +219,13 @@ def test_override(monkeypatch):
         kernels.choose("cpu", torch.bfloat16)
 
 
-@pytest.mark.parametrize("attention", ["native", "torch"])
+@pytest.mark.parametrize("attention", ["native", "torch", "amx"])
 def test_bf16_big_products_agree_with_the_fp32_path(attention, monkeypatch):
     """Vision and a prefill forward with bf16 products vs the fp32 upcast path, same bf16
-    weights, on either attention kernel (the native one where the CPU has it, else torch's
-    float32 attention): equal within bf16 rounding."""
+    weights, on each attention kernel (the native one where the CPU has it, else torch's
+    float32 attention; the AMX one where the CPU has AMX): equal within bf16 rounding."""
+    if attention == "amx" and not kernels.amx_attention_usable():
+        pytest.skip("hardware: the AMX attention kernel needs a CPU with AMX-TILE / AMX-BF16; this machine has not")
     model = load_model(GOLDEN / "small", torch.bfloat16)
     tiles = torch.rand(2, 3, 384, 384, generator=torch.Generator().manual_seed(0)) * 2 - 1
     ids = torch.randint(3, 2600, (1, 40), generator=torch.Generator().manual_seed(1))
@@ -194,11 +241,14 @@ def test_bf16_big_products_agree_with_the_fp32_path(attention, monkeypatch):
     f32_feats, f32_logits = run()
     ops.apply_kernel_choice(kernels.KernelChoice("bf16", "test", attention=attention))
     calls = []
-    real = native.attention_bf16_torch
-    monkeypatch.setattr(native, "attention_bf16_torch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    name = {"native": "attention_bf16", "torch": "attention_bf16_torch", "amx": "attention_bf16_amx"}[attention]
+    real = getattr(native, name)
+    monkeypatch.setattr(native, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
     bf_feats, bf_logits = run()
-    # torch's kernel: every layer of the tower and of the language model (T >= 8 everywhere)
-    assert len(calls) == (model.cfg.vision.layers + model.cfg.language.num_hidden_layers if attention == "torch" else 0)
+    # the chosen kernel: every layer of the tower and of the language model (T >= 8 everywhere);
+    # none where the native one was chosen but cannot run (torch's float32 attention then)
+    runs = attention != "native" or native.attention_usable()
+    assert len(calls) == (model.cfg.vision.layers + model.cfg.language.num_hidden_layers if runs else 0)
     assert not torch.equal(bf_feats, f32_feats)  # the bf16 path really ran
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
     # bf16 keeps 8 bits of mantissa (relative rounding 2^-9 ~ 0.2 %) per product

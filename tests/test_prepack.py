@@ -97,6 +97,24 @@ def test_narrow_uses_the_reordered_weight_with_the_same_bits(bf16_policy):
 
 
 @needs_onednn_bf16
+def test_narrow_of_a_bf16_input_uses_the_reordered_weight_too(bf16_policy, monkeypatch):
+    """fc2 after fc1, proj after the attention: their input is already bf16. Under the bf16
+    policy they take the reordered weight as well (F.linear's bits; it used to reorder the
+    plain weight inside every call), never in a decode step."""
+    lin = _bf16_linear(72, 48)
+    assert lin.prepack(9)
+    calls = []
+    real = prepack.product
+    monkeypatch.setattr(prepack, "product", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x = torch.randn(2, 9, 48).to(BF)
+    got = lin.narrow(x)
+    assert calls == [1] and got.dtype is BF and torch.equal(got, F.linear(x, lin.weight, lin.bias))
+    with ops.decoding():
+        assert torch.equal(lin.narrow(x), F.linear(x, lin.weight, lin.bias))
+    assert calls == [1]
+
+
+@needs_onednn_bf16
 def test_narrow_ignores_a_stale_reordered_weight(bf16_policy):
     """A weight changed in place after ``prepack`` (a reload into the same module): ``narrow``
     computes with the new values, not the reordered copy of the old ones."""

@@ -321,8 +321,9 @@ def format_info(d: Mapping[str, Any]) -> str:
         rows.append(("big products", f"{k['big_products']} on this machine: {k['reason']}"))
         if k["big_products"] == "bf16":
             m = k.get("measured") or {}
-            timed = (f" (one vision tile: native {m['attention_native_ms']} ms, torch {m['attention_torch_ms']} ms)"
-                     if "attention_torch_ms" in m else "")
+            each = [f"{kernel} {m[f'attention_{kernel}_ms']} ms" for kernel in ("native", "torch", "amx")
+                    if f"attention_{kernel}_ms" in m]
+            timed = f" (one vision tile: {', '.join(each)})" if len(each) > 1 else ""
             rows.append(("bf16 attention", f"{k.get('attention', 'native')} kernel{timed}"))
             if d.get("amx_experts") is not None:
                 rows.append(("expert prefill", "AMX tiles, stored weights read once (native/amx.c)"

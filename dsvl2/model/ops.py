@@ -124,21 +124,26 @@ def attention_in_bf16(x: torch.Tensor, weight) -> bool:
     products. Float32 weights (the oracle) and decode steps never."""
     return (native_attention and _big_in_weights and x.dtype == torch.float32 and x.is_cpu
             and (isinstance(weight, QuantWeight) or weight.dtype == torch.bfloat16)
-            and not decoding_active() and (attention_kernel == "torch" or native.attention_usable()))
+            and not decoding_active() and (attention_kernel != "native" or native.attention_usable()))
 
 
-# Which kernel computes that attention (``attention_bf16``): "native" (``attention.c``) or
+# Which kernel computes that attention (``attention_bf16``): "native" (``attention.c``),
 # "torch" (``scaled_dot_product_attention`` on the bf16 inputs, whose products oneDNN runs on
-# AMX tiles where the CPU has them); the kernel policy measures both (``native/policy.py``).
+# AMX tiles where the CPU has them) or "amx" (``amx_attention.c``: the native kernel's numbers
+# on AMX tiles); the kernel policy measures them (``native/policy.py``).
 attention_kernel = "native"
-# Calls with fewer query rows than this stay native: torch's call costs more than its work
-# there (1 query of 200 keys: 0.31 against 0.20 ms; 4 of 1,431: even; 16: 0.75x the time).
+# Calls with fewer query rows than this stay native when torch's kernel is chosen: torch's
+# call costs more than its work there (1 query of 200 keys: 0.31 against 0.20 ms; 4 of
+# 1,431: even; 16: 0.75x the time). The AMX kernel takes every call (1 query of 1,431 keys:
+# 0.27 ms against the native 0.60).
 TORCH_ATTENTION_MIN_ROWS = 8
 
 
 def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                    mask: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``native.attention_bf16`` (its contract) on the kernel the policy chose."""
+    if attention_kernel == "amx":
+        return native.attention_bf16_amx(q, k, v, scale, mask, out=out)
     if attention_kernel == "torch" and getattr(q, "ndim", 0) == 4 and q.shape[2] >= TORCH_ATTENTION_MIN_ROWS:
         return native.attention_bf16_torch(q, k, v, scale, mask, out=out)
     return native.attention_bf16(q, k, v, scale, mask, out=out)
@@ -209,6 +214,15 @@ def weight_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x, upcast(weight, x.dtype))
 
 
+def _packed_product(x: torch.Tensor, weight) -> bool:
+    """A vision / prefill product that runs in the (bf16) weight's dtype under this policy:
+    x in float32 (cast once, ``_stays_narrow``) or already in the weight's dtype (the result
+    of a previous narrow product: fc2 after fc1, proj after the attention)."""
+    if x.dtype == getattr(weight, "dtype", None):
+        return _big_in_weights and x.device.type == "cpu" and not decoding_active()
+    return _stays_narrow(x, weight)
+
+
 class Linear(nn.Linear):
     """nn.Linear whose weights may be stored in a narrower dtype than the activations.
 
@@ -238,7 +252,7 @@ class Linear(nn.Linear):
         result gets the native GELU in place where the kernels are built (``native/gelu.c``:
         within 1 ulp of |x| of the exact value, as torch's; ``F.gelu`` elsewhere)."""
         w = self.weight
-        if self.packed is not None and _stays_narrow(x, w) and self._packed_of == (w.data_ptr(), w._version):
+        if self.packed is not None and self._packed_of == (w.data_ptr(), w._version) and _packed_product(x, w):
             b = None if self.bias is None else self.bias.to(w.dtype)
             return prepack.product(x.to(w.dtype), self.packed, b, gelu_tanh)
         h = linear_narrow(x, w, self.bias)

@@ -876,7 +876,31 @@ def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     mask: an additive float mask [B or 1, 1, T, S] or None; out: float32 or bf16 [B, H, T, dv]
     (last dimension contiguous) written in place, or None for a new float32 one. Returns out.
     Only where ``attention_usable()``."""
-    fn = "attention_bf16"
+    rc, out, sizes = _attention_call("attention_bf16", require().dsvl2_attention_bf16, q, k, v, scale, mask, out)
+    if rc == -1:
+        raise MemoryError(f"native.attention_bf16: no memory for the kernel's scratch ({sizes})")
+    if rc != 0:
+        raise RuntimeError("native.attention_bf16: this build of the kernels lacks it (attention_usable() is False)")
+    return out
+
+
+def attention_bf16_amx(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                       mask: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``attention_bf16``'s contract, checks and numbers on Intel AMX tiles
+    (``amx_attention.c``): the same float32 scores, softmax (the same function), bf16
+    weights and division by the float32 sum; only the order of the float32 sums differs.
+    ``RuntimeError`` where AMX is not usable (``amx.usable()``)."""
+    rc, out, sizes = _attention_call("attention_bf16_amx", require().dsvl2_amx_attention, q, k, v, scale, mask, out)
+    if rc == -3:
+        raise MemoryError(f"native.attention_bf16_amx: no memory for the kernel's scratch ({sizes})")
+    if rc != 0:
+        raise RuntimeError("native.attention_bf16_amx: AMX is not usable on this CPU / kernel / build")
+    return out
+
+
+def _attention_call(fn: str, entry, q, k, v, scale, mask, out) -> tuple:
+    """Check the arguments (``_attention_args``), derive the mask's limits and strides, call
+    ``entry`` (attention.c's signature): (its return code, out, the sizes in words)."""
     b, h, hk, t, s, dk, dv, mask, out = _attention_args(fn, q, k, v, mask, out)
     mst = (0, 0)
     lim = None
@@ -884,15 +908,10 @@ def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
         lim = _attention_limits(mask, b, t, s)
         mst = (mask.stride(0) if mask.shape[0] == b else 0, mask.stride(2))
     st = torch.tensor([*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *mst], dtype=_I64)
-    rc = require().dsvl2_attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                                        int(out.dtype is _BF16), b, h, hk, t, s, dk, dv, float(scale),
-                                        None if mask is None else mask.data_ptr(),
-                                        None if lim is None else lim.data_ptr(), st.data_ptr())
-    if rc == -1:
-        raise MemoryError(f"native.{fn}: no memory for the kernel's scratch (S = {s}, dk = {dk}, dv = {dv})")
-    if rc != 0:
-        raise RuntimeError(f"native.{fn}: this build of the kernels lacks it (attention_usable() is False)")
-    return out
+    rc = entry(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), int(out.dtype is _BF16), b, h, hk, t, s,
+               dk, dv, float(scale), None if mask is None else mask.data_ptr(),
+               None if lim is None else lim.data_ptr(), st.data_ptr())
+    return rc, out, f"S = {s}, dk = {dk}, dv = {dv}"
 
 
 def attention_bf16_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

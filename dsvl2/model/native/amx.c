@@ -33,21 +33,17 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "amx.h"
 #include "products.h"
 
 void dsvl2_dequant_i4(const uint8_t *q, const uint16_t *scale, int64_t N, int64_t K, int64_t G, void *out,
                       int obf16);
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-#define DSVL2_AMX 1
-#endif
 
 #ifdef DSVL2_AMX
 #include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16")))
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
@@ -60,52 +56,15 @@ static int amx_probe(void) {
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
     if (!((d >> 24) & 1) || !((d >> 22) & 1)) return 0; /* AMX-TILE, AMX-BF16 */
     if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !((a >> 5) & 1)) return 0; /* AVX512-BF16 */
-    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw")) return 0;
+    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+        !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq"))
+        return 0;
     return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
 }
 
 int dsvl2_amx_usable(void) {
     if (amx_state < 0) amx_state = amx_probe();
     return amx_state;
-}
-
-/* palette 1; tiles 0-3: C [16 rows, 64 bytes], 4-5: A, 6-7: B, all 16 x 64 bytes */
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
-static AMX void configure(void) {
-    tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 8; t++) cfg.colsb[t] = 64, cfg.rows[t] = 16;
-    _tile_loadconfig(&cfg);
-}
-
-/* the 16 x 16 32-bit lanes of r transposed in place (interleaves, then 128-bit lanes) */
-static inline __attribute__((always_inline)) AMX void transpose16(__m512i r[16]) {
-    __m512i a[16], b[16];
-    for (int i = 0; i < 8; i++) {
-        a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-        a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; i++) { /* b[4i + j], 128-bit lane L: column 4L + j of rows 4i..4i+3 */
-        b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
-        b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
-        b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
-        b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
-    }
-    for (int j = 0; j < 4; j++) {
-        const __m512i c0 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x88), c1 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xdd);
-        const __m512i d0 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x88);
-        const __m512i d1 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xdd);
-        r[j] = _mm512_shuffle_i32x4(c0, d0, 0x88);
-        r[4 + j] = _mm512_shuffle_i32x4(c1, d1, 0x88);
-        r[8 + j] = _mm512_shuffle_i32x4(c0, d0, 0xdd);
-        r[12 + j] = _mm512_shuffle_i32x4(c1, d1, 0xdd);
-    }
 }
 
 /* x [M, K] bf16 (row stride ldx values) as B tiles: tile (s, t) at xp + (s * Mt + t) * 512,
@@ -304,26 +263,6 @@ static AMX void expert_team(const uint16_t *x, int64_t M, const amx_weight *W, c
     }
     _tile_release();
 }
-
-/* the calling thread's work memory, at least n bytes, 64-byte aligned: kept for its next
-   call (a fresh allocation of a chunk's tiles, ~1 MiB, costs its page faults every call),
-   grown when too small; NULL when memory ran out */
-static __thread char *scratch_mem;
-static __thread size_t scratch_size;
-
-static char *scratch(size_t n) {
-    if (n > scratch_size) {
-        free(scratch_mem);
-        scratch_size = 0;
-        scratch_mem = aligned_alloc(64, (n + 63) / 64 * 64);
-        if (!scratch_mem) return NULL;
-        scratch_size = n;
-    }
-    return scratch_mem;
-}
-
-/* bytes rounded up to whole cache lines */
-static size_t lines(size_t n) { return (n + 63) / 64 * 64; }
 
 static int weight_ok(int fmt, int64_t N, int64_t K, int64_t G) {
     return N > 0 && N % 32 == 0 && K > 0 && K % 32 == 0 && fmt >= 0 && fmt <= 2 &&

@@ -38,10 +38,10 @@
 
 #include "products.h"
 
-/* AVX-512 BF16 intrinsics: GCC 10+, clang 9+; elsewhere the entry point says so (-2) */
-#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
+/* AVX-512 BF16 intrinsics (products.h: GCC 10+, clang 9+); elsewhere the entry point says so (-2) */
+#ifdef DSVL2_HAVE_BF16
 #define HAVE_BF16 1
-#define BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define BF16 DSVL2_BF16
 #else
 #define HAVE_BF16 0
 #endif
@@ -53,9 +53,6 @@ int dsvl2_attention_built(void) { return HAVE_BF16; }
 
 #define MR 8  /* query rows per tile */
 #define KB 32 /* keys per block of scores */
-
-/* 16 float32 lanes -> 16 bf16 values, nearest even (finite values; products.h) */
-static inline BF16 __m256i to_bf16(__m512 v) { return _mm512_cvtepi32_epi16(round_bf16_16(v)); }
 
 /* k rows [S, dk] (row stride ks) -> kp: per block of 32 keys, dk / 2 groups of 32 words,
    word l of group d = columns (2d, 2d + 1) of key 32 jb + l; keys past S are zero */
@@ -116,31 +113,6 @@ static BF16 void scores(const uint32_t *qt, int64_t dk, const uint32_t *kp, int6
     }
 }
 
-/* one row's softmax weights over keys [0, n): s = scale * sc + mask (mask NULL: 0); the
-   unnormalised exp(s - max) as bf16 into pr[0, n), zeros in [n, npad); returns their
-   float32 sum */
-static BF16 float softmax_row(float *sc, const float *mask, int64_t n, int64_t npad, float scale, uint16_t *pr) {
-    const __m512 vs = _mm512_set1_ps(scale);
-    __m512 vm = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
-        __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sc + j), vs);
-        if (mask) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(m, mask + j));
-        _mm512_mask_storeu_ps(sc + j, m, s);
-        vm = _mm512_mask_max_ps(vm, m, vm, s);
-    }
-    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vm));
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
-        const __m512 e = _mm512_maskz_mov_ps(m, exp_neg16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + j), mx)));
-        sum = _mm512_add_ps(sum, e);
-        _mm256_mask_storeu_epi16(pr + j, m, to_bf16(e));
-    }
-    for (int64_t j = n; j < npad; j++) pr[j] = 0;
-    return _mm512_reduce_add_ps(sum);
-}
-
 /* out rows r < rows of MR: (weights pt [MR][ps] bf16) @ vp over key pairs [0, np), divided
    by the rows' sums; written as float32 or bf16 */
 static BF16 void weighted(const uint32_t *pt, int64_t ps, const uint16_t *vp, int64_t np, int64_t dv, int64_t dvp,
@@ -175,7 +147,7 @@ static BF16 void weighted(const uint32_t *pt, int64_t ps, const uint16_t *vp, in
                 if (c0 >= dv) break;
                 const __mmask16 m = dv - c0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (dv - c0)) - 1);
                 const __m512 o = _mm512_mul_ps(acc[r][h], inv);
-                if (obf16) _mm256_mask_storeu_epi16((uint16_t *)out + r * os + c0, m, to_bf16(o));
+                if (obf16) _mm256_mask_storeu_epi16((uint16_t *)out + r * os + c0, m, _mm512_cvtepi32_epi16(round_bf16_16(o)));
                 else _mm512_mask_storeu_ps((float *)out + r * os + c0, m, o);
             }
         }

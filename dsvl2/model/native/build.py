@@ -39,7 +39,8 @@ from .cpu import cpu_info
 HERE = Path(__file__).parent
 SOURCES = (HERE / "bf16.c", HERE / "layers.c", HERE / "step.c", HERE / "mla.c",
            HERE / "int4.c", HERE / "mlp.c", HERE / "dequant.c", HERE / "attention.c",
-           HERE / "gelu.c", HERE / "amx.c")  # + products.h
+           HERE / "gelu.c", HERE / "amx.c", HERE / "amx_attention.c")
+HEADERS = (HERE / "products.h", HERE / "amx.h")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared")
 log = logging.getLogger("dsvl2.native")
 _lock = threading.Lock()
@@ -62,7 +63,7 @@ def cpu_ok() -> tuple[bool, str]:
 
 def _spec() -> tuple[str, str]:
     """(compiler, the library's file name: keyed by the sources, the compiler and its flags)."""
-    src = b"".join(p.read_bytes() for p in (*SOURCES, HERE / "products.h"))
+    src = b"".join(p.read_bytes() for p in (*SOURCES, *HEADERS))
     cc = os.environ.get("CC", "cc")
     key = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
     return cc, f"bf16-{key}.so"
@@ -256,6 +257,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dsvl2_attention_built.restype = ctypes.c_int
     lib.dsvl2_attention_bf16.argtypes = [p, p, p, p, ctypes.c_int, i64, i64, i64, i64, i64, i64, i64, f32, p, p, p]
     lib.dsvl2_attention_bf16.restype = ctypes.c_int
+    lib.dsvl2_amx_attention.argtypes = lib.dsvl2_attention_bf16.argtypes
+    lib.dsvl2_amx_attention.restype = ctypes.c_int
 
 
 def _load() -> ctypes.CDLL | None:

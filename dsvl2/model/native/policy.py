@@ -12,14 +12,16 @@ AVX-512 BF16 and AMX CPUs it is several times faster than fp32 (AMX: ~1.9 TFLOP/
   that bf16 is faster; else fp32;
 * any other CPU: fp32 (weights upcast a layer at a time), without measuring.
 
-The attention beside bf16 products (``ops.attention_bf16``) has two kernels: the native one
-(``attention.c``, AVX-512 BF16) and torch's ``scaled_dot_product_attention`` on the bf16
+The attention beside bf16 products (``ops.attention_bf16``) has three kernels: the native
+one (``attention.c``, AVX-512 BF16), torch's ``scaled_dot_product_attention`` on the bf16
 inputs, whose products oneDNN runs on AMX tiles where the CPU has them (2.2x the native
-kernel on vision tiles on an Intel Xeon with AMX). Where bf16 is chosen and the native
-kernel is usable, both run one vision tile's attention ([1, 16, 729, 72]), in turns
-(``ATTENTION_ROUNDS``, the best of each), and torch's is taken if it is at least
-``TORCH_ATTENTION_MARGIN`` times as fast; else the native one. ``DSVL2_ATTENTION=native|torch``
-overrides that.
+kernel on vision tiles on an Intel Xeon with AMX), and the native kernel's numbers on AMX
+tiles (``amx_attention.c``: 4.2x the native, 2.0x torch's there; only where
+``amx.usable()`` and ``amx.enabled``). Where bf16 is chosen and the native kernel is
+usable, each usable kernel runs one vision tile's attention ([1, 16, 729, 72]), in turns
+(``ATTENTION_ROUNDS``, the best of each); the fastest is taken if it is at least
+``ATTENTION_MARGIN`` times as fast as the native one; else the native one.
+``DSVL2_ATTENTION=native|torch|amx`` overrides that.
 
 ``DSVL2_BIG_PRODUCTS=fp32|bf16`` overrides the choice. A measurement is cached per machine
 (CPU model, flags, torch version, threads) with the load average it was taken at (one taken
@@ -54,7 +56,7 @@ class KernelChoice:
     reason: str
     cpu: str = ""
     measured: dict | None = None  # GFLOP/s of the measured products (and attention ms), when measured
-    attention: str = "native"  # the bf16 attention's kernel (ops.attention_bf16): "native" | "torch"
+    attention: str = "native"  # the bf16 attention's kernel (ops.attention_bf16): "native" | "torch" | "amx"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,35 +81,47 @@ def matmul_gflops(dtype: torch.dtype, m: int = 256, k: int = 2048, n: int = 2048
     return 2 * m * k * n / best_seconds(lambda: torch.matmul(a, b), reps) / 1e9
 
 
-TORCH_ATTENTION_MARGIN = 1.2
+ATTENTION_MARGIN = 1.2
 ATTENTION_ROUNDS = 3  # each kernel timed this many times, in turns
+ATTENTION_KERNELS = ("native", "torch", "amx")
 ATTENTION_SHAPE = (1, 16, 729, 72)  # one vision tile's attention: [B, heads, patches, head size]
 
 
 def attention_ms(kernel: str, reps: int = 3) -> float:
     """The best of ``reps`` timed runs of one vision tile's bf16 attention (``ATTENTION_SHAPE``)
-    on ``kernel`` ("native" or "torch"), after a warm-up (milliseconds)."""
-    from . import attention_bf16, attention_bf16_torch
+    on ``kernel`` (one of ``ATTENTION_KERNELS``), after a warm-up (milliseconds)."""
+    from . import attention_bf16, attention_bf16_amx, attention_bf16_torch
 
-    fn = attention_bf16 if kernel == "native" else attention_bf16_torch
+    fn = {"native": attention_bf16, "torch": attention_bf16_torch, "amx": attention_bf16_amx}[kernel]
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(ATTENTION_SHAPE, generator=g).to(torch.bfloat16) for _ in range(3))
     out = torch.empty(ATTENTION_SHAPE, dtype=torch.bfloat16)
     return best_seconds(lambda: fn(q, k, v, 0.125, out=out), reps) * 1e3
 
 
+def amx_attention_usable() -> bool:
+    """The AMX attention kernel runs here and is not switched off (``DSVL2_AMX=0``)."""
+    from . import amx
+
+    return amx.enabled and amx.usable()
+
+
 def _attention_timing(kernel: str) -> float | None:
-    """``attention_ms`` where the native kernel is usable here; None where it is not (nothing
-    to compare it with: the native kernel stays the choice, and is not taken)."""
+    """``attention_ms`` where the native kernel (and, for "amx", AMX) is usable here; None
+    where it is not (nothing to compare with: the native kernel stays the choice)."""
     from . import attention_usable
 
-    return attention_ms(kernel) if attention_usable() else None
+    usable = attention_usable() and (kernel != "amx" or amx_attention_usable())
+    return attention_ms(kernel) if usable else None
 
 
 def _attention_override() -> str | None:
     want = os.environ.get("DSVL2_ATTENTION")
-    if want and want not in ("native", "torch"):
-        raise ValueError(f"DSVL2_ATTENTION must be native or torch, got {want!r}")
+    if want and want not in ATTENTION_KERNELS:
+        raise ValueError(f"DSVL2_ATTENTION must be one of {', '.join(ATTENTION_KERNELS)}, got {want!r}")
+    if want == "amx" and not amx_attention_usable():
+        raise ValueError("DSVL2_ATTENTION=amx needs a CPU and kernel with AMX (AMX-TILE, AMX-BF16) and DSVL2_AMX "
+                         "not 0; this machine has no usable AMX: use native or torch")
     return want or None
 
 
@@ -169,8 +183,10 @@ def _choose(device, weight_dtype, flags, measure, use_cache, measure_attention) 
     if not native:
         return KernelChoice("fp32", "no native bf16 matrix units (no amx_bf16 / avx512_bf16): bf16 GEMMs "
                                     "are slower than fp32 here, weights are upcast", name)
-    # "attention": entries cached before the attention was measured are not reused
-    key = hashlib.sha1(f"{name}|{sorted(flags)}|{torch.__version__}|{torch.get_num_threads()}|attention"
+    # "attention-amx": entries cached before the AMX attention was measured are not reused;
+    # one cached with the AMX kernels switched on does not serve a process with them off
+    amx_on = "amx" if amx_attention_usable() else "no-amx"
+    key = hashlib.sha1(f"{name}|{sorted(flags)}|{torch.__version__}|{torch.get_num_threads()}|attention-{amx_on}"
                        .encode()).hexdigest()
     if use_cache:
         try:
@@ -190,15 +206,20 @@ def _choose(device, weight_dtype, flags, measure, use_cache, measure_attention) 
     attention = "native"
     if pick == "bf16" and measure_attention is not None:
         native_ms = measure_attention("native")  # None: the native kernel is not usable here
-        if native_ms is not None:  # in turns, the best of each: a moment of load hits both
-            times = {"native": [native_ms], "torch": [measure_attention("torch")]}
+        if native_ms is not None:  # in turns, the best of each: a moment of load hits all of them
+            times = {"native": [native_ms]}
+            for kernel in ATTENTION_KERNELS[1:]:
+                ms = measure_attention(kernel)  # None: not usable here
+                if ms is not None:
+                    times[kernel] = [ms]
             for _ in range(ATTENTION_ROUNDS - 1):
                 for kernel, t in times.items():
                     t.append(measure_attention(kernel))
-            speeds["attention_native_ms"] = round(min(times["native"]), 2)
-            speeds["attention_torch_ms"] = round(min(times["torch"]), 2)
-            if speeds["attention_torch_ms"] * TORCH_ATTENTION_MARGIN <= speeds["attention_native_ms"]:
-                attention = "torch"
+            for kernel, t in times.items():
+                speeds[f"attention_{kernel}_ms"] = round(min(t), 2)
+            fastest = min(times, key=lambda kernel: speeds[f"attention_{kernel}_ms"])
+            if speeds[f"attention_{fastest}_ms"] * ATTENTION_MARGIN <= speeds["attention_native_ms"]:
+                attention = fastest
     choice = KernelChoice(pick, f"{'/'.join(native)} present; measured bf16 {speeds['bf16_gflops']} vs fp32 "
                                 f"{speeds['fp32_gflops']} GFLOP/s", name, speeds, attention)
     if use_cache:  # atomically, into a checked directory; a read-only home only costs a measurement next time

@@ -1,7 +1,7 @@
 /* Shared between the kernels of dsvl2.model.native (bf16.c: products; layers.c: norms,
    attention and routing of a decode step; mla.c: the MLA attention block; int4.c: int4
    products; mlp.c: SiLU-gated MLPs and experts; step.c: all decoder layers of a step;
-   dequant.c: dequantisation; attention.c: prefill attention). */
+   dequant.c: dequantisation; attention.c and amx_attention.c: prefill attention; amx.c). */
 #ifndef DSVL2_PRODUCTS_H
 #define DSVL2_PRODUCTS_H
 #include <immintrin.h>
@@ -67,6 +67,53 @@ static inline __attribute__((always_inline, target("avx512f"))) __m512 exp_neg16
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     return _mm512_maskz_scalef_ps((__mmask16)~tiny, p, n);
 }
+
+/* AVX-512 BF16 intrinsics: GCC 10+, clang 9+ (attention.c, amx_attention.c, softmax_row) */
+#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
+#define DSVL2_HAVE_BF16 1
+#define DSVL2_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+/* One query row's softmax weights over keys [0, n) (attention.c, amx_attention.c): s =
+   scale * sc + mask (mask NULL: 0); the unnormalised exp(s - max) rounded to bf16 (nearest
+   even; vcvtneps2bf16 flushes a weight below 2^-126 to 0) into pr[0, n), zeros in
+   [n, npad); returns the float32 sum of the unrounded weights. s is computed twice (for the
+   max, then for the weights: the same bits), not stored. */
+static inline DSVL2_BF16 float softmax_row(const float *sc, const float *mask, int64_t n, int64_t npad, float scale,
+                                           uint16_t *pr) {
+    const __m512 vs = _mm512_set1_ps(scale);
+    __m512 vm = _mm512_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m512 s = _mm512_mul_ps(_mm512_loadu_ps(sc + j), vs);
+        if (mask) s = _mm512_add_ps(s, _mm512_loadu_ps(mask + j));
+        vm = _mm512_max_ps(vm, s);
+    }
+    const __mmask16 tail = (__mmask16)((1u << (n - j)) - 1); /* 0 where 16 divides n */
+    if (tail) {
+        __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, sc + j), vs);
+        if (mask) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(tail, mask + j));
+        vm = _mm512_mask_max_ps(vm, tail, vm, s);
+    }
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vm));
+    __m512 sum = _mm512_setzero_ps();
+    for (j = 0; j + 16 <= n; j += 16) {
+        __m512 s = _mm512_mul_ps(_mm512_loadu_ps(sc + j), vs);
+        if (mask) s = _mm512_add_ps(s, _mm512_loadu_ps(mask + j));
+        const __m512 e = exp_neg16(_mm512_sub_ps(s, mx));
+        sum = _mm512_add_ps(sum, e);
+        _mm256_storeu_si256((__m256i *)(pr + j), (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    if (tail) {
+        __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, sc + j), vs);
+        if (mask) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(tail, mask + j));
+        const __m512 e = _mm512_maskz_mov_ps(tail, exp_neg16(_mm512_sub_ps(s, mx)));
+        sum = _mm512_add_ps(sum, e);
+        _mm256_mask_storeu_epi16(pr + j, tail, (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    for (j = n; j < npad; j++) pr[j] = 0;
+    return _mm512_reduce_add_ps(sum);
+}
+#endif
 
 /* The (token, choice) pairs p = t k + j of T tokens choosing k of E experts (idx [T k];
    NULL: every pair expert 0) sorted by expert, stable: order[0 .. P) the pairs, order[P ..

@@ -184,7 +184,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.cat(parts, dim=-1)
 
 
-def _stays_narrow(x: torch.Tensor, weight) -> bool:
+def narrow_product(x: torch.Tensor, weight) -> bool:
     """A vision / prefill product that computes in the (bf16) weight's dtype, whose result
     ``linear_narrow`` and ``Linear.narrow`` keep in that dtype."""
     return isinstance(weight, torch.Tensor) and _in_weight_dtype(x, weight) and not decoding_active()
@@ -200,7 +200,7 @@ def linear_narrow(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     tanh GELU, checked in tests/test_model.py; not of torch's erf GELU, so check any other
     op before chaining it), and ``x + y`` with y bf16 promotes exactly.
     Elsewhere (float32 or quantised weights, another policy): ``linear`` itself."""
-    if _stays_narrow(x, weight):
+    if narrow_product(x, weight):
         return linear_rows(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
     return linear(x, weight, bias)
 
@@ -216,11 +216,11 @@ def weight_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def _packed_product(x: torch.Tensor, weight) -> bool:
     """A vision / prefill product that runs in the (bf16) weight's dtype under this policy:
-    x in float32 (cast once, ``_stays_narrow``) or already in the weight's dtype (the result
+    x in float32 (cast once, ``narrow_product``) or already in the weight's dtype (the result
     of a previous narrow product: fc2 after fc1, proj after the attention)."""
     if x.dtype == getattr(weight, "dtype", None):
         return _big_in_weights and x.device.type == "cpu" and not decoding_active()
-    return _stays_narrow(x, weight)
+    return narrow_product(x, weight)
 
 
 class Linear(nn.Linear):

@@ -21,8 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ProjectorConfig, VisionConfig
-from . import ops
+from . import native, ops
 from .ops import LayerNorm, Linear, attention_in_bf16
+
+# Where the tower's products and attention run in bf16 and the native kernels are built,
+# each residual add and the LayerNorm after it run as one native pass that hands the next
+# product its bf16 input (``VisionTransformer.forward``); tests switch it off to compare.
+fused_norms = True
 
 
 class PatchEmbed(nn.Module):
@@ -53,17 +58,24 @@ class Attention(nn.Module):
         hd = w // self.heads
         qkv = self.qkv.narrow(x)  # bf16 where the products are (ops.linear_narrow)
         narrow = qkv.dtype
-        qkv = qkv.view(n, p, 3, self.heads, hd).permute(2, 0, 3, 1, 4)  # [3, N, H, P, hd]
-        heads = torch.empty((n, p, self.heads, hd), dtype=narrow)  # the heads side by side, for proj
         if narrow is torch.bfloat16 and attention_in_bf16(x, self.qkv.weight) and hd % 2 == 0:
-            # bf16 products here too (the policy's kernel, ops.attention_bf16): q, k, v read in
-            # place from qkv, the result written in place into ``heads``
-            q, k, v = qkv.unbind(0)
-            ops.attention_bf16(q, k, v, hd ** -0.5, out=heads.transpose(1, 2))
-        else:
-            q, k, v = qkv.to(x.dtype).unbind(0)
-            out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(hd), no mask
-            heads.copy_(out.transpose(1, 2))  # [N, H, P, hd] -> [N, P, H, hd], the products' dtype
+            return self.bf16(qkv)
+        heads = torch.empty((n, p, self.heads, hd), dtype=narrow)  # the heads side by side, for proj
+        q, k, v = qkv.view(n, p, 3, self.heads, hd).permute(2, 0, 3, 1, 4).to(x.dtype).unbind(0)  # [N, H, P, hd]
+        out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(hd), no mask
+        heads.copy_(out.transpose(1, 2))  # [N, H, P, hd] -> [N, P, H, hd], the products' dtype
+        return self.proj.narrow(heads.view(n, p, w))
+
+    def bf16(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The attention with bf16 products (the policy's kernel, ``ops.attention_bf16``) on
+        qkv [N, P, 3 W] bf16: q, k, v read in place from qkv, the result written in place into
+        the heads side by side, then proj: bf16 [N, P, W]."""
+        n, p, w3 = qkv.shape
+        w = w3 // 3
+        hd = w // self.heads
+        q, k, v = qkv.view(n, p, 3, self.heads, hd).permute(2, 0, 3, 1, 4).unbind(0)  # [N, H, P, hd]
+        heads = torch.empty((n, p, self.heads, hd), dtype=qkv.dtype)
+        ops.attention_bf16(q, k, v, hd ** -0.5, out=heads.transpose(1, 2))
         return self.proj.narrow(heads.view(n, p, w))
 
 
@@ -94,6 +106,15 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
+    def fused(self, x: torch.Tensor, h: torch.Tensor, after: LayerNorm, out_dtype: torch.dtype) -> torch.Tensor:
+        """``forward`` on the fused path (``VisionTransformer.forward``): x the float32 stream,
+        updated in place; h = norm1(x) in bf16. Returns ``after`` (the next block's norm1, or
+        the tower's final norm) of the block's output, in ``out_dtype``."""
+        a = self.attn.bf16(self.attn.qkv.narrow(h))
+        h = native.add_layernorm_(x, a, self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        m = self.mlp(h)
+        return native.add_layernorm_(x, m, after.weight, after.bias, after.eps, out_dtype)
+
 
 class VisionTransformer(nn.Module):
     """SigLIP ViT: pixels [N, 3, S, S] -> features [N, P, W] (after the final LayerNorm)."""
@@ -115,9 +136,30 @@ class VisionTransformer(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(pixels) + self.pos_embed.to(pixels.dtype)  # [N, P, W]
+        if self.fused_here(x):
+            # each residual add + the next LayerNorm in one native pass (``Block.fused``):
+            # the same products and attention, the LayerNorms within float32 rounding of
+            # torch's (not its bits); 3 passes and 3 new tensors fewer each time
+            first = self.blocks[0].norm1
+            h = native.add_layernorm_(x, None, first.weight, first.bias, first.eps)
+            for i, block in enumerate(self.blocks):
+                last = i + 1 == len(self.blocks)
+                after = self.norm if last else self.blocks[i + 1].norm1
+                h = block.fused(x, h, after, torch.float32 if last else torch.bfloat16)
+            return h
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
+
+    def fused_here(self, x: torch.Tensor) -> bool:
+        """The fused path applies: on (``fused_norms``), the native kernels built, a contiguous
+        float32 stream of a width the kernel takes (a multiple of 8), products and attention
+        in bf16 (``ops.narrow_product``, ``ops.attention_in_bf16``), an even head size."""
+        if not (fused_norms and self.blocks and x.dtype is torch.float32 and x.is_contiguous()
+                and self.cfg.width % 8 == 0 and (self.cfg.width // self.cfg.heads) % 2 == 0):
+            return False
+        w = self.blocks[0].attn.qkv.weight
+        return ops.narrow_product(x, w) and attention_in_bf16(x, w) and native.available()
 
 
 class Projector(nn.Module):

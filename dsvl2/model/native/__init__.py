@@ -470,6 +470,37 @@ def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def add_layernorm_(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None, eps: float, out_dtype: torch.dtype = _BF16) -> torch.Tensor:
+    """``x += y`` in place, then ``LayerNorm(x)`` over the last dimension, in one pass a row
+    (``layernorm.c``): x float32 [..., W], rows contiguous, W a multiple of 8; y bf16 of x's
+    shape or None (nothing added); weight / bias [W] in any float dtype (used as float32) or
+    None; the result a new ``out_dtype`` (bf16: rounded to nearest even; or float32) tensor
+    of x's shape. The moments in float32 (not torch's summation order: within float32
+    rounding of the float64 LayerNorm, tests/test_native_layernorm.py)."""
+    fn = "add_layernorm_"
+    if not (isinstance(x, torch.Tensor) and x.dtype is _F32 and x.is_cpu and x.is_contiguous() and x.ndim >= 1
+            and x.shape[-1] % 8 == 0 and x.shape[-1] > 0):
+        raise _bad(fn, "x", x, "a contiguous float32 CPU tensor whose last dimension is a multiple of 8")
+    w_ = x.shape[-1]
+    if y is not None and not (isinstance(y, torch.Tensor) and y.dtype is _BF16 and y.is_cpu and y.is_contiguous()
+                              and y.shape == x.shape):
+        raise _bad(fn, "y", y, f"None or a contiguous bf16 CPU tensor of x's shape {list(x.shape)}")
+    params = []
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and not (isinstance(t, torch.Tensor) and t.is_cpu and t.dtype.is_floating_point
+                                  and t.shape == (w_,)):
+            raise _bad(fn, name, t, f"None or a float [{w_}] CPU tensor")
+        params.append(None if t is None else t.detach().to(_F32).contiguous())
+    if out_dtype not in (_F32, _BF16):
+        raise ValueError(f"native.{fn}: out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
+    out = torch.empty(x.shape, dtype=out_dtype)
+    ptr = (lambda t: None if t is None else t.data_ptr())
+    require().dsvl2_add_layernorm(x.data_ptr(), ptr(y), x.numel() // w_, w_, ptr(params[0]), ptr(params[1]),
+                                  float(eps), out.data_ptr(), int(out_dtype is _BF16))
+    return out
+
+
 def route_greedy(x: torch.Tensor, gate: torch.Tensor, k: int, sigmoid: bool, norm: bool,
                  scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy top-k routing of float32 x [T, D] by a bf16 gate [E, D]: (idx int64 [T, k]

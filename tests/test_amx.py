@@ -179,6 +179,45 @@ def test_the_c_side_refuses_shapes_it_does_not_take():
     assert (y == 7.0).all()
 
 
+@needs_amx
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+def test_expert_on_rows_adds_into_out_with_index_adds_bits(fmt):
+    """``rows`` / ``out``: the expert on x's rows ``rows`` (any order, 1-300 of them, across
+    256-row chunks), its results added into ``out``'s rows: the bits of the gathered call
+    followed by ``out.index_add_``; rows not listed keep their values."""
+    slots = [_weight_args(fmt, 96, 128, 40)[0], _weight_args(fmt, 96, 128, 41)[0], _weight_args(fmt, 128, 96, 42)[0]]
+    g = _gen(31)
+    x = torch.randn(400, 128, generator=g).to(BF)
+    for m in (1, 17, 300):
+        rows = torch.randperm(400, generator=g)[:m]
+        wt = torch.rand(m, generator=g)
+        start = torch.randn(400, 128, generator=g)
+        want = start.clone().index_add_(0, rows, amx.expert(x.index_select(0, rows), *slots, wt))
+        out = start.clone()
+        assert amx.expert(x, *slots, wt, rows=rows, out=out) is out
+        assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("rows_alone", "rows and out go together"), ("rows_range", r"rows must be in \[0, 8\)"),
+    ("rows_dtype", "rows must be"), ("out_shape", "out must be")])
+def test_expert_rows_refusals(case, message):
+    """Checked before any C runs (so on every CPU)."""
+    x = torch.zeros(8, 32, dtype=BF)
+    w = (torch.zeros(32, 32, dtype=BF), None, 0)
+    rows, out = torch.tensor([0, 3]), torch.zeros(8, 32)
+    if case == "rows_alone":
+        out = None
+    elif case == "rows_range":
+        rows = torch.tensor([0, 8])
+    elif case == "rows_dtype":
+        rows = rows.int()
+    elif case == "out_shape":
+        out = torch.zeros(2, 32)
+    with pytest.raises(ValueError, match=message):
+        amx.expert(x, w, w, w, torch.ones(2), rows=rows, out=out)
+
+
 @pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.status()['reason']}")
 def test_the_attention_runs_exactly_where_amx_is_usable():
     """``native.attention_bf16_amx`` (its numbers: tests/test_attention_bf16.py) answers where
@@ -252,7 +291,7 @@ def test_the_routed_experts_run_their_prefill_on_amx(monkeypatch, bf16_policy, f
     assert mod.amx_ready()
     calls = []
     real = amx.expert
-    monkeypatch.setattr(amx, "expert", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    monkeypatch.setattr(amx, "expert", lambda *a, **kw: calls.append(kw["rows"].numel()) or real(*a, **kw))
     with torch.no_grad():
         got = mod(x, r)
         used = int((torch.bincount(r.idx.reshape(-1), minlength=6) > 0).sum())
@@ -408,7 +447,7 @@ def test_experts_of_few_rows_run_together_on_the_decode_kernel(monkeypatch, bf16
         monkeypatch.setattr(amx, "FEW_ROWS", few)
         big, small = [], []
         real_expert, real_kernel = amx.expert, getattr(native, kernel)
-        monkeypatch.setattr(amx, "expert", lambda *a, **kw: big.append(a[0].shape[0]) or real_expert(*a, **kw))
+        monkeypatch.setattr(amx, "expert", lambda *a, **kw: big.append(kw["rows"].numel()) or real_expert(*a, **kw))
         monkeypatch.setattr(native, kernel, lambda xs, *a, **kw: small.append(xs.shape[0]) or real_kernel(xs, *a, **kw))
         got = mod(x, r)
     assert sorted(big) == sorted(int(c) for c in counts if c > few)

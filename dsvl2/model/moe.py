@@ -175,9 +175,9 @@ class Experts(nn.Module):
             if few is not None and sel.numel() <= amx.FEW_ROWS:
                 small.append((e, pairs, sel))
                 continue
-            y = amx.expert(xd.index_select(0, sel), _amx_slot(self.gate_proj, e), _amx_slot(self.up_proj, e),
-                           _amx_slot(self.down_proj, e), w[pairs])  # float32 [c, D]
-            out.index_add_(0, sel, y.to(x.dtype))
+            # the rows sel of xd, their results added into out's rows sel (index_add_'s bits)
+            amx.expert(xd, _amx_slot(self.gate_proj, e), _amx_slot(self.up_proj, e), _amx_slot(self.down_proj, e),
+                       w[pairs], rows=sel, out=out)
         if small:
             tok = torch.cat([sel for _, _, sel in small])
             ids = torch.cat([torch.full((sel.numel(), 1), e, dtype=torch.int64) for e, _, sel in small])

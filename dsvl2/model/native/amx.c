@@ -69,8 +69,9 @@ int dsvl2_amx_usable(void) {
 
 /* x [M, K] bf16 (row stride ldx values) as B tiles: tile (s, t) at xp + (s * Mt + t) * 512,
    its row r holding, for each of the 16 tokens 16t..16t+15, the pair x[., 32s + 2r : +2]
-   (zero past M). Tokens are split among the team (called inside a parallel region). */
-static AMX void pack_x(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, uint16_t *xp) {
+   (zero past M); token m is x's row rows[m] where rows is not NULL. Tokens are split among
+   the team (called inside a parallel region). */
+static AMX void pack_x(const uint16_t *x, int64_t ldx, const int64_t *rows, int64_t M, int64_t K, uint16_t *xp) {
     const int64_t Mt = (M + 15) / 16, S = K / 32;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < Mt; t++)
@@ -78,7 +79,7 @@ static AMX void pack_x(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, uin
             __m512i r[16];
             for (int i = 0; i < 16; i++) {
                 const int64_t m = 16 * t + i;
-                r[i] = m < M ? _mm512_loadu_si512(x + m * ldx + 32 * s) : _mm512_setzero_si512();
+                r[i] = m < M ? _mm512_loadu_si512(x + (rows ? rows[m] : m) * ldx + 32 * s) : _mm512_setzero_si512();
             }
             transpose16(r);
             uint16_t *tile = xp + (s * Mt + t) * 512;
@@ -87,15 +88,22 @@ static AMX void pack_x(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, uin
 }
 
 /* C tile ct ([16 weight rows n0.., 16 tokens m0..]) into y[m, n] for m < M, each weight
-   row's sums times its scale sc[n] first where sc is not NULL (int8) */
+   row's sums times its scale sc[n] first where sc is not NULL (int8); where rows is not
+   NULL, added to y[rows[m], n] instead (one float32 add each, as torch's index_add_) */
 static inline __attribute__((always_inline)) AMX void store_c(float *ct, const float *sc, int64_t n0, int64_t m0,
-                                                              int64_t M, float *y, int64_t ldy) {
+                                                              int64_t M, float *y, int64_t ldy, const int64_t *rows) {
     __m512i r[16];
     for (int i = 0; i < 16; i++)
         r[i] = sc ? _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(ct + 16 * i), _mm512_set1_ps(sc[n0 + i])))
                   : _mm512_loadu_si512(ct + 16 * i);
     transpose16(r);
-    for (int i = 0; i < 16 && m0 + i < M; i++) _mm512_storeu_si512(y + (m0 + i) * ldy + n0, r[i]);
+    if (rows)
+        for (int i = 0; i < 16 && m0 + i < M; i++) {
+            float *o = y + rows[m0 + i] * ldy + n0;
+            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_castsi512_ps(r[i])));
+        }
+    else
+        for (int i = 0; i < 16 && m0 + i < M; i++) _mm512_storeu_si512(y + (m0 + i) * ldy + n0, r[i]);
 }
 
 /* the thread's next panel as stored (32 consecutive rows: one block of bytes), prefetched
@@ -116,8 +124,8 @@ static inline __attribute__((always_inline)) void prefetch_some(ahead *f) {
    compiles to its own loop. */
 static inline __attribute__((always_inline)) AMX void tile_block(const uint16_t *a, int64_t K, const uint16_t *xp,
                                                                  int64_t Mt, int64_t t, int two, int64_t M, int64_t n0,
-                                                                 const float *sc, float *y, int64_t ldy, float *ct,
-                                                                 ahead *f) {
+                                                                 const float *sc, float *y, int64_t ldy,
+                                                                 const int64_t *rows, float *ct, ahead *f) {
     const int64_t S = K / 32, stride = 2 * K;
     _tile_zero(0);
     _tile_zero(1);
@@ -140,13 +148,13 @@ static inline __attribute__((always_inline)) AMX void tile_block(const uint16_t 
     }
     _tile_stored(0, ct, 64);
     _tile_stored(1, ct + 256, 64);
-    store_c(ct, sc, n0, 16 * t, M, y, ldy);
-    store_c(ct + 256, sc, n0 + 16, 16 * t, M, y, ldy);
+    store_c(ct, sc, n0, 16 * t, M, y, ldy, rows);
+    store_c(ct + 256, sc, n0 + 16, 16 * t, M, y, ldy, rows);
     if (two) {
         _tile_stored(2, ct + 512, 64);
         _tile_stored(3, ct + 768, 64);
-        store_c(ct + 512, sc, n0, 16 * t + 16, M, y, ldy);
-        store_c(ct + 768, sc, n0 + 16, 16 * t + 16, M, y, ldy);
+        store_c(ct + 512, sc, n0, 16 * t + 16, M, y, ldy, rows);
+        store_c(ct + 768, sc, n0 + 16, 16 * t + 16, M, y, ldy, rows);
     }
 }
 
@@ -154,13 +162,13 @@ static inline __attribute__((always_inline)) AMX void tile_block(const uint16_t 
    token tiles at a time; the next panel's nb stored bytes at next (NULL: none) prefetched
    over the steps */
 static AMX void panel(const uint16_t *a, int64_t K, const uint16_t *xp, int64_t M, int64_t n0, const float *sc,
-                      float *y, int64_t ldy, float *ct, const char *next, int64_t nb) {
+                      float *y, int64_t ldy, const int64_t *rows, float *ct, const char *next, int64_t nb) {
     const int64_t Mt = (M + 15) / 16, steps = K / 32 * ((Mt + 1) / 2);
     ahead f = {next, 0, next ? (nb + 63) / 64 : 0, 0};
     f.per = (f.lines + steps - 1) / steps;
     int64_t t = 0;
-    for (; t + 2 <= Mt; t += 2) tile_block(a, K, xp, Mt, t, 1, M, n0, sc, y, ldy, ct, &f);
-    if (t < Mt) tile_block(a, K, xp, Mt, t, 0, M, n0, sc, y, ldy, ct, &f);
+    for (; t + 2 <= Mt; t += 2) tile_block(a, K, xp, Mt, t, 1, M, n0, sc, y, ldy, rows, ct, &f);
+    if (t < Mt) tile_block(a, K, xp, Mt, t, 0, M, n0, sc, y, ldy, rows, ct, &f);
 }
 
 /* row of K int8 values as bf16, 32 a step (exact: 8 significant bits at most, so the
@@ -191,7 +199,7 @@ typedef struct {
    stride ldy); mine: this thread's panel buffer (32 x K bf16), ct: its 4 C tiles. A
    thread's panels of one weight are consecutive (static schedule): p + 1 is prefetched. */
 static AMX void weight_panel(const amx_weight *W, int64_t p, const uint16_t *xp, int64_t mc, float *y, int64_t ldy,
-                             uint16_t *mine, float *ct) {
+                             const int64_t *rows, uint16_t *mine, float *ct) {
     const int64_t K = W->K, n0 = 32 * p, rb = W->fmt == 0 ? 2 * K : W->fmt == 1 ? K : K / 2;
     const char *next = 32 * (p + 1) < W->N ? (const char *)W->w + (n0 + 32) * rb : NULL;
     const uint16_t *a = (const uint16_t *)W->w + n0 * K;
@@ -202,7 +210,7 @@ static AMX void weight_panel(const amx_weight *W, int64_t p, const uint16_t *xp,
         dsvl2_dequant_i4((const uint8_t *)W->w + n0 * K / 2, W->scale + n0 * (K / W->G), 32, K, W->G, mine, 1);
         a = mine;
     }
-    panel(a, K, xp, mc, n0, W->sc, y, ldy, ct, next, 32 * rb);
+    panel(a, K, xp, mc, n0, W->sc, y, ldy, rows, ct, next, 32 * rb);
 }
 
 /* one thread's part of dsvl2_amx_linear (inside its parallel region: the outlined region
@@ -215,9 +223,9 @@ static AMX void linear_team(const uint16_t *x, int64_t ldx, int64_t M, const amx
     configure();
     for (int64_t m0 = 0; m0 < M; m0 += CHUNK) {
         const int64_t mc = M - m0 < CHUNK ? M - m0 : CHUNK;
-        pack_x(x + m0 * ldx, ldx, mc, W->K, xp); /* ends in the omp for's barrier */
+        pack_x(x + m0 * ldx, ldx, NULL, mc, W->K, xp); /* ends in the omp for's barrier */
 #pragma omp for schedule(static)
-        for (int64_t p = 0; p < W->N / 32; p++) weight_panel(W, p, xp, mc, y + m0 * ldy, ldy, mine, cts + th * 1024);
+        for (int64_t p = 0; p < W->N / 32; p++) weight_panel(W, p, xp, mc, y + m0 * ldy, ldy, NULL, mine, cts + th * 1024);
         /* its barrier: xp is free for the next chunk */
     }
     _tile_release();
@@ -241,8 +249,8 @@ static inline __attribute__((always_inline)) AMX void gated_row(const float *g, 
 
 /* one thread's part of dsvl2_amx_expert: per chunk, gate and up (their panels shared out
    as one list), the gated product rounded to bf16, its tiles, then down */
-static AMX void expert_team(const uint16_t *x, int64_t M, const amx_weight *W, const float *wt, float *y,
-                            uint16_t *xp, uint16_t *ap, uint16_t *a, float *g, float *u, uint16_t *pan, int64_t pk,
+static AMX void expert_team(const uint16_t *x, const int64_t *rows, int64_t M, const amx_weight *W, const float *wt,
+                            float *y, uint16_t *xp, uint16_t *ap, uint16_t *a, float *g, float *u, uint16_t *pan, int64_t pk,
                             float *cts) {
     const int th = omp_get_thread_num();
     const int64_t D = W[0].K, F = W[0].N, PF = F / 32;
@@ -251,15 +259,15 @@ static AMX void expert_team(const uint16_t *x, int64_t M, const amx_weight *W, c
     configure();
     for (int64_t m0 = 0; m0 < M; m0 += CHUNK) {
         const int64_t mc = M - m0 < CHUNK ? M - m0 : CHUNK;
-        pack_x(x + m0 * D, D, mc, D, xp);
+        pack_x(rows ? x : x + m0 * D, D, rows ? rows + m0 : NULL, mc, D, xp);
 #pragma omp for schedule(static)
         for (int64_t q = 0; q < 2 * PF; q++)
-            weight_panel(&W[q / PF], q % PF, xp, mc, q < PF ? g : u, F, mine, ct);
+            weight_panel(&W[q / PF], q % PF, xp, mc, q < PF ? g : u, F, NULL, mine, ct);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < mc; i++) gated_row(g + i * F, u + i * F, wt[m0 + i], F, a + i * F);
-        pack_x(a, F, mc, F, ap);
+        pack_x(a, F, NULL, mc, F, ap);
 #pragma omp for schedule(static)
-        for (int64_t p = 0; p < D / 32; p++) weight_panel(&W[2], p, ap, mc, y + m0 * D, D, mine, ct);
+        for (int64_t p = 0; p < D / 32; p++) weight_panel(&W[2], p, ap, mc, rows ? y : y + m0 * D, D, rows ? rows + m0 : NULL, mine, ct);
     }
     _tile_release();
 }
@@ -300,6 +308,9 @@ int dsvl2_amx_linear(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, int f
 
 /* One SiLU-gated expert on its M rows x [M, D] bf16 (contiguous), on AMX tiles:
      y [M, D] float32 = down(bf16(silu(gate x) * (up x) * wt))
+   or, where rows (int64 [M]) is not NULL, on the rows rows[m] of x [T, D], each result row
+   added to y[rows[m]] (y [T, D] float32; one float32 add an element, as torch's
+   index_add_): the layer's gather and sum done in the kernel.
    gate / up [F, D], down [D, F], all three in format fmt (as dsvl2_amx_linear) with their
    scales gs / us / ds; int4 groups Gd along D (gate, up) and Gf along F (down). wt [M]
    float32: each row's routing weight, applied before down (F values a row, not D). SiLU
@@ -307,7 +318,7 @@ int dsvl2_amx_linear(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, int f
    times up and wt, rounded to nearest even bf16 once: the down product's input, as the
    bf16 GEMM path rounds it. One parallel region: x's tiles packed once for gate and up, whose panels the
    team shares out as one list. Returns as dsvl2_amx_linear. */
-int dsvl2_amx_expert(const uint16_t *x, int64_t M, int64_t D, int64_t F, int fmt, const void *gate,
+int dsvl2_amx_expert(const uint16_t *x, const int64_t *rows, int64_t M, int64_t D, int64_t F, int fmt, const void *gate,
                      const uint16_t *gs, const void *up, const uint16_t *us, const void *down, const uint16_t *ds,
                      int64_t Gd, int64_t Gf, const float *wt, float *y) {
     if (!dsvl2_amx_usable()) return -1;
@@ -326,7 +337,7 @@ int dsvl2_amx_expert(const uint16_t *x, int64_t M, int64_t D, int64_t F, int fmt
     amx_weight W[3] = {{fmt, gate, gs, NULL, Gd, F, D}, {fmt, up, us, NULL, Gd, F, D}, {fmt, down, ds, NULL, Gf, D, F}};
     W[0].sc = float_scales(&W[0], sc), W[1].sc = float_scales(&W[1], sc + F), W[2].sc = float_scales(&W[2], sc + 2 * F);
 #pragma omp parallel num_threads(nt)
-    expert_team(x, M, W, wt, y, xp, ap, a, g, u, pan, pk, cts);
+    expert_team(x, rows, M, W, wt, y, xp, ap, a, g, u, pan, pk, cts);
     return 0;
 }
 
@@ -340,11 +351,11 @@ int dsvl2_amx_linear(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, int f
     return -1;
 }
 
-int dsvl2_amx_expert(const uint16_t *x, int64_t M, int64_t D, int64_t F, int fmt, const void *gate,
+int dsvl2_amx_expert(const uint16_t *x, const int64_t *rows, int64_t M, int64_t D, int64_t F, int fmt, const void *gate,
                      const uint16_t *gs, const void *up, const uint16_t *us, const void *down, const uint16_t *ds,
                      int64_t Gd, int64_t Gf, const float *wt, float *y) {
-    (void)x, (void)M, (void)D, (void)F, (void)fmt, (void)gate, (void)gs, (void)up, (void)us, (void)down, (void)ds;
-    (void)Gd, (void)Gf, (void)wt, (void)y;
+    (void)x, (void)rows, (void)M, (void)D, (void)F, (void)fmt, (void)gate, (void)gs, (void)up, (void)us, (void)down;
+    (void)ds, (void)Gd, (void)Gf, (void)wt, (void)y;
     return -1;
 }
 

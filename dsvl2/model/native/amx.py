@@ -132,16 +132,35 @@ def linear(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor | None = N
     return out
 
 
-def expert(x: torch.Tensor, gate: tuple, up: tuple, down: tuple, wt: torch.Tensor) -> torch.Tensor:
+def expert(x: torch.Tensor, gate: tuple, up: tuple, down: tuple, wt: torch.Tensor,
+           rows: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """One SiLU-gated expert on its rows in one call (``amx.c`` ``dsvl2_amx_expert``):
     ``down(bf16(silu(gate x) * up x * wt))`` in float32 [M, D]. x: bf16 [M, D], contiguous;
     gate / up: ``(values, scale, group)`` of an [F, D] weight, down of a [D, F] one, as
     ``linear`` takes them, all three in one format; wt: float32 [M] (each row's routing
     weight). The same numbers as ``linear`` for gate and up, then SiLU in float32 (a vector
-    exponential: a few ulps), times up and wt, rounded to bf16 once, ``linear`` for down."""
-    m, d = _rows(x)
+    exponential: a few ulps), times up and wt, rounded to bf16 once, ``linear`` for down.
+    With ``rows`` (int64 [M], each in [0, T)) and ``out`` (float32 [T, D], contiguous): the
+    expert runs on x's rows ``rows`` (x [T, D]) and adds its results into ``out``'s rows
+    ``rows`` (``out.index_add_(0, rows, y)``'s bits), returning ``out``: the MoE layer's
+    gather and sum without their own passes."""
+    t, d = _rows(x)
     if not x.is_contiguous():
         raise _bad("x", x, "contiguous bf16 [M, D]")
+    m = t
+    if (rows is None) != (out is None):
+        raise ValueError("native.amx.expert: rows and out go together (both or neither)")
+    if rows is not None:
+        if not (isinstance(rows, torch.Tensor) and rows.dtype is torch.int64 and rows.is_cpu and rows.ndim == 1
+                and rows.is_contiguous() and rows.numel() > 0):
+            raise _bad("rows", rows, "a contiguous int64 [M] (M > 0) on the CPU")
+        if int(rows.min()) < 0 or int(rows.max()) >= t:
+            raise ValueError(f"native.amx.expert: rows must be in [0, {t}) (x's rows), got "
+                             f"[{int(rows.min())}, {int(rows.max())}]")
+        if not (isinstance(out, torch.Tensor) and out.dtype is torch.float32 and out.is_cpu and out.is_contiguous()
+                and tuple(out.shape) == (t, d)):
+            raise _bad("out", out, f"contiguous float32 [{t}, {d}] on the CPU (x's rows)")
+        m = rows.numel()
     fg, f = _weight("gate", d, *gate)
     fu, fu_n = _weight("up", d, *up)
     fd, dn = _weight("down", f, *down)
@@ -151,11 +170,12 @@ def expert(x: torch.Tensor, gate: tuple, up: tuple, down: tuple, wt: torch.Tenso
     if not (isinstance(wt, torch.Tensor) and wt.dtype is torch.float32 and wt.is_cpu and wt.is_contiguous()
             and tuple(wt.shape) == (m,)):
         raise _bad("wt", wt, f"contiguous float32 [{m}] on the CPU")
-    y = torch.empty(m, d, dtype=torch.float32)
+    y = torch.empty(m, d, dtype=torch.float32) if out is None else out
     ptr = (lambda t: None if t is None else t.data_ptr())
-    _check(require().dsvl2_amx_expert(x.data_ptr(), m, d, f, fg, gate[0].data_ptr(), ptr(gate[1]), up[0].data_ptr(),
-                                      ptr(up[1]), down[0].data_ptr(), ptr(down[1]), gate[2] if fg == 2 else 0,
-                                      down[2] if fg == 2 else 0, wt.data_ptr(), y.data_ptr()), "expert")
+    _check(require().dsvl2_amx_expert(x.data_ptr(), ptr(rows), m, d, f, fg, gate[0].data_ptr(), ptr(gate[1]),
+                                      up[0].data_ptr(), ptr(up[1]), down[0].data_ptr(), ptr(down[1]),
+                                      gate[2] if fg == 2 else 0, down[2] if fg == 2 else 0, wt.data_ptr(),
+                                      y.data_ptr()), "expert")
     return y
 
 

@@ -253,7 +253,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dsvl2_amx_usable.restype = ctypes.c_int
     lib.dsvl2_amx_linear.argtypes = [p, i64, i64, i64, ctypes.c_int, p, p, i64, i64, p, i64]
     lib.dsvl2_amx_linear.restype = ctypes.c_int
-    lib.dsvl2_amx_expert.argtypes = [p, i64, i64, i64, ctypes.c_int, p, p, p, p, p, p, i64, i64, p, p]
+    lib.dsvl2_amx_expert.argtypes = [p, p, i64, i64, i64, ctypes.c_int, p, p, p, p, p, p, i64, i64, p, p]
     lib.dsvl2_amx_expert.restype = ctypes.c_int
     lib.dsvl2_attention_built.argtypes = []
     lib.dsvl2_attention_built.restype = ctypes.c_int

@@ -218,6 +218,51 @@ def test_expert_rows_refusals(case, message):
         amx.expert(x, w, w, w, torch.ones(2), rows=rows, out=out)
 
 
+@needs_amx
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+def test_a_prefill_gated_mlp_is_one_amx_call(monkeypatch, bf16_policy, fmt):
+    """Shared experts and dense layers (``ops.gated_mlp``) outside decode: one ``amx.expert``
+    call with routing weights 1, against the float64 MLP of the same weight values (the
+    activations rounded to bf16 once) to bf16 rounding, and against the path it replaces
+    (AMX off); in decode, with AMX off, or with float32 products: not called."""
+    f, d = 96, 128
+    (ga, g64), (ua, u64), (da, d64) = (_weight_args(fmt, f, d, 50), _weight_args(fmt, f, d, 51),
+                                       _weight_args(fmt, d, f, 52))
+
+    def weight(args):
+        if fmt == "bf16":
+            return args[0]
+        qw = quant.QuantWeight.empty(8 if fmt == "int8" else 4, tuple(args[0].shape if fmt == "int8" else
+                                                                       (args[0].shape[0], 2 * args[0].shape[1])),
+                                     args[2] or 0)
+        qw.set_data((), args[0])
+        qw.set_scale((), args[1])
+        return qw
+
+    gate, up, down = weight(ga), weight(ua), weight(da)
+    x = torch.randn(3, 37, d, generator=_gen(53))
+    calls = []
+    real = amx.expert
+    monkeypatch.setattr(amx, "expert", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    got = ops.gated_mlp(x, gate, up, down)
+    assert calls == [3 * 37] and got.shape == (3, 37, d) and got.dtype is torch.float32
+    xb = x.to(BF).double()
+    h = xb @ g64.T
+    want = ((h * torch.sigmoid(h)) * (xb @ u64.T)) @ d64.T
+    scale = want.abs().max().item()
+    assert (got.double() - want).abs().max().item() <= 2e-2 * scale
+    monkeypatch.setattr(amx, "enabled", False)
+    other = ops.gated_mlp(x, gate, up, down)
+    assert calls == [3 * 37]
+    assert (got.double() - other.double()).abs().max().item() <= 2e-2 * scale
+    monkeypatch.setattr(amx, "enabled", True)
+    with ops.decoding():
+        ops.gated_mlp(x[:, :1], gate, up, down)
+    ops.set_big_products_in_weights_dtype(False)
+    ops.gated_mlp(x, gate, up, down)
+    assert calls == [3 * 37]
+
+
 @pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.status()['reason']}")
 def test_the_attention_runs_exactly_where_amx_is_usable():
     """``native.attention_bf16_amx`` (its numbers: tests/test_attention_bf16.py) answers where

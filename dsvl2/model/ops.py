@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import buckets, native, prepack
-from .native import policy
+from .native import amx, policy
 from .quant import QuantWeight
 from .scratch import upcast  # noqa: F401  (ops.upcast: the name callers use)
 
@@ -289,14 +289,42 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
 
 
+def amx_mlp_slots(x: torch.Tensor, gate, up, down) -> tuple | None:
+    """Where a dense SiLU-gated MLP of a prefill (shared experts, the dense layers) runs as
+    one ``native.amx.expert`` call: its three weights as that takes them, else None. Outside
+    decode, under bf16 products, float32 activations, AMX usable and on (``amx.enabled``),
+    and the weights all bf16 or all int8 / int4 of one kind, in shapes the kernel takes.
+    The numbers: the products as ``amx.linear`` computes them, SiLU and its product with up
+    in float32 (a vector exponential: a few ulps from torch's SiLU), rounded to bf16 once
+    before down; x packed once for gate and up, no [rows, F] tensors written."""
+    if (decoding_active() or not _big_in_weights or x.dtype != torch.float32 or not x.is_cpu or not x.numel()
+            or not (amx.enabled and amx.usable())):
+        return None
+    ws = (gate, up, down)
+    if all(isinstance(w, QuantWeight) for w in ws):
+        if len({w.kind for w in ws}) == 1 and all(w.amx_ready() for w in ws):
+            return tuple(w.amx_args() for w in ws)
+        return None
+    if all(isinstance(w, torch.Tensor) and w.dtype is torch.bfloat16 and w.is_cpu and w.ndim == 2
+           and w.is_contiguous() and amx.takes(*w.shape) for w in ws):
+        return tuple((w, None, 0) for w in ws)
+    return None
+
+
 def gated_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """``down(silu(gate(x)) * up(x))`` for weights [F, D], [F, D], [D, F], in x's dtype.
 
     Decode with bf16 weights: the whole MLP runs in bf16 with one cast in and
     one out, like the bf16 reference, instead of a cast around each of the three GEMVs.
     Decode with the native kernels built (bf16, int8 or int4 weights): the whole MLP in one
-    native call, the one ``decode_plan`` strings together with the other blocks.
+    native call, the one ``decode_plan`` strings together with the other blocks. Prefill on
+    AMX: one ``amx.expert`` call (``amx_mlp_slots``).
     """
+    slots = amx_mlp_slots(x, gate, up, down)
+    if slots is not None:  # a prefill MLP in one AMX call (every routing weight 1.0: exact)
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+        y = amx.expert(x2, *slots, torch.ones(x2.shape[0]))
+        return y.view(*x.shape[:-1], y.shape[-1])
     if isinstance(gate, QuantWeight):
         if decoding_active() and native.usable_int8(x, gate, up, down):
             return native.gated_mlp_int8(x, gate, up, down)

@@ -20,9 +20,9 @@
    (tests/test_amx.py), not bit for bit any other kernel's. A token's outputs do not
    depend on the other tokens.
 
-   Split: per chunk of 256 tokens (their tiles and a panel stay in L2), the team packs the
-   chunk's tiles, then takes panels of 32 weight rows (static: each thread its own run of
-   consecutive panels, the next one prefetched while one multiplies).
+   Split: per chunk of 256 tokens (128 for K > 3,072; their tiles and a panel stay in L2),
+   the team packs the chunk's tiles, then takes panels of 32 weight rows (static: each
+   thread its own run of consecutive panels, the next one prefetched while one multiplies).
 
    Built only with GCC >= 11 on x86-64; elsewhere, and where the CPU (AMX-TILE, AMX-BF16,
    AVX-512 BF16) or the kernel does not grant AMX, dsvl2_amx_usable() says 0 and the
@@ -182,8 +182,12 @@ static inline __attribute__((always_inline)) AMX void widen_i8(const int8_t *q, 
     }
 }
 
-/* tokens a chunk: x's tiles of a chunk (CHUNK x K bf16) and a panel stay in L2 */
+/* tokens a chunk: x's tiles of a chunk (CHUNK x K bf16) and a panel stay in L2; half as
+   many where a chunk's tiles would pass 1.5 MiB (K > 3,072: the o_proj of base, K = 4,096,
+   1,690 -> 1,870-1,960 GFLOP/s at 1,431 rows on an AMX Xeon; smaller K lose at 128) */
 #define CHUNK 256
+
+static int64_t chunk_rows(int64_t K) { return (int64_t)CHUNK * K * 2 > (3 << 19) ? CHUNK / 2 : CHUNK; }
 
 /* a weight [N, K] as stored: fmt 0 bf16, 1 int8 (bf16 row scales; sc: them as float32),
    2 int4 (bf16 scales per group of G along k) */
@@ -221,8 +225,9 @@ static AMX void linear_team(const uint16_t *x, int64_t ldx, int64_t M, const amx
     const int th = omp_get_thread_num();
     uint16_t *mine = pan + (int64_t)th * 32 * W->K;
     configure();
-    for (int64_t m0 = 0; m0 < M; m0 += CHUNK) {
-        const int64_t mc = M - m0 < CHUNK ? M - m0 : CHUNK;
+    const int64_t chunk = chunk_rows(W->K);
+    for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+        const int64_t mc = M - m0 < chunk ? M - m0 : chunk;
         pack_x(x + m0 * ldx, ldx, NULL, mc, W->K, xp); /* ends in the omp for's barrier */
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < W->N / 32; p++) weight_panel(W, p, xp, mc, y + m0 * ldy, ldy, NULL, mine, cts + th * 1024);

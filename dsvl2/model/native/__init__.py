@@ -22,11 +22,14 @@ layer's weights once, for callers that keep them (the plan).
 dequantised in registers, each weight row read once for all rows), the products of a MoE
 layer (or one gated MLP) of them, and dequantises blocks of rows for the prefill GEMMs;
 ``dequant.c`` does the same for int8 (values x bf16 row scales, one pass).
-``gelu.c`` applies the vision tower's tanh GELU to a float32 hidden in place.
-``attention.c`` runs the attention of prefill and of the vision tower with bf16 products
-on CPUs with AVX-512 BF16, where the kernel policy runs the products around it in bf16.
-``amx.c`` (wrapper: ``native/amx.py``) runs the routed experts' prefill products on Intel
-AMX tiles, reading bf16, int8 or int4 weights in their stored format.
+``gelu.c`` applies the vision tower's tanh GELU to a float32 hidden in place;
+``layernorm.c`` adds a bf16 result to the tower's float32 stream and LayerNorms it in one
+pass. ``attention.c`` runs the attention of prefill and of the vision tower with bf16
+products on CPUs with AVX-512 BF16, where the kernel policy runs the products around it in
+bf16; ``amx_attention.c`` runs the same numbers on Intel AMX tiles. ``amx.c`` (wrapper:
+``native/amx.py``) runs the experts' and the quantised layers' prefill products on AMX
+tiles, reading bf16, int8 or int4 weights in their stored format (``amx.h``: what the two
+AMX files share).
 
 Numbers: activations stay float32 (torch's bf16 path rounds them to bf16 first), so the
 result is closer to the float32 reference than the torch bf16 path's; a row's bits do

@@ -18,9 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsvl2.config import VisionConfig
 from dsvl2.model import native, ops, vision
-from dsvl2.model.vision import VisionTransformer
+from test_prepack import small_towers
 
 needs_native = pytest.mark.skipif(not native.cpu_ok()[0], reason=f"CPU: {native.cpu_ok()[1]}")
 BF = torch.bfloat16
@@ -130,18 +129,6 @@ def test_refusals_name_the_argument(bad):
 
 # ---- the vision tower's fused path -------------------------------------------------------------
 
-def _towers():
-    cfg = VisionConfig(width=64, layers=3, heads=4, mlp_ratio=3.7362, image_size=56, patch_size=14)
-    torch.manual_seed(0)
-    tower = VisionTransformer(cfg)
-    with torch.no_grad():
-        for prm in tower.parameters():
-            prm.normal_(0, 0.2)
-    exact = VisionTransformer(cfg)
-    exact.load_state_dict(tower.state_dict())  # float32 weights: the float32 tower
-    return tower.to(BF), exact
-
-
 @needs_native
 def test_the_tower_takes_the_fused_path_under_the_bf16_policy(bf16_policy, monkeypatch):
     """bf16 weights, bf16 products, the attention on torch's kernel (it runs on every CPU):
@@ -149,7 +136,7 @@ def test_the_tower_takes_the_fused_path_under_the_bf16_policy(bf16_policy, monke
     unfused bf16 path's (the LayerNorms' float32 bits differ, then bf16 rounding) and as
     close to the float32 tower."""
     monkeypatch.setattr(ops, "attention_kernel", "torch")
-    tower, exact = _towers()
+    tower, exact = small_towers(3)
     pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
     calls = []
     real = native.add_layernorm_
@@ -170,7 +157,7 @@ def test_the_tower_takes_the_fused_path_under_the_bf16_policy(bf16_policy, monke
 def test_the_fused_path_only_under_the_bf16_policy(monkeypatch):
     """float32 products (the oracle's weights, or the fp32 policy) and the switch off: the
     plain blocks."""
-    tower, exact = _towers()
+    tower, exact = small_towers(3)
     x = torch.randn(2, 16, 64)
     assert not exact.fused_here(x)  # float32 weights
     before = ops.big_products_in_weights_dtype()

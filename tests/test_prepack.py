@@ -155,13 +155,11 @@ def test_prepack_refuses_what_it_cannot_reorder():
     assert torch.equal(lin.narrow(x, gelu_tanh=True), _gelu32(lin(x)))
 
 
-@needs_onednn_bf16
-def test_vision_tower_prepacked_matches_unpacked(bf16_policy):
-    """A whole (small) tower: prepacked, every product but fc1 + GELU has the unpacked bits, so
-    the output differs only by the GELU's saved rounding: close, and closer to float32."""
+def small_towers(layers: int):
+    """A small vision tower with random weights: (its bf16 copy, the float32 tower itself)."""
     from dsvl2.model.vision import VisionTransformer
 
-    cfg = VisionConfig(width=64, layers=2, heads=4, mlp_ratio=3.7362, image_size=56, patch_size=14)
+    cfg = VisionConfig(width=64, layers=layers, heads=4, mlp_ratio=3.7362, image_size=56, patch_size=14)
     torch.manual_seed(0)
     tower = VisionTransformer(cfg)
     with torch.no_grad():
@@ -169,7 +167,14 @@ def test_vision_tower_prepacked_matches_unpacked(bf16_policy):
             prm.normal_(0, 0.2)
     exact = VisionTransformer(cfg)
     exact.load_state_dict(tower.state_dict())  # float32 weights: the float32 tower
-    tower = tower.to(BF)
+    return tower.to(BF), exact
+
+
+@needs_onednn_bf16
+def test_vision_tower_prepacked_matches_unpacked(bf16_policy):
+    """A whole (small) tower: prepacked, every product but fc1 + GELU has the unpacked bits, so
+    the output differs only by the GELU's saved rounding: close, and closer to float32."""
+    tower, exact = small_towers(2)
     pixels = torch.randn(2, 3, 56, 56)
     with torch.inference_mode():
         plain = tower(pixels)

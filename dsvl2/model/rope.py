@@ -23,6 +23,10 @@ from torch import nn
 
 from ..config import LanguageConfig, yarn_mscale
 from ..errors import ConfigError
+from . import native
+
+# The native pass for prefill rows (``apply_rope``); tests switch it off to compare.
+native_rope = True
 
 
 def _yarn_correction_dim(rotations: float, dim: int, base: float, max_pos: int) -> float:
@@ -91,7 +95,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """x [B, H, T, d]; cos / sin [B, T, d]. Interleaved: de-interleave first (MLA)."""
+    """x [B, H, T, d]; cos / sin [B, T, d]. Interleaved: de-interleave first (MLA). A float32
+    CPU prefill of more than one token takes the native pass (``native.rope``: the same bits,
+    one pass instead of seven) where the kernels are built."""
+    if (native_rope and x.dtype == torch.float32 and x.is_cpu and x.ndim == 4 and x.shape[2] > 1
+            and x.stride(3) == 1 and x.shape[3] % 2 == 0 and x.shape[3] <= native.ROPE_MAX_DIM
+            and cos.dtype == torch.float32 and sin.dtype == torch.float32 and native.available()):
+        return native.rope(x, cos, sin, interleaved)
     if interleaved:
         b, h, t, d = x.shape
         x = x.view(b, h, t, d // 2, 2).transpose(3, 4).reshape(b, h, t, d)

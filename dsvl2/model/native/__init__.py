@@ -24,7 +24,7 @@ layer (or one gated MLP) of them, and dequantises blocks of rows for the prefill
 ``dequant.c`` does the same for int8 (values x bf16 row scales, one pass).
 ``gelu.c`` applies the vision tower's tanh GELU to a float32 hidden in place;
 ``layernorm.c`` adds a bf16 result to the tower's float32 stream and LayerNorms it in one
-pass. ``attention.c`` runs the attention of prefill and of the vision tower with bf16
+pass; ``rope.c`` rotates a prefill's queries and keys in one pass (torch's bits). ``attention.c`` runs the attention of prefill and of the vision tower with bf16
 products on CPUs with AVX-512 BF16, where the kernel policy runs the products around it in
 bf16; ``amx_attention.c`` runs the same numbers on Intel AMX tiles. ``amx.c`` (wrapper:
 ``native/amx.py``) runs the experts' and the quantised layers' prefill products on AMX
@@ -501,6 +501,32 @@ def add_layernorm_(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor
     ptr = (lambda t: None if t is None else t.data_ptr())
     require().dsvl2_add_layernorm(x.data_ptr(), ptr(y), x.numel() // w_, w_, ptr(params[0]), ptr(params[1]),
                                   float(eps), out.data_ptr(), int(out_dtype is _BF16))
+    return out
+
+
+ROPE_MAX_DIM = 1024  # rope.c keeps a row on its stack
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """``model.rope.apply_rope``'s result, bit for bit, in one pass (``rope.c``): x float32
+    [B, H, T, D] (any strides, the last dimension contiguous; D even, at most
+    ``ROPE_MAX_DIM``), cos / sin float32 [B or 1, T, D]; a new contiguous float32 tensor."""
+    fn = "rope"
+    if not (isinstance(x, torch.Tensor) and x.dtype is _F32 and x.is_cpu and x.ndim == 4 and x.stride(3) == 1
+            and x.shape[3] % 2 == 0 and 0 < x.shape[3] <= ROPE_MAX_DIM):
+        raise _bad(fn, "x", x, f"float32 [B, H, T, D] on the CPU, the last dimension contiguous, D even and at "
+                               f"most {ROPE_MAX_DIM}")
+    b, h, t, d = x.shape
+    for name, c in (("cos", cos), ("sin", sin)):
+        if not (isinstance(c, torch.Tensor) and c.dtype is _F32 and c.is_cpu and c.ndim == 3
+                and c.shape[0] in (1, b) and tuple(c.shape[1:]) == (t, d)):
+            raise _bad(fn, name, c, f"float32 [{b} or 1, {t}, {d}] on the CPU")
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty(b, h, t, d, dtype=_F32)
+    if out.numel():
+        st = torch.tensor(x.stride()[:3], dtype=_I64)
+        require().dsvl2_rope(x.data_ptr(), st.data_ptr(), b, h, t, d, cos.data_ptr(), sin.data_ptr(),
+                             t * d if cos.shape[0] == b and b > 1 else 0, int(bool(interleaved)), out.data_ptr())
     return out
 
 

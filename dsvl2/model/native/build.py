@@ -39,7 +39,7 @@ from .cpu import cpu_info
 HERE = Path(__file__).parent
 SOURCES = (HERE / "bf16.c", HERE / "layers.c", HERE / "step.c", HERE / "mla.c",
            HERE / "int4.c", HERE / "mlp.c", HERE / "dequant.c", HERE / "attention.c",
-           HERE / "gelu.c", HERE / "layernorm.c", HERE / "amx.c", HERE / "amx_attention.c")
+           HERE / "gelu.c", HERE / "layernorm.c", HERE / "rope.c", HERE / "amx.c", HERE / "amx_attention.c")
 HEADERS = (HERE / "products.h", HERE / "amx.h")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared")
 log = logging.getLogger("dsvl2.native")
@@ -230,6 +230,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dsvl2_gelu_tanh.restype = None
     lib.dsvl2_add_layernorm.argtypes = [p, p, i64, i64, p, p, f32, p, ctypes.c_int]
     lib.dsvl2_add_layernorm.restype = None
+    lib.dsvl2_rope.argtypes = [p, p, i64, i64, i64, i64, p, p, i64, ctypes.c_int, p]
+    lib.dsvl2_rope.restype = None
     lib.dsvl2_route_greedy.argtypes = [p, i64, i64, i64, ctypes.c_int, ctypes.c_int, f32, p, p]
     lib.dsvl2_route_greedy.restype = None
     lib.dsvl2_route.argtypes = [p, i64, i64, i64, ctypes.c_int, ctypes.c_int, p, i64, i64, ctypes.c_int, f32, p, p]

@@ -167,6 +167,7 @@ def test_the_fused_path_only_under_the_bf16_policy(monkeypatch):
         ops.set_big_products_in_weights_dtype(True)
         monkeypatch.setattr(ops, "attention_kernel", "torch")
         assert tower.fused_here(x) == native.available()
+        assert not tower.fused_here(x.clone().requires_grad_())  # updated in place: not under autograd
         monkeypatch.setattr(vision, "fused_norms", False)
         assert not tower.fused_here(x)
     finally:

@@ -56,11 +56,15 @@ def _cos_sin(positions: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 @needs_native
-def test_one_token_rows_stay_on_torch(monkeypatch):
-    monkeypatch.setattr(native, "rope", lambda *a: pytest.fail("native.rope called for a decode row"))
+def test_one_token_rows_and_autograd_stay_on_torch(monkeypatch):
+    monkeypatch.setattr(native, "rope", lambda *a: pytest.fail("native.rope called"))
     x = torch.randn(2, 4, 1, 16)
     cos, sin = _cos_sin(torch.tensor([[5], [9]]), 16)
-    apply_rope(x, cos, sin, True)
+    apply_rope(x, cos, sin, True)  # a decode row
+    x = torch.randn(2, 4, 3, 16, requires_grad=True)
+    cos, sin = _cos_sin(torch.arange(3).expand(2, 3), 16)
+    apply_rope(x, cos, sin, True).sum().backward()  # tracked by autograd: torch's ops, gradients kept
+    assert x.grad is not None
 
 
 @needs_native

@@ -97,8 +97,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """x [B, H, T, d]; cos / sin [B, T, d]. Interleaved: de-interleave first (MLA). A float32
     CPU prefill of more than one token takes the native pass (``native.rope``: the same bits,
-    one pass instead of seven) where the kernels are built."""
+    one pass instead of seven) where the kernels are built and autograd does not track x."""
     if (native_rope and x.dtype == torch.float32 and x.is_cpu and x.ndim == 4 and x.shape[2] > 1
+            and not x.requires_grad
             and x.stride(3) == 1 and x.shape[3] % 2 == 0 and x.shape[3] <= native.ROPE_MAX_DIM
             and cos.dtype == torch.float32 and sin.dtype == torch.float32 and native.available()):
         return native.rope(x, cos, sin, interleaved)

@@ -153,9 +153,11 @@ class VisionTransformer(nn.Module):
 
     def fused_here(self, x: torch.Tensor) -> bool:
         """The fused path applies: on (``fused_norms``), the native kernels built, a contiguous
-        float32 stream of a width the kernel takes (a multiple of 8), products and attention
-        in bf16 (``ops.narrow_product``, ``ops.attention_in_bf16``), an even head size."""
+        float32 stream of a width the kernel takes (a multiple of 8) that autograd does not
+        track (it is updated in place), products and attention in bf16
+        (``ops.narrow_product``, ``ops.attention_in_bf16``), an even head size."""
         if not (fused_norms and self.blocks and x.dtype is torch.float32 and x.is_contiguous()
+                and not x.requires_grad
                 and self.cfg.width % 8 == 0 and (self.cfg.width // self.cfg.heads) % 2 == 0):
             return False
         w = self.blocks[0].attn.qkv.weight

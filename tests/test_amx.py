@@ -103,6 +103,18 @@ def test_int4_weight_is_its_bf16_dequantisation(m, n, k, group):
 
 
 @needs_amx
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_panels_are_the_bf16_dequantisation_bit_for_bit(group):
+    """The int4 panels (a table of each group's 16 values, then a permute) hold exactly the
+    bf16 values torch's rounding of the float32 weight gives: the product equals, bit for
+    bit, the same kernel on that bf16 weight (same tiles, same order)."""
+    x = _x(70, 256, seed=6)
+    q, s = _int4(96, 256, group, seed=7)
+    w = quant.dequantize(q, s, 4).to(BF).contiguous()
+    assert torch.equal(amx.linear(x, q, s, group), amx.linear(x, w))
+
+
+@needs_amx
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
 def test_a_row_does_not_depend_on_the_other_rows(fmt):
     """Row i of a 300-row product (two chunks of 256) has the bits of row i alone."""

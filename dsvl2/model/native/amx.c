@@ -36,9 +36,6 @@
 #include "amx.h"
 #include "products.h"
 
-void dsvl2_dequant_i4(const uint8_t *q, const uint16_t *scale, int64_t N, int64_t K, int64_t G, void *out,
-                      int obf16);
-
 #ifdef DSVL2_AMX
 #include <cpuid.h>
 #include <sys/syscall.h>
@@ -182,6 +179,30 @@ static inline __attribute__((always_inline)) AMX void widen_i8(const int8_t *q, 
     }
 }
 
+/* 32 rows of an int4 weight (two values a byte, low nibble first; row r at q + r K / 2, its
+   bf16 scales at scale + r K / G) as bf16 into out [32, K]: per group of G values a table of
+   its 16 possible values round_bf16((i - 8) s) (exact products, rounded as
+   ``dsvl2_dequant_i4`` rounds them: the same bits), then one permute for 32 values */
+static AMX void dequant_i4_panel(const uint8_t *q, const uint16_t *scale, int64_t K, int64_t G, uint16_t *out) {
+    const __m512 steps = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m128i nibble = _mm_set1_epi8(0x0f);
+    for (int r = 0; r < 32; r++) {
+        const uint8_t *qr = q + r * (K / 2);
+        const uint16_t *sr = scale + r * (K / G);
+        uint16_t *o = out + r * K;
+        for (int64_t g = 0; g < K / G; g++) {
+            const __m512 v = _mm512_mul_ps(steps, _mm512_set1_ps(bf16_to_f32(sr[g])));
+            const __m512i table = _mm512_zextsi256_si512(_mm512_cvtepi32_epi16(round_bf16_16(v)));
+            for (int64_t j = g * G; j < (g + 1) * G; j += 32) {
+                const __m128i b = _mm_loadu_si128((const __m128i *)(qr + j / 2));
+                const __m128i lo = _mm_and_si128(b, nibble), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nibble);
+                const __m256i idx = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+                _mm512_storeu_si512(o + j, _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(idx), table));
+            }
+        }
+    }
+}
+
 /* tokens a chunk: x's tiles of a chunk (CHUNK x K bf16) and a panel stay in L2; half as
    many where a chunk's tiles would pass 1.5 MiB (K > 3,072: the o_proj of base, K = 4,096,
    1,690 -> 1,870-1,960 GFLOP/s at 1,431 rows on an AMX Xeon; smaller K lose at 128) */
@@ -211,7 +232,7 @@ static AMX void weight_panel(const amx_weight *W, int64_t p, const uint16_t *xp,
         for (int i = 0; i < 32; i++) widen_i8((const int8_t *)W->w + (n0 + i) * K, K, mine + i * K);
         a = mine;
     } else if (W->fmt == 2) {
-        dsvl2_dequant_i4((const uint8_t *)W->w + n0 * K / 2, W->scale + n0 * (K / W->G), 32, K, W->G, mine, 1);
+        dequant_i4_panel((const uint8_t *)W->w + n0 * K / 2, W->scale + n0 * (K / W->G), K, W->G, mine);
         a = mine;
     }
     panel(a, K, xp, mc, n0, W->sc, y, ldy, rows, ct, next, 32 * rb);

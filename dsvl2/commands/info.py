@@ -361,7 +361,7 @@ def cmd_info(args) -> int:
     d["native_decode"]["quant_variant"] = native.quant_variant() if native.available() else None
     from ..model.native import amx
     # the routed experts' prefill products on AMX tiles (model/native/amx.py), where bf16 products run
-    d["amx_experts"] = amx.enabled and amx.usable()
+    d["amx_experts"] = amx.active()
     print(json.dumps(d, indent=2, default=str) if args.json else format_info(d))
     return 0
 

@@ -149,7 +149,7 @@ class Experts(nn.Module):
         """The products of these experts outside decode run on AMX tiles (``native/amx.py``):
         bf16 products chosen by the kernel policy, AMX usable, and every matrix bf16, int8 or
         int4 in the stored format, of a shape the kernel takes."""
-        if not (amx.enabled and ops.big_products_in_weights_dtype() and amx.usable()):
+        if not (ops.big_products_in_weights_dtype() and amx.active()):
             return False
         for w in (self.gate_proj, self.up_proj, self.down_proj):
             if not (w.amx_takes() if isinstance(w, QuantWeight) else

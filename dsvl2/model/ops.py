@@ -298,7 +298,7 @@ def amx_mlp_slots(x: torch.Tensor, gate, up, down) -> tuple | None:
     in float32 (a vector exponential: a few ulps from torch's SiLU), rounded to bf16 once
     before down; x packed once for gate and up, no [rows, F] tensors written."""
     if (decoding_active() or not _big_in_weights or x.dtype != torch.float32 or not x.is_cpu or not x.numel()
-            or not (amx.enabled and amx.usable())):
+            or not amx.active()):
         return None
     ws = (gate, up, down)
     if all(isinstance(w, QuantWeight) for w in ws):

@@ -220,7 +220,7 @@ class QuantWeight:
     def amx_ready(self) -> bool:
         """Its bf16 products outside decode run on AMX tiles (``native/amx.py``): an unstacked
         int8 or int4 weight of a shape the kernel takes, AMX usable and not switched off."""
-        return len(self.shape) == 2 and self.amx_takes() and amx.enabled and amx.usable()
+        return len(self.shape) == 2 and self.amx_takes() and amx.active()
 
     def amx_takes(self) -> bool:
         """An int8 or int4 (stored format) weight, or stack of them, whose matrices have a

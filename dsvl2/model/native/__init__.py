@@ -936,12 +936,8 @@ def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     mask: an additive float mask [B or 1, 1, T, S] or None; out: float32 or bf16 [B, H, T, dv]
     (last dimension contiguous) written in place, or None for a new float32 one. Returns out.
     Only where ``attention_usable()``."""
-    rc, out, sizes = _attention_call("attention_bf16", require().dsvl2_attention_bf16, q, k, v, scale, mask, out)
-    if rc == -1:
-        raise MemoryError(f"native.attention_bf16: no memory for the kernel's scratch ({sizes})")
-    if rc != 0:
-        raise RuntimeError("native.attention_bf16: this build of the kernels lacks it (attention_usable() is False)")
-    return out
+    return _attention_call("attention_bf16", require().dsvl2_attention_bf16, q, k, v, scale, mask, out,
+                           memory_rc=-1, missing="this build of the kernels lacks it (attention_usable() is False)")
 
 
 def attention_bf16_amx(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -950,17 +946,14 @@ def attention_bf16_amx(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     (``amx_attention.c``): the same float32 scores, softmax (the same function), bf16
     weights and division by the float32 sum; only the order of the float32 sums differs.
     ``RuntimeError`` where AMX is not usable (``amx.usable()``)."""
-    rc, out, sizes = _attention_call("attention_bf16_amx", require().dsvl2_amx_attention, q, k, v, scale, mask, out)
-    if rc == -3:
-        raise MemoryError(f"native.attention_bf16_amx: no memory for the kernel's scratch ({sizes})")
-    if rc != 0:
-        raise RuntimeError("native.attention_bf16_amx: AMX is not usable on this CPU / kernel / build")
-    return out
+    return _attention_call("attention_bf16_amx", require().dsvl2_amx_attention, q, k, v, scale, mask, out,
+                           memory_rc=-3, missing="AMX is not usable on this CPU / kernel / build")
 
 
-def _attention_call(fn: str, entry, q, k, v, scale, mask, out) -> tuple:
+def _attention_call(fn: str, entry, q, k, v, scale, mask, out, memory_rc: int, missing: str) -> torch.Tensor:
     """Check the arguments (``_attention_args``), derive the mask's limits and strides, call
-    ``entry`` (attention.c's signature): (its return code, out, the sizes in words)."""
+    ``entry`` (attention.c's signature) and return out; ``MemoryError`` where it returned
+    ``memory_rc`` (its scratch), ``RuntimeError`` saying ``missing`` for any other failure."""
     b, h, hk, t, s, dk, dv, mask, out = _attention_args(fn, q, k, v, mask, out)
     mst = (0, 0)
     lim = None
@@ -971,7 +964,11 @@ def _attention_call(fn: str, entry, q, k, v, scale, mask, out) -> tuple:
     rc = entry(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), int(out.dtype is _BF16), b, h, hk, t, s,
                dk, dv, float(scale), None if mask is None else mask.data_ptr(),
                None if lim is None else lim.data_ptr(), st.data_ptr())
-    return rc, out, f"S = {s}, dk = {dk}, dv = {dv}"
+    if rc == memory_rc:
+        raise MemoryError(f"native.{fn}: no memory for the kernel's scratch (S = {s}, dk = {dk}, dv = {dv})")
+    if rc != 0:
+        raise RuntimeError(f"native.{fn}: {missing}")
+    return out
 
 
 def attention_bf16_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

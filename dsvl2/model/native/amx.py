@@ -56,6 +56,11 @@ def usable() -> bool:
     return _usable[1]
 
 
+def active() -> bool:
+    """The AMX kernels run here and are not switched off (``enabled``, ``usable()``)."""
+    return enabled and usable()
+
+
 def takes(n: int, k: int, group: int = 0) -> bool:
     """A weight [n, k] (int4: groups of ``group`` along k) has a shape ``linear`` takes."""
     return n > 0 and k > 0 and n % 32 == 0 and k % 32 == 0 and (not group or (group % 32 == 0 and k % group == 0))
@@ -154,9 +159,9 @@ def expert(x: torch.Tensor, gate: tuple, up: tuple, down: tuple, wt: torch.Tenso
         if not (isinstance(rows, torch.Tensor) and rows.dtype is torch.int64 and rows.is_cpu and rows.ndim == 1
                 and rows.is_contiguous() and rows.numel() > 0):
             raise _bad("rows", rows, "a contiguous int64 [M] (M > 0) on the CPU")
-        if int(rows.min()) < 0 or int(rows.max()) >= t:
-            raise ValueError(f"native.amx.expert: rows must be in [0, {t}) (x's rows), got "
-                             f"[{int(rows.min())}, {int(rows.max())}]")
+        lo, hi = (int(v) for v in torch.aminmax(rows))  # one pass: this runs for every expert of a prefill
+        if lo < 0 or hi >= t:
+            raise ValueError(f"native.amx.expert: rows must be in [0, {t}) (x's rows), got [{lo}, {hi}]")
         if not (isinstance(out, torch.Tensor) and out.dtype is torch.float32 and out.is_cpu and out.is_contiguous()
                 and tuple(out.shape) == (t, d)):
             raise _bad("out", out, f"contiguous float32 [{t}, {d}] on the CPU (x's rows)")

@@ -103,7 +103,7 @@ def amx_attention_usable() -> bool:
     """The AMX attention kernel runs here and is not switched off (``DSVL2_AMX=0``)."""
     from . import amx
 
-    return amx.enabled and amx.usable()
+    return amx.active()
 
 
 def _attention_timing(kernel: str) -> float | None:

@@ -109,3 +109,90 @@ def test_vision_mlp_with_gradients_takes_torchs_gelu():
     x = torch.randn(3, 16, requires_grad=True)
     mlp(x).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# ---- the bf16 GELU by table (gelu.c dsvl2_gelu_tanh_bf16) ----------------------------------
+
+
+def _every_bf16() -> torch.Tensor:
+    """All 65,536 bf16 bit patterns (NaNs and infinities included), in bit order."""
+    u = torch.arange(1 << 16, dtype=torch.int32)
+    return torch.where(u >= 1 << 15, u - (1 << 16), u).to(torch.int16).view(torch.bfloat16)
+
+
+def _table_reference(v: torch.Tensor) -> torch.Tensor:
+    """What the table holds: the float32 GELU (checked against float64 above), rounded once."""
+    return native.gelu_tanh_(v.float()).to(torch.bfloat16)
+
+
+@needs_native
+def test_bf16_gelu_every_bit_pattern_within_half_an_ulp_of_float64():
+    """Every pattern, in shuffled order (the gathers index by value, not position): the
+    float32 GELU rounded once, so within half a bf16 ulp of the float64 GELU plus the float32
+    error; where it differs from F.gelu on bf16 (torch's formula cancels to 0 below x ~ -5),
+    it is the closer of the two."""
+    v = _every_bf16()[torch.randperm(1 << 16, generator=torch.Generator().manual_seed(3))]
+    y = v.clone()
+    assert native.gelu_tanh_bf16_(y) is y
+    assert torch.equal(y.view(torch.int16), _table_reference(v).view(torch.int16))
+    fin = torch.isfinite(v)
+    assert torch.isnan(y[torch.isnan(v)]).all()
+    x = v[fin].double()
+    exact, got = _exact(x), y[fin].double()
+    bound = exact.abs() * 2.0 ** -8 + 8 * EPS * x.abs() + 1e-38
+    assert ((got - exact).abs() <= bound).all()
+    theirs = F.gelu(v[fin], approximate="tanh").double()
+    differ = got != theirs
+    assert 0 < differ.sum() < 2000
+    assert ((got - exact).abs()[differ] < (theirs - exact).abs()[differ]).all()
+
+
+@needs_native
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 16384 * 4 + 3, 16384 * 9 - 1])
+def test_bf16_gelu_every_length_and_view(n):
+    """Tails shorter than a vector, the parallel chunks' ends; a 2-d tensor (the fc1 result)."""
+    x = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 4).to(torch.bfloat16)
+    y = x.clone()
+    native.gelu_tanh_bf16_(y)
+    assert torch.equal(y.view(torch.int16), _table_reference(x).view(torch.int16))
+    if n > 16:
+        m = x[: n - n % 16].view(-1, 16).clone()
+        assert torch.equal(native.gelu_tanh_bf16_(m.clone()), _table_reference(m))
+
+
+@needs_native
+@pytest.mark.parametrize("bad", [torch.zeros(4, 6, dtype=torch.bfloat16).t(), torch.zeros(8),
+                                 torch.zeros(8, dtype=torch.float16)])
+def test_bf16_gelu_refuses_what_it_cannot_take(bad):
+    with pytest.raises(ValueError, match="gelu_tanh_bf16_: x must be a contiguous bf16 tensor"):
+        native.gelu_tanh_bf16_(bad)
+
+
+@needs_native
+def test_vision_mlp_bf16_takes_the_table(monkeypatch):
+    """A bf16 MLP under the bf16 policy: fc1's bf16 result goes through the table; the
+    MLP's output is the F.gelu path's, to bf16's precision."""
+    from dsvl2.model import ops
+    cfg = VisionConfig(width=64, mlp_ratio=3.125, layers=1, heads=4)
+    torch.manual_seed(0)
+    mlp = Mlp(cfg)
+    for lin in (mlp.fc1, mlp.fc2):
+        lin.weight.data.normal_(0, 0.3)
+        lin.bias.data.normal_(0, 0.3)
+    mlp = mlp.to(torch.bfloat16)
+    x = torch.randn(2, 29, 64) * 2
+    before = ops.big_products_in_weights_dtype()
+    ops.set_big_products_in_weights_dtype(True)
+    try:
+        with torch.no_grad():
+            calls = []
+            real = native.gelu_tanh_bf16_
+            monkeypatch.setattr(native, "gelu_tanh_bf16_", lambda h: calls.append(h.shape) or real(h))
+            fast = mlp(x)
+            assert calls == [torch.Size([2, 29, 200])]
+            monkeypatch.setattr(native, "available", lambda: False)
+            slow = mlp(x)
+    finally:
+        ops.set_big_products_in_weights_dtype(before)
+    assert fast.dtype is torch.bfloat16
+    torch.testing.assert_close(fast, slow)

@@ -51,12 +51,8 @@ def pack(weight: torch.Tensor, rows: int = 729) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
 
 
-def product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
-            gelu_tanh: bool = False) -> torch.Tensor:
-    """x bf16 [..., K] @ W.T + bias (bf16 [N] or None), W packed by ``pack``: bf16 [..., N].
-    ``gelu_tanh``: the tanh GELU applied to the float32 accumulator, then one rounding."""
+def product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x bf16 [..., K] @ W.T + bias (bf16 [N] or None), W packed by ``pack``: bf16 [..., N]."""
     if not x.is_contiguous():  # the oneDNN call reads strided inputs wrong
         x = x.contiguous()
-    if gelu_tanh:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "gelu", [], "tanh")
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")

@@ -473,6 +473,33 @@ def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+_gelu_table: list = []  # the bf16 GELU table, built on first use
+
+
+def gelu_table() -> torch.Tensor:
+    """int16 [65537]: entry u = the bits of the tanh GELU of the bf16 v whose bits are u, as
+    ``gelu_tanh_`` computes it in float32 (within a few float32 ulps of the exact value),
+    rounded once to bf16: the float32 tower's GELU, rounded. Then one 0 (the gathers read 32
+    bits at a 16-bit index). Not ``F.gelu`` on bf16 bit for bit: torch's vectorised formula
+    loses the values below ~1e-7 where 1 + tanh(u) cancels (x < -5), which this keeps."""
+    if not _gelu_table:
+        u = torch.arange(1 << 16, dtype=torch.int32)
+        v = torch.where(u >= 1 << 15, u - (1 << 16), u).to(torch.int16).view(_BF16)
+        g = gelu_tanh_(v.float()).to(_BF16).view(torch.int16)
+        _gelu_table.append(torch.cat([g, g.new_zeros(1)]))
+    return _gelu_table[0]
+
+
+def gelu_tanh_bf16_(x: torch.Tensor) -> torch.Tensor:
+    """The tanh GELU of a contiguous bf16 CPU tensor, in place, by table (``gelu.c``,
+    ``gelu_table``: the float32 GELU rounded once); returns x."""
+    if not (x.dtype is _BF16 and x.is_cpu and x.is_contiguous()):
+        raise _bad("gelu_tanh_bf16_", "x", x, "a contiguous bf16 tensor on the CPU")
+    if x.numel():
+        require().dsvl2_gelu_tanh_bf16(x.data_ptr(), x.numel(), gelu_table().data_ptr())
+    return x
+
+
 def add_layernorm_(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor | None,
                    bias: torch.Tensor | None, eps: float, out_dtype: torch.dtype = _BF16) -> torch.Tensor:
     """``x += y`` in place, then ``LayerNorm(x)`` over the last dimension, in one pass a row

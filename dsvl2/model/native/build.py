@@ -228,6 +228,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dsvl2_rmsnorm.restype = None
     lib.dsvl2_gelu_tanh.argtypes = [p, i64]
     lib.dsvl2_gelu_tanh.restype = None
+    lib.dsvl2_gelu_tanh_bf16.argtypes = [p, i64, p]
+    lib.dsvl2_gelu_tanh_bf16.restype = None
     lib.dsvl2_add_layernorm.argtypes = [p, p, i64, i64, p, p, f32, p, ctypes.c_int]
     lib.dsvl2_add_layernorm.restype = None
     lib.dsvl2_rope.argtypes = [p, p, i64, i64, i64, i64, p, p, i64, ctypes.c_int, p]

@@ -69,3 +69,31 @@ void dsvl2_gelu_tanh(float *x, int64_t n) {
         }
     }
 }
+
+/* The tanh GELU of bf16 values by table, in place (``gelu_tanh_bf16_``).
+
+   Why: the vision tower's fc1 result is bf16 where its products run in bf16, [tiles x
+   729, 4304] of them in each of 27 blocks. A bf16 value has 65,536 bit patterns, so its
+   GELU rounded to bf16 is one table read: `table` holds the GELU of every pattern (built
+   by the wrapper with dsvl2_gelu_tanh above, then rounded once), read by gathers from L2
+   (the table is 128 KiB): 1.5 ms for a 4-tile fc1 result on 2 threads.
+   `table` has 65,537 entries: the gathers read 32 bits at a 16-bit index, the last one a
+   pattern past the end. */
+void dsvl2_gelu_tanh_bf16(uint16_t *x, int64_t n, const uint16_t *table) {
+    const int64_t chunks = (n + CHUNK - 1) / CHUNK;
+#pragma omp parallel for schedule(static) if (chunks >= 4)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t lo = c * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;
+        const __m256i low16 = _mm256_set1_epi32(0xffff);
+        int64_t i = lo;
+        for (; i + 16 <= hi; i += 16) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(x + i));
+            const __m256i a = _mm256_i32gather_epi32((const int *)table, _mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)), 2);
+            const __m256i b = _mm256_i32gather_epi32((const int *)table, _mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)), 2);
+            /* packus interleaves the 128-bit lanes (a0-3 b0-3 a4-7 b4-7): the permute restores the order */
+            const __m256i p = _mm256_packus_epi32(_mm256_and_si256(a, low16), _mm256_and_si256(b, low16));
+            _mm256_storeu_si256((__m256i *)(x + i), _mm256_permute4x64_epi64(p, 0xD8));
+        }
+        for (; i < hi; i++) x[i] = table[x[i]];
+    }
+}

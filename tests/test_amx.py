@@ -423,6 +423,40 @@ def test_dense_quantised_prefill_products_run_on_amx_unpadded(monkeypatch, bf16_
     assert seen == [37]
 
 
+@needs_amx
+def test_dense_bf16_prefill_products_run_on_amx(monkeypatch, bf16_policy):
+    """A bf16 weight's product outside decode (``ops.linear``: the attention projections of a
+    bf16 model's prefill) goes to amx.linear on the rows as they are: the float32 sums of
+    the bf16-rounded activations (within a float32 sum of the float64 product), bias added
+    in float32, no bf16 rounding of the result; within bf16 rounding of the path it replaces
+    (AMX off: torch's bf16 GEMM); a row's bits do not depend on the other rows. Not in
+    decode, not with autograd, not for a shape the kernel does not take."""
+    w = (torch.randn(96, 128, generator=_gen(32)) * 128 ** -0.5).to(BF)
+    b = torch.randn(96, generator=_gen(33)).to(BF)
+    x = torch.randn(2, 37, 128, generator=_gen(34))
+    seen = []
+    real = amx.linear
+    monkeypatch.setattr(amx, "linear", lambda xx, *a, **kw: seen.append(xx.shape[0]) or real(xx, *a, **kw))
+    got = ops.linear(x, w, b)
+    assert seen == [74] and got.dtype is torch.float32 and got.shape == (2, 37, 96)
+    xb, w64 = x.reshape(-1, 128).to(BF), w.double()
+    ref = (xb.double() @ w64.T).view(2, 37, 96)
+    assert ((got.double() - b.double() - ref).abs() <= _bound(xb, w64).view(2, 37, 96) + U * ref.abs()
+            + U * b.double().abs() + 1e-30).all()
+    assert torch.equal(ops.linear(x[1, 5:9], w, b), got[1, 5:9])  # rows independent of the others
+    monkeypatch.setattr(amx, "enabled", False)
+    other = ops.linear(x, w, b)
+    assert seen == [74, 4]
+    assert ((other.double() - got.double()).abs() <= 2 ** -7 * (xb.double().abs() @ w64.abs().T).view(2, 37, 96)
+            + 2 ** -8 * b.double().abs()).all()
+    monkeypatch.setattr(amx, "enabled", True)
+    with ops.decoding():
+        ops.linear(x[:, :1], w, b)
+    ops.linear(x.requires_grad_(), w, b)
+    ops.linear(x[..., :96].detach(), w[:, :96].contiguous()[:48].contiguous())  # N = 48: not a multiple of 32
+    assert seen == [74, 4]
+
+
 def _weight_args(fmt: str, n: int, k: int, seed: int) -> tuple:
     """(values, scale, group) of an [n, k] weight in ``fmt``, and its values as float64 (int4:
     the bf16 rounding amx.c uses)."""

@@ -412,3 +412,18 @@ def test_mha_prefill_chunk_with_grouped_kv_heads_and_the_kernel_matches_torch_at
 
 def _kernel_name(fn) -> str:
     return "amx" if fn is native.attention_bf16_amx else "native"
+
+
+@pytest.mark.skipif(not (native.attention_usable() and amx.usable()),
+                    reason="hardware: needs AMX-TILE / AMX-BF16 and AVX-512 BF16")
+def test_mla_prefill_expands_kv_on_amx_where_it_takes_the_shape(monkeypatch):
+    """kv_b_proj [H (dn + dv), r] with r and H (dn + dv) multiples of 32: its prefill product
+    runs on AMX (float32 sums rounded to bf16 once) and the block still matches torch's
+    float32 attention as above; with AMX off it is oneDNN's."""
+    cfg = LanguageConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=32, use_mla=True,
+                         kv_lora_rank=64, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, q_lora_rank=24)
+    seen = []
+    real = amx.linear
+    monkeypatch.setattr(amx, "linear", lambda x, w, *a, **kw: seen.append(tuple(w.shape)) or real(x, w, *a, **kw))
+    _check_model(cfg, filled(MLA(cfg, 0), seed=0), monkeypatch, "amx")
+    assert (128, 64) in seen

@@ -408,36 +408,39 @@ def _fields(cfg) -> dict:
 # ---- projector -----------------------------------------------------------------------------------
 
 def _vision_block_cast_per_product(block, x):
-    """One SigLIP block as before ``ops.linear_narrow``: every product through ``ops.linear``
-    (its result cast back to x's dtype), GELU in float32 (torch's where the chain's GELU runs on
-    bf16, whose bits it must round to; else the tower's native one where built): the bits
-    the chain must keep. The
-    attention: torch's float32 one, or where the policy gives it bf16 products
+    """One SigLIP block as before ``ops.linear_narrow``: every product's result cast back to
+    x's dtype (under bf16 products torch's bf16 GEMM, whose rounded result the chain keeps;
+    else ``ops.linear``), the GELU in float32 (the tower's native one where built: the bf16
+    chain's table holds its values rounded once; torch's elsewhere): the bits the chain must
+    keep. The attention: torch's float32 one, or where the policy gives it bf16 products
     (``ops.attention_in_bf16``) the kernel the policy chose (``ops.attention_bf16``) on
     contiguous copies of q, k, v."""
     from dsvl2.model import native
     from dsvl2.model.ops import attention_bf16, attention_in_bf16, big_products_in_weights_dtype, linear
 
+    bf = torch.bfloat16
+
+    def product(h, weight, bias):
+        if big_products_in_weights_dtype():
+            return F.linear(h.to(bf), weight, bias.to(bf)).float()
+        return linear(h, weight, bias)
+
     n, p, w = x.shape
     att = block.attn
     h = block.norm1(x)
-    qkv = linear(h, att.qkv.weight, att.qkv.bias).view(n, p, 3, att.heads, w // att.heads).permute(2, 0, 3, 1, 4)
+    qkv = product(h, att.qkv.weight, att.qkv.bias).view(n, p, 3, att.heads, w // att.heads).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     if attention_in_bf16(h, att.qkv.weight):
-        bf = torch.bfloat16
         o = attention_bf16(q.to(bf).contiguous(), k.to(bf).contiguous(), v.to(bf).contiguous(),
                            (w // att.heads) ** -0.5)
     else:
         o = F.scaled_dot_product_attention(q, k, v)
     o = o.transpose(1, 2).reshape(n, p, w)
-    x = x + linear(o, att.proj.weight, att.proj.bias)
+    x = x + product(o, att.proj.weight, att.proj.bias)
     mlp = block.mlp
-    h = linear(block.norm2(x), mlp.fc1.weight, mlp.fc1.bias)
-    if big_products_in_weights_dtype() or not native.available():
-        h = F.gelu(h, approximate="tanh")
-    else:  # float32 products: the tower's float32 GELU is the native one (tests/test_native_gelu.py)
-        h = native.gelu_tanh_(h.contiguous())
-    return x + linear(h, mlp.fc2.weight, mlp.fc2.bias)
+    h = product(block.norm2(x), mlp.fc1.weight, mlp.fc1.bias)
+    h = native.gelu_tanh_(h.contiguous()) if native.available() else F.gelu(h, approximate="tanh")
+    return x + product(h, mlp.fc2.weight, mlp.fc2.bias)
 
 
 @pytest.mark.parametrize("bf16_products", [True, False])

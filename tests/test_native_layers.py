@@ -224,3 +224,32 @@ def test_engine_greedy_ids_equal_with_and_without_native_blocks(monkeypatch):
     monkeypatch.setattr(ops, "native_blocks", False)
     assert ids() == fast
     assert not calls
+
+
+@needs_native
+def test_rmsnorm_of_a_bf16_prefill_goes_native_under_bf16_products(bf16_policy, monkeypatch):
+    """Outside decode, under bf16 products, a bf16-weight norm takes the native RMSNorm (rows
+    split among the threads from 32 rows on: the same bits as one row at a time), within
+    float32 rounding of the torch path; float32 weights (the oracle), float32 products and
+    autograd keep torch's."""
+    norm = RMSNorm(2048, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(_rand(2048, seed=5))
+    norm = norm.to(torch.bfloat16)
+    x = _rand(1, 300, 2048, seed=6)
+    calls = []
+    real = native.rmsnorm
+    monkeypatch.setattr(native, "rmsnorm", lambda *a: calls.append(a[0].shape) or real(*a))
+    with torch.no_grad():
+        fast = norm(x)
+        assert calls == [x.shape]
+        assert torch.equal(fast[:, 40:41], norm(x[:, 40:41]))  # one row alone: the same bits
+        ops.set_big_products_in_weights_dtype(False)
+        slow = norm(x)
+        ops.set_big_products_in_weights_dtype(True)
+    assert len(calls) == 2
+    assert torch.allclose(fast, slow, rtol=1e-6, atol=1e-6)
+    ref = norm.weight.double() * (x.double() / torch.sqrt((x.double() ** 2).mean(-1, keepdim=True) + 1e-6))
+    assert torch.allclose(fast.double(), ref, rtol=2e-6, atol=1e-6)
+    norm(x.requires_grad_()).sum().backward()  # autograd: torch's ops, gradients flow
+    assert len(calls) == 2 and x.grad is not None

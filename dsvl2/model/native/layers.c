@@ -50,8 +50,11 @@ static inline void axpy_pf(float a, const float *x, const float *pf, float *y, i
 }
 static inline void axpy(float a, const float *x, float *y, int64_t n) { axpy_pf(a, x, NULL, y, n); }
 
-/* y [M, D] = weight * (x * rsqrt(mean(x^2) + eps)), weight float32 or bf16 (wbf16 = 1) */
+/* y [M, D] = weight * (x * rsqrt(mean(x^2) + eps)), weight float32 or bf16 (wbf16 = 1); rows
+   shared among the threads from 32 rows on (a prefill's [1,431, 2,048]: one row's bits do
+   not depend on the split) */
 void dsvl2_rmsnorm(const float *x, int64_t M, int64_t D, const void *weight, int wbf16, float eps, float *y) {
+#pragma omp parallel for schedule(static) if (M >= 32)
     for (int64_t m = 0; m < M; m++) {
         const float *xr = x + m * D;
         float *yr = y + m * D;

@@ -50,19 +50,28 @@ static inline void axpy_pf(float a, const float *x, const float *pf, float *y, i
 }
 static inline void axpy(float a, const float *x, float *y, int64_t n) { axpy_pf(a, x, NULL, y, n); }
 
+/* row m of dsvl2_rmsnorm */
+static inline void rmsnorm_row(const float *x, int64_t m, int64_t D, const void *weight, int wbf16, float eps,
+                               float *y) {
+    const float *xr = x + m * D;
+    float *yr = y + m * D;
+    float r = 1.0f / sqrtf(dot(xr, xr, D) / (float)D + eps);
+    for (int64_t d = 0; d < D; d++) {
+        float w = wbf16 ? bf16_to_f32(((const uint16_t *)weight)[d]) : ((const float *)weight)[d];
+        yr[d] = w * (xr[d] * r);
+    }
+}
+
 /* y [M, D] = weight * (x * rsqrt(mean(x^2) + eps)), weight float32 or bf16 (wbf16 = 1); rows
-   shared among the threads from 32 rows on (a prefill's [1,431, 2,048]: one row's bits do
-   not depend on the split) */
+   shared among the threads from 32 rows on (a prefill's [1,431, 2,048]), one row's bits
+   whatever the split; fewer rows (decode steps, inside their parallel regions) serially,
+   without entering the OpenMP runtime */
 void dsvl2_rmsnorm(const float *x, int64_t M, int64_t D, const void *weight, int wbf16, float eps, float *y) {
-#pragma omp parallel for schedule(static) if (M >= 32)
-    for (int64_t m = 0; m < M; m++) {
-        const float *xr = x + m * D;
-        float *yr = y + m * D;
-        float r = 1.0f / sqrtf(dot(xr, xr, D) / (float)D + eps);
-        for (int64_t d = 0; d < D; d++) {
-            float w = wbf16 ? bf16_to_f32(((const uint16_t *)weight)[d]) : ((const float *)weight)[d];
-            yr[d] = w * (xr[d] * r);
-        }
+    if (M >= 32) {
+#pragma omp parallel for schedule(static)
+        for (int64_t m = 0; m < M; m++) rmsnorm_row(x, m, D, weight, wbf16, eps, y);
+    } else {
+        for (int64_t m = 0; m < M; m++) rmsnorm_row(x, m, D, weight, wbf16, eps, y);
     }
 }
 

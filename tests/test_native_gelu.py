@@ -76,31 +76,56 @@ def test_gelu_every_length_in_place(n):
 
 
 @needs_native
-@pytest.mark.parametrize("bad", [torch.zeros(4, 6).t(), torch.zeros(8, dtype=torch.float64),
-                                 torch.zeros(8, dtype=torch.bfloat16)])
-def test_gelu_refuses_what_it_cannot_take(bad):
-    with pytest.raises(ValueError, match="gelu_tanh_: x must be a contiguous float32 tensor"):
-        native.gelu_tanh_(bad)
+@pytest.mark.parametrize("fn, bad", [
+    ("gelu_tanh_", torch.zeros(4, 6).t()), ("gelu_tanh_", torch.zeros(8, dtype=torch.float64)),
+    ("gelu_tanh_", torch.zeros(8, dtype=torch.bfloat16)),
+    ("gelu_tanh_bf16_", torch.zeros(4, 6, dtype=torch.bfloat16).t()), ("gelu_tanh_bf16_", torch.zeros(8)),
+    ("gelu_tanh_bf16_", torch.zeros(8, dtype=torch.float16))])
+def test_gelu_refuses_what_it_cannot_take(fn, bad):
+    want = "a contiguous float32 tensor" if fn == "gelu_tanh_" else "a contiguous bf16 tensor"
+    with pytest.raises(ValueError, match=f"{fn}: x must be {want}"):
+        getattr(native, fn)(bad)
 
 
-@needs_native
-def test_vision_mlp_native_gelu_agrees_with_the_torch_path(monkeypatch):
-    cfg = VisionConfig(width=64, mlp_ratio=3.125, layers=1, heads=4)  # hidden 200
+def _mlp() -> Mlp:
+    """A vision MLP of width 64 (hidden 200) with random weights and biases."""
     torch.manual_seed(0)
-    mlp = Mlp(cfg)
+    mlp = Mlp(VisionConfig(width=64, mlp_ratio=3.125, layers=1, heads=4))
     for lin in (mlp.fc1, mlp.fc2):
         lin.weight.data.normal_(0, 0.3)
         lin.bias.data.normal_(0, 0.3)
+    return mlp
+
+
+def _spy(monkeypatch, name: str) -> list:
+    """The shapes ``native.<name>`` is called with from now on (it still runs)."""
+    calls, real = [], getattr(native, name)
+    monkeypatch.setattr(native, name, lambda h: calls.append(h.shape) or real(h))
+    return calls
+
+
+@needs_native
+@pytest.mark.parametrize("bf16", [False, True])
+def test_vision_mlp_native_gelu_agrees_with_the_torch_path(monkeypatch, bf16):
+    """float32 weights: fc1's float32 result through the native GELU, as close as torch's
+    float32 GELU gives; bf16 weights under bf16 products: fc1's bf16 result through the
+    table, the F.gelu path's output to bf16's precision."""
+    from dsvl2.model import ops
+    mlp = _mlp().to(torch.bfloat16) if bf16 else _mlp()
     x = torch.randn(2, 29, 64) * 2
-    with torch.no_grad():
-        calls = []
-        real = native.gelu_tanh_
-        monkeypatch.setattr(native, "gelu_tanh_", lambda h: calls.append(h.shape) or real(h))
-        fast = mlp(x)
-        assert calls == [torch.Size([2, 29, 200])]
-        monkeypatch.setattr(native, "available", lambda: False)
-        slow = mlp(x)
-    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    before = ops.big_products_in_weights_dtype()
+    ops.set_big_products_in_weights_dtype(bf16)
+    try:
+        with torch.no_grad():
+            calls = _spy(monkeypatch, "gelu_tanh_bf16_" if bf16 else "gelu_tanh_")
+            fast = mlp(x)
+            assert calls == [torch.Size([2, 29, 200])]
+            monkeypatch.setattr(native, "available", lambda: False)
+            slow = mlp(x)
+    finally:
+        ops.set_big_products_in_weights_dtype(before)
+    assert fast.dtype is (torch.bfloat16 if bf16 else torch.float32)
+    torch.testing.assert_close(fast, slow, **({} if bf16 else {"rtol": 1e-5, "atol": 1e-5}))
 
 
 def test_vision_mlp_with_gradients_takes_torchs_gelu():
@@ -158,41 +183,3 @@ def test_bf16_gelu_every_length_and_view(n):
     if n > 16:
         m = x[: n - n % 16].view(-1, 16).clone()
         assert torch.equal(native.gelu_tanh_bf16_(m.clone()), _table_reference(m))
-
-
-@needs_native
-@pytest.mark.parametrize("bad", [torch.zeros(4, 6, dtype=torch.bfloat16).t(), torch.zeros(8),
-                                 torch.zeros(8, dtype=torch.float16)])
-def test_bf16_gelu_refuses_what_it_cannot_take(bad):
-    with pytest.raises(ValueError, match="gelu_tanh_bf16_: x must be a contiguous bf16 tensor"):
-        native.gelu_tanh_bf16_(bad)
-
-
-@needs_native
-def test_vision_mlp_bf16_takes_the_table(monkeypatch):
-    """A bf16 MLP under the bf16 policy: fc1's bf16 result goes through the table; the
-    MLP's output is the F.gelu path's, to bf16's precision."""
-    from dsvl2.model import ops
-    cfg = VisionConfig(width=64, mlp_ratio=3.125, layers=1, heads=4)
-    torch.manual_seed(0)
-    mlp = Mlp(cfg)
-    for lin in (mlp.fc1, mlp.fc2):
-        lin.weight.data.normal_(0, 0.3)
-        lin.bias.data.normal_(0, 0.3)
-    mlp = mlp.to(torch.bfloat16)
-    x = torch.randn(2, 29, 64) * 2
-    before = ops.big_products_in_weights_dtype()
-    ops.set_big_products_in_weights_dtype(True)
-    try:
-        with torch.no_grad():
-            calls = []
-            real = native.gelu_tanh_bf16_
-            monkeypatch.setattr(native, "gelu_tanh_bf16_", lambda h: calls.append(h.shape) or real(h))
-            fast = mlp(x)
-            assert calls == [torch.Size([2, 29, 200])]
-            monkeypatch.setattr(native, "available", lambda: False)
-            slow = mlp(x)
-    finally:
-        ops.set_big_products_in_weights_dtype(before)
-    assert fast.dtype is torch.bfloat16
-    torch.testing.assert_close(fast, slow)

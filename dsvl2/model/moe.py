@@ -164,34 +164,26 @@ class Experts(nn.Module):
         ``quantised_prefill``. The activations enter the products as bf16 (as on the bf16
         GEMM path); gate and up come out in float32, SiLU, product and routing weight in
         float32 (the weight applied before the down product, rounded to bf16 once), then the
-        down product's float32 rows are summed per token. The experts with at most
-        ``amx.FEW_ROWS`` rows run together on the native decode kernel instead (float32
-        activations; their sums added after the others')."""
+        down product's float32 rows are summed per token. Every expert runs here, whatever
+        its number of rows: that number depends on the other rows of the batch, so a kernel
+        chosen by it (the native decode kernel for experts of at most 4 rows, until Dec 7)
+        made a row's numbers depend on its batch (tests/test_server.py's eight concurrent
+        clients caught it). The price: a 64-token prompt of the small model 1.25-1.34 ->
+        1.44-1.52 s of prefill (its experts have 1-4 rows, where a tile panel's
+        dequantisation, not the multiply, is the cost)."""
         xd = x.to(torch.bfloat16)
         out = torch.zeros_like(x)
-        few = self.native_kernel(x)
-        small = []  # experts of at most amx.FEW_ROWS rows, for ``few`` in one call
         for e, pairs, sel in expert_runs(token, counts):
-            if few is not None and sel.numel() <= amx.FEW_ROWS:
-                small.append((e, pairs, sel))
-                continue
             # the rows sel of xd, their results added into out's rows sel (index_add_'s bits)
             amx.expert(xd, _amx_slot(self.gate_proj, e), _amx_slot(self.up_proj, e), _amx_slot(self.down_proj, e),
                        w[pairs], rows=sel, out=out)
-        if small:
-            tok = torch.cat([sel for _, _, sel in small])
-            ids = torch.cat([torch.full((sel.numel(), 1), e, dtype=torch.int64) for e, _, sel in small])
-            wp = torch.cat([w[pairs] for _, pairs, _ in small])[:, None]
-            out.index_add_(0, tok, few(x.index_select(0, tok), ids, wp).to(x.dtype))
         return out
 
     def native_kernel(self, x: torch.Tensor):
         """The native decode kernel of these experts (``native.experts`` / ``_int8`` /
         ``_int4``: float32 activations, the whole layer in one call, each chosen expert's
         weights read once for its rows), as ``f(rows, idx [T, k], wt [T, k])``, or None where
-        it does not run. Decode steps use it; so does ``amx_prefill`` for the experts of a few
-        rows, bound by reading their weights, which these kernels do at the memory's pace and
-        the tiles' panels do not (``amx.FEW_ROWS``)."""
+        it does not run. Decode steps use it."""
         g, u, d = self.gate_proj, self.up_proj, self.down_proj
         if native.usable(x, g, u, d):
             return lambda xs, idx, wt: native.experts(xs, idx, wt, g, u, d)

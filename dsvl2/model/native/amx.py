@@ -34,11 +34,6 @@ import torch
 from . import describe
 from .build import available, require
 
-# An expert with at most this many rows runs on the native decode kernels instead
-# (``Experts.amx_prefill``): at 1-4 rows a tile panel's dequantisation, not the
-# multiply, is the cost (int4 [1536, 2560]: 0.27 ms against 0.07-0.15; int8 [1408, 2048]:
-# 0.23 against 0.12-0.17); at 8 rows they are even.
-FEW_ROWS = 4
 enabled = os.environ.get("DSVL2_AMX", "1") != "0"
 
 _usable: list = [None, False]  # (the library it was decided for, the answer)

@@ -107,11 +107,14 @@ def test_int4_weight_is_its_bf16_dequantisation(m, n, k, group):
 def test_int4_panels_are_the_bf16_dequantisation_bit_for_bit(group):
     """The int4 panels (a table of each group's 16 values, then a permute) hold exactly the
     bf16 values torch's rounding of the float32 weight gives: the product equals, bit for
-    bit, the same kernel on that bf16 weight (same tiles, same order)."""
-    x = _x(70, 256, seed=6)
-    q, s = _int4(96, 256, group, seed=7)
-    w = quant.dequantize(q, s, 4).to(BF).contiguous()
-    assert torch.equal(amx.linear(x, q, s, group), amx.linear(x, w))
+    bit, the same kernel on that bf16 weight (same tiles, same order). At most 32 rows the
+    quantised panels are made and multiplied 256 columns at a time (``few_block``): K = 768
+    is three such slices, and the bits are still the bf16 weight's whole-panel ones."""
+    for m, k in ((70, 256), (5, 768), (20, 768), (32, 768)):
+        x = _x(m, k, seed=6)
+        q, s = _int4(96, k, group, seed=7)
+        w = quant.dequantize(q, s, 4).to(BF).contiguous()
+        assert torch.equal(amx.linear(x, q, s, group), amx.linear(x, w)), (m, k)
 
 
 @needs_amx
@@ -130,6 +133,18 @@ def test_a_row_does_not_depend_on_the_other_rows(fmt):
     for i in (0, 15, 16, 255, 256, 299):
         assert torch.equal(amx.linear(x[i:i + 1], *args)[0], y[i])
     assert torch.equal(amx.linear(x[250:270], *args), y[250:270])
+    # at most 32 rows (one or two token tiles) the quantised panels go 256 columns at a time:
+    # K = 768, three slices, against the whole panels of a 40-row call
+    x = _x(40, 768, seed=8)
+    if fmt == "int8":
+        args = _int8(n, 768)
+    elif fmt == "int4":
+        args = (*_int4(n, 768, 128), 128)
+    else:
+        args = ((torch.randn(n, 768, generator=_gen(6)) * 0.1).to(BF),)
+    y = amx.linear(x, *args)
+    for lo, hi in ((0, 1), (3, 19), (8, 40)):  # 1, 16 and 32 rows
+        assert torch.equal(amx.linear(x[lo:hi], *args), y[lo:hi])
 
 
 @needs_amx

@@ -116,6 +116,55 @@ static inline __attribute__((always_inline)) void prefetch_some(ahead *f) {
         _mm_prefetch(f->next + f->line * 64, _MM_HINT_T1);
 }
 
+/* The C tiles of 32 weight rows x one or two token tiles (`two`), shared by tile_block and
+   few_block (amx.c's two ways through a panel): c_zero clears them; c_step adds one K step of
+   32 values: A tiles from a (32 rows, row stride lda values), B tiles b (and b + 512, the next
+   token tile); c_store writes them into y from token m0 on (store_c). Called with two constant. */
+static inline __attribute__((always_inline)) AMX void c_zero(int two) {
+    _tile_zero(0);
+    _tile_zero(1);
+    if (two) {
+        _tile_zero(2);
+        _tile_zero(3);
+    }
+}
+
+static inline __attribute__((always_inline)) AMX void c_step(const uint16_t *a, int64_t lda, const uint16_t *b,
+                                                             int two) {
+    _tile_loadd(4, a, 2 * lda);
+    _tile_loadd(5, a + 16 * lda, 2 * lda);
+    _tile_loadd(6, b, 64);
+    if (two) _tile_loadd(7, b + 512, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 5, 6);
+    if (two) {
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+}
+
+static inline __attribute__((always_inline)) AMX void c_store(float *ct, const float *sc, int64_t n0, int64_t m0,
+                                                              int two, int64_t M, float *y, int64_t ldy,
+                                                              const int64_t *rows) {
+    _tile_stored(0, ct, 64);
+    _tile_stored(1, ct + 256, 64);
+    store_c(ct, sc, n0, m0, M, y, ldy, rows);
+    store_c(ct + 256, sc, n0 + 16, m0, M, y, ldy, rows);
+    if (two) {
+        _tile_stored(2, ct + 512, 64);
+        _tile_stored(3, ct + 768, 64);
+        store_c(ct + 512, sc, n0, m0 + 16, M, y, ldy, rows);
+        store_c(ct + 768, sc, n0 + 16, m0 + 16, M, y, ldy, rows);
+    }
+}
+
+/* `steps` prefetch steps spread over the nb bytes at next (NULL: none) */
+static inline ahead ahead_over(const char *next, int64_t nb, int64_t steps) {
+    ahead f = {next, 0, next ? (nb + 63) / 64 : 0, 0};
+    f.per = (f.lines + steps - 1) / steps;
+    return f;
+}
+
 /* token tiles t (and t + 1 where two) of xp against 32 weight rows (A tiles from a, row
    stride K): C tiles 0-1 (and 2-3), then into y. Called with two constant, so each case
    compiles to its own loop. */
@@ -123,36 +172,12 @@ static inline __attribute__((always_inline)) AMX void tile_block(const uint16_t 
                                                                  int64_t Mt, int64_t t, int two, int64_t M, int64_t n0,
                                                                  const float *sc, float *y, int64_t ldy,
                                                                  const int64_t *rows, float *ct, ahead *f) {
-    const int64_t S = K / 32, stride = 2 * K;
-    _tile_zero(0);
-    _tile_zero(1);
-    if (two) {
-        _tile_zero(2);
-        _tile_zero(3);
-    }
-    for (int64_t s = 0; s < S; s++) {
+    c_zero(two);
+    for (int64_t s = 0; s < K / 32; s++) {
         prefetch_some(f);
-        _tile_loadd(4, a + 32 * s, stride);
-        _tile_loadd(5, a + 16 * K + 32 * s, stride);
-        _tile_loadd(6, xp + (s * Mt + t) * 512, 64);
-        if (two) _tile_loadd(7, xp + (s * Mt + t + 1) * 512, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 5, 6);
-        if (two) {
-            _tile_dpbf16ps(2, 4, 7);
-            _tile_dpbf16ps(3, 5, 7);
-        }
+        c_step(a + 32 * s, K, xp + (s * Mt + t) * 512, two);
     }
-    _tile_stored(0, ct, 64);
-    _tile_stored(1, ct + 256, 64);
-    store_c(ct, sc, n0, 16 * t, M, y, ldy, rows);
-    store_c(ct + 256, sc, n0 + 16, 16 * t, M, y, ldy, rows);
-    if (two) {
-        _tile_stored(2, ct + 512, 64);
-        _tile_stored(3, ct + 768, 64);
-        store_c(ct + 512, sc, n0, 16 * t + 16, M, y, ldy, rows);
-        store_c(ct + 768, sc, n0 + 16, 16 * t + 16, M, y, ldy, rows);
-    }
+    c_store(ct, sc, n0, 16 * t, two, M, y, ldy, rows);
 }
 
 /* 32 weight rows (A tiles from a, row stride K) times every token tile of xp into y, two
@@ -160,9 +185,8 @@ static inline __attribute__((always_inline)) AMX void tile_block(const uint16_t 
    over the steps */
 static AMX void panel(const uint16_t *a, int64_t K, const uint16_t *xp, int64_t M, int64_t n0, const float *sc,
                       float *y, int64_t ldy, const int64_t *rows, float *ct, const char *next, int64_t nb) {
-    const int64_t Mt = (M + 15) / 16, steps = K / 32 * ((Mt + 1) / 2);
-    ahead f = {next, 0, next ? (nb + 63) / 64 : 0, 0};
-    f.per = (f.lines + steps - 1) / steps;
+    const int64_t Mt = (M + 15) / 16;
+    ahead f = ahead_over(next, nb, K / 32 * ((Mt + 1) / 2));
     int64_t t = 0;
     for (; t + 2 <= Mt; t += 2) tile_block(a, K, xp, Mt, t, 1, M, n0, sc, y, ldy, rows, ct, &f);
     if (t < Mt) tile_block(a, K, xp, Mt, t, 0, M, n0, sc, y, ldy, rows, ct, &f);
@@ -179,33 +203,12 @@ static inline __attribute__((always_inline)) AMX void widen_i8(const int8_t *q, 
     }
 }
 
-/* 32 rows of an int4 weight (two values a byte, low nibble first; row r at q + r K / 2, its
-   bf16 scales at scale + r K / G) as bf16 into out [32, K]: per group of G values a table of
-   its 16 possible values round_bf16((i - 8) s) (exact products, rounded as
-   ``dsvl2_dequant_i4`` rounds them: the same bits), then one permute for 32 values */
-static AMX void dequant_i4_panel(const uint8_t *q, const uint16_t *scale, int64_t K, int64_t G, uint16_t *out) {
-    const __m512 steps = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-    const __m128i nibble = _mm_set1_epi8(0x0f);
-    for (int r = 0; r < 32; r++) {
-        const uint8_t *qr = q + r * (K / 2);
-        const uint16_t *sr = scale + r * (K / G);
-        uint16_t *o = out + r * K;
-        for (int64_t g = 0; g < K / G; g++) {
-            const __m512 v = _mm512_mul_ps(steps, _mm512_set1_ps(bf16_to_f32(sr[g])));
-            const __m512i table = _mm512_zextsi256_si512(_mm512_cvtepi32_epi16(round_bf16_16(v)));
-            for (int64_t j = g * G; j < (g + 1) * G; j += 32) {
-                const __m128i b = _mm_loadu_si128((const __m128i *)(qr + j / 2));
-                const __m128i lo = _mm_and_si128(b, nibble), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nibble);
-                const __m256i idx = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
-                _mm512_storeu_si512(o + j, _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(idx), table));
-            }
-        }
-    }
-}
-
-/* dequant_i4_panel's values for columns [k0, k0 + kl) of the 32 rows (k0, kl multiples of G)
-   into out (row stride ldo) */
-static AMX void dequant_i4_slice(const uint8_t *q, const uint16_t *scale, int64_t K, int64_t G, int64_t k0,
+/* Columns [k0, k0 + kl) (multiples of G) of 32 rows of an int4 weight [., K] (two values a
+   byte, low nibble first; row r at q + r K / 2, its bf16 scales at scale + r K / G) as bf16
+   into out (row stride ldo): per group of G values a table of its 16 possible values
+   round_bf16((i - 8) s) (exact products, rounded as ``dsvl2_dequant_i4`` rounds them: the same
+   bits), then one permute for 32 values */
+static AMX void dequant_i4_panel(const uint8_t *q, const uint16_t *scale, int64_t K, int64_t G, int64_t k0,
                                  int64_t kl, uint16_t *out, int64_t ldo) {
     const __m512 steps = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     const __m128i nibble = _mm_set1_epi8(0x0f);
@@ -243,6 +246,11 @@ typedef struct {
     int64_t G, N, K;
 } amx_weight;
 
+#define KSLICE 256 /* columns of a panel slice (few_block) */
+
+/* columns of a thread's panel buffer for weights of K columns: a whole panel row, or a slice */
+static inline int64_t panel_cols(int64_t K) { return K > KSLICE ? K : KSLICE; }
+
 /* At most 32 tokens (one or two token tiles, `two`): each A tile is used once, so the panel is
    widened / dequantised a slice of KSLICE values at a time into mine (32 x KSLICE bf16, 16 KiB:
    it stays in L1) and multiplied at once; the C tiles sum the K steps in the same order as
@@ -250,52 +258,25 @@ typedef struct {
    G) only. A small int8 expert ([1408, 2048] x 3, weights from memory) at 2 / 16 / 32 rows:
    0.90 / 0.95 / 1.07 -> 0.81 / 0.84 / 0.99 ms; an int8 [2048, 2048] product of 16 rows 0.32 ->
    0.24 ms (alternating builds on an AMX Xeon). */
-#define KSLICE 256
-
-/* columns of a thread's panel buffer for weights of K columns: a whole panel row, or a slice */
-static inline int64_t panel_cols(int64_t K) { return K > KSLICE ? K : KSLICE; }
 static inline __attribute__((always_inline)) AMX void few_block(const amx_weight *W, int64_t n0, const uint16_t *xp,
                                                                 int two, int64_t M, float *y, int64_t ldy,
                                                                 const int64_t *rows, uint16_t *mine, float *ct,
                                                                 ahead *f) {
     const int64_t K = W->K, Mt = two ? 2 : 1;
-    _tile_zero(0);
-    _tile_zero(1);
-    if (two) {
-        _tile_zero(2);
-        _tile_zero(3);
-    }
+    c_zero(two);
     for (int64_t k0 = 0; k0 < K; k0 += KSLICE) {
         const int64_t kl = K - k0 < KSLICE ? K - k0 : KSLICE;
         if (W->fmt == 1)
             for (int i = 0; i < 32; i++) widen_i8((const int8_t *)W->w + (n0 + i) * K + k0, kl, mine + i * KSLICE);
         else
-            dequant_i4_slice((const uint8_t *)W->w + n0 * K / 2, W->scale + n0 * (K / W->G), K, W->G, k0, kl, mine,
+            dequant_i4_panel((const uint8_t *)W->w + n0 * K / 2, W->scale + n0 * (K / W->G), K, W->G, k0, kl, mine,
                              KSLICE);
         for (int64_t s = k0 / 32; s < (k0 + kl) / 32; s++) {
             prefetch_some(f);
-            _tile_loadd(4, mine + 32 * s - k0, 2 * KSLICE);
-            _tile_loadd(5, mine + 16 * KSLICE + 32 * s - k0, 2 * KSLICE);
-            _tile_loadd(6, xp + (s * Mt) * 512, 64);
-            if (two) _tile_loadd(7, xp + (s * Mt + 1) * 512, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 5, 6);
-            if (two) {
-                _tile_dpbf16ps(2, 4, 7);
-                _tile_dpbf16ps(3, 5, 7);
-            }
+            c_step(mine + 32 * s - k0, KSLICE, xp + s * Mt * 512, two);
         }
     }
-    _tile_stored(0, ct, 64);
-    _tile_stored(1, ct + 256, 64);
-    store_c(ct, W->sc, n0, 0, M, y, ldy, rows);
-    store_c(ct + 256, W->sc, n0 + 16, 0, M, y, ldy, rows);
-    if (two) {
-        _tile_stored(2, ct + 512, 64);
-        _tile_stored(3, ct + 768, 64);
-        store_c(ct + 512, W->sc, n0, 16, M, y, ldy, rows);
-        store_c(ct + 768, W->sc, n0 + 16, 16, M, y, ldy, rows);
-    }
+    c_store(ct, W->sc, n0, 0, two, M, y, ldy, rows);
 }
 
 /* panel p (rows 32p..32p+31) of W times the chunk's tiles xp (mc tokens) into y (row
@@ -307,9 +288,7 @@ static AMX void weight_panel(const amx_weight *W, int64_t p, const uint16_t *xp,
     const char *next = 32 * (p + 1) < W->N ? (const char *)W->w + (n0 + 32) * rb : NULL;
     const uint16_t *a = (const uint16_t *)W->w + n0 * K;
     if (mc <= 32 && (W->fmt == 1 || (W->fmt == 2 && KSLICE % W->G == 0))) {
-        const int64_t steps = K / 32;
-        ahead f = {next, 0, next ? (32 * rb + 63) / 64 : 0, 0};
-        f.per = (f.lines + steps - 1) / steps;
+        ahead f = ahead_over(next, 32 * rb, K / 32);
         if (mc > 16) few_block(W, n0, xp, 1, mc, y, ldy, rows, mine, ct, &f);
         else few_block(W, n0, xp, 0, mc, y, ldy, rows, mine, ct, &f);
         return;
@@ -318,7 +297,7 @@ static AMX void weight_panel(const amx_weight *W, int64_t p, const uint16_t *xp,
         for (int i = 0; i < 32; i++) widen_i8((const int8_t *)W->w + (n0 + i) * K, K, mine + i * K);
         a = mine;
     } else if (W->fmt == 2) {
-        dequant_i4_panel((const uint8_t *)W->w + n0 * K / 2, W->scale + n0 * (K / W->G), K, W->G, mine);
+        dequant_i4_panel((const uint8_t *)W->w + n0 * K / 2, W->scale + n0 * (K / W->G), K, W->G, 0, K, mine, K);
         a = mine;
     }
     panel(a, K, xp, mc, n0, W->sc, y, ldy, rows, ct, next, 32 * rb);

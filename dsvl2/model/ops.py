@@ -193,11 +193,20 @@ def amx_bf16(x: torch.Tensor, weight) -> bool:
     products: x rounded to bf16, float32 sums, no bf16 rounding of the result (so the
     language model's attention projections of a tiny-size prefill: 1,380 -> 1,770 GFLOP/s at
     1,431 rows, and no cast back)."""
-    return (not decoding_active() and _big_in_weights and isinstance(weight, torch.Tensor)
-            and weight.dtype is torch.bfloat16 and weight.ndim == 2 and weight.is_cpu and weight.is_contiguous()
-            and x.is_cpu and x.numel() > 0
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and amx.takes(*weight.shape) and amx.active())
+    return (not decoding_active() and _big_in_weights and _amx_bf16_weight(weight) and x.is_cpu and x.numel() > 0
+            and _untracked(x, weight) and amx.active())
+
+
+def _amx_bf16_weight(w) -> bool:
+    """A contiguous 2-d bf16 CPU weight of a shape ``amx.linear`` / ``amx.expert`` take."""
+    return (isinstance(w, torch.Tensor) and w.dtype is torch.bfloat16 and w.ndim == 2 and w.is_cpu
+            and w.is_contiguous() and amx.takes(*w.shape))
+
+
+def _untracked(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Autograd does not record x @ w here: a native kernel may replace torch's ops (a loaded
+    model's parameters require grad; under no_grad / inference_mode that does not count)."""
+    return not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
 
 
 def _amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -317,8 +326,7 @@ class RMSNorm(nn.Module):
         autograd."""
         w = self.weight
         return (_big_in_weights and w.dtype is torch.bfloat16 and x.dtype is torch.float32 and x.is_cpu
-                and not decoding_active() and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-                and native.available())
+                and not decoding_active() and _untracked(x, w) and native.available())
 
 
 class LayerNorm(nn.LayerNorm):
@@ -346,8 +354,7 @@ def amx_mlp_slots(x: torch.Tensor, gate, up, down) -> tuple | None:
         if len({w.kind for w in ws}) == 1 and all(w.amx_ready() for w in ws):
             return tuple(w.amx_args() for w in ws)
         return None
-    if all(isinstance(w, torch.Tensor) and w.dtype is torch.bfloat16 and w.is_cpu and w.ndim == 2
-           and w.is_contiguous() and amx.takes(*w.shape) for w in ws):
+    if all(_amx_bf16_weight(w) for w in ws):
         return tuple((w, None, 0) for w in ws)
     return None
 

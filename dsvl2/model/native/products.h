@@ -68,50 +68,75 @@ static inline __attribute__((always_inline, target("avx512f"))) __m512 exp_neg16
     return _mm512_maskz_scalef_ps((__mmask16)~tiny, p, n);
 }
 
+/* 2^x for x <= 0, 16 lanes, to ~4 float32 ulps: 2^n 2^r with n = round(x), |r| <= 1/2, 2^r
+   by a degree-5 polynomial (near-minimax in relative error: 7.5e-8, 2.3e-7 evaluated in
+   float32); x below -150 (-inf and NaN included) gives 0, results below 2^-126 are
+   denormal (softmax_row) */
+static inline __attribute__((always_inline, target("avx512f"))) __m512 exp2_neg16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-150.0f)); /* the second operand where x is NaN */
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(1.327647129e-3f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.675541893e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.550713092e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.402212024e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931469440e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.000000119f));
+    return _mm512_scalef_ps(p, n);
+}
+
 /* AVX-512 BF16 intrinsics: GCC 10+, clang 9+ (attention.c, amx_attention.c, softmax_row) */
 #if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
 #define DSVL2_HAVE_BF16 1
 #define DSVL2_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 /* One query row's softmax weights over keys [0, n) (attention.c, amx_attention.c): s =
-   scale * sc + mask (mask NULL: 0); the unnormalised exp(s - max) rounded to bf16 (nearest
-   even; vcvtneps2bf16 flushes a weight below 2^-126 to 0) into pr[0, n), zeros in
-   [n, npad); returns the float32 sum of the unrounded weights. s is computed twice (for the
-   max, then for the weights: the same bits), not stored. */
+   scale * sc + mask (mask NULL: 0), rounded once (a mask of zeros gives the bits of no
+   mask); the unnormalised exp(s - max) = 2^((s - max) log2 e) (exp2_neg16) rounded to bf16
+   (nearest even; vcvtneps2bf16 flushes a weight below 2^-126 to 0) into pr[0, n), zeros in
+   [n, npad); returns the float32 sum of the unrounded weights. The scores are read twice
+   (for the max, then for the weights: the same bits), not stored; the max and the sum in
+   four independent vectors (the adds' latency bounded the loop, not their count), the
+   sum's added in a fixed order. The vision tower's attention on 4 tiles (AMX, an Intel
+   Xeon): 11.5-12.0 -> ~10 ms against e^x to degree 7 and one accumulator. */
 static inline DSVL2_BF16 float softmax_row(const float *sc, const float *mask, int64_t n, int64_t npad, float scale,
                                            uint16_t *pr) {
-    const __m512 vs = _mm512_set1_ps(scale);
-    __m512 vm = _mm512_set1_ps(-INFINITY);
+    const __m512 vs = _mm512_set1_ps(scale), l2e = _mm512_set1_ps(1.44269504088896341f);
+    const __mmask16 tail = (__mmask16)((1u << (n % 16)) - 1); /* 0 where 16 divides n */
+    const int64_t full = n - n % 16;
+#define SCORE(j, m)                                                                                          \
+    (mask ? _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, sc + (j)), vs, _mm512_maskz_loadu_ps(m, mask + (j))) \
+          : _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sc + (j)), vs))
+    __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
     int64_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-        __m512 s = _mm512_mul_ps(_mm512_loadu_ps(sc + j), vs);
-        if (mask) s = _mm512_add_ps(s, _mm512_loadu_ps(mask + j));
-        vm = _mm512_max_ps(vm, s);
+    for (; j + 64 <= full; j += 64) {
+        m0 = _mm512_max_ps(m0, SCORE(j, 0xffff));
+        m1 = _mm512_max_ps(m1, SCORE(j + 16, 0xffff));
+        m2 = _mm512_max_ps(m2, SCORE(j + 32, 0xffff));
+        m3 = _mm512_max_ps(m3, SCORE(j + 48, 0xffff));
     }
-    const __mmask16 tail = (__mmask16)((1u << (n - j)) - 1); /* 0 where 16 divides n */
-    if (tail) {
-        __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, sc + j), vs);
-        if (mask) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(tail, mask + j));
-        vm = _mm512_mask_max_ps(vm, tail, vm, s);
+    for (; j < full; j += 16) m0 = _mm512_max_ps(m0, SCORE(j, 0xffff));
+    if (tail) m0 = _mm512_mask_max_ps(m0, tail, m0, SCORE(j, tail));
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3))));
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+#define WEIGHT(j, m, acc)                                                                                    \
+    do {                                                                                                      \
+        const __m512 e = _mm512_maskz_mov_ps(m, exp2_neg16(_mm512_mul_ps(_mm512_sub_ps(SCORE(j, m), mx), l2e))); \
+        acc = _mm512_add_ps(acc, e);                                                                          \
+        _mm256_mask_storeu_epi16(pr + (j), m, (__m256i)_mm512_cvtneps_pbh(e));                                \
+    } while (0)
+    for (j = 0; j + 64 <= full; j += 64) {
+        WEIGHT(j, 0xffff, s0);
+        WEIGHT(j + 16, 0xffff, s1);
+        WEIGHT(j + 32, 0xffff, s2);
+        WEIGHT(j + 48, 0xffff, s3);
     }
-    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vm));
-    __m512 sum = _mm512_setzero_ps();
-    for (j = 0; j + 16 <= n; j += 16) {
-        __m512 s = _mm512_mul_ps(_mm512_loadu_ps(sc + j), vs);
-        if (mask) s = _mm512_add_ps(s, _mm512_loadu_ps(mask + j));
-        const __m512 e = exp_neg16(_mm512_sub_ps(s, mx));
-        sum = _mm512_add_ps(sum, e);
-        _mm256_storeu_si256((__m256i *)(pr + j), (__m256i)_mm512_cvtneps_pbh(e));
-    }
-    if (tail) {
-        __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, sc + j), vs);
-        if (mask) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(tail, mask + j));
-        const __m512 e = _mm512_maskz_mov_ps(tail, exp_neg16(_mm512_sub_ps(s, mx)));
-        sum = _mm512_add_ps(sum, e);
-        _mm256_mask_storeu_epi16(pr + j, tail, (__m256i)_mm512_cvtneps_pbh(e));
-    }
+    for (; j < full; j += 16) WEIGHT(j, 0xffff, s0);
+    if (tail) WEIGHT(j, tail, s0);
+#undef WEIGHT
+#undef SCORE
     for (j = n; j < npad; j++) pr[j] = 0;
-    return _mm512_reduce_add_ps(sum);
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
 }
 #endif
 

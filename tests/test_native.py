@@ -278,3 +278,49 @@ def test_products_do_not_depend_on_the_thread_count(n):
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
             assert torch.equal(a, b)
+
+
+def _vendor() -> str:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("vendor_id"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+@needs_native
+def test_the_prefetch_distance_is_chosen_per_cpu_and_changes_no_bits(variant):
+    """``native.prefetch``: 2,048 bytes ahead on Intel CPUs, 512 elsewhere (by the vendor
+    /proc/cpuinfo names); the bf16, int8 and int4 products and a MoE layer of int4 experts
+    give the same bits at any distance, rows near a weight's end included (the prefetch
+    reaches past it: only a hint); bad distances are refused and change nothing."""
+    from dsvl2.model import quant
+
+    default = native.prefetch()
+    assert default == (2048 if _vendor() == "GenuineIntel" else 512)
+    n, k = 37, 1280 + 256  # K past a group of 128, rows not a multiple of the streams
+    x = _x(3, k)
+    w = _bf16(n, k)
+    q8, s8 = quant.quantize_int8(_x(n, k, seed=2) * 0.05)
+    q4, s4 = quant.quantize_int4(_x(n, k, seed=4) * 0.05, 128)
+    e, f = 4, 256
+    gate = quant.QuantWeight.quantize(_x(e, f, k, seed=6) * 0.05, 4)
+    up = quant.QuantWeight.quantize(_x(e, f, k, seed=7) * 0.05, 4)
+    down = quant.QuantWeight.quantize(_x(e, k, f, seed=8) * 0.05, 4)
+    idx, wt = torch.tensor([[0, 2], [3, 1], [2, 3]]), torch.rand(3, 2, generator=torch.Generator().manual_seed(9))
+
+    def run():
+        return (native.linear(x, w), native.linear_int8(x, q8, s8), native.linear_int4(x, q4, s4),
+                native.experts_int4(x, idx, wt, gate, up, down))
+
+    want = run()
+    try:
+        for nbytes in (0, 64, 16384):
+            assert native.prefetch(nbytes) == nbytes
+            for a, b in zip(want, run()):
+                assert torch.equal(a, b), nbytes
+        for bad in (-64, 100, 16384 + 64, 1.5, True):
+            with pytest.raises(ValueError, match="multiple of 64"):
+                native.prefetch(bad)
+        assert native.prefetch() == 16384
+    finally:
+        native.prefetch(default)

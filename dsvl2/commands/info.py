@@ -335,6 +335,8 @@ def format_info(d: Mapping[str, Any]) -> str:
         rows.append(("decode products", f"{how} ({nd['reason']})"))
         if nd.get("quant_variant"):
             rows.append(("int8 / int4 decode", f"{nd['quant_variant']}: {QUANT_VARIANT_WORDS[nd['quant_variant']]}"))
+        if nd.get("prefetch_bytes") is not None:
+            rows.append(("decode prefetch", f"{nd['prefetch_bytes']} bytes ahead in each weight row"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}} : {val}" for k, val in rows)
 
@@ -359,6 +361,7 @@ def cmd_info(args) -> int:
     d["native_decode"] = native.status()  # decode-step products with bf16 weights (model/native)
     # which instruction set the int8 / int4 decode products use here (each row's bits depend on it)
     d["native_decode"]["quant_variant"] = native.quant_variant() if native.available() else None
+    d["native_decode"]["prefetch_bytes"] = native.prefetch() if native.available() else None
     from ..model.native import amx
     # the routed experts' prefill products on AMX tiles (model/native/amx.py), where bf16 products run
     d["amx_experts"] = amx.active()

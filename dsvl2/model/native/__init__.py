@@ -335,6 +335,17 @@ def quant_variant(name: str | None = None) -> str:
     return QUANT_VARIANTS[lib.dsvl2_quant_variant(-1 if name is None else QUANT_VARIANTS.index(name))]
 
 
+def prefetch(nbytes: int | None = None) -> int:
+    """How many bytes ahead of the read position the decode products (``bf16.c``, ``int4.c``)
+    prefetch each weight row: chosen per CPU when the library loads (2,048 on Intel CPUs,
+    512 on others: measured on an AMX Xeon and on Zen 4, ``bf16.c``). ``nbytes`` (a multiple
+    of 64 in [0, 16384]) sets it for this process; results never depend on it, only speed."""
+    if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int) or not 0 <= nbytes <= 16384
+                               or nbytes % 64):
+        raise ValueError(f"native.prefetch: nbytes must be a multiple of 64 in [0, 16384] or None, got {nbytes!r}")
+    return int(require().dsvl2_prefetch(-1 if nbytes is None else nbytes))
+
+
 def linear_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x @ w.T`` for the int4 weight w = (values - 8) * scale of its group: x float32
     [..., K]; q uint8 [N, K/2], scale bf16 [N, K/G] (both contiguous) -> float32 [..., N]."""

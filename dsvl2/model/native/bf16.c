@@ -41,13 +41,28 @@ static inline __m256 widen8(const uint16_t *p) {
    against the former layout (four accumulators per (row, output), one weight row at a
    time): same speed at one row, 1.2-1.3x at 2-4 rows, 1.5x at 16 (lm_head: 62 -> 98
    GFLOP/s); a 3 x 4 tile of adjacent weight rows was slower at 2-4 rows. */
-#ifndef PREFETCH
-/* bytes ahead in each weight row, for bf16 and int8 alike. bf16 512 bytes ahead rather
-   than 1 KB: tiny decode 35.5 -> 39.9 tok/s (median of 10 pairs, each pair >= 1.087x,
-   the read in a fast spell) and even in the slow state (1.007x), alternating two builds
-   in one process on the Zen 4 machine; int8 (already 512 bytes) measured the same at 256 */
-#define PREFETCH 512
-#endif
+/* Bytes ahead of the read position that each weight row is prefetched (this file's products
+   and int4.c's, bf16, int8 and int4 alike), chosen at load: 512 where the CPU is not an
+   Intel one (Zen 4, bf16: tiny decode 35.5 -> 39.9 tok/s at 512 against 1 KB, alternating
+   two builds in one process; int8 the same at 256), 2,048 on Intel CPUs (an AMX Xeon, 2
+   threads, alternating builds, median of 40 calls each: bf16 [4096, 4096] GEMV 22.5-23.3 ->
+   23.7-24.6 GB/s, int8 21.6-23.0 -> 23.5-25.2, base's six int4 experts of a token
+   19.0-20.6 -> 20.9-22.1, six int8 ones 21.8-22.0 -> 23.1-23.8; 4 KB was slower again).
+   ``dsvl2_prefetch`` reads or sets it (the bits never depend on it). */
+int64_t dsvl2_ahead = 512;
+__attribute__((constructor)) static void choose_ahead(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_is("intel")) dsvl2_ahead = 2048;
+}
+
+/* bytes >= 0 (a multiple of 64, at most 16,384) sets the prefetch distance; -1 only asks.
+   Returns the distance in use, or -2 (nothing changed) for a value outside those. */
+int64_t dsvl2_prefetch(int64_t bytes) {
+    if (bytes == -1) return dsvl2_ahead;
+    if (bytes < 0 || bytes > 16384 || bytes % 64) return -2;
+    return dsvl2_ahead = bytes;
+}
+
 #define STREAMS 3
 #define UNROLL _Pragma("GCC unroll 4") /* the tile's small loops, so its accumulators stay in registers */
 
@@ -58,14 +73,14 @@ static inline __m256 widen8(const uint16_t *p) {
 static inline __attribute__((always_inline)) void tile_##NAME(                                               \
         const float *x, int64_t ldx, const int R, const WT *w, int64_t K, int64_t n, int64_t step,          \
         const int C, int pf, float *y, int64_t ldy, const uint16_t *scale) {                                  \
-    const int64_t K32 = K & ~(int64_t)31, K8 = K & ~(int64_t)7;                                              \
+    const int64_t K32 = K & ~(int64_t)31, K8 = K & ~(int64_t)7, ahead = dsvl2_ahead;                        \
     const WT *wr[STREAMS];                                                                                   \
     __m256 acc[3][STREAMS];                                                                                  \
     UNROLL for (int c = 0; c < C; c++) wr[c] = w + (n + c * step) * K;                                       \
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();  \
     int64_t k = 0;                                                                                           \
     for (; k < K32; k += 32) {                                                                               \
-        if (pf) UNROLL for (int c = 0; c < C; c++) _mm_prefetch((const char *)(wr[c] + k) + PREFETCH, _MM_HINT_T0); \
+        if (pf) UNROLL for (int c = 0; c < C; c++) _mm_prefetch((const char *)(wr[c] + k) + ahead, _MM_HINT_T0); \
         UNROLL for (int j = k; j < k + 32; j += 8) {                                                         \
             __m256 xv[3];                                                                                    \
             UNROLL for (int r = 0; r < R; r++) xv[r] = _mm256_loadu_ps(x + r * ldx + j);                     \
@@ -143,7 +158,7 @@ static inline __m256 widen8_i8(const int8_t *p) {
 static inline __attribute__((always_inline)) void tile_i8(
         const float *x, int64_t ldx, const int R, const int8_t *w, int64_t K, int64_t n, int64_t step, const int C,
         int pf, float *y, int64_t ldy, const uint16_t *scale) {
-    const int64_t K32 = K & ~(int64_t)31, K16 = K & ~(int64_t)15, K8 = K & ~(int64_t)7;
+    const int64_t K32 = K & ~(int64_t)31, K16 = K & ~(int64_t)15, K8 = K & ~(int64_t)7, ahead = dsvl2_ahead;
     const int8_t *wr[STREAMS];
     __m256 acc[2][STREAMS][2];
     UNROLL for (int c = 0; c < C; c++) wr[c] = w + (n + c * step) * K;
@@ -151,7 +166,7 @@ static inline __attribute__((always_inline)) void tile_i8(
         acc[r][c][0] = acc[r][c][1] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k < K32; k += 32) {
-        if (pf) UNROLL for (int c = 0; c < C; c++) _mm_prefetch((const char *)(wr[c] + k) + PREFETCH, _MM_HINT_T0);
+        if (pf) UNROLL for (int c = 0; c < C; c++) _mm_prefetch((const char *)(wr[c] + k) + ahead, _MM_HINT_T0);
         UNROLL for (int j = 0; j < 32; j += 8) {
             const int h = (j >> 3) & 1;
             __m256 xv[2];
@@ -202,14 +217,14 @@ static inline __attribute__((always_inline)) AVX512 __m512 widen16_i8(const int8
 static inline __attribute__((always_inline)) AVX512 void tile_i8w(
         const float *x, int64_t ldx, const int R, const int8_t *w, int64_t K, int64_t n, int64_t step, const int C,
         int pf, float *y, int64_t ldy, const uint16_t *scale) {
-    const int64_t K64 = K & ~(int64_t)63, K16 = K & ~(int64_t)15;
+    const int64_t K64 = K & ~(int64_t)63, K16 = K & ~(int64_t)15, ahead = dsvl2_ahead;
     const int8_t *wr[STREAMS];
     __m512 acc[3][STREAMS];
     UNROLL for (int c = 0; c < C; c++) wr[c] = w + (n + c * step) * K;
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k < K64; k += 64) {
-        if (pf) UNROLL for (int c = 0; c < C; c++) _mm_prefetch((const char *)(wr[c] + k) + PREFETCH, _MM_HINT_T0);
+        if (pf) UNROLL for (int c = 0; c < C; c++) _mm_prefetch((const char *)(wr[c] + k) + ahead, _MM_HINT_T0);
         UNROLL for (int64_t j = k; j < k + 64; j += 16) {
             __m512 xv[3];
             UNROLL for (int r = 0; r < R; r++) xv[r] = _mm512_loadu_ps(x + r * ldx + j);

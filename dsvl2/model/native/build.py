@@ -221,6 +221,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dsvl2_moe_i4.restype = ctypes.c_int
     lib.dsvl2_quant_variant.argtypes = [ctypes.c_int]
     lib.dsvl2_quant_variant.restype = ctypes.c_int
+    lib.dsvl2_prefetch.argtypes = [i64]
+    lib.dsvl2_prefetch.restype = i64
     lib.dsvl2_moe.argtypes = [p, i64, i64, p, p, i64, p, p, p, i64, i64, p, p, p, i64, p, p, p]
     lib.dsvl2_moe.restype = ctypes.c_int
     f32 = ctypes.c_float

@@ -45,9 +45,6 @@
 
 #include "products.h"
 
-#ifndef PREFETCH4
-#define PREFETCH4 512 /* bytes ahead (1024 columns) */
-#endif
 #define UNROLL _Pragma("GCC unroll 4")
 #define AVX512 __attribute__((target("avx512f")))
 
@@ -95,7 +92,7 @@ static void order(const float *x, int64_t ldx, int64_t M, int64_t K, float *xp, 
 static inline __attribute__((always_inline)) void tile_avx2(
         const float *xp, int64_t ldx, const int R, const uint8_t *q, const uint16_t *scale, int64_t K, int64_t G,
         int64_t n, int64_t step, const int C, int pf, float *y, int64_t ldy) {
-    const int64_t kb = K / 2, ng = K / G;
+    const int64_t kb = K / 2, ng = K / G, ahead = dsvl2_ahead;
     const uint8_t *wr[4];
     const uint16_t *sr[4];
     __m256 ev[4][4], od[4][4];
@@ -117,7 +114,7 @@ static inline __attribute__((always_inline)) void tile_avx2(
         }
         for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
             if (pf && (k & 127) == 0)
-                UNROLL for (int c = 0; c < C; c++) _mm_prefetch((const char *)(wr[c] + k / 2 + PREFETCH4), _MM_HINT_T0);
+                UNROLL for (int c = 0; c < C; c++) _mm_prefetch((const char *)(wr[c] + k / 2 + ahead), _MM_HINT_T0);
             UNROLL for (int c = 0; c < C; c++) {
                 /* 8 bytes: their low nibbles (even columns) and high nibbles (odd columns) */
                 const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(wr[c] + k / 2)));
@@ -139,7 +136,7 @@ static inline __attribute__((always_inline)) void tile_avx2(
 static inline __attribute__((always_inline)) AVX512 void tile_512(
         const float *xp, int64_t ldx, const int R, const uint8_t *q, const uint16_t *scale, int64_t K, int64_t G,
         int64_t n, int64_t step, const int C, int pf, float *y, int64_t ldy) {
-    const int64_t kb = K / 2, ng = K / G;
+    const int64_t kb = K / 2, ng = K / G, ahead = dsvl2_ahead;
     const uint8_t *wr[4];
     const uint16_t *sr[4];
     __m512 ev[4][4], od[4][4];
@@ -157,7 +154,7 @@ static inline __attribute__((always_inline)) AVX512 void tile_512(
         UNROLL for (int c = 0; c < C; c++) t[c] = _mm512_mul_ps(u8, _mm512_set1_ps(bf16_to_f32(sr[c][g])));
         for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
             if (pf && (k & 127) == 0)
-                UNROLL for (int c = 0; c < C; c++) _mm_prefetch((const char *)(wr[c] + k / 2 + PREFETCH4), _MM_HINT_T0);
+                UNROLL for (int c = 0; c < C; c++) _mm_prefetch((const char *)(wr[c] + k / 2 + ahead), _MM_HINT_T0);
             UNROLL for (int c = 0; c < C; c++) {
                 const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wr[c] + k / 2)));
                 const __m512 we = _mm512_permutexvar_ps(v, t[c]); /* vpermps reads an index's low 4 bits */
@@ -311,7 +308,7 @@ static void digits(const float *x, int64_t ldx, int64_t M, int64_t K, float *out
 static inline __attribute__((always_inline)) VNNI void tile_dig(
         const float *xp, int64_t ldx, const int R, const uint8_t *q, const uint16_t *scale, int64_t K, int64_t G,
         int64_t n, int64_t step, const int C, int pf, float *y, int64_t ldy) {
-    const int64_t kb = K / 2, ng = K / G, per = G / DIGIT_BLOCK;
+    const int64_t kb = K / 2, ng = K / G, per = G / DIGIT_BLOCK, ahead = dsvl2_ahead;
     const uint8_t *wr[4];
     const uint16_t *sr[4];
     __m512 acc[4][4];
@@ -325,7 +322,7 @@ static inline __attribute__((always_inline)) VNNI void tile_dig(
         __m512i lo[4], hi[4];
         __m512 s[4];
         UNROLL for (int c = 0; c < C; c++) {
-            if (pf) _mm_prefetch((const char *)(wr[c] + b * 64 + PREFETCH4), _MM_HINT_T0);
+            if (pf) _mm_prefetch((const char *)(wr[c] + b * 64 + ahead), _MM_HINT_T0);
             const __m512i w = _mm512_loadu_si512(wr[c] + b * 64);
             lo[c] = _mm512_and_si512(w, m15);                       /* even columns */
             hi[c] = _mm512_and_si512(_mm512_srli_epi32(w, 4), m15); /* odd columns */
@@ -363,7 +360,7 @@ DEFINE_ROWS4(dig, VNNI, 4, 3)
 static inline __attribute__((always_inline)) void tile_dig2(
         const float *xp, int64_t ldx, const int R, const uint8_t *q, const uint16_t *scale, int64_t K, int64_t G,
         int64_t n, int64_t step, const int C, int pf, float *y, int64_t ldy) {
-    const int64_t kb = K / 2, ng = K / G, per = G / DIGIT_BLOCK;
+    const int64_t kb = K / 2, ng = K / G, per = G / DIGIT_BLOCK, ahead = dsvl2_ahead;
     const uint8_t *wr[4];
     const uint16_t *sr[4];
     __m256 acc[4][4][2];
@@ -377,7 +374,7 @@ static inline __attribute__((always_inline)) void tile_dig2(
         acc[r][c][0] = acc[r][c][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < K / DIGIT_BLOCK; b++) {
         UNROLL for (int c = 0; c < C; c++) {
-            if (pf) _mm_prefetch((const char *)(wr[c] + b * 64 + PREFETCH4), _MM_HINT_T0);
+            if (pf) _mm_prefetch((const char *)(wr[c] + b * 64 + ahead), _MM_HINT_T0);
             const __m256 s = _mm256_set1_ps(bf16_to_f32(sr[c][b / per]));
             UNROLL for (int h = 0; h < 2; h++) {
                 const __m256i w = _mm256_loadu_si256((const __m256i *)(wr[c] + b * 64 + 32 * h));

@@ -9,6 +9,9 @@
 #include <stdint.h>
 #include <string.h>
 
+/* bytes ahead that the decode products prefetch each weight row (bf16.c: chosen per CPU) */
+extern int64_t dsvl2_ahead;
+
 /* a bf16 value as float32: exact, its 16 bits are the float's upper half */
 static inline float bf16_to_f32(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;

@@ -10,9 +10,10 @@ it and the native kernel (``ops.attention_bf16``), and the model's prefill on it
 * Calls as the model makes them: strided views of a fused qkv, a bf16 out written through
   a transposed view, grouped kv heads, dv < dk (MLA) and dv > dk; a batch row's bits do not
   depend on the other rows of the call.
-* The choice: torch's kernel for calls of at least ``TORCH_ATTENTION_MIN_ROWS`` queries when
-  the policy chose it, the native one otherwise (the AMX one, when chosen, for every call); MLA and MHA prefill chunks on it against
-  torch's float32 attention.
+* The choice: torch's kernel, when the policy chose it, for the vision tower's attention only;
+  a prefill's on the native kernel (the AMX one, when chosen), whose rows keep their bits
+  beside longer (padded) prompts, which torch's do not; MLA and MHA prefill chunks under that
+  choice against torch's float32 attention.
 
 torch's kernel runs on every CPU, so these tests run everywhere (slowly where there are no
 bf16 units); the comparisons with the native kernel need AVX-512 BF16 (a hardware condition).
@@ -26,6 +27,7 @@ import torch
 from dsvl2.config import LanguageConfig
 from dsvl2.model import native, ops
 from dsvl2.model.attention import MHA, MLA
+from dsvl2.model.native import amx
 from test_attention_bf16 import (BASE_TOL, BF, CASES, MIN, causal_mask, filled, needs_kernel, padding_case, plain,
                                  prefill_chunk, random_qkv)
 
@@ -152,69 +154,90 @@ def _counting(monkeypatch) -> dict:
     return calls
 
 
-def test_the_policys_kernel_runs_calls_of_enough_queries(monkeypatch):
+def test_torchs_kernel_runs_the_towers_attention_and_never_a_prefills(monkeypatch):
+    """``ops.tower_attention_bf16`` on the policy's kernel, torch's included; a prefill's
+    (``ops.attention_bf16``) on the AMX kernel where chosen, else the native one; calls of
+    any number of queries alike (the kernel follows the step kind, never the batch)."""
     calls = _counting(monkeypatch)
-    n = ops.TORCH_ATTENTION_MIN_ROWS
-    few, many = random_qkv(1, 2, 2, n - 1, 9, 8, 8), random_qkv(1, 2, 2, n, 9, 8, 8)
-    monkeypatch.setattr(ops, "attention_kernel", "native")
-    ops.attention_bf16(*many, 0.1)
-    assert calls == {"native": 1, "torch": 0, "amx": 0}
-    monkeypatch.setattr(ops, "attention_kernel", "torch")
-    ops.attention_bf16(*many, 0.1)
-    ops.attention_bf16(*few, 0.1)
-    assert calls == {"native": 2, "torch": 1, "amx": 0}
-    monkeypatch.setattr(ops, "attention_kernel", "amx")  # every call, however few its queries
-    ops.attention_bf16(*many, 0.1)
-    ops.attention_bf16(*few, 0.1)
-    assert calls == {"native": 2, "torch": 1, "amx": 2}
+    few, many = random_qkv(1, 2, 2, 1, 9, 8, 8), random_qkv(1, 2, 2, 729, 9, 8, 8)
+    for kernel, tower, prefill in (("native", "native", "native"), ("torch", "torch", "native"),
+                                   ("amx", "amx", "amx")):
+        monkeypatch.setattr(ops, "attention_kernel", kernel)
+        for qkv in (few, many):
+            before = dict(calls)
+            ops.tower_attention_bf16(*qkv, 0.1)
+            assert calls[tower] == before[tower] + 1, (kernel, "tower")
+            ops.attention_bf16(*qkv, 0.1)
+            assert calls[prefill] == before[prefill] + 1 + (tower == prefill), (kernel, "prefill")
+            assert sum(calls.values()) == sum(before.values()) + 2
 
 
-def test_with_torchs_kernel_chosen_the_native_one_is_not_required(monkeypatch):
+@needs_kernel
+@pytest.mark.parametrize("kernel", ["torch", "native"] + (["amx"] if amx.usable() else []))
+def test_under_every_choice_a_prefill_row_has_its_bits_alone_beside_a_longer_prompt(kernel, monkeypatch):
+    """A batched prefill pads its prompts to the longest (the longer prompt's keys hidden from
+    the shorter one's queries): a row's result must be its result alone. torch's flash kernel
+    splits the keys by their padded count, so it would fail this (checked: its bits move);
+    the prefill's kernel under each choice passes it, for 13 queries (enough for torch's
+    kernel, which the old choice gave calls of at least 8) and for 1."""
+    monkeypatch.setattr(ops, "attention_kernel", kernel)
+    for t in (13, 1):
+        s, longer = 40, 300
+        q, k, v = random_qkv(1, 4, 2, t, s, 64, 64, seed=21)
+        mask = causal_mask(1, t, s)
+        _, kp, vp = random_qkv(1, 4, 2, t, longer, 64, 64, seed=22)
+        kp[:, :, :s], vp[:, :, :s] = k, v
+        padded = torch.full((1, 1, t, longer), MIN)
+        padded[..., :s] = mask
+        alone = ops.attention_bf16(q, k, v, 0.125, mask)
+        assert torch.equal(ops.attention_bf16(q, kp, vp, 0.125, padded), alone), t
+        if t == 13:  # torch's own kernel does not keep them
+            theirs = native.attention_bf16_torch(q, k, v, 0.125, mask)
+            assert not torch.equal(native.attention_bf16_torch(q, kp, vp, 0.125, padded), theirs)
+
+
+def test_with_torchs_kernel_chosen_the_native_one_is_not_required_by_the_tower(monkeypatch):
     x, w = torch.randn(3, 16), torch.randn(8, 16).to(BF)
     monkeypatch.setattr(native, "attention_usable", lambda: False)
     monkeypatch.setattr(ops, "attention_kernel", "native")
     before = ops.big_products_in_weights_dtype()
     ops.set_big_products_in_weights_dtype(True)
     try:
-        assert not ops.attention_in_bf16(x, w)
+        assert not ops.attention_in_bf16(x, w) and not ops.attention_in_bf16(x, w, tower=True)
         monkeypatch.setattr(ops, "attention_kernel", "torch")
-        assert ops.attention_in_bf16(x, w)
+        assert ops.attention_in_bf16(x, w, tower=True)
+        assert not ops.attention_in_bf16(x, w)  # a prefill: torch's float32 attention then
         with ops.decoding():
-            assert not ops.attention_in_bf16(x, w)
+            assert not ops.attention_in_bf16(x, w, tower=True)
     finally:
         ops.set_big_products_in_weights_dtype(before)
 
 
-def _check_model_on_torchs_kernel(cfg, module, monkeypatch):
+def _check_model_on_torchs_choice(cfg, module, monkeypatch):
     """A prefill chunk (``test_attention_bf16.prefill_chunk``: 13 queries after 20 cached
-    keys, a padded row) on torch's bf16 kernel against torch's float32 attention."""
+    keys, a padded row) with torch's kernel chosen: torch's kernel never runs; the native one
+    does where the CPU has it (else torch's float32 attention), within bf16 level of torch's
+    float32 attention."""
     calls = []
-    real = native.attention_bf16_torch
-    monkeypatch.setattr(native, "attention_bf16_torch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    monkeypatch.setattr(native, "attention_usable", lambda: False)  # the choice alone decides
-    monkeypatch.setattr(ops, "attention_kernel", "torch")
-    fast, _ = prefill_chunk(cfg, module, True, monkeypatch, "torch")
-    monkeypatch.setattr(native, "attention_bf16_torch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    monkeypatch.setattr(native, "attention_usable", lambda: False)
-    monkeypatch.setattr(ops, "attention_kernel", "torch")
+    real = native.attention_bf16
+    monkeypatch.setattr(native, "attention_bf16", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    fast, torch_calls = prefill_chunk(cfg, module, True, monkeypatch, "torch")  # undoes the patch
     slow, _ = prefill_chunk(cfg, module, False, monkeypatch, "torch")
-    assert len(calls) == 1  # the first run only
+    assert torch_calls == 0
+    assert len(calls) == (1 if native.attention_usable() else 0)
     assert torch.isfinite(fast).all()
-    # o_proj's result is bf16 under the policy (an ulp at the max: 2^-8); q, the weights and
-    # the attention's result also round to bf16: allowed 4 ulps, as for the native kernel
     err = ((fast - slow).abs().max() / slow.abs().max()).item()
     assert err < 4 * 2 ** -8, err
-    assert not torch.equal(fast, slow)
 
 
-def test_mla_prefill_chunk_on_torchs_kernel_matches_float32_attention(monkeypatch):
+def test_mla_prefill_chunk_under_torchs_choice_stays_native(monkeypatch):
     cfg = LanguageConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=32, use_mla=True,
                          kv_lora_rank=40, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=24,
                          q_lora_rank=24)
-    _check_model_on_torchs_kernel(cfg, filled(MLA(cfg, 0), seed=0), monkeypatch)
+    _check_model_on_torchs_choice(cfg, filled(MLA(cfg, 0), seed=0), monkeypatch)
 
 
-def test_mha_prefill_chunk_with_grouped_kv_heads_on_torchs_kernel_matches_float32_attention(monkeypatch):
+def test_mha_prefill_chunk_with_grouped_kv_heads_under_torchs_choice_stays_native(monkeypatch):
     cfg = LanguageConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                          vocab_size=32, use_mla=False)
-    _check_model_on_torchs_kernel(cfg, filled(MHA(cfg, 0), seed=10), monkeypatch)
+    _check_model_on_torchs_choice(cfg, filled(MHA(cfg, 0), seed=10), monkeypatch)

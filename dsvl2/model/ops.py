@@ -116,37 +116,47 @@ def native_block(x: torch.Tensor, *weights: torch.Tensor) -> bool:
 native_attention = True
 
 
-def attention_in_bf16(x: torch.Tensor, weight) -> bool:
-    """The attention of a prefill step or of the vision tower whose products compute in bf16
-    (this process's policy, a bf16 or quantised ``weight`` beside it, not a decode step) runs
-    with bf16 products too, on the native kernel, where it is usable here. As flash
-    attention in the bf16 reference: float32 scores and softmax, bf16 inputs to both
-    products. Float32 weights (the oracle) and decode steps never."""
+def attention_in_bf16(x: torch.Tensor, weight, tower: bool = False) -> bool:
+    """The attention of a prefill step (or, ``tower``, of the vision tower) whose products
+    compute in bf16 (this process's policy, a bf16 or quantised ``weight`` beside it, not a
+    decode step) runs with bf16 products too, where a kernel it may take is usable here
+    (``attention_bf16`` / ``tower_attention_bf16``). As flash attention in the bf16
+    reference: float32 scores and softmax, bf16 inputs to both products. Float32 weights
+    (the oracle) and decode steps never."""
+    takes = attention_kernel == "amx" or native.attention_usable() or (tower and attention_kernel == "torch")
     return (native_attention and _big_in_weights and x.dtype == torch.float32 and x.is_cpu
             and (isinstance(weight, QuantWeight) or weight.dtype == torch.bfloat16)
-            and not decoding_active() and (attention_kernel != "native" or native.attention_usable()))
+            and not decoding_active() and takes)
 
 
-# Which kernel computes that attention (``attention_bf16``): "native" (``attention.c``),
-# "torch" (``scaled_dot_product_attention`` on the bf16 inputs, whose products oneDNN runs on
-# AMX tiles where the CPU has them) or "amx" (``amx_attention.c``: the native kernel's numbers
-# on AMX tiles); the kernel policy measures them (``native/policy.py``).
+# Which kernel computes that attention: "native" (``attention.c``), "torch"
+# (``scaled_dot_product_attention`` on the bf16 inputs, whose products oneDNN runs on AMX tiles
+# where the CPU has them) or "amx" (``amx_attention.c``: the native kernel's numbers on AMX
+# tiles); the kernel policy measures them on a vision tile (``native/policy.py``).
 attention_kernel = "native"
-# Calls with fewer query rows than this stay native when torch's kernel is chosen: torch's
-# call costs more than its work there (1 query of 200 keys: 0.31 against 0.20 ms; 4 of
-# 1,431: even; 16: 0.75x the time). The AMX kernel takes every call (1 query of 1,431 keys:
-# 0.27 ms against the native 0.60).
-TORCH_ATTENTION_MIN_ROWS = 8
 
 
 def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                    mask: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``native.attention_bf16`` (its contract) on the kernel the policy chose."""
+    """A prefill's attention: ``native.attention_bf16`` (its contract) on the AMX kernel where
+    the policy chose it, else on the native one, never on torch's. A prefill batches
+    prompts of different lengths, padded to the longest (keys masked): the native kernels
+    give a row the same bits whatever the padding, while torch's flash kernel splits the
+    keys by their padded count (a row alone and padded to 40 or 700 keys differ by up to
+    2^-7), so a row's bits would depend on the other requests. Kernels by step kind, never
+    by the batch (tests/test_attention_torch.py)."""
     if attention_kernel == "amx":
         return native.attention_bf16_amx(q, k, v, scale, mask, out=out)
-    if attention_kernel == "torch" and getattr(q, "ndim", 0) == 4 and q.shape[2] >= TORCH_ATTENTION_MIN_ROWS:
-        return native.attention_bf16_torch(q, k, v, scale, mask, out=out)
     return native.attention_bf16(q, k, v, scale, mask, out=out)
+
+
+def tower_attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """The vision tower's attention (every tile alone: 729 queries of its own 729 keys, no
+    mask, so no padding) on the kernel the policy chose, torch's included."""
+    if attention_kernel == "torch":
+        return native.attention_bf16_torch(q, k, v, scale, out=out)
+    return attention_bf16(q, k, v, scale, out=out)
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -58,7 +58,7 @@ class Attention(nn.Module):
         hd = w // self.heads
         qkv = self.qkv.narrow(x)  # bf16 where the products are (ops.linear_narrow)
         narrow = qkv.dtype
-        if narrow is torch.bfloat16 and attention_in_bf16(x, self.qkv.weight) and hd % 2 == 0:
+        if narrow is torch.bfloat16 and attention_in_bf16(x, self.qkv.weight, tower=True) and hd % 2 == 0:
             return self.bf16(qkv)
         heads = torch.empty((n, p, self.heads, hd), dtype=narrow)  # the heads side by side, for proj
         q, k, v = qkv.view(n, p, 3, self.heads, hd).permute(2, 0, 3, 1, 4).to(x.dtype).unbind(0)  # [N, H, P, hd]
@@ -67,7 +67,7 @@ class Attention(nn.Module):
         return self.proj.narrow(heads.view(n, p, w))
 
     def bf16(self, qkv: torch.Tensor) -> torch.Tensor:
-        """The attention with bf16 products (the policy's kernel, ``ops.attention_bf16``) on
+        """The attention with bf16 products (the policy's kernel, ``ops.tower_attention_bf16``) on
         qkv [N, P, 3 W] bf16: q, k, v read in place from qkv, the result written in place into
         the heads side by side, then proj: bf16 [N, P, W]."""
         n, p, w3 = qkv.shape
@@ -75,7 +75,7 @@ class Attention(nn.Module):
         hd = w // self.heads
         q, k, v = qkv.view(n, p, 3, self.heads, hd).permute(2, 0, 3, 1, 4).unbind(0)  # [N, H, P, hd]
         heads = torch.empty((n, p, self.heads, hd), dtype=qkv.dtype)
-        ops.attention_bf16(q, k, v, hd ** -0.5, out=heads.transpose(1, 2))
+        ops.tower_attention_bf16(q, k, v, hd ** -0.5, out=heads.transpose(1, 2))
         return self.proj.narrow(heads.view(n, p, w))
 
 
@@ -161,7 +161,7 @@ class VisionTransformer(nn.Module):
                 and self.cfg.width % 8 == 0 and (self.cfg.width // self.cfg.heads) % 2 == 0):
             return False
         w = self.blocks[0].attn.qkv.weight
-        return ops.narrow_product(x, w) and attention_in_bf16(x, w) and native.available()
+        return ops.narrow_product(x, w) and attention_in_bf16(x, w, tower=True) and native.available()
 
 
 class Projector(nn.Module):

@@ -12,7 +12,7 @@ AVX-512 BF16 and AMX CPUs it is several times faster than fp32 (AMX: ~1.9 TFLOP/
   that bf16 is faster; else fp32;
 * any other CPU: fp32 (weights upcast a layer at a time), without measuring.
 
-The attention beside bf16 products (``ops.attention_bf16``) has three kernels: the native
+The attention beside bf16 products (``ops.tower_attention_bf16``) has three kernels: the native
 one (``attention.c``, AVX-512 BF16), torch's ``scaled_dot_product_attention`` on the bf16
 inputs, whose products oneDNN runs on AMX tiles where the CPU has them (2.2x the native
 kernel on vision tiles on an Intel Xeon with AMX), and the native kernel's numbers on AMX
@@ -21,7 +21,9 @@ tiles (``amx_attention.c``: 4.2x the native, 2.0x torch's there; only where
 usable, each usable kernel runs one vision tile's attention ([1, 16, 729, 72]), in turns
 (``ATTENTION_ROUNDS``, the best of each); the fastest is taken if it is at least
 ``ATTENTION_MARGIN`` times as fast as the native one; else the native one.
-``DSVL2_ATTENTION=native|torch|amx`` overrides that.
+``DSVL2_ATTENTION=native|torch|amx`` overrides that. torch's kernel, where chosen, runs the
+vision tower's attention only; a prefill's stays on a native kernel (``ops.attention_bf16``:
+torch's gives a row other bits beside longer prompts).
 
 ``DSVL2_BIG_PRODUCTS=fp32|bf16`` overrides the choice. A measurement is cached per machine
 (CPU model, flags, torch version, threads) with the load average it was taken at (one taken

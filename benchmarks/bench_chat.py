@@ -470,7 +470,7 @@ def main(argv=None) -> None:
         "quantized_on_disk": stored_scheme(m.folder) is not None if m.folder is not None else False,
         "dtype": args.dtype, "machine": limits,
         "kernels": getattr(m, "kernels", None) and m.kernels.to_dict(),
-        "native_decode": {**native.status(), "prefetch_bytes": native.prefetch() if native.available() else None},
+        "native_decode": native.status(),
         "load_s": round(load_s, 2),
         # the first case's figures at the top level (the keys earlier reports used)
         **{k: v for k, v in first.items() if k != "follow_up"},

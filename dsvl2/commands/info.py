@@ -361,7 +361,6 @@ def cmd_info(args) -> int:
     d["native_decode"] = native.status()  # decode-step products with bf16 weights (model/native)
     # which instruction set the int8 / int4 decode products use here (each row's bits depend on it)
     d["native_decode"]["quant_variant"] = native.quant_variant() if native.available() else None
-    d["native_decode"]["prefetch_bytes"] = native.prefetch() if native.available() else None
     from ..model.native import amx
     # the routed experts' prefill products on AMX tiles (model/native/amx.py), where bf16 products run
     d["amx_experts"] = amx.active()

@@ -295,8 +295,11 @@ def available() -> bool:
 
 
 def status() -> dict:
+    """Whether the kernels are built and loaded, why (or why not), and the decode products'
+    prefetch distance in bytes (``native.prefetch``; None without the kernels)."""
     lib = _load()
-    return {"native_decode": lib is not None, "reason": _status}
+    return {"native_decode": lib is not None, "reason": _status,
+            "prefetch_bytes": None if lib is None else int(lib.dsvl2_prefetch(-1))}
 
 
 def reset() -> None:

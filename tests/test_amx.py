@@ -507,12 +507,14 @@ def _weight_args(fmt: str, n: int, k: int, seed: int) -> tuple:
 @needs_amx
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("m", [1, 17, 300])
-def test_expert_is_down_of_the_bf16_rounded_gated_product(fmt, m):
+@pytest.mark.parametrize("d, f", [(128, 96), (320, 288)])
+def test_expert_is_down_of_the_bf16_rounded_gated_product(fmt, m, d, f):
     """amx.expert = down(bf16(silu(gate x) * up x * wt)): against the float64 value of that
     composition from the kernel's own gate / up products (amx.linear, checked above), within
     the float32 sum bound plus one bf16 rounding step of the gated product (where float32
-    and float64 round it differently); and a row's bits do not depend on the other rows."""
-    d, f = 128, 96
+    and float64 round it differently); and a row's bits do not depend on the other rows.
+    320 / 288 values of k: a panel's blocks of 256 and a part block (amx.c KBLOCK), gate /
+    up kept by weight row over 9 slices of down's tiles."""
     (ga, _), (ua, _), (da, dv) = (_weight_args(fmt, f, d, 40), _weight_args(fmt, f, d, 41),
                                   _weight_args(fmt, d, f, 42))
     x = _x(m, d, seed=43)

@@ -9,7 +9,11 @@
    is A: 16 of its rows, 32 values of k each, loaded straight from a row-major bf16 panel
    (the weight itself when stored as bf16, else 32 rows dequantised into a per-thread panel).
    x is B: its 32-bit pairs transposed once per chunk of tokens into 1 KiB tiles (``pack_x``), rows past
-   M zero. So each C tile is [16 weight rows, 16 tokens], transposed on the way out.
+   M zero. So each C tile is [16 weight rows, 16 tokens], transposed on the way out (rows of
+   y written as whole 64-byte lines, streamed: no read for ownership of lines that are only
+   written); the expert's gate and up results are kept as the tiles leave them (by weight
+   row, ``amx_out.by_weight``), so the gated product goes straight into down's B tiles
+   (``gated_tiles``: an interleave of two rows, not a transpose).
 
    Numbers: int8 values are exact in bf16, so each weight row's float32 sums are multiplied
    by its scale afterwards (the weight is not rounded: closer to the float32 reference than
@@ -23,6 +27,13 @@
    Split: per chunk of 256 tokens (128 for K > 3,072; their tiles and a panel stay in L2),
    the team packs the chunk's tiles, then takes panels of 32 weight rows (static: each
    thread its own run of consecutive panels, the next one prefetched while one multiplies).
+   A panel goes KBLOCK values of k at a time: every token pair of the chunk passes over the
+   block's A tiles (16 KiB: they stay in L1), each pair's C tiles saved and reloaded between
+   blocks (float32 as they are: the same sums in the same order, the same bits).
+   These three (blocks, streamed lines, gate / up by weight row) against whole panels and
+   transposed gate / up results, the same bits, alternating builds on a 2-thread AMX Xeon:
+   an expert at 300-1,431 rows 1.1-1.25x as fast (bf16, int4; int8 1.0-1.1x), the whole
+   prefill of c01 (1,431 tokens) tiny 1.09 -> 1.01 s, small int8 5.42 -> 5.11 s.
 
    Built only with GCC >= 11 on x86-64; elsewhere, and where the CPU (AMX-TILE, AMX-BF16,
    AVX-512 BF16) or the kernel does not grant AMX, dsvl2_amx_usable() says 0 and the
@@ -84,11 +95,24 @@ static AMX void pack_x(const uint16_t *x, int64_t ldx, const int64_t *rows, int6
         }
 }
 
-/* C tile ct ([16 weight rows n0.., 16 tokens m0..]) into y[m, n] for m < M, each weight
-   row's sums times its scale sc[n] first where sc is not NULL (int8); where rows is not
+/* Where a product's C tiles go: y[m, n] (row stride ld; tokens along y's rows), added to
+   y[rows[m], n] where rows is not NULL; or, where by_weight, y[n, m] (weight rows along
+   y's rows, tokens along its columns: the C tiles as the tile unit leaves them, no
+   transpose; the expert's gate and up results) */
+typedef struct {
+    float *y;
+    int64_t ld;
+    const int64_t *rows;
+    int by_weight;
+} amx_out;
+
+/* C tile ct ([16 weight rows n0.., 16 tokens m0..]) into o's y[m, n] for m < M, each weight
+   row's sums times its scale sc[n] first where sc is not NULL (int8); where o->rows is not
    NULL, added to y[rows[m], n] instead (one float32 add each, as torch's index_add_) */
 static inline __attribute__((always_inline)) AMX void store_c(float *ct, const float *sc, int64_t n0, int64_t m0,
-                                                              int64_t M, float *y, int64_t ldy, const int64_t *rows) {
+                                                              int64_t M, const amx_out *o) {
+    float *y = o->y;
+    const int64_t ldy = o->ld, *rows = o->rows;
     __m512i r[16];
     for (int i = 0; i < 16; i++)
         r[i] = sc ? _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(ct + 16 * i), _mm512_set1_ps(sc[n0 + i])))
@@ -96,9 +120,11 @@ static inline __attribute__((always_inline)) AMX void store_c(float *ct, const f
     transpose16(r);
     if (rows)
         for (int i = 0; i < 16 && m0 + i < M; i++) {
-            float *o = y + rows[m0 + i] * ldy + n0;
-            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_castsi512_ps(r[i])));
+            float *dst = y + rows[m0 + i] * ldy + n0;
+            _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), _mm512_castsi512_ps(r[i])));
         }
+    else if ((((uintptr_t)y | (uintptr_t)(ldy * 4)) & 63) == 0) /* whole lines: streamed, no read for ownership */
+        for (int i = 0; i < 16 && m0 + i < M; i++) _mm512_stream_si512((__m512i *)(y + (m0 + i) * ldy + n0), r[i]);
     else
         for (int i = 0; i < 16 && m0 + i < M; i++) _mm512_storeu_si512(y + (m0 + i) * ldy + n0, r[i]);
 }
@@ -144,17 +170,42 @@ static inline __attribute__((always_inline)) AMX void c_step(const uint16_t *a, 
 }
 
 static inline __attribute__((always_inline)) AMX void c_store(float *ct, const float *sc, int64_t n0, int64_t m0,
-                                                              int two, int64_t M, float *y, int64_t ldy,
-                                                              const int64_t *rows) {
+                                                              int two, int64_t M, const amx_out *o) {
+    if (o->by_weight) { /* y[n, m]: every token column of the tiles (past M: zero sums) */
+        float *y = o->y + n0 * o->ld + m0;
+        const int64_t ld = o->ld;
+        if (!sc) {
+            _tile_stored(0, y, ld * 4);
+            _tile_stored(1, y + 16 * ld, ld * 4);
+            if (two) {
+                _tile_stored(2, y + 16, ld * 4);
+                _tile_stored(3, y + 16 * ld + 16, ld * 4);
+            }
+            return;
+        }
+        _tile_stored(0, ct, 64);
+        _tile_stored(1, ct + 256, 64);
+        if (two) {
+            _tile_stored(2, ct + 512, 64);
+            _tile_stored(3, ct + 768, 64);
+        }
+        for (int t = 0; t < 2 + 2 * two; t++)
+            for (int i = 0; i < 16; i++) {
+                const int64_t n = 16 * (t & 1) + i;
+                _mm512_storeu_ps(y + n * ld + 16 * (t >> 1),
+                                 _mm512_mul_ps(_mm512_loadu_ps(ct + 256 * t + 16 * i), _mm512_set1_ps(sc[n0 + n])));
+            }
+        return;
+    }
     _tile_stored(0, ct, 64);
     _tile_stored(1, ct + 256, 64);
-    store_c(ct, sc, n0, m0, M, y, ldy, rows);
-    store_c(ct + 256, sc, n0 + 16, m0, M, y, ldy, rows);
+    store_c(ct, sc, n0, m0, M, o);
+    store_c(ct + 256, sc, n0 + 16, m0, M, o);
     if (two) {
         _tile_stored(2, ct + 512, 64);
         _tile_stored(3, ct + 768, 64);
-        store_c(ct + 512, sc, n0, m0 + 16, M, y, ldy, rows);
-        store_c(ct + 768, sc, n0 + 16, m0 + 16, M, y, ldy, rows);
+        store_c(ct + 512, sc, n0, m0 + 16, M, o);
+        store_c(ct + 768, sc, n0 + 16, m0 + 16, M, o);
     }
 }
 
@@ -165,31 +216,60 @@ static inline ahead ahead_over(const char *next, int64_t nb, int64_t steps) {
     return f;
 }
 
-/* token tiles t (and t + 1 where two) of xp against 32 weight rows (A tiles from a, row
-   stride K): C tiles 0-1 (and 2-3), then into y. Called with two constant, so each case
-   compiles to its own loop. */
+#define KBLOCK 256 /* values of k a block of panel() */
+
+/* C tiles 0-1 (and 2-3) from / to cc (4 KiB: tile i at cc + 256 i) */
+static inline __attribute__((always_inline)) AMX void c_load(const float *cc, int two) {
+    _tile_loadd(0, cc, 64);
+    _tile_loadd(1, cc + 256, 64);
+    if (two) {
+        _tile_loadd(2, cc + 512, 64);
+        _tile_loadd(3, cc + 768, 64);
+    }
+}
+
+static inline __attribute__((always_inline)) AMX void c_save(float *cc, int two) {
+    _tile_stored(0, cc, 64);
+    _tile_stored(1, cc + 256, 64);
+    if (two) {
+        _tile_stored(2, cc + 512, 64);
+        _tile_stored(3, cc + 768, 64);
+    }
+}
+
+/* steps [s0, s1) of token tiles t (and t + 1 where two) against 32 weight rows (A tiles
+   from a, row stride K): the C tiles start from zero (s0 = 0) or from cc, and end in cc,
+   or, at the last step, in y (c_store). Called with two constant. */
 static inline __attribute__((always_inline)) AMX void tile_block(const uint16_t *a, int64_t K, const uint16_t *xp,
-                                                                 int64_t Mt, int64_t t, int two, int64_t M, int64_t n0,
-                                                                 const float *sc, float *y, int64_t ldy,
-                                                                 const int64_t *rows, float *ct, ahead *f) {
-    c_zero(two);
-    for (int64_t s = 0; s < K / 32; s++) {
+                                                                 int64_t Mt, int64_t t, int two, int64_t s0,
+                                                                 int64_t s1, int64_t M, int64_t n0, const float *sc,
+                                                                 const amx_out *o, float *cc, ahead *f) {
+    if (s0 == 0) c_zero(two);
+    else c_load(cc, two);
+    for (int64_t s = s0; s < s1; s++) {
         prefetch_some(f);
         c_step(a + 32 * s, K, xp + (s * Mt + t) * 512, two);
     }
-    c_store(ct, sc, n0, 16 * t, two, M, y, ldy, rows);
+    if (s1 == K / 32) c_store(cc, sc, n0, 16 * t, two, M, o);
+    else c_save(cc, two);
 }
 
 /* 32 weight rows (A tiles from a, row stride K) times every token tile of xp into y, two
-   token tiles at a time; the next panel's nb stored bytes at next (NULL: none) prefetched
-   over the steps */
+   token tiles at a time, KBLOCK values of k at a time: the A tiles of a block (32 x KBLOCK
+   bf16) stay in L1 while every token pair passes, each pair's C tiles kept in cc (4 KiB a
+   pair) between blocks (stored and loaded as they are: the sums run over k in the same
+   order, so the bits do not depend on KBLOCK); the next panel's nb stored bytes at next
+   (NULL: none) prefetched over the steps */
 static AMX void panel(const uint16_t *a, int64_t K, const uint16_t *xp, int64_t M, int64_t n0, const float *sc,
-                      float *y, int64_t ldy, const int64_t *rows, float *ct, const char *next, int64_t nb) {
-    const int64_t Mt = (M + 15) / 16;
-    ahead f = ahead_over(next, nb, K / 32 * ((Mt + 1) / 2));
-    int64_t t = 0;
-    for (; t + 2 <= Mt; t += 2) tile_block(a, K, xp, Mt, t, 1, M, n0, sc, y, ldy, rows, ct, &f);
-    if (t < Mt) tile_block(a, K, xp, Mt, t, 0, M, n0, sc, y, ldy, rows, ct, &f);
+                      const amx_out *o, float *cc, const char *next, int64_t nb) {
+    const int64_t Mt = (M + 15) / 16, S = K / 32;
+    ahead f = ahead_over(next, nb, S * ((Mt + 1) / 2));
+    for (int64_t s0 = 0; s0 < S; s0 += KBLOCK / 32) {
+        const int64_t s1 = S - s0 < KBLOCK / 32 ? S : s0 + KBLOCK / 32;
+        int64_t t = 0;
+        for (; t + 2 <= Mt; t += 2) tile_block(a, K, xp, Mt, t, 1, s0, s1, M, n0, sc, o, cc + t * 512, &f);
+        if (t < Mt) tile_block(a, K, xp, Mt, t, 0, s0, s1, M, n0, sc, o, cc + t * 512, &f);
+    }
 }
 
 /* row of K int8 values as bf16, 32 a step (exact: 8 significant bits at most, so the
@@ -234,6 +314,9 @@ static AMX void dequant_i4_panel(const uint8_t *q, const uint16_t *scale, int64_
    1,690 -> 1,870-1,960 GFLOP/s at 1,431 rows on an AMX Xeon; smaller K lose at 128) */
 #define CHUNK 256
 
+/* floats of a thread's C tile space: 4 KiB per pair of token tiles of a chunk */
+#define CT_FLOATS (1024 * (CHUNK / 32))
+
 static int64_t chunk_rows(int64_t K) { return (int64_t)CHUNK * K * 2 > (3 << 19) ? CHUNK / 2 : CHUNK; }
 
 /* a weight [N, K] as stored: fmt 0 bf16, 1 int8 (bf16 row scales; sc: them as float32),
@@ -259,9 +342,8 @@ static inline int64_t panel_cols(int64_t K) { return K > KSLICE ? K : KSLICE; }
    0.90 / 0.95 / 1.07 -> 0.81 / 0.84 / 0.99 ms; an int8 [2048, 2048] product of 16 rows 0.32 ->
    0.24 ms (alternating builds on an AMX Xeon). */
 static inline __attribute__((always_inline)) AMX void few_block(const amx_weight *W, int64_t n0, const uint16_t *xp,
-                                                                int two, int64_t M, float *y, int64_t ldy,
-                                                                const int64_t *rows, uint16_t *mine, float *ct,
-                                                                ahead *f) {
+                                                                int two, int64_t M, const amx_out *o, uint16_t *mine,
+                                                                float *ct, ahead *f) {
     const int64_t K = W->K, Mt = two ? 2 : 1;
     c_zero(two);
     for (int64_t k0 = 0; k0 < K; k0 += KSLICE) {
@@ -276,21 +358,21 @@ static inline __attribute__((always_inline)) AMX void few_block(const amx_weight
             c_step(mine + 32 * s - k0, KSLICE, xp + s * Mt * 512, two);
         }
     }
-    c_store(ct, W->sc, n0, 0, two, M, y, ldy, rows);
+    c_store(ct, W->sc, n0, 0, two, M, o);
 }
 
 /* panel p (rows 32p..32p+31) of W times the chunk's tiles xp (mc tokens) into y (row
    stride ldy); mine: this thread's panel buffer (32 x K bf16), ct: its 4 C tiles. A
    thread's panels of one weight are consecutive (static schedule): p + 1 is prefetched. */
-static AMX void weight_panel(const amx_weight *W, int64_t p, const uint16_t *xp, int64_t mc, float *y, int64_t ldy,
-                             const int64_t *rows, uint16_t *mine, float *ct) {
+static AMX void weight_panel(const amx_weight *W, int64_t p, const uint16_t *xp, int64_t mc, const amx_out *o,
+                             uint16_t *mine, float *ct) {
     const int64_t K = W->K, n0 = 32 * p, rb = W->fmt == 0 ? 2 * K : W->fmt == 1 ? K : K / 2;
     const char *next = 32 * (p + 1) < W->N ? (const char *)W->w + (n0 + 32) * rb : NULL;
     const uint16_t *a = (const uint16_t *)W->w + n0 * K;
     if (mc <= 32 && (W->fmt == 1 || (W->fmt == 2 && KSLICE % W->G == 0))) {
         ahead f = ahead_over(next, 32 * rb, K / 32);
-        if (mc > 16) few_block(W, n0, xp, 1, mc, y, ldy, rows, mine, ct, &f);
-        else few_block(W, n0, xp, 0, mc, y, ldy, rows, mine, ct, &f);
+        if (mc > 16) few_block(W, n0, xp, 1, mc, o, mine, ct, &f);
+        else few_block(W, n0, xp, 0, mc, o, mine, ct, &f);
         return;
     }
     if (W->fmt == 1) {
@@ -300,7 +382,7 @@ static AMX void weight_panel(const amx_weight *W, int64_t p, const uint16_t *xp,
         dequant_i4_panel((const uint8_t *)W->w + n0 * K / 2, W->scale + n0 * (K / W->G), K, W->G, 0, K, mine, K);
         a = mine;
     }
-    panel(a, K, xp, mc, n0, W->sc, y, ldy, rows, ct, next, 32 * rb);
+    panel(a, K, xp, mc, n0, W->sc, o, ct, next, 32 * rb);
 }
 
 /* one thread's part of dsvl2_amx_linear (inside its parallel region: the outlined region
@@ -315,51 +397,71 @@ static AMX void linear_team(const uint16_t *x, int64_t ldx, int64_t M, const amx
     for (int64_t m0 = 0; m0 < M; m0 += chunk) {
         const int64_t mc = M - m0 < chunk ? M - m0 : chunk;
         pack_x(x + m0 * ldx, ldx, NULL, mc, W->K, xp); /* ends in the omp for's barrier */
+        const amx_out o = {y + m0 * ldy, ldy, NULL, 0};
 #pragma omp for schedule(static)
-        for (int64_t p = 0; p < W->N / 32; p++) weight_panel(W, p, xp, mc, y + m0 * ldy, ldy, NULL, mine, cts + th * 1024);
+        for (int64_t p = 0; p < W->N / 32; p++) weight_panel(W, p, xp, mc, &o, mine, cts + th * CT_FLOATS);
         /* its barrier: xp is free for the next chunk */
     }
+    _mm_sfence(); /* the streamed lines (store_c) before the region's end */
     _tile_release();
 }
 
-/* a [F] = bf16(silu(g) * u * w) for one row, F a multiple of 16: silu(g) = g / (1 + e^-g)
-   with e^-|g| (exp_neg16) for either sign (g e^-|g| / (1 + e^-|g|) below 0), in float32,
-   rounded to nearest even once */
-static inline __attribute__((always_inline)) AMX void gated_row(const float *g, const float *u, float w, int64_t F,
-                                                                uint16_t *a) {
-    const __m512 one = _mm512_set1_ps(1.0f), vw = _mm512_set1_ps(w);
-    for (int64_t f = 0; f < F; f += 16) {
-        const __m512 gv = _mm512_loadu_ps(g + f);
-        const __m512 t = exp_neg16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(gv)));
-        const __mmask16 neg = _mm512_cmp_ps_mask(gv, _mm512_setzero_ps(), _CMP_LT_OQ);
-        const __m512 s = _mm512_div_ps(_mm512_mask_mul_ps(gv, neg, gv, t), _mm512_add_ps(one, t));
-        const __m512 v = _mm512_mul_ps(_mm512_mul_ps(s, _mm512_loadu_ps(u + f)), vw);
-        _mm256_storeu_si256((__m256i *)(a + f), _mm512_cvtepi32_epi16(round_bf16_16(v)));
+/* bf16(silu(g) * u * w) of 16 lanes, in float32: silu(g) = g / (1 + e^-g) with e^-|g|
+   (exp_neg16) for either sign (g e^-|g| / (1 + e^-|g|) below 0), rounded to nearest even
+   once; the bf16 bits in each 32-bit lane's low half */
+static inline __attribute__((always_inline)) AMX __m512i gated16(__m512 g, __m512 u, __m512 w) {
+    const __m512 t = exp_neg16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
+    const __mmask16 neg = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+    const __m512 s = _mm512_div_ps(_mm512_mask_mul_ps(g, neg, g, t), _mm512_add_ps(_mm512_set1_ps(1.0f), t));
+    return round_bf16_16(_mm512_mul_ps(_mm512_mul_ps(s, u), w));
+}
+
+/* The down product's B tiles of slice s (values 32s .. 32s + 31 of F) from gate and up
+   results by weight row (g, u [F, ld] float32: value f of token m at f ld + m, as c_store
+   leaves them), the routing weights w of the chunk's mc tokens: tile (s, t) at ap + (s Mt +
+   t) 512, its row r the pairs (a[m, 32s + 2r], a[m, 32s + 2r + 1]) of tokens 16t .. 16t + 15,
+   a = gated16 (pack_x's layout for the [mc, F] rows a; tokens past mc zero, as there) */
+static AMX void gated_tiles(const float *g, const float *u, int64_t ld, const float *w, int64_t mc, int64_t s,
+                            uint16_t *ap) {
+    const int64_t Mt = (mc + 15) / 16;
+    for (int64_t t = 0; t < Mt; t++) {
+        const int64_t left = mc - 16 * t;
+        const __mmask16 m = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+        const __m512 wv = _mm512_maskz_loadu_ps(m, w + 16 * t);
+        uint16_t *tile = ap + (s * Mt + t) * 512;
+        for (int r = 0; r < 16; r++) {
+            const int64_t f = (32 * s + 2 * r) * ld + 16 * t;
+            const __m512i lo = _mm512_maskz_mov_epi32(m, gated16(_mm512_loadu_ps(g + f), _mm512_loadu_ps(u + f), wv));
+            const __m512i hi = _mm512_maskz_mov_epi32(
+                m, gated16(_mm512_loadu_ps(g + f + ld), _mm512_loadu_ps(u + f + ld), wv));
+            _mm512_storeu_si512(tile + 32 * r, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
     }
 }
 
 /* one thread's part of dsvl2_amx_expert: per chunk, gate and up (their panels shared out
    as one list), the gated product rounded to bf16, its tiles, then down */
 static AMX void expert_team(const uint16_t *x, const int64_t *rows, int64_t M, const amx_weight *W, const float *wt,
-                            float *y, uint16_t *xp, uint16_t *ap, uint16_t *a, float *g, float *u, uint16_t *pan, int64_t pk,
+                            float *y, uint16_t *xp, uint16_t *ap, float *g, float *u, uint16_t *pan, int64_t pk,
                             float *cts) {
     const int th = omp_get_thread_num();
     const int64_t D = W[0].K, F = W[0].N, PF = F / 32;
     uint16_t *mine = pan + (int64_t)th * 32 * pk;
-    float *ct = cts + th * 1024;
+    float *ct = cts + th * CT_FLOATS;
     configure();
     for (int64_t m0 = 0; m0 < M; m0 += CHUNK) {
         const int64_t mc = M - m0 < CHUNK ? M - m0 : CHUNK;
         pack_x(rows ? x : x + m0 * D, D, rows ? rows + m0 : NULL, mc, D, xp);
+        const amx_out og = {g, CHUNK, NULL, 1}, ou = {u, CHUNK, NULL, 1};
+        const amx_out od = {rows ? y : y + m0 * D, D, rows ? rows + m0 : NULL, 0};
 #pragma omp for schedule(static)
-        for (int64_t q = 0; q < 2 * PF; q++)
-            weight_panel(&W[q / PF], q % PF, xp, mc, q < PF ? g : u, F, NULL, mine, ct);
+        for (int64_t q = 0; q < 2 * PF; q++) weight_panel(&W[q / PF], q % PF, xp, mc, q < PF ? &og : &ou, mine, ct);
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < mc; i++) gated_row(g + i * F, u + i * F, wt[m0 + i], F, a + i * F);
-        pack_x(a, F, NULL, mc, F, ap);
+        for (int64_t s = 0; s < F / 32; s++) gated_tiles(g, u, CHUNK, wt + m0, mc, s, ap);
 #pragma omp for schedule(static)
-        for (int64_t p = 0; p < D / 32; p++) weight_panel(&W[2], p, ap, mc, rows ? y : y + m0 * D, D, rows ? rows + m0 : NULL, mine, ct);
+        for (int64_t p = 0; p < D / 32; p++) weight_panel(&W[2], p, ap, mc, &od, mine, ct);
     }
+    _mm_sfence(); /* the streamed lines (store_c) before the region's end */
     _tile_release();
 }
 
@@ -387,7 +489,7 @@ int dsvl2_amx_linear(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, int f
     if (!dsvl2_amx_usable()) return -1;
     if (M <= 0 || !weight_ok(fmt, N, K, G) || ldx < K || ldy < N) return -2;
     const int nt = omp_get_max_threads();
-    const size_t xb = lines((size_t)CHUNK * K * 2), pb = lines((size_t)nt * 32 * panel_cols(K) * 2), cb = (size_t)nt * 4096;
+    const size_t xb = lines((size_t)CHUNK * K * 2), pb = lines((size_t)nt * 32 * panel_cols(K) * 2), cb = (size_t)nt * CT_FLOATS * 4;
     char *buf = scratch(xb + pb + cb + (size_t)N * 4);
     if (!buf) return -3;
     amx_weight W = {fmt, w, scale, NULL, G, N, K};
@@ -405,7 +507,7 @@ int dsvl2_amx_linear(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, int f
    gate / up [F, D], down [D, F], all three in format fmt (as dsvl2_amx_linear) with their
    scales gs / us / ds; int4 groups Gd along D (gate, up) and Gf along F (down). wt [M]
    float32: each row's routing weight, applied before down (F values a row, not D). SiLU
-   in float32 with a vector exponential (``gated_row``: a few ulps from g / (1 + e^-g)),
+   in float32 with a vector exponential (``gated16``: a few ulps from g / (1 + e^-g)),
    times up and wt, rounded to nearest even bf16 once: the down product's input, as the
    bf16 GEMM path rounds it. One parallel region: x's tiles packed once for gate and up, whose panels the
    team shares out as one list. Returns as dsvl2_amx_linear. */
@@ -417,18 +519,18 @@ int dsvl2_amx_expert(const uint16_t *x, const int64_t *rows, int64_t M, int64_t 
     const int nt = omp_get_max_threads();
     const int64_t pk = panel_cols(D > F ? D : F);
     const size_t xb = lines((size_t)CHUNK * D * 2), ab = lines((size_t)CHUNK * F * 2), gb = lines((size_t)CHUNK * F * 4),
-                 pb = lines((size_t)nt * 32 * pk * 2), cb = (size_t)nt * 4096, sb = lines((size_t)(2 * F + D) * 4);
-    char *buf = scratch(xb + 2 * ab + 2 * gb + pb + cb + sb);
+                 pb = lines((size_t)nt * 32 * pk * 2), cb = (size_t)nt * CT_FLOATS * 4, sb = lines((size_t)(2 * F + D) * 4);
+    char *buf = scratch(xb + ab + 2 * gb + pb + cb + sb);
     if (!buf) return -3;
     char *at = buf;
-    uint16_t *xp = (uint16_t *)at, *ap = (uint16_t *)(at += xb), *a = (uint16_t *)(at += ab);
+    uint16_t *xp = (uint16_t *)at, *ap = (uint16_t *)(at += xb);
     float *g = (float *)(at += ab), *u = (float *)(at += gb);
     uint16_t *pan = (uint16_t *)(at += gb);
     float *cts = (float *)(at += pb), *sc = (float *)(at += cb);
     amx_weight W[3] = {{fmt, gate, gs, NULL, Gd, F, D}, {fmt, up, us, NULL, Gd, F, D}, {fmt, down, ds, NULL, Gf, D, F}};
     W[0].sc = float_scales(&W[0], sc), W[1].sc = float_scales(&W[1], sc + F), W[2].sc = float_scales(&W[2], sc + 2 * F);
 #pragma omp parallel num_threads(nt)
-    expert_team(x, rows, M, W, wt, y, xp, ap, a, g, u, pan, pk, cts);
+    expert_team(x, rows, M, W, wt, y, xp, ap, g, u, pan, pk, cts);
     return 0;
 }
 

@@ -256,6 +256,26 @@ def test_a_mask_changed_in_place_changes_the_result(attend):
     assert_like_the_kernel(got, q, k, v, 0.3, mask)
 
 
+def test_no_mask_gives_a_zero_masks_bits_across_a_wide_score_range(attend):
+    """Without a mask the kernel takes the row's max on the raw scores (scaled once after)
+    and its exponential without the clamp at -150 (products.h softmax_row): the bits of a
+    mask of zeros (the scaled max, the clamped exponential) where scores spread over
+    hundreds, so that many weights fall below 2^-150 (underflow either way); a negative
+    scale (the max of scaled scores, not of raw ones) is the modelled rounding too."""
+    b, h, hk, t, s, dk, dv = 1, 2, 2, 19, 70, 64, 40
+    q, k, v = random_qkv(b, h, hk, t, s, dk, dv, seed=23)
+    q = (q.float() * 8).to(BF)  # scores in the hundreds
+    zeros = torch.zeros(b, 1, t, s)
+    for scale in (0.7, 2.5):
+        got = attend(q, k, v, scale, None)
+        assert torch.equal(got, attend(q, k, v, scale, zeros)), scale
+    assert _scores(q, k, 2.5, None).amax(-1, keepdim=True).sub(_scores(q, k, 2.5, None)).max() > 300
+    q, k, v = random_qkv(b, h, hk, t, s, dk, dv, seed=29)
+    got = attend(q, k, v, -0.2, None)
+    assert torch.equal(got, attend(q, k, v, -0.2, zeros))
+    assert_like_the_kernel(got, q, k, v, -0.2)
+
+
 def test_one_mask_broadcast_over_batches_of_different_sizes(attend):
     """A [1, 1, T, S] mask used with B = 1, then with B = 3 (the memo of its limits is per B):
     every row of the second call equals a call with a fresh copy of the mask."""

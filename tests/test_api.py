@@ -555,3 +555,43 @@ def test_loading_the_demo_warns_once_that_its_weights_are_random(tmp_path):
     assert filename == str(script)  # pointed at the caller of load
     assert "deepseek-ai/deepseek-vl2-tiny" in message
     assert random_weight_warnings("noted") == []
+
+
+FIRST_PHOTO = """
+import ctypes, sys
+import dsvl2.api as api
+from dsvl2.model.vl import DeepseekVL2
+from PIL import Image
+
+if sys.argv[1] == "unwarmed":
+    DeepseekVL2.warm_vision = lambda self, max_tiles: None
+m = api.load(sys.argv[2], device="cpu")
+ctypes.CDLL(None).fflush(None)  # oneDNN's lines so far, before the mark
+print("LOADED", flush=True)
+photo = Image.new("RGB", (900, 600), (120, 60, 30))
+m.chat([{"role": "user", "content": "<image>\\nWhat is it?", "images": [photo]}], max_new_tokens=1)
+ctypes.CDLL(None).fflush(None)
+"""
+
+
+def test_the_first_photo_creates_no_onednn_kernels_for_its_vision(tmp_path):
+    """``api.load`` runs ``warm_vision``: the patch embedding, the tower's (prepacked)
+    products and the projector for batches of 1-4 tiles, so that the kernels oneDNN creates
+    for each new row count exist before the first request (oneDNN's own log,
+    ONEDNN_VERBOSE=all, in fresh processes). Without it the same photo creates some."""
+    script = tmp_path / "photo.py"
+    script.write_text(FIRST_PHOTO)
+    env = {**os.environ, "ONEDNN_VERBOSE": "all"}
+
+    def created_in_the_request(mode: str) -> list[str]:
+        run = subprocess.run([sys.executable, str(script), mode, str(GOLDEN / "tiny")], capture_output=True,
+                             text=True, env=env, timeout=300)
+        assert run.returncode == 0, run.stderr
+        lines = run.stdout.splitlines()
+        assert "LOADED" in lines
+        after = lines[lines.index("LOADED") + 1:]
+        return [line for line in after if "create:cache_miss" in line
+                and any(f",{kind}," in line for kind in ("inner_product", "convolution", "eltwise"))]
+
+    assert created_in_the_request("warmed") == []
+    assert created_in_the_request("unwarmed")  # the check sees them where nothing warmed

@@ -134,6 +134,18 @@ class VisionTransformer(nn.Module):
                 for lin in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2)]
         return bool(done) and all(done)
 
+    def warm(self, tiles: int, dtype: torch.dtype) -> None:
+        """The patch embedding and one block's prepacked products on ``tiles`` tiles of zeros
+        (``DeepseekVL2.warm_vision``): oneDNN creates its kernels for each new row count,
+        and keeps them process-wide. Nothing of the model changes."""
+        size = self.cfg.image_size
+        self.patch_embed(torch.zeros(tiles, 3, size, size, dtype=dtype))
+        if self.blocks:
+            b = self.blocks[0]
+            for lin in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2):
+                if lin.packed is not None:
+                    lin.narrow(torch.zeros(tiles, self.cfg.num_patches, lin.weight.shape[1], dtype=lin.weight.dtype))
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(pixels) + self.pos_embed.to(pixels.dtype)  # [N, P, W]
         if self.fused_here(x):

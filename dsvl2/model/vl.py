@@ -118,6 +118,21 @@ class DeepseekVL2(nn.Module):
             k += n
         return ImageFeatures(torch.cat(vis) if keep_tower_outputs else None, projected, per_row)
 
+    def warm_vision(self, max_tiles: int) -> None:
+        """Create, at load, the oneDNN kernels a photo's vision would create in its request:
+        for batches of 1 .. ``max_tiles`` tiles (``encode_images``' ``tile_batch``), the
+        patch embedding, one tower block's prepacked products (``VisionTransformer.warm``)
+        and the projector, on zeros. oneDNN builds a kernel for each new row count (~7-25 ms
+        a product shape) and keeps it process-wide, whatever the thread: the first photo of
+        the real tiny size (c01, a 2-thread AMX Xeon) spent 0.12 s of its vision on them
+        (12 inner products), against 0.25 s here at load. Nothing of the model changes."""
+        dtype = self.compute_dtype
+        side = self.cfg.vision.image_size // self.cfg.vision.patch_size
+        with torch.inference_mode():
+            for tiles in range(1, max_tiles + 1):
+                self.vision.warm(tiles, dtype)
+                self.projector(torch.zeros(tiles, side * side, self.cfg.vision.width, dtype=dtype))
+
     def tile_features(self, tiles: torch.Tensor) -> torch.Tensor:
         """Vision tower + projector for tiles [N, 3, S, S] -> [N, h * w, D] (compute dtype)."""
         return self.projector(self.vision(tiles.to(self.compute_dtype)))

@@ -442,7 +442,8 @@ def load(model: str | Path = "demo", *, dtype: str | torch.dtype = "auto", devic
                  step_tokens=step_tokens, kv_cache_bytes=kv_cache_bytes, prefix_caching=prefix_caching)
     vl.kernels = kernels
     native.prepare(dev)  # build / load the native decode kernels now, not in the first request (model/native)
-    net.warm_vision(vl.engine.runner.tile_batch)  # oneDNN's kernels for a photo's batches of tiles, now
+    if dev.type == "cpu":
+        net.warm_vision(vl.engine.runner.tile_batch)  # oneDNN's kernels for a photo's batches of tiles, now
     if dev.type == "cpu" and kept:
         heap.reserve(first_request_bytes(net.cfg, IDLE_STEP_TOKENS))  # its page faults now (engine/heap.py)
         first = min(IDLE_STEP_TOKENS, FIRST_REQUEST_TOKENS)  # and those of its KV blocks (model/cache.py)

@@ -125,7 +125,8 @@ class DeepseekVL2(nn.Module):
         and the projector, on zeros. oneDNN builds a kernel for each new row count (~7-25 ms
         a product shape) and keeps it process-wide, whatever the thread: the first photo of
         the real tiny size (c01, a 2-thread AMX Xeon) spent 0.12 s of its vision on them
-        (12 inner products), against 0.25 s here at load. Nothing of the model changes."""
+        (12 inner products), against 0.25 s here at load. Nothing of the model changes. For a
+        model on the CPU (``api.load`` calls it there)."""
         dtype = self.compute_dtype
         side = self.cfg.vision.image_size // self.cfg.vision.patch_size
         with torch.inference_mode():

@@ -444,9 +444,9 @@ def load(model: str | Path = "demo", *, dtype: str | torch.dtype = "auto", devic
     native.prepare(dev)  # build / load the native decode kernels now, not in the first request (model/native)
     if dev.type == "cpu":
         net.warm_vision(vl.engine.runner.tile_batch)  # oneDNN's kernels for a photo's batches of tiles, now
-    if dev.type == "cpu" and kept:
-        heap.reserve(first_request_bytes(net.cfg, IDLE_STEP_TOKENS))  # its page faults now (engine/heap.py)
-        first = min(IDLE_STEP_TOKENS, FIRST_REQUEST_TOKENS)  # and those of its KV blocks (model/cache.py)
-        vl.engine.cache.touch(-(-first // vl.engine.block_size))
+        if kept:
+            heap.reserve(first_request_bytes(net.cfg, IDLE_STEP_TOKENS))  # its page faults now (engine/heap.py)
+            first = min(IDLE_STEP_TOKENS, FIRST_REQUEST_TOKENS)  # and those of its KV blocks (model/cache.py)
+            vl.engine.cache.touch(-(-first // vl.engine.block_size))
     openmp.release()  # this thread's OpenMP team: the driver's alone runs the model (engine/openmp.py)
     return vl

@@ -101,6 +101,11 @@ class Block(nn.Module):
         self.norm2 = LayerNorm(cfg.width, eps=1e-6)
         self.mlp = Mlp(cfg)
 
+    def products(self) -> tuple:
+        """Its four Linears (qkv, proj, fc1, fc2): what ``VisionTransformer.prepack`` reorders
+        and ``VisionTransformer.warm`` runs."""
+        return self.attn.qkv, self.attn.proj, self.mlp.fc1, self.mlp.fc2
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the residual stream stays in x's dtype: x + a bf16 result promotes exactly
         x = x + self.attn(self.norm1(x))
@@ -130,8 +135,7 @@ class VisionTransformer(nn.Module):
     def prepack(self) -> bool:
         """Reorder the blocks' bf16 weights once for oneDNN (``prepack.py``: +0.82 GB at the
         real size); True if every one was. Worth it only where the products run in bf16."""
-        done = [lin.prepack(self.cfg.num_patches) for b in self.blocks
-                for lin in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2)]
+        done = [lin.prepack(self.cfg.num_patches) for b in self.blocks for lin in b.products()]
         return bool(done) and all(done)
 
     def warm(self, tiles: int, dtype: torch.dtype) -> None:
@@ -141,8 +145,7 @@ class VisionTransformer(nn.Module):
         size = self.cfg.image_size
         self.patch_embed(torch.zeros(tiles, 3, size, size, dtype=dtype))
         if self.blocks:
-            b = self.blocks[0]
-            for lin in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2):
+            for lin in self.blocks[0].products():
                 if lin.packed is not None:
                     lin.narrow(torch.zeros(tiles, self.cfg.num_patches, lin.weight.shape[1], dtype=lin.weight.dtype))
 

@@ -169,55 +169,6 @@ static inline __attribute__((always_inline)) AMX void c_step(const uint16_t *a, 
     }
 }
 
-static inline __attribute__((always_inline)) AMX void c_store(float *ct, const float *sc, int64_t n0, int64_t m0,
-                                                              int two, int64_t M, const amx_out *o) {
-    if (o->by_weight) { /* y[n, m]: every token column of the tiles (past M: zero sums) */
-        float *y = o->y + n0 * o->ld + m0;
-        const int64_t ld = o->ld;
-        if (!sc) {
-            _tile_stored(0, y, ld * 4);
-            _tile_stored(1, y + 16 * ld, ld * 4);
-            if (two) {
-                _tile_stored(2, y + 16, ld * 4);
-                _tile_stored(3, y + 16 * ld + 16, ld * 4);
-            }
-            return;
-        }
-        _tile_stored(0, ct, 64);
-        _tile_stored(1, ct + 256, 64);
-        if (two) {
-            _tile_stored(2, ct + 512, 64);
-            _tile_stored(3, ct + 768, 64);
-        }
-        for (int t = 0; t < 2 + 2 * two; t++)
-            for (int i = 0; i < 16; i++) {
-                const int64_t n = 16 * (t & 1) + i;
-                _mm512_storeu_ps(y + n * ld + 16 * (t >> 1),
-                                 _mm512_mul_ps(_mm512_loadu_ps(ct + 256 * t + 16 * i), _mm512_set1_ps(sc[n0 + n])));
-            }
-        return;
-    }
-    _tile_stored(0, ct, 64);
-    _tile_stored(1, ct + 256, 64);
-    store_c(ct, sc, n0, m0, M, o);
-    store_c(ct + 256, sc, n0 + 16, m0, M, o);
-    if (two) {
-        _tile_stored(2, ct + 512, 64);
-        _tile_stored(3, ct + 768, 64);
-        store_c(ct + 512, sc, n0, m0 + 16, M, o);
-        store_c(ct + 768, sc, n0 + 16, m0 + 16, M, o);
-    }
-}
-
-/* `steps` prefetch steps spread over the nb bytes at next (NULL: none) */
-static inline ahead ahead_over(const char *next, int64_t nb, int64_t steps) {
-    ahead f = {next, 0, next ? (nb + 63) / 64 : 0, 0};
-    f.per = (f.lines + steps - 1) / steps;
-    return f;
-}
-
-#define KBLOCK 256 /* values of k a block of panel() */
-
 /* C tiles 0-1 (and 2-3) from / to cc (4 KiB: tile i at cc + 256 i) */
 static inline __attribute__((always_inline)) AMX void c_load(const float *cc, int two) {
     _tile_loadd(0, cc, 64);
@@ -236,6 +187,47 @@ static inline __attribute__((always_inline)) AMX void c_save(float *cc, int two)
         _tile_stored(3, cc + 768, 64);
     }
 }
+
+static inline __attribute__((always_inline)) AMX void c_store(float *ct, const float *sc, int64_t n0, int64_t m0,
+                                                              int two, int64_t M, const amx_out *o) {
+    if (o->by_weight) { /* y[n, m]: every token column of the tiles (past M: zero sums) */
+        float *y = o->y + n0 * o->ld + m0;
+        const int64_t ld = o->ld;
+        if (!sc) {
+            _tile_stored(0, y, ld * 4);
+            _tile_stored(1, y + 16 * ld, ld * 4);
+            if (two) {
+                _tile_stored(2, y + 16, ld * 4);
+                _tile_stored(3, y + 16 * ld + 16, ld * 4);
+            }
+            return;
+        }
+        c_save(ct, two);
+        for (int t = 0; t < 2 + 2 * two; t++)
+            for (int i = 0; i < 16; i++) {
+                const int64_t n = 16 * (t & 1) + i;
+                _mm512_storeu_ps(y + n * ld + 16 * (t >> 1),
+                                 _mm512_mul_ps(_mm512_loadu_ps(ct + 256 * t + 16 * i), _mm512_set1_ps(sc[n0 + n])));
+            }
+        return;
+    }
+    c_save(ct, two);
+    store_c(ct, sc, n0, m0, M, o);
+    store_c(ct + 256, sc, n0 + 16, m0, M, o);
+    if (two) {
+        store_c(ct + 512, sc, n0, m0 + 16, M, o);
+        store_c(ct + 768, sc, n0 + 16, m0 + 16, M, o);
+    }
+}
+
+/* `steps` prefetch steps spread over the nb bytes at next (NULL: none) */
+static inline ahead ahead_over(const char *next, int64_t nb, int64_t steps) {
+    ahead f = {next, 0, next ? (nb + 63) / 64 : 0, 0};
+    f.per = (f.lines + steps - 1) / steps;
+    return f;
+}
+
+#define KBLOCK 256 /* values of k a block of panel() */
 
 /* steps [s0, s1) of token tiles t (and t + 1 where two) against 32 weight rows (A tiles
    from a, row stride K): the C tiles start from zero (s0 = 0) or from cc, and end in cc,
@@ -362,7 +354,8 @@ static inline __attribute__((always_inline)) AMX void few_block(const amx_weight
 }
 
 /* panel p (rows 32p..32p+31) of W times the chunk's tiles xp (mc tokens) into y (row
-   stride ldy); mine: this thread's panel buffer (32 x K bf16), ct: its 4 C tiles. A
+   stride ldy); mine: this thread's panel buffer (32 x K bf16), ct: its C tile space
+   (CT_FLOATS: 4 KiB a pair of token tiles, panel()'s blocks keep them there). A
    thread's panels of one weight are consecutive (static schedule): p + 1 is prefetched. */
 static AMX void weight_panel(const amx_weight *W, int64_t p, const uint16_t *xp, int64_t mc, const amx_out *o,
                              uint16_t *mine, float *ct) {

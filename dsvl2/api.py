@@ -40,6 +40,7 @@ from PIL import Image
 from .engine.driver import Driver, Handle, QueueSink, raise_for_error
 from .engine import heap, openmp
 from .engine.engine import Engine, GenerationOutput
+from .engine.runner import TILE_BATCH
 from .engine.sampling import SamplingParams
 from .errors import ConversationError, DSVL2Error, GenerationError
 from .grounding import GroundingResult, draw_grounding, grounding_to_json, parse_grounding
@@ -194,14 +195,14 @@ FIRST_REQUEST_TOKENS = 2048
 def first_request_bytes(cfg, step_tokens: int) -> int:
     """About the heap a first request grows on the CPU (what ``heap.reserve`` faults in at
     load): a prefill step of up to ``FIRST_REQUEST_TOKENS`` tokens (float32 rows of the
-    width, 16 per token, and the dense MLP's bf16 intermediates) and a vision step of 5
-    tiles (the most one step of the idle budget takes: float32 rows of the tower's width, 6
-    per patch, and its MLP's bf16 hidden). For the real tiny model 423 MiB, where its first
-    7-tile photo (c01) grew the heap to 460 MiB."""
+    width, 16 per token, and the dense MLP's bf16 intermediates) and a vision batch of
+    ``TILE_BATCH`` tiles (engine/runner.py: float32 rows of the tower's width, 6 per patch,
+    and its MLP's bf16 hidden). For the real tiny model 423 MiB with 5 tiles, where its
+    first 7-tile photo (c01) grew the heap to 460 MiB in batches of 4, 1 and 2."""
     lang, vis = cfg.language, cfg.vision
     tokens = min(step_tokens, FIRST_REQUEST_TOKENS)
     prefill = tokens * (lang.hidden_size * 4 * 16 + lang.intermediate_size * 2 * 4)
-    patches = 5 * (vis.image_size // vis.patch_size) ** 2
+    patches = TILE_BATCH * (vis.image_size // vis.patch_size) ** 2
     return prefill + patches * (vis.width * 4 * 6 + vis.mlp_hidden * 2 * 2)
 
 

@@ -190,7 +190,8 @@ def test_scheduler_plan_respects_the_budget():
 
 def test_scheduler_idle_budget_only_while_no_stream_runs():
     """With nobody decoding, a step's budget is ``idle_tokens`` (where larger): a lone prompt
-    prefills in one chunk; as soon as a stream runs, ``step_tokens`` bounds the step again."""
+    prefills in one chunk, and a request's tiles, as the step's first unit, all run in it;
+    as soon as a stream runs, ``step_tokens`` bounds the step again."""
     class R:
         def __init__(self, rid, tiles, toks):
             self.rid, self.tiles_total, self.tiles_done = rid, tiles, 0
@@ -200,12 +201,27 @@ def test_scheduler_idle_budget_only_while_no_stream_runs():
     s = Scheduler(4, kv, step_tokens=512, tile_cost=729, idle_tokens=4096)
     a = R(0, 7, 1431)
     s.admitting = [a]
-    work = s.plan()  # 5 tiles (3645 of 4096), the other 2 wait for the next step
-    assert len(work) == 1 and isinstance(work[0], Vision) and work[0].k == 5
+    work = s.plan()  # all 7 tiles (5103 tokens' worth, over the 4096): the prompt waits for the next step
+    assert len(work) == 1 and isinstance(work[0], Vision) and work[0].k == 7
+    b = R(1, 7, 1431)
+    s.admitting = [a, b]
+    work = s.plan()  # only the step's first unit takes all: b's tiles wait
+    assert [(type(w), w.k) for w in work] == [(Vision, 7)] and work[0].req is a
+    s.running = [object()]  # a stream runs: 511 left, one tile (the unit that always runs)
+    assert [(w.req, w.k) for w in s.plan()] == [(a, 1)]
+    s.running, s.admitting = [], [a]
+    a.tiles_done = 3  # 4 left (2916 tokens' worth): the budget's rest starts the prompt
+    work = s.plan()
+    assert (work[0].req, work[0].k) == (a, 4) and work[1].chunks == [(a, 4096 - 4 * 729)]
     a.tiles_done = 7
     assert s.plan()[0].chunks == [(a, 1431)]
     s.running = [object()]  # a stream runs: 511 left for admission
     assert s.plan()[0].chunks == [(a, 511)]
+    no_idle = Scheduler(4, kv, step_tokens=4096, tile_cost=729)  # no idle budget: the budget alone
+    a.tiles_done = 0
+    no_idle.admitting = [a]
+    assert [w.k for w in no_idle.plan()] == [5]
+    a.tiles_done = 7
     s.running = []
     a.prefill_len = 9000  # longer than the idle budget: chunks of 4096
     assert s.plan()[0].chunks == [(a, 4096)]

@@ -716,3 +716,31 @@ def test_bf16_products_are_row_invariant():
     ref = torch.matmul(q[:1], wb)
     for m in (2, 5, 16):
         assert torch.equal(torch.matmul(q[:m], wb)[:1], ref)
+
+
+def test_a_steps_tiles_run_in_balanced_batches_with_the_same_answer(monkeypatch):
+    """The runner encodes a step's k tiles in ceil(k / tile_batch) batches whose sizes differ
+    by at most one (never a full batch and a sliver), and a request's answer does not depend
+    on how its tiles were batched (the tower is row-invariant)."""
+    model, proc = load("small")
+    sizes: list[int] = []
+    real = model.tile_features
+
+    def spy(tiles):
+        sizes.append(tiles.shape[0])
+        return real(tiles)
+
+    monkeypatch.setattr(model, "tile_features", spy)
+    for tile_batch in (3, 5, 6, 100):  # 8 tiles: 3 3 2, 4 4, 4 4, 8
+        # no budget: a request's tiles in one step
+        eng = engine("small", prefix_caching=False, step_tokens=None, tile_batch=tile_batch)
+        sizes.clear()
+        reports = observed(eng)
+        (out,) = eng.generate(batch("small", [TWO_IMAGES]), greedy(12))
+        (k,) = [k for rep in reports for _, k in rep.vision]
+        n = -(-k // tile_batch)
+        assert k >= 5 and len(sizes) == n and sum(sizes) == k and max(sizes) - min(sizes) <= 1
+        assert out.ids == alone("small", TWO_IMAGES, 12)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(GenerationError, match="tile_batch must be a positive integer"):
+            engine("small", tile_batch=bad)

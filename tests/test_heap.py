@@ -139,3 +139,73 @@ def test_touched_kv_blocks_are_committed_and_zero():
     pages = 4 * 400 * 64 * 4 * 64 * 4 // resource.getpagesize()
     assert fault_writes(untouched) > pages // 2  # the pool is committed only when written
     assert fault_writes(fresh) < pages // 20
+
+
+ARENA_SCRIPT = r"""
+import json, threading
+import torch
+import dsvl2
+from dsvl2.engine import heap
+
+torch.ones(512, 512) @ torch.ones(512, 512)  # torch's OpenMP threads start and allocate
+seen = []
+t = threading.Thread(target=lambda: seen.append(heap.in_main_arena()))
+t.start(); t.join()
+print(json.dumps({"arenas": heap.arenas(), "thread": seen[0], "main": heap.in_main_arena()}))
+"""
+
+
+@pytest.mark.skipif(not heap.available(), reason="not glibc: no arenas to share")
+def test_threads_started_after_import_share_the_main_arena():
+    """``import dsvl2`` sets glibc's arena limit, so threads started after it (torch's OpenMP
+    workers, a thread like the engine's driver) allocate from the main arena, whose freed
+    pages the steps reuse; with ``DSVL2_MALLOC=system`` the same threads get arenas of their
+    own (what made a benchmark's requests fault their memory anew, engine/heap.py)."""
+    def run_script(system: bool) -> dict:
+        env = {k: v for k, v in os.environ.items() if k != "DSVL2_MALLOC"}
+        if system:
+            env["DSVL2_MALLOC"] = "system"
+        r = subprocess.run([sys.executable, "-c", ARENA_SCRIPT], capture_output=True, text=True, timeout=120, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    shared = run_script(False)
+    assert shared == {"arenas": 1, "thread": True, "main": True}
+    own = run_script(True)
+    assert own["arenas"] >= 2 and own["thread"] is False and own["main"] is True
+
+
+WARN_SCRIPT = r"""
+import json, logging, threading
+started, go, done = threading.Event(), threading.Event(), threading.Event()
+out = {}
+
+def early():
+    buf = bytearray(1 << 16)  # this thread's first allocations: before the limit, an arena of its own
+    started.set(); go.wait()
+    from dsvl2.engine import driver, heap
+    out["in_main"] = heap.in_main_arena()
+    driver._check_arena(); driver._check_arena()  # the second call says nothing more
+    done.set()
+
+records = []
+handler = logging.Handler(); handler.emit = records.append
+logging.getLogger("dsvl2.driver").addHandler(handler)
+t = threading.Thread(target=early); t.start(); started.wait()
+import dsvl2  # the limit, after that thread's arena exists
+from dsvl2.engine import driver
+driver._check_arena()  # the main thread: the main arena, no warning
+go.set(); done.wait(); t.join()
+out["warnings"] = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not heap.available(), reason="not glibc: no arenas to share")
+def test_a_driver_thread_on_another_arena_is_told_once():
+    r = subprocess.run([sys.executable, "-c", WARN_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["in_main"] is False
+    (warning,) = out["warnings"]
+    assert "malloc arena of its own" in warning and "import dsvl2 before" in warning

@@ -56,6 +56,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import GenerationError
 from ..processing import BatchInputs
+from . import heap
 from .engine import Engine, GenerationOutput, StreamEvent
 from .request import Request
 from .sampling import SamplingParams
@@ -69,6 +70,24 @@ _POLL_S = 0.2
 _MAX_BACKOFF_S = 1.0
 _LIVE: "weakref.WeakSet[Driver]" = weakref.WeakSet()
 _THREADS: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()  # every driver thread not yet gone
+_ARENA_WARNED = False
+
+
+def _check_arena() -> None:
+    """Warn (once a process) where this driver thread does not allocate from glibc's main
+    arena: threads that allocated before ``import dsvl2`` have arenas of their own, which may
+    be handed on, and there the steps' big tensors fault their pages anew (engine/heap.py)."""
+    global _ARENA_WARNED
+    try:
+        if _ARENA_WARNED or not heap.wanted() or heap.in_main_arena() is not False:
+            return
+    except Exception:  # a diagnosis only: never in the way of the loop
+        log.debug("malloc arena check failed", exc_info=True)
+        return
+    _ARENA_WARNED = True
+    log.warning("the engine's thread allocates from a malloc arena of its own (%s arenas: threads allocated "
+                "before dsvl2 was imported), so its steps may fault their memory anew: import dsvl2 before "
+                "other work starts threads, or set GLIBC_TUNABLES=glibc.malloc.arena_max=1", heap.arenas())
 
 
 @atexit.register
@@ -325,6 +344,7 @@ class Driver:
         attribute itself fails the requests in flight in the engine and the loop goes on;
         only a BaseException ends the thread, and then nobody is left waiting."""
         failures = 0
+        _check_arena()
         try:
             while True:
                 try:

@@ -76,7 +76,7 @@ from .kv_manager import KVManager
 from .output import OutputProcessor
 from .prefix import image_hashes, prompt_keys
 from .request import Request, Timings
-from .runner import ModelRunner
+from .runner import TILE_BATCH, ModelRunner
 from .sampling import SamplingParams, make_generator, sample_next
 from .scheduler import Prefill, Scheduler, Vision
 from .seams import Sampler, StepReport, process_sampler, use_sampler  # noqa: F401  (use_sampler: re-exported)
@@ -160,14 +160,15 @@ class Engine:
     ``default_kv_cache_bytes``); ``block_size``: tokens per block; ``prefix_caching``:
     share the blocks of equal prefixes between requests (``kv_manager``); ``sampler``:
     picks the next tokens (None: an open ``seams.use_sampler`` block's, else
-    ``sampling.sample_next``).
+    ``sampling.sample_next``); ``tile_batch``: the most tiles the vision tower encodes at once
+    (``runner.TILE_BATCH``: its activations bound a step's memory).
     """
 
     def __init__(self, model: DeepseekVL2, tokenizer: Tokenizer, max_batch_size: int = 16,
                  cache_dtype: torch.dtype | None = None, context_window: int | None = None,
                  step_tokens: int | None = None, kv_cache_bytes: int | None = None,
                  block_size: int = BLOCK_SIZE, prefix_caching: bool = True, sampler: Sampler | None = None,
-                 idle_step_tokens: int | None = None):
+                 idle_step_tokens: int | None = None, tile_batch: int = TILE_BATCH):
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = model.cfg.language
@@ -182,6 +183,8 @@ class Engine:
         if not isinstance(block_size, int) or block_size < 1:
             raise GenerationError(f"block_size must be a positive integer, got {block_size!r}")
         _check_callable("sampler", sampler)
+        if not isinstance(tile_batch, int) or isinstance(tile_batch, bool) or tile_batch < 1:
+            raise GenerationError(f"tile_batch must be a positive integer, got {tile_batch!r}")
         block_bytes = block_size * KVCache.bytes_per_token(self.cfg, self.cache_dtype)
         num_blocks = kv_cache_bytes // block_bytes
         if num_blocks < 2:
@@ -190,7 +193,8 @@ class Engine:
                                   f"(>= {2 * block_bytes} bytes)")
         self.kv_cache_bytes = kv_cache_bytes
         self.block_size = block_size
-        self.runner = ModelRunner(model, KVCache(self.cfg, num_blocks, block_size, self.cache_dtype, device))
+        self.runner = ModelRunner(model, KVCache(self.cfg, num_blocks, block_size, self.cache_dtype, device),
+                                  tile_batch)
         self.device = self.runner.device
         self.pool = BlockPool(num_blocks, block_size, block_bytes)
         self.kv = KVManager(self.pool, prefix_caching)

@@ -24,6 +24,18 @@ The first request still faults its working set in (the heap starts empty): 129 t
 pages for the first c01 photo on tiny, ~5 s of system time in this VM, the second photo
 26 thousand. ``reserve()`` faults about that much in while the model loads (and
 ``api.load`` writes the KV blocks a first request gets: ``KVCache.touch``).
+
+All of this holds for the threads that allocate from the main arena. A thread that malloc'd
+before ``M_ARENA_MAX`` was set has an arena of its own, and threads started later are handed
+existing arenas in turn (glibc's ``reused_arena``), or the arena of a thread that ended; the
+engine's driver starts a new thread for each busy spell, so it lands on such an arena now
+and then. Another arena's heaps are 64 MiB mappings each, unmapped once empty, and a block
+larger than that is a mapping of its own: the step's big tensors fault anew. Seen on the
+real tiny model when a benchmark measured the matmul peak (torch starting its OpenMP
+threads) before ``dsvl2.load``: 45-300 thousand page faults and 0.2-1.1 s of system time in
+some c01 requests (first or later), vision 2.8 -> 3.8 s in the worst. Hence ``import dsvl2``
+calls ``one_arena()`` (before the caller's code starts threads), and the driver checks its
+thread (``in_main_arena``) and warns once where it is not on the main arena.
 """
 
 from __future__ import annotations
@@ -39,17 +51,28 @@ TRIM_THRESHOLD = (1 << 31) - 1  # the largest an int takes: the heap top is neve
 
 
 @functools.lru_cache(maxsize=1)
-def _mallopt():
-    """glibc's ``mallopt``, or None (another C library, or none found)."""
+def _libc():
+    """glibc with the functions used here declared, or None (another C library, or none found)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        version = libc.gnu_get_libc_version  # glibc only
-        fn = libc.mallopt
+        libc.gnu_get_libc_version  # glibc only
+        fns = libc.mallopt, libc.malloc, libc.free, libc.malloc_info, libc.fdopen, libc.fclose
     except (OSError, AttributeError):
         return None
-    version.restype = ctypes.c_char_p
-    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return fn
+    libc.gnu_get_libc_version.restype = ctypes.c_char_p
+    fns[0].argtypes, fns[0].restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    fns[1].argtypes, fns[1].restype = [ctypes.c_size_t], ctypes.c_void_p
+    fns[2].argtypes, fns[2].restype = [ctypes.c_void_p], None
+    fns[3].argtypes, fns[3].restype = [ctypes.c_int, ctypes.c_void_p], ctypes.c_int
+    fns[4].argtypes, fns[4].restype = [ctypes.c_int, ctypes.c_char_p], ctypes.c_void_p
+    fns[5].argtypes, fns[5].restype = [ctypes.c_void_p], ctypes.c_int
+    return libc
+
+
+def _mallopt():
+    """glibc's ``mallopt``, or None."""
+    libc = _libc()
+    return None if libc is None else libc.mallopt
 
 
 def available() -> bool:
@@ -82,6 +105,47 @@ def one_arena() -> bool:
     where it is not glibc or ``DSVL2_MALLOC=system``."""
     fn = _mallopt()
     return fn is not None and wanted() and fn(M_ARENA_MAX, 1) == 1
+
+
+def in_main_arena() -> bool | None:
+    """Whether the calling thread allocates from glibc's main arena: a small block of its
+    malloc lies in the process's brk heap (``[heap]`` in /proc/self/maps), where only the
+    main arena allocates (it falls back to mappings only where the brk heap cannot grow).
+    None where it is not glibc, the maps cannot be read or show no brk heap."""
+    libc = _libc()
+    if libc is None:
+        return None
+    try:
+        with open("/proc/self/maps") as f:
+            spans = [tuple(int(a, 16) for a in line.split()[0].split("-"))
+                     for line in f if line.rstrip().endswith("[heap]")]
+    except OSError:
+        return None
+    if not spans:  # no brk heap (yet): nothing to tell
+        return None
+    p = libc.malloc(64)
+    try:
+        return bool(p) and any(lo <= p < hi for lo, hi in spans)
+    finally:
+        libc.free(p)
+
+
+def arenas() -> int | None:
+    """How many malloc arenas the process has (glibc's ``malloc_info``), or None where it is not
+    glibc."""
+    libc = _libc()
+    if libc is None:
+        return None
+    import tempfile
+
+    with tempfile.TemporaryFile() as f:
+        fp = libc.fdopen(os.dup(f.fileno()), b"w")
+        if not fp:
+            return None
+        libc.malloc_info(0, fp)
+        libc.fclose(fp)
+        f.seek(0)
+        return f.read().count(b"<heap nr=")
 
 
 def keep_freed_memory() -> bool:

@@ -3,7 +3,7 @@
 Legend: B rows in a forward, T tokens per row, D width, V vocab, N tiles, W blocks per row.
 
 * ``vision(req, k)``: the next k tiles of a request through the tower and projector (in
-  batches of ``tile_batch``, bounded memory); when its last tile is done the prompt
+  balanced batches of at most ``tile_batch``, bounded memory); when its last tile is done the prompt
   embeddings are assembled (text embeddings with the image tokens scattered in).
 * ``prefill(chunks)``: one packed forward of prompt chunks, each row at its own true
   positions through its own block table, so any chunking of a row equals its whole
@@ -27,8 +27,14 @@ from ..model.vl import DeepseekVL2, scatter_image_tokens
 from .request import Request
 
 
+# Tiles a vision batch encodes at most: its activations (the tower's rows of a tile are 729
+# patches) bound the memory of a step however many tiles it takes; 8 holds the 7 tiles of a
+# typical photo in one batch.
+TILE_BATCH = 8
+
+
 class ModelRunner:
-    def __init__(self, model: DeepseekVL2, cache: KVCache, tile_batch: int = 4):
+    def __init__(self, model: DeepseekVL2, cache: KVCache, tile_batch: int = TILE_BATCH):
         self.model = model
         self.cfg = model.cfg.language
         self.device = cache.device
@@ -42,10 +48,13 @@ class ModelRunner:
 
     # ---- admission --------------------------------------------------------------------
     def vision(self, req: Request, k: int) -> None:
+        """The next k tiles, in as few batches of at most ``tile_batch`` as there can be, of
+        sizes that differ by at most one (10 tiles: 5 and 5, not 8 and 2)."""
         t0 = time.perf_counter()
-        end = req.tiles_done + k
-        for i in range(req.tiles_done, end, self.tile_batch):
-            j = min(i + self.tile_batch, end)
+        n = -(-k // self.tile_batch)  # batches
+        for b in range(n):
+            i = req.tiles_done
+            j = i + k // n + (b < k % n)
             req.projected.append(self.model.tile_features(req.tiles[i:j]))  # [n, h*w, D]
             req.tiles_done = j
             self.tiles_encoded += j - i

@@ -208,4 +208,4 @@ def test_a_driver_thread_on_another_arena_is_told_once():
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["in_main"] is False
     (warning,) = out["warnings"]
-    assert "malloc arena of its own" in warning and "import dsvl2 before" in warning
+    assert "arena other than glibc's main one" in warning and "import dsvl2 before" in warning

@@ -85,9 +85,10 @@ def _check_arena() -> None:
         log.debug("malloc arena check failed", exc_info=True)
         return
     _ARENA_WARNED = True
-    log.warning("the engine's thread allocates from a malloc arena of its own (%s arenas: threads allocated "
-                "before dsvl2 was imported), so its steps may fault their memory anew: import dsvl2 before "
-                "other work starts threads, or set GLIBC_TUNABLES=glibc.malloc.arena_max=1", heap.arenas())
+    log.warning("the engine's thread allocates from a malloc arena other than glibc's main one (%s arenas, "
+                "made by threads that allocated before dsvl2 was imported), so its steps may fault their "
+                "memory anew: import dsvl2 before other work starts threads, or set "
+                "GLIBC_TUNABLES=glibc.malloc.arena_max=1", heap.arenas())
 
 
 @atexit.register

@@ -81,6 +81,7 @@ def _check_arena() -> None:
     try:
         if _ARENA_WARNED or not heap.wanted() or heap.in_main_arena() is not False:
             return
+        arenas = heap.arenas()
     except Exception:  # a diagnosis only: never in the way of the loop
         log.debug("malloc arena check failed", exc_info=True)
         return
@@ -88,7 +89,7 @@ def _check_arena() -> None:
     log.warning("the engine's thread allocates from a malloc arena other than glibc's main one (%s arenas, "
                 "made by threads that allocated before dsvl2 was imported), so its steps may fault their "
                 "memory anew: import dsvl2 before other work starts threads, or set "
-                "GLIBC_TUNABLES=glibc.malloc.arena_max=1", heap.arenas())
+                "GLIBC_TUNABLES=glibc.malloc.arena_max=1", arenas)
 
 
 @atexit.register

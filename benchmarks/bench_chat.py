@@ -61,8 +61,9 @@ the report shows the repeat with the median fraction and every repeat's fraction
 shared machine's bandwidth moves by tens of percent within a minute). Beside it, the
 compute floor of the step (every row's 2 x active parameters FLOPs at the best matmul
 peak) and the roofline with both ceilings. Also peak RSS, the read bandwidth at the start
-and the end, the kernel choice for this machine (``dsvl2/model/native/policy.py``) and
-whether the native decode kernels run.
+and the end, the kernel choice for this machine (``dsvl2/model/native/policy.py``),
+whether the native decode kernels run, and how many malloc arenas the process ended with
+(``malloc_arenas``: 1 means every thread shared glibc's main one, ``dsvl2/engine/heap.py``).
 
 Checked by hand: ``stored_bytes_per_token.weights_batch1`` (the batch-1 weight bytes)
 equals, to the byte, a sum over the checkpoint's safetensors header (``data_offsets``) of
@@ -88,6 +89,7 @@ import torch
 import dsvl2
 from dsvl2.checkpoint.load import stored_scheme
 from dsvl2.commands.info import describe
+from dsvl2.engine import heap
 from dsvl2.errors import DSVL2Error
 from dsvl2.model import native
 from dsvl2.model.cache import KVCache
@@ -482,6 +484,9 @@ def main(argv=None) -> None:
         "follow_up": first["follow_up"],
         "cases": cases,
         "peak_rss_gib": round(peak_rss() / 2 ** 30, 2),
+        # glibc's malloc arenas at the end: 1 where every thread shared the main one (more:
+        # threads that allocated before dsvl2 was imported, dsvl2/engine/heap.py; None: not glibc)
+        "malloc_arenas": heap.arenas(),
     }
     print(json.dumps(report, indent=2, default=str))
 

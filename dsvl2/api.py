@@ -197,8 +197,9 @@ def first_request_bytes(cfg, step_tokens: int) -> int:
     load): a prefill step of up to ``FIRST_REQUEST_TOKENS`` tokens (float32 rows of the
     width, 16 per token, and the dense MLP's bf16 intermediates) and a vision batch of
     ``TILE_BATCH`` tiles (engine/runner.py: float32 rows of the tower's width, 6 per patch,
-    and its MLP's bf16 hidden). For the real tiny model 423 MiB with 5 tiles, where its
-    first 7-tile photo (c01) grew the heap to 460 MiB in batches of 4, 1 and 2."""
+    and its MLP's bf16 hidden). For the real tiny model 516 MiB (423 MiB when it counted 5
+    tiles, where its first 7-tile photo, c01, grew the heap to 460 MiB in batches of 4, 1
+    and 2)."""
     lang, vis = cfg.language, cfg.vision
     tokens = min(step_tokens, FIRST_REQUEST_TOKENS)
     prefill = tokens * (lang.hidden_size * 4 * 16 + lang.intermediate_size * 2 * 4)
@@ -427,7 +428,6 @@ def load(model: str | Path = "demo", *, dtype: str | torch.dtype = "auto", devic
     blocks of equal prefixes (a photo, a system prompt, earlier turns) between requests."""
     folder = resolve_model(model)
     _warn_demo(folder)
-    heap.one_arena()  # before the loading starts threads (engine/heap.py)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     net = load_model(folder, dt, dev, progress=progress, quantize=quantize)

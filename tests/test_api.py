@@ -576,7 +576,8 @@ ctypes.CDLL(None).fflush(None)
 
 def test_the_first_photo_creates_no_onednn_kernels_for_its_vision(tmp_path):
     """``api.load`` runs ``warm_vision``: the patch embedding, the tower's (prepacked)
-    products and the projector for batches of 1-4 tiles, so that the kernels oneDNN creates
+    products and the projector for batches of 1 .. the runner's ``tile_batch`` tiles (this
+    photo's 7 run as one batch), so that the kernels oneDNN creates
     for each new row count exist before the first request (oneDNN's own log,
     ONEDNN_VERBOSE=all, in fresh processes). Without it the same photo creates some."""
     script = tmp_path / "photo.py"

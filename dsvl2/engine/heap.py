@@ -9,16 +9,16 @@ by the kernel on first touch. Measured on the real tiny model, one 7-tile photo 
 1431-token prompt (c01): 250-330 thousand page faults per request (1.0-1.3 GB), 0.5-3.3 s
 of system time in a VM where a page the guest has not touched lately costs 20-40 us.
 
-``one_arena()`` (``api.load`` calls it first: threads that already have an arena keep it,
-so before the loading starts OpenMP threads) makes every new thread allocate from the main
-arena (M_ARENA_MAX 1), whose heap has no 64 MiB limit; ``keep_freed_memory()`` (``api.load``
-calls it after the weights are read, before the engine's thread starts) adds allocations up
-to 1 GiB from the heap (M_MMAP_THRESHOLD) and the heap's free top never given back
-(M_TRIM_THRESHOLD). A step then reuses the pages the previous one freed: the same c01
-requests one after the other faulted 134, 21, then 0 thousand pages. The cost: the process
-keeps its largest working set so far (not the weights, read before as mappings of their
-own) until it exits. ``DSVL2_MALLOC=system`` keeps glibc's defaults; where the C library
-is not glibc nothing changes.
+``one_arena()`` (``import dsvl2`` calls it: threads that already have an arena keep it, so
+before the caller's code and the loading start threads) makes every new thread allocate
+from the main arena (M_ARENA_MAX 1), whose heap has no 64 MiB limit;
+``keep_freed_memory()`` (``api.load`` calls it after the weights are read, before the
+engine's thread starts) adds allocations up to 1 GiB from the heap (M_MMAP_THRESHOLD) and
+the heap's free top never given back (M_TRIM_THRESHOLD). A step then reuses the pages the
+previous one freed: the same c01 requests one after the other faulted 134, 21, then 0
+thousand pages. The cost: the process keeps its largest working set so far (not the
+weights, read before as mappings of their own) until it exits. ``DSVL2_MALLOC=system``
+keeps glibc's defaults; where the C library is not glibc nothing changes.
 
 The first request still faults its working set in (the heap starts empty): 129 thousand
 pages for the first c01 photo on tiny, ~5 s of system time in this VM, the second photo

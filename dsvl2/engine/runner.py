@@ -55,7 +55,7 @@ class ModelRunner:
         for b in range(n):
             i = req.tiles_done
             j = i + k // n + (b < k % n)
-            req.projected.append(self.model.tile_features(req.tiles[i:j]))  # [n, h*w, D]
+            req.projected.append(self.model.tile_features(req.tiles[i:j]))  # [j - i, h*w, D]
             req.tiles_done = j
             self.tiles_encoded += j - i
         req.timings.vision_s += time.perf_counter() - t0

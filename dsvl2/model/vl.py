@@ -120,13 +120,15 @@ class DeepseekVL2(nn.Module):
 
     def warm_vision(self, max_tiles: int) -> None:
         """Create, at load, the oneDNN kernels a photo's vision would create in its request:
-        for batches of 1 .. ``max_tiles`` tiles (``encode_images``' ``tile_batch``), the
-        patch embedding, one tower block's prepacked products (``VisionTransformer.warm``)
-        and the projector, on zeros. oneDNN builds a kernel for each new row count (~7-25 ms
-        a product shape) and keeps it process-wide, whatever the thread: the first photo of
-        the real tiny size (c01, a 2-thread AMX Xeon) spent 0.12 s of its vision on them
-        (12 inner products), against 0.25 s here at load. Nothing of the model changes. For a
-        model on the CPU (``api.load`` calls it there)."""
+        for batches of 1 .. ``max_tiles`` tiles, the patch embedding, one tower block's
+        prepacked products (``VisionTransformer.warm``) and the projector, on zeros. oneDNN
+        builds a kernel for each new row count (~7-25 ms a product shape) and keeps it
+        process-wide, whatever the thread: the first photo of the real tiny size (c01, a
+        2-thread AMX Xeon, then in batches of 4, 1 and 2) spent 0.12 s of its vision on them
+        (12 inner products). Each size costs one block's products here: on that model and
+        machine 0.63-0.78 s for 1-4 tiles, 1.95-2.16 s for 1-8 (``api.load`` warms the
+        runner's ``tile_batch``, 8, since a 7-tile photo now runs as one batch). Nothing of
+        the model changes. For a model on the CPU (``api.load`` calls it there)."""
         dtype = self.compute_dtype
         side = self.cfg.vision.image_size // self.cfg.vision.patch_size
         with torch.inference_mode():

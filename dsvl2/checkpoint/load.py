@@ -35,7 +35,7 @@ import torch
 
 from ..config import ModelConfig, load_config
 from ..errors import CheckpointError
-from ..model import quant
+from ..model import pages, quant
 from ..model.vl import DeepseekVL2
 
 _EXPERT = re.compile(r"^(language\.model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -137,7 +137,8 @@ def read_into(t: StoredTensor, out: torch.Tensor, fh) -> torch.Tensor:
 
 
 def read_tensor(t: StoredTensor, fh) -> torch.Tensor:
-    return read_into(t, torch.empty(t.shape, dtype=t.dtype), fh)
+    """The tensor read into new memory (2 MiB pages where large: model/pages.py)."""
+    return read_into(t, pages.empty(t.shape, t.dtype), fh)
 
 
 def iter_stored(files: list[Path]) -> Iterator[tuple[StoredTensor, object]]:
@@ -285,10 +286,10 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
             if t.dtype == target and dev.type == "cpu":
                 filled[name] = read_tensor(t, fh)
             else:
-                filled[name] = read_tensor(t, fh).to(device=dev, dtype=target)
+                filled[name] = pages.empty(t.shape, target, dev).copy_(read_tensor(t, fh))
         else:
             if name not in filled:
-                filled[name] = torch.empty(p.shape, dtype=target, device=dev)
+                filled[name] = pages.empty(p.shape, target, dev)
             if t.dtype == target and dev.type == "cpu":
                 read_into(t, filled[name][expert], fh)
             else:

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import torch
 
-from . import buckets, native
+from . import buckets, native, pages
 from .native import amx
 from .scratch import buffer  # the per-thread reused buffer
 
@@ -131,11 +131,11 @@ class QuantWeight:
         / ``set_scale``. int4 keeps the stored format where the native kernels are built."""
         *lead, n, k = shape
         if bits == 8:
-            return cls("int8", shape, torch.empty(shape, dtype=torch.int8), torch.empty(*lead, n, dtype=torch.bfloat16))
+            return cls("int8", shape, pages.empty(shape, torch.int8), torch.empty(*lead, n, dtype=torch.bfloat16))
         if not native.available() and n % 16 == 0 and k % 32 == 0:
-            return cls("int4pack", shape, torch.empty(*lead, n, k // 2, dtype=torch.uint8),
+            return cls("int4pack", shape, pages.empty((*lead, n, k // 2), torch.uint8),
                        torch.zeros(*lead, k // group, n, 2, dtype=torch.bfloat16), group)
-        return cls("int4", shape, torch.empty(*lead, n, k // 2, dtype=torch.uint8),
+        return cls("int4", shape, pages.empty((*lead, n, k // 2), torch.uint8),
                    torch.empty(*lead, n, k // group, dtype=torch.bfloat16), group)
 
     @classmethod

@@ -102,13 +102,13 @@ static inline __attribute__((always_inline)) void tile_##NAME(                  
         y[r * ldy + n + c * step] = FINISH(s, n + c * step);                                                 \
     }                                                                                                        \
 }                                                                                                            \
-DEFINE_WALK(NAME, WT, tile_##NAME, )
+DEFINE_WALK(NAME, WT, tile_##NAME, , STREAMS)
 
 /* The walk over a tile function TILE (R rows x C weight rows, as above), for weights WT:
    group_NAME runs every row of x, three at a time, against the C weight rows n, n + step,
-   ...; NAME (DEFINE_STREAMS) computes rows [n0, n1) of y. ATTR: a target attribute, or
-   nothing. */
-#define DEFINE_WALK(NAME, WT, TILE, ATTR)                                                                     \
+   ...; NAME (DEFINE_STREAMS) computes rows [n0, n1) of y as NS streams. ATTR: a target
+   attribute, or nothing. */
+#define DEFINE_WALK(NAME, WT, TILE, ATTR, NS)                                                                 \
 static inline __attribute__((always_inline)) ATTR void group_##NAME(                                         \
         const float *x, int64_t ldx, int64_t M, const WT *w, int64_t K, int64_t n, int64_t step,            \
         const int C, float *y, int64_t ldy, const uint16_t *scale) {                                          \
@@ -121,17 +121,17 @@ static inline __attribute__((always_inline)) ATTR void group_##NAME(            
         else TILE(xm, ldx, 1, w, K, n, step, C, pf, ym, ldy, scale);                                         \
     }                                                                                                        \
 }                                                                                                            \
-DEFINE_STREAMS(NAME, WT, group_##NAME, ATTR)
+DEFINE_STREAMS(NAME, WT, group_##NAME, ATTR, NS)
 
 /* NAME computes rows [n0, n1) of y (row stride ldy) for all M rows of x (row stride ldx)
    with GROUP (all rows of x against C weight rows n, n + step, ...), its weight rows read
-   as STREAMS parts side by side */
-#define DEFINE_STREAMS(NAME, WT, GROUP, ATTR)                                                                 \
+   as NS parts side by side */
+#define DEFINE_STREAMS(NAME, WT, GROUP, ATTR, NS)                                                             \
 static ATTR void NAME(const float *x, int64_t ldx, int64_t M, int64_t K, const WT *w, const uint16_t *scale, \
                       int64_t n0, int64_t n1, float *y, int64_t ldy) {                                       \
-    const int64_t part = (n1 - n0) / STREAMS;                                                                \
-    for (int64_t i = 0; i < part; i++) GROUP(x, ldx, M, w, K, n0 + i, part, STREAMS, y, ldy, scale);        \
-    for (int64_t n = n0 + STREAMS * part; n < n1; n++) GROUP(x, ldx, M, w, K, n, 1, 1, y, ldy, scale);      \
+    const int64_t part = (n1 - n0) / (NS);                                                                   \
+    for (int64_t i = 0; i < part; i++) GROUP(x, ldx, M, w, K, n0 + i, part, NS, y, ldy, scale);             \
+    for (int64_t n = n0 + (NS) * part; n < n1; n++) GROUP(x, ldx, M, w, K, n, 1, 1, y, ldy, scale);         \
 }
 
 #define NO_SCALE(v, n) (v)
@@ -201,7 +201,7 @@ static inline __attribute__((always_inline)) void group_i8(
         else tile_i8(x + m * ldx, ldx, 1, w, K, n, step, C, pf, y + m * ldy, ldy, scale);
     }
 }
-DEFINE_STREAMS(rows_i8, int8_t, group_i8, )
+DEFINE_STREAMS(rows_i8, int8_t, group_i8, , STREAMS)
 
 /* int8 weights on AVX-512 (the quantised products' variant, int4.c dsvl2_quant_variant):
    widening int8 to float32 costs two instructions per 8 weights on AVX2, which at one row
@@ -211,6 +211,13 @@ DEFINE_STREAMS(rows_i8, int8_t, group_i8, )
    order, times the row's scale: as the AVX2 path, a function of the row alone (the two
    variants differ from each other in the last bits). Tiles and walk as DEFINE_ROWS. */
 #define AVX512 __attribute__((target("avx512f")))
+/* Four weight streams a thread here (3 x 4 tiles: 12 of the 32 zmm registers accumulate).
+   On the AMX Xeon (2 threads, weights in 2 MiB pages, five alternating rounds, medians)
+   against three: [1536, 2560] one row 23.1-23.5 -> 24.3-24.7 GB/s, [2560, 2560] 27.3-27.4
+   -> 28.4, [2560, 3072] 28.2-28.4 -> 28.5-29.2, one thread [1536, 2560] 12.4-13.2 ->
+   12.9-14.1; six or eight streams were slower (21.0-25.2 at the same shapes). The bits do
+   not depend on the stream count (each (row, output) is one fixed sequence). */
+#define STREAMS_I8W 4
 static inline __attribute__((always_inline)) AVX512 __m512 widen16_i8(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
@@ -218,8 +225,8 @@ static inline __attribute__((always_inline)) AVX512 void tile_i8w(
         const float *x, int64_t ldx, const int R, const int8_t *w, int64_t K, int64_t n, int64_t step, const int C,
         int pf, float *y, int64_t ldy, const uint16_t *scale) {
     const int64_t K64 = K & ~(int64_t)63, K16 = K & ~(int64_t)15, ahead = dsvl2_ahead;
-    const int8_t *wr[STREAMS];
-    __m512 acc[3][STREAMS];
+    const int8_t *wr[STREAMS_I8W];
+    __m512 acc[3][STREAMS_I8W];
     UNROLL for (int c = 0; c < C; c++) wr[c] = w + (n + c * step) * K;
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
     int64_t k = 0;
@@ -246,7 +253,7 @@ static inline __attribute__((always_inline)) AVX512 void tile_i8w(
         y[r * ldy + n + c * step] = ROW_SCALE(s, n + c * step);
     }
 }
-DEFINE_WALK(rows_i8w, int8_t, tile_i8w, AVX512)
+DEFINE_WALK(rows_i8w, int8_t, tile_i8w, AVX512, STREAMS_I8W)
 
 /* bf16 weights (scale NULL) or int8 weights with per-row bf16 scales (AVX-512 where the
    quantised products' variant is, dsvl2_quant_variant) */

@@ -271,12 +271,12 @@ int dsvl2_quant_wide(void);
    block a thread made the faster thread wait at the next barrier for the slower one (15 %
    of a tiny decode step's samples sat in libgomp, 12 % after; small int8 decode 12.0-14.7
    -> 15.1-16.3 tok/s in an interleaved A/B on the Zen 4 machine); the chunks are large enough
-   (24-384 rows, a multiple of 3 so that the STREAMS parts stay equal) for the memory
+   (24-384 rows, a multiple of 12 so that the parts of 3 or 4 streams stay equal) for the memory
    streams to run at speed. Which thread computes a row does not change its bits. */
 static inline int64_t team_chunk(int64_t N, int nt) {
     int64_t c = N / (8 * (int64_t)(nt > 0 ? nt : 1));
     c = c < 24 ? 24 : c > 384 ? 384 : c;
-    return c - c % 3;
+    return c - c % 12;
 }
 void dsvl2_team_rows(const float *x, int64_t ldx, int64_t M, int64_t K, const void *w, const uint16_t *scale,
                      int64_t N, float *y, int64_t ldy);

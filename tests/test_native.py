@@ -324,3 +324,47 @@ def test_the_prefetch_distance_is_chosen_per_cpu_and_changes_no_bits(variant):
         assert native.prefetch() == 16384
     finally:
         native.prefetch(default)
+
+
+def test_the_weight_streams_are_chosen_per_cpu_and_change_no_bits():
+    """``native.streams``: the AVX-512 int8 and int4 (digits) products read 4 weight
+    streams a thread on Intel CPUs and 3 elsewhere (by the vendor /proc/cpuinfo names);
+    the int8 and int4 products at 1-6 rows (tiles of every height, row counts that are not
+    a multiple of either stream count, a K tail) and a MoE layer of int4 experts give the
+    same bits at 3 and 4; other counts are refused and change nothing. On a CPU without
+    AVX-512 the count is read but the AVX2 products do not use it (the bits are then
+    trivially equal)."""
+    from dsvl2.model import quant
+
+    default = native.streams()
+    assert default == (4 if _vendor() == "GenuineIntel" else 3)
+    n, k = 103, 1280 + 256 + 8  # rows past 3 x 34 and 4 x 25; int8 K with a tail of 8
+    q8, s8 = quant.quantize_int8(_x(n, k, seed=12) * 0.05)
+    q4, s4 = quant.quantize_int4(_x(n, k - 8, seed=14) * 0.05, 128)
+    e, f = 4, 256
+    gate = quant.QuantWeight.quantize(_x(e, f, k - 8, seed=16) * 0.05, 4)
+    up = quant.QuantWeight.quantize(_x(e, f, k - 8, seed=17) * 0.05, 4)
+    down = quant.QuantWeight.quantize(_x(e, k - 8, f, seed=18) * 0.05, 4)
+    idx, wt = torch.tensor([[0, 2], [3, 1], [2, 3]]), torch.rand(3, 2, generator=torch.Generator().manual_seed(19))
+
+    def run():
+        out = []
+        for m in range(1, 7):
+            x = _x(m, k, seed=20 + m)
+            out += [native.linear_int8(x, q8, s8), native.linear_int4(x[:, :k - 8].contiguous(), q4, s4)]
+        return out + [native.experts_int4(_x(3, k - 8, seed=30), idx, wt, gate, up, down)]
+
+    try:
+        assert native.streams(3) == 3
+        three = run()
+        assert native.streams(4) == 4
+        four = run()
+        for a, b in zip(three, four):
+            assert torch.equal(a, b)
+        for bad in (2, 5, 0, -1, True, 3.0):
+            with pytest.raises(ValueError, match="count must be 3, 4 or None"):
+                native.streams(bad)
+        assert native.streams() == 4
+    finally:
+        native.streams(default)
+    assert native.streams() == default

@@ -346,6 +346,16 @@ def prefetch(nbytes: int | None = None) -> int:
     return int(require().dsvl2_prefetch(-1 if nbytes is None else nbytes))
 
 
+def streams(count: int | None = None) -> int:
+    """How many weight streams a thread reads side by side in the AVX-512 int8 and int4
+    (digits) decode products: chosen per CPU when the library loads (4 on Intel CPUs,
+    measured on an AMX Xeon; 3 on others, as measured on Zen 3 / Zen 4: ``bf16.c``,
+    ``int4.c``). ``count`` (3 or 4) sets it for this process; results never depend on it."""
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count not in (3, 4)):
+        raise ValueError(f"native.streams: count must be 3, 4 or None, got {count!r}")
+    return int(require().dsvl2_streams(-1 if count is None else count))
+
+
 def linear_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x @ w.T`` for the int4 weight w = (values - 8) * scale of its group: x float32
     [..., K]; q uint8 [N, K/2], scale bf16 [N, K/G] (both contiguous) -> float32 [..., N]."""

@@ -50,9 +50,21 @@ static inline __m256 widen8(const uint16_t *p) {
    19.0-20.6 -> 20.9-22.1, six int8 ones 21.8-22.0 -> 23.1-23.8; 4 KB was slower again).
    ``dsvl2_prefetch`` reads or sets it (the bits never depend on it). */
 int64_t dsvl2_ahead = 512;
+/* Weight streams a thread in the AVX-512 int8 and int4 (digits) products: 4 on Intel CPUs
+   (measured: STREAMS_I8W below, int4.c rows4), 3 elsewhere (as measured on Zen 3 / Zen 4).
+   ``dsvl2_streams`` reads or sets it (the bits never depend on it). */
+int dsvl2_wide_streams = 3;
 __attribute__((constructor)) static void choose_ahead(void) {
     __builtin_cpu_init();
-    if (__builtin_cpu_is("intel")) dsvl2_ahead = 2048;
+    if (__builtin_cpu_is("intel")) dsvl2_ahead = 2048, dsvl2_wide_streams = 4;
+}
+
+/* 3 or 4 sets the streams of the AVX-512 int8 / int4 products; -1 only asks. Returns the
+   count in use, or -2 (nothing changed) for another value. */
+int dsvl2_streams(int want) {
+    if (want == 3 || want == 4) dsvl2_wide_streams = want;
+    else if (want != -1) return -2;
+    return dsvl2_wide_streams;
 }
 
 /* bytes >= 0 (a multiple of 64, at most 16,384) sets the prefetch distance; -1 only asks.
@@ -211,8 +223,8 @@ DEFINE_STREAMS(rows_i8, int8_t, group_i8, , STREAMS)
    order, times the row's scale: as the AVX2 path, a function of the row alone (the two
    variants differ from each other in the last bits). Tiles and walk as DEFINE_ROWS. */
 #define AVX512 __attribute__((target("avx512f")))
-/* Four weight streams a thread here (3 x 4 tiles: 12 of the 32 zmm registers accumulate).
-   On the AMX Xeon (2 threads, weights in 2 MiB pages, five alternating rounds, medians)
+/* Four weight streams a thread on Intel CPUs (dsvl2_wide_streams; 3 x 4 tiles: 12 of the
+   32 zmm registers accumulate), three elsewhere (not measured there). On the AMX Xeon (2 threads, weights in 2 MiB pages, five alternating rounds, medians)
    against three: [1536, 2560] one row 23.1-23.5 -> 24.3-24.7 GB/s, [2560, 2560] 27.3-27.4
    -> 28.4, [2560, 3072] 28.2-28.4 -> 28.5-29.2, one thread [1536, 2560] 12.4-13.2 ->
    12.9-14.1; six or eight streams were slower (21.0-25.2 at the same shapes). The bits do
@@ -254,12 +266,14 @@ static inline __attribute__((always_inline)) AVX512 void tile_i8w(
     }
 }
 DEFINE_WALK(rows_i8w, int8_t, tile_i8w, AVX512, STREAMS_I8W)
+DEFINE_WALK(rows_i8w3, int8_t, tile_i8w, AVX512, 3)
 
 /* bf16 weights (scale NULL) or int8 weights with per-row bf16 scales (AVX-512 where the
    quantised products' variant is, dsvl2_quant_variant) */
 void dsvl2_any_rows(const float *x, int64_t ldx, int64_t M, int64_t K, const void *w, const uint16_t *scale,
                             int64_t n0, int64_t n1, float *y, int64_t ldy) {
-    if (scale && dsvl2_quant_wide()) rows_i8w(x, ldx, M, K, (const int8_t *)w, scale, n0, n1, y, ldy);
+    if (scale && dsvl2_quant_wide())
+        (dsvl2_wide_streams == 4 ? rows_i8w : rows_i8w3)(x, ldx, M, K, (const int8_t *)w, scale, n0, n1, y, ldy);
     else if (scale) rows_i8(x, ldx, M, K, (const int8_t *)w, scale, n0, n1, y, ldy);
     else rows(x, ldx, M, K, (const uint16_t *)w, NULL, n0, n1, y, ldy);
 }

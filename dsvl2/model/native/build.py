@@ -223,6 +223,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dsvl2_quant_variant.restype = ctypes.c_int
     lib.dsvl2_prefetch.argtypes = [i64]
     lib.dsvl2_prefetch.restype = i64
+    lib.dsvl2_streams.argtypes = [ctypes.c_int]
+    lib.dsvl2_streams.restype = ctypes.c_int
     lib.dsvl2_moe.argtypes = [p, i64, i64, p, p, i64, p, p, p, i64, i64, p, p, p, i64, p, p, p]
     lib.dsvl2_moe.restype = ctypes.c_int
     f32 = ctypes.c_float
@@ -295,11 +297,13 @@ def available() -> bool:
 
 
 def status() -> dict:
-    """Whether the kernels are built and loaded, why (or why not), and the decode products'
-    prefetch distance in bytes (``native.prefetch``; None without the kernels)."""
+    """Whether the kernels are built and loaded, why (or why not), the decode products'
+    prefetch distance in bytes (``native.prefetch``) and weight streams a thread
+    (``native.streams``; both None without the kernels)."""
     lib = _load()
     return {"native_decode": lib is not None, "reason": _status,
-            "prefetch_bytes": None if lib is None else int(lib.dsvl2_prefetch(-1))}
+            "prefetch_bytes": None if lib is None else int(lib.dsvl2_prefetch(-1)),
+            "weight_streams": None if lib is None else int(lib.dsvl2_streams(-1))}
 
 
 def reset() -> None:

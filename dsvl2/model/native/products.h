@@ -11,6 +11,7 @@
 
 /* bytes ahead that the decode products prefetch each weight row (bf16.c: chosen per CPU) */
 extern int64_t dsvl2_ahead;
+extern int dsvl2_wide_streams; /* bf16.c: weight streams a thread, AVX-512 int8 / int4 products */
 
 /* a bf16 value as float32: exact, its 16 bits are the float's upper half */
 static inline float bf16_to_f32(uint16_t v) {

@@ -4,13 +4,13 @@ A decode step streams every weight it uses from memory once; at one row it is a 
 its rate is what the memory and the address translation give. With 4 KiB pages a
 streaming read takes a TLB miss every 4 KiB, and in a virtual machine each miss walks
 two sets of page tables. Measured on the 2-core Intel Xeon VM this project is developed
-on (where transparent huge pages are ``madvise`` only, the common default): a float32 sum
+on (where transparent huge pages are ``madvise`` only): a float32 sum
 over 512 MiB read 20.7-22.4 GB/s from ordinary pages and 29.1-29.4 GB/s from 2 MiB pages;
 dsvl2's int8 matrix-vector product over 1 GiB of weights 27.2-27.8 -> 31.4-32.3 GB/s (on
 the model's smaller matrices, 2-4 MB each, 1.02-1.14x; a whole decode step of the real
 tiny model 43.4-44.9 -> 42.8-43.9 ms, of base int4 within its noise). What they change
-most is the load: a page fault costs the VM 5-20 us, and 2 MiB pages fault 512 times
-fewer times. Loading the real tiny model, three alternating pairs of fresh processes:
+most is the load, where every page of the weights faults in once (a 2 MiB page is one
+fault instead of 512). Loading the real tiny model, three alternating pairs of fresh processes:
 14.7-23.6 s with ordinary pages (2.2 million faults, 14-22 s of system time) against
 11.1-12.9 s (0.68 million, 7.4-9.3 s); peak RSS the same (8.50-8.57 GiB).
 

@@ -97,7 +97,7 @@ from dsvl2.model.quant import QuantWeight
 from dsvl2.model.native.policy import matmul_gflops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import ExpertCounter, bandwidth, cpu_name, peak_rss, read_parts  # noqa: E402
+from bench_engine import ExpertCounter, bandwidth, best_read, cpu_name, peak_rss, read_parts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ROOT / "tests" / "data" / "golden" / "processor" / "official"
@@ -236,7 +236,7 @@ class Bandwidth:
     def __call__(self) -> float:
         parts = self.pool.apply(read_parts)
         self.seen.append(parts)
-        return max(v for v in parts.values() if v is not None)
+        return best_read(parts)
 
     def close(self) -> None:
         self.pool.terminate()

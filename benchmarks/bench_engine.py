@@ -152,9 +152,13 @@ def read_parts(nbytes: int = 512 << 20) -> dict:
     return out
 
 
+def best_read(parts: dict) -> float:
+    """The machine's read bandwidth as the rooflines use it: the higher of ``read_parts``'s."""
+    return max(v for v in parts.values() if v is not None)
+
+
 def read_gbps(nbytes: int = 512 << 20) -> float:
-    """The machine's read bandwidth as the rooflines use it: the higher of ``read_parts``."""
-    return max(v for v in read_parts(nbytes).values() if v is not None)
+    return best_read(read_parts(nbytes))
 
 
 def _copy_gbps(nbytes: int) -> float:
@@ -176,7 +180,7 @@ def bandwidth(nbytes: int = 1 << 30, threads: int | None = None) -> dict:
         torch.set_num_threads(threads)
     parts, copy = read_parts(nbytes), _copy_gbps(nbytes)
     gemv = _gemv_gbps(nbytes)
-    return {"read_sum_gbps": max(v for v in parts.values() if v is not None), "read_sum_gbps_by_pages": parts,
+    return {"read_sum_gbps": best_read(parts), "read_sum_gbps_by_pages": parts,
             "copy_gbps": round(copy, 1), "bf16_gemv_gbps": round(gemv, 1), "design_gbps": DESIGN_BANDWIDTH_GBPS}
 
 

@@ -224,8 +224,8 @@ DEFINE_STREAMS(rows_i8, int8_t, group_i8, , STREAMS)
    variants differ from each other in the last bits). Tiles and walk as DEFINE_ROWS. */
 #define AVX512 __attribute__((target("avx512f")))
 /* Four weight streams a thread on Intel CPUs (dsvl2_wide_streams; 3 x 4 tiles: 12 of the
-   32 zmm registers accumulate), three elsewhere (not measured there). On the AMX Xeon (2 threads, weights in 2 MiB pages, five alternating rounds, medians)
-   against three: [1536, 2560] one row 23.1-23.5 -> 24.3-24.7 GB/s, [2560, 2560] 27.3-27.4
+   32 zmm registers accumulate), three elsewhere (not measured there). On the AMX Xeon (2
+   threads, weights in 2 MiB pages, five alternating rounds, medians) against three: [1536, 2560] one row 23.1-23.5 -> 24.3-24.7 GB/s, [2560, 2560] 27.3-27.4
    -> 28.4, [2560, 3072] 28.2-28.4 -> 28.5-29.2, one thread [1536, 2560] 12.4-13.2 ->
    12.9-14.1; six or eight streams were slower (21.0-25.2 at the same shapes). The bits do
    not depend on the stream count (each (row, output) is one fixed sequence). */
